@@ -1,0 +1,1 @@
+"""Lightning integration for torch-momentum (installed as ``torch_momentum.callbacks``)."""

@@ -1,0 +1,11 @@
+"""torch-momentum: heavy-ball and Nesterov momentum in slide form, and Clarke subgradients.
+
+The core package depends on torch only; the Lightning integration lives in
+:mod:`torch_momentum.callbacks` (optional extra ``[lightning]``).
+"""
+
+from torch_momentum.clarke import ClarkeSubgradient, clarke_subgradient
+from torch_momentum.optim import NesterovSGD, PolyakSGD
+
+__all__ = ["ClarkeSubgradient", "NesterovSGD", "PolyakSGD", "clarke_subgradient"]
+__version__ = "0.1.0"
