@@ -1,0 +1,583 @@
+"""PolyakSGD and NesterovSGD: equivalences, paths, Nesterov modes, features and validation."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from conftest import F64_RTOL, max_rel_diff
+from torch import nn
+
+from torch_momentum import NesterovSGD, PolyakSGD
+from torch_momentum.functional import default_implementation
+
+PATHS = {
+    "reference": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "default": {},
+}
+
+
+def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    ).to(dtype)
+
+
+def make_data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(64, 6, generator=g, dtype=dtype), torch.randn(
+        64, 3, generator=g, dtype=dtype
+    )
+
+
+def two_groups(model: nn.Module) -> list[dict]:
+    params = list(model.parameters())
+    return [
+        {"params": params[:2]},
+        {"params": params[2:], "lr": 0.02, "weight_decay": 1e-3},
+    ]
+
+
+def loss_fn(model: nn.Module, data, maximize: bool) -> torch.Tensor:
+    x, y = data
+    loss = ((model(x) - y) ** 2).mean()
+    # With maximize=True we maximise -loss, a bounded objective, so both runs stay finite.
+    return -loss if maximize else loss
+
+
+def train(model, opt, steps, data, maximize=False, scheduler=None, hook=None):
+    for t in range(steps):
+        opt.zero_grad()
+        loss_fn(model, data, maximize).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if hook is not None:
+            hook(t)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_polyak_equals_builtin_sgd(path, maximize):
+    """PolyakSGD == SGD(momentum=m) with weight decay, two groups and a scheduler; v == -buf."""
+    data = make_data()
+    ours_model, ref_model = make_mlp(), make_mlp()
+    kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "maximize": maximize}
+    ours = PolyakSGD(two_groups(ours_model), **kw, **PATHS[path])
+    ref = torch.optim.SGD(two_groups(ref_model), **kw)
+    sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=15, gamma=0.5)
+    sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=15, gamma=0.5)
+    train(ours_model, ours, 60, data, maximize, sched_ours)
+    train(ref_model, ref, 60, data, maximize, sched_ref)
+    ours_p, ref_p = list(ours_model.parameters()), list(ref_model.parameters())
+    assert max_rel_diff(ours_p, ref_p) < F64_RTOL
+    velocities = [ours.state[p]["velocity"] for p in ours_p]
+    buffers = [-ref.state[p]["momentum_buffer"] for p in ref_p]
+    assert max_rel_diff(velocities, buffers) < F64_RTOL
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_nesterov_equals_builtin_nesterov(path, maximize):
+    """NesterovSGD's parameters == SGD(momentum=m, nesterov=True)'s, two groups, weight decay."""
+    data = make_data()
+    ours_model, ref_model = make_mlp(), make_mlp()
+    kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "maximize": maximize}
+    ours = NesterovSGD(two_groups(ours_model), **kw, **PATHS[path])
+    ref = torch.optim.SGD(two_groups(ref_model), nesterov=True, **kw)
+    train(ours_model, ours, 60, data, maximize)
+    train(ref_model, ref, 60, data, maximize)
+    ours_p, ref_p = list(ours_model.parameters()), list(ref_model.parameters())
+    assert max_rel_diff(ours_p, ref_p) < F64_RTOL
+    velocities = [ours.state[p]["velocity"] for p in ours_p]
+    buffers = [-ref.state[p]["momentum_buffer"] for p in ref_p]
+    assert max_rel_diff(velocities, buffers) < F64_RTOL
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nesterov_with_scheduler_differs_from_builtin_by_the_documented_term(path):
+    """With a scheduler the two agree until lr changes; then ours re-bases the look-ahead by
+    (lr_new - lr_old) * m * v (so that eval() stays the slide-form iterate), the built-in does not.
+    """
+    data = make_data()
+    ours_model, ref_model = make_mlp(), make_mlp()
+    ours = NesterovSGD(ours_model.parameters(), lr=0.05, momentum=0.9, **PATHS[path])
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    ours_s = torch.optim.lr_scheduler.StepLR(ours, step_size=20, gamma=0.5)
+    ref_s = torch.optim.lr_scheduler.StepLR(ref, step_size=20, gamma=0.5)
+    train(ours_model, ours, 20, data, scheduler=ours_s)
+    train(ref_model, ref, 20, data, scheduler=ref_s)
+    ours_p, ref_p = list(ours_model.parameters()), list(ref_model.parameters())
+    assert max_rel_diff(ours_p, ref_p) < F64_RTOL  # same until the first change of lr
+    v_before = [ours.state[p]["velocity"].clone() for p in ours_p]
+    lr_old, lr_new = 0.05, ours.param_groups[0]["lr"]
+    assert lr_new == pytest.approx(0.025)
+    train(ours_model, ours, 1, data)
+    train(ref_model, ref, 1, data)
+    expected = [r + (lr_new - lr_old) * 0.9 * v for r, v in zip(ref_p, v_before, strict=True)]
+    assert max_rel_diff(ours_p, expected) < F64_RTOL
+
+
+# ------------------------------------------------------------------- Nesterov slide form
+
+
+def slide_form_nesterov(model, data, lrs, momentum):
+    """Independent Nesterov in slide form, gradient taken at the look-ahead point itself:
+    v <- -grad f(x + c*v) + m*v;  x <- x + lr*v, with c = lr_prev * m (the look-ahead built by
+    the previous step; c = lr * m when lr is constant)."""
+    names = [n for n, _ in model.named_parameters()]
+    x = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v = {n: torch.zeros_like(p) for n, p in x.items()}
+    c = lrs[0] * momentum
+    for lr in lrs:
+        y = {n: (x[n] + c * v[n]).requires_grad_(True) for n in names}
+        loss = loss_fn_functional(model, y, data)
+        grads = torch.autograd.grad(loss, [y[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            v[n] = -g + momentum * v[n]
+            x[n] = x[n] + lr * v[n]
+        c = lr * momentum
+    return [x[n] for n in names]
+
+
+def loss_fn_functional(model, params, data):
+    x, y = data
+    return ((torch.func.functional_call(model, params, (x,)) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("schedule", ["constant", "step"])
+def test_nesterov_iterate_equals_slide_form(path, schedule):
+    data = make_data()
+    model = make_mlp()
+    lrs = [0.05] * 50 if schedule == "constant" else [0.05] * 20 + [0.02] * 15 + [0.04] * 15
+    expected = slide_form_nesterov(make_mlp(), data, lrs, 0.9)
+    opt = NesterovSGD(model.parameters(), lr=lrs[0], momentum=0.9, **PATHS[path])
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        loss_fn(model, data, False).backward()
+        opt.step()
+    opt.eval()
+    assert max_rel_diff(list(model.parameters()), expected) < F64_RTOL
+
+
+def test_eval_train_modes():
+    data = make_data()
+    model = make_mlp()
+    opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt.eval()  # before any step: velocity is zero, nothing moves
+    opt.train()
+    train(model, opt, 10, data)
+    y = [p.detach().clone() for p in model.parameters()]
+    v = [opt.state[p]["velocity"].clone() for p in model.parameters()]
+    x = [yy - 0.05 * 0.9 * vv for yy, vv in zip(y, v, strict=True)]
+    assert opt.training
+    opt.eval()
+    assert not opt.training
+    assert max_rel_diff(list(model.parameters()), x) < F64_RTOL
+    opt.eval()  # idempotent
+    assert max_rel_diff(list(model.parameters()), x) < F64_RTOL
+    assert opt.state_dict()["param_groups"][0]["train_mode"] is False
+    with pytest.raises(RuntimeError, match=r"train\(\)"):
+        opt.step()
+    opt.train()
+    opt.train()  # idempotent
+    # y -> x -> y is exact up to one rounding per coordinate and direction (float64 ulps).
+    assert max_rel_diff(list(model.parameters()), y) < F64_RTOL
+    opt.train(False)
+    assert not opt.training
+
+
+def test_eval_after_scheduler_change_is_the_iterate():
+    """eval() uses the coefficient the look-ahead was built with, not the scheduler's new lr."""
+    data = make_data()
+    model = make_mlp()
+    lrs = [0.05] * 12
+    expected = slide_form_nesterov(make_mlp(), data, lrs, 0.9)
+    opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=12, gamma=0.1)
+    train(model, opt, 12, data, scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    opt.eval()
+    assert max_rel_diff(list(model.parameters()), expected) < F64_RTOL
+    opt.train()
+    train(model, opt, 1, data)  # continues without error at the new lr
+
+
+def test_mode_survives_state_dict():
+    data = make_data()
+    model = make_mlp()
+    opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 5, data)
+    opt.eval()
+    state = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = NesterovSGD(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(state)
+    assert not opt2.training
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt2.step()
+    opt.train()
+    opt2.train()
+    assert max_rel_diff(list(model2.parameters()), list(model.parameters())) == 0.0
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paths_agree(cls, momentum, dtype):
+    data = make_data(dtype)
+    results = {}
+    for name, kw in PATHS.items():
+        model = make_mlp(dtype=dtype)
+        opt = cls(two_groups(model), lr=0.05, momentum=momentum, weight_decay=1e-3, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        train(model, opt, 30, data, scheduler=sched)
+        results[name] = [p.detach().clone() for p in model.parameters()]
+    # float64: rounding only (see F64_RTOL). float32: the reference path rounds in a different
+    # order (Nesterov goes through x explicitly), so each step may differ by a few float32 ulps
+    # (2**-24 ≈ 6e-8 relative); over 30 steps of a non-expansive update that accumulates to at
+    # most ~30 * 4 * 6e-8 ≈ 7e-6, so 2e-5 bounds rounding while a real bug (O(lr)) is 1e-2.
+    tol = F64_RTOL if dtype == torch.float64 else 2e-5
+    for name in PATHS:
+        assert max_rel_diff(results[name], results["reference"]) < tol, name
+
+
+def test_default_path_rule():
+    cpu = [torch.zeros(3), torch.zeros(2, dtype=torch.complex64)]
+    assert default_implementation(cpu, differentiable=False) == (True, False)
+    assert default_implementation(cpu, differentiable=True) == (False, False)
+    ints = [torch.zeros(3, dtype=torch.int64)]
+    assert default_implementation(ints, differentiable=False) == (False, True)
+
+
+# --------------------------------------------------------------------------- features
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_closure(cls):
+    data = make_data()
+    a, b = make_mlp(), make_mlp()
+    opt_a, opt_b = cls(a.parameters(), lr=0.05), cls(b.parameters(), lr=0.05)
+
+    def closure():
+        opt_a.zero_grad()
+        loss = loss_fn(a, data, False)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        loss = opt_a.step(closure)
+        assert isinstance(loss, torch.Tensor)
+    train(b, opt_b, 5, data)
+    assert max_rel_diff(list(a.parameters()), list(b.parameters())) == 0.0
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize("path", PATHS)
+def test_tensor_lr_equals_float_lr(cls, path):
+    data = make_data()
+    a, b = make_mlp(), make_mlp()
+    opt_a = cls(a.parameters(), lr=torch.tensor(0.05, dtype=torch.float64), **PATHS[path])
+    opt_b = cls(b.parameters(), lr=0.05, **PATHS[path])
+    for opt, model in ((opt_a, a), (opt_b, b)):
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+        train(model, opt, 10, data, scheduler=sched)
+    assert max_rel_diff(list(a.parameters()), list(b.parameters())) < F64_RTOL
+    if cls is NesterovSGD:
+        opt_a.eval()
+        opt_b.eval()
+        assert max_rel_diff(list(a.parameters()), list(b.parameters())) < F64_RTOL
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize("path", PATHS)
+def test_complex_equals_view_as_real(cls, path):
+    torch.manual_seed(3)
+    z = torch.randn(4, 3, dtype=torch.complex128, requires_grad=True)
+    r = torch.view_as_real(z.detach().clone()).requires_grad_(True)
+    target = torch.randn(4, 3, dtype=torch.complex128)
+    opt_z = cls([z], lr=0.1, momentum=0.8, weight_decay=0.01, **PATHS[path])
+    opt_r = cls([r], lr=0.1, momentum=0.8, weight_decay=0.01, **PATHS[path])
+    for _ in range(10):
+        for opt, loss in (
+            (opt_z, lambda: (z - target).abs().pow(2).sum()),
+            (opt_r, lambda: (torch.view_as_complex(r) - target).abs().pow(2).sum()),
+        ):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    assert max_rel_diff([torch.view_as_real(z.detach())], [r.detach()]) < F64_RTOL
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize("path", PATHS)
+def test_params_without_grad_skipped_and_zero_grad_is_identity(cls, path):
+    model = make_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model.parameters(), lr=0.1, **PATHS[path])
+    opt.step()  # no gradients at all
+    assert len(opt.state) == 0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients, no weight decay, zero velocity: exactly unchanged
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    first = next(iter(model.parameters()))
+    first.grad = None
+    others = list(model.parameters())[1:]
+    for p in others:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(first, before[0])
+    assert not torch.equal(others[0], before[1])
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_sparse_gradients_rejected(cls):
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = cls(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_momentum_zero_is_gradient_descent(cls):
+    data = make_data()
+    model, ref = make_mlp(), make_mlp()
+    opt = cls(model.parameters(), lr=0.05, momentum=0.0)
+    train(model, opt, 5, data)
+    with torch.no_grad():
+        for _ in range(5):
+            ref.zero_grad()
+            with torch.enable_grad():
+                loss_fn(ref, data, False).backward()
+            for p in ref.parameters():
+                p -= 0.05 * p.grad
+    assert max_rel_diff(list(model.parameters()), list(ref.parameters())) < F64_RTOL
+    assert all("velocity" not in s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_state_dict_resume_equals_uninterrupted(cls):
+    data = make_data()
+    a = make_mlp()
+    opt_a = cls(a.parameters(), lr=0.05, momentum=0.9)
+    train(a, opt_a, 10, data)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    train(a, opt_a, 10, data)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b = make_mlp(seed=5)
+    b.load_state_dict(ckpt["model"])
+    opt_b = cls(b.parameters(), lr=0.3, momentum=0.1)  # hyper-parameters come from the ckpt
+    opt_b.load_state_dict(ckpt["opt"])
+    train(b, opt_b, 10, data)
+    assert max_rel_diff(list(b.parameters()), list(a.parameters())) == 0.0
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_old_state_dict_without_later_flags_loads(cls):
+    data = make_data()
+    model = make_mlp()
+    opt = cls(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 3, data)
+    state = copy.deepcopy(opt.state_dict())
+    for group in state["param_groups"]:
+        for key in ("maximize", "foreach", "fused", "differentiable", "train_mode", "lookahead"):
+            group.pop(key, None)
+    new = cls(model.parameters(), lr=0.05, momentum=0.9)
+    new.load_state_dict(state)
+    group = new.param_groups[0]
+    assert group["maximize"] is False and group["foreach"] is None and group["fused"] is None
+    if cls is NesterovSGD:
+        assert group["train_mode"] is True
+    train(model, new, 2, data)
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_deepcopy_continues_identically(cls):
+    data = make_data()
+    model = make_mlp()
+    opt = cls(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 3, data)
+    model2 = copy.deepcopy(model)
+    opt2 = cls(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(opt).state_dict())
+    train(model, opt, 3, data)
+    train(model2, opt2, 3, data)
+    assert max_rel_diff(list(model2.parameters()), list(model.parameters())) == 0.0
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_grad_scaler_matches_builtin(cls):
+    data = make_data(torch.float32)
+    ours_model, ref_model = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    ours = cls(ours_model.parameters(), lr=0.05, momentum=0.9)
+    ref = torch.optim.SGD(
+        ref_model.parameters(), lr=0.05, momentum=0.9, nesterov=cls is NesterovSGD
+    )
+    for model, opt in ((ours_model, ours), (ref_model, ref)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for t in range(8):
+            opt.zero_grad()
+            loss = loss_fn(model, data, False)
+            if t == 3:
+                loss = loss * float("inf")  # an overflowing step must be skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    # Same float32 arithmetic in the same order (fused kernel both sides, identical scaling):
+    # float32 rounding only, bounded like test_paths_agree's float32 case.
+    assert max_rel_diff(list(ours_model.parameters()), list(ref_model.parameters())) < 2e-5
+    assert all(torch.isfinite(p).all() for p in ours_model.parameters())
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_step_hooks_run_in_order(cls):
+    model = make_mlp()
+    opt = cls(model.parameters(), lr=0.05)
+    calls = []
+    h1 = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    h2 = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    loss_fn(model, make_data(), False).backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+    h1.remove()
+    h2.remove()
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_differentiable_step(cls):
+    """With differentiable=True autograd sees through the step: d p_1 / d g = -lr (first step)."""
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    p = w.clone()  # a non-leaf parameter so that the in-place update is recorded
+    g = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    p.grad = g.clone()
+    opt = cls([p], lr=0.1, momentum=0.9, differentiable=True)
+    opt.step()
+    (dg,) = torch.autograd.grad(p.sum(), g)
+    # Polyak: p1 = p0 - lr g.  Nesterov: y1 = y0 - lr g + lr m (-g) = y0 - lr (1 + m) g.
+    expected = -0.1 if cls is PolyakSGD else -0.1 * 1.9
+    torch.testing.assert_close(dg, torch.full_like(dg, expected), rtol=F64_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_torch_compile_step_matches_eager(cls):
+    data = make_data(torch.float32)
+    eager_model, comp_model = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    eager = cls(eager_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    comp = cls(comp_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        loss_fn(model, data, False).backward()
+        opt.step()
+
+    compiled_train_step = torch.compile(train_step)
+    for _ in range(5):
+        train_step(eager_model, eager)
+        compiled_train_step(comp_model, comp)
+    # Inductor fuses the foreach ops into its own kernel, which may contract a*b+c into an FMA:
+    # float32 rounding differences only, bounded as in test_paths_agree.
+    assert max_rel_diff(list(comp_model.parameters()), list(eager_model.parameters())) < 2e-5
+
+
+def test_repr_and_public_attributes():
+    model = make_mlp()
+    opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.8)
+    text = repr(opt)
+    assert "NesterovSGD" in text and "momentum: 0.8" in text and "lr: 0.05" in text
+    assert opt.defaults["momentum"] == 0.8
+
+
+# ------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"lr": -0.1}, ValueError, "lr"),
+        ({"lr": float("nan")}, ValueError, "lr"),
+        ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "lr"),
+        ({"momentum": -0.1}, ValueError, "momentum"),
+        ({"momentum": 1.0}, ValueError, "momentum"),
+        ({"momentum": "0.9"}, TypeError, "momentum"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay"),
+        ({"fused": True, "foreach": True}, ValueError, "fused"),
+        ({"fused": True, "differentiable": True}, ValueError, "differentiable"),
+        ({"foreach": True, "differentiable": True}, ValueError, "differentiable"),
+    ],
+)
+def test_invalid_arguments(cls, kwargs, error, pattern):
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(error, match=pattern):
+        cls(params, **kwargs)
+
+
+def test_fused_rejects_integer_parameters_before_any_state():
+    p = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        PolyakSGD([p], lr=0.1, fused=True)
+
+
+# ------------------------------------------------------------------------ convergence
+
+
+def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def beale(x: torch.Tensor) -> torch.Tensor:
+    a, b = x[0], x[1]
+    return (1.5 - a + a * b) ** 2 + (2.25 - a + a * b**2) ** 2 + (2.625 - a + a * b**3) ** 2
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize(
+    ("fn", "minimum", "lr", "steps"),
+    [(rosenbrock, (1.0, 1.0), 1e-3, 3000), (beale, (3.0, 0.5), 3e-3, 3000)],
+)
+def test_convergence(cls, fn, minimum, lr, steps):
+    x = torch.tensor([1.5, 1.5], dtype=torch.float64, requires_grad=True)
+    opt = cls([x], lr=lr, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        fn(x).backward()
+        opt.step()
+    if cls is NesterovSGD:
+        opt.eval()
+    distance = (x.detach() - torch.tensor(minimum, dtype=torch.float64)).norm().item()
+    assert distance < 1e-3
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+def test_maximize_goes_uphill(cls):
+    x = torch.tensor([1.5, 1.5], dtype=torch.float64, requires_grad=True)
+    opt = cls([x], lr=1e-3, momentum=0.9, maximize=True)
+    values = []
+    for _ in range(200):
+        opt.zero_grad()
+        objective = -rosenbrock(x)  # maximising -f is minimising f
+        objective.backward()
+        opt.step()
+        values.append(rosenbrock(x.detach()).item())
+    assert values[-1] < 0.01 * values[0]  # f fell by two orders of magnitude
+    assert math.isfinite(values[-1])

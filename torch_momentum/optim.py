@@ -1,0 +1,355 @@
+r"""Heavy-ball (:class:`PolyakSGD`) and Nesterov (:class:`NesterovSGD`) momentum in slide form.
+
+Both are thin :class:`torch.optim.Optimizer` subclasses over the shared kernel
+:func:`torch_momentum.functional.momentum_sgd`; see that module for the mathematics of each path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+
+from torch_momentum.functional import (
+    default_implementation,
+    fused_supported,
+    lookahead_shift,
+    momentum_sgd,
+)
+
+__all__ = ["NesterovSGD", "PolyakSGD"]
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"Invalid {name}: {value}")
+    return value
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Invalid lr: a Tensor lr must have exactly one element, got shape "
+                f"{tuple(lr.shape)}"
+            )
+        if lr.is_complex() or not lr.is_floating_point():
+            raise TypeError(f"lr must be a real floating point Tensor, got dtype {lr.dtype}")
+        value = float(lr.detach().cpu().reshape(()))  # construction time: a sync is fine here
+    else:
+        value = _check_real("lr", lr)
+    if not value >= 0.0 or math.isinf(value):
+        raise ValueError(f"Invalid lr: {value} (the learning rate must be finite and >= 0)")
+
+
+class _MomentumSGD(Optimizer):
+    """Shared constructor, validation, state handling and step of both optimisers."""
+
+    _nesterov: bool = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        _check_lr(lr)
+        momentum = _check_real("momentum", momentum)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (must satisfy 0 <= momentum < 1)")
+        weight_decay = _check_real("weight_decay", weight_decay)
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be finite and >= 0)")
+        for name, flag in (("maximize", maximize), ("differentiable", differentiable)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
+        for name, flag in (("foreach", foreach), ("fused", fused)):
+            if flag is not None and not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool or None, got {flag!r}")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot be used together; choose one")
+        if fused and differentiable:
+            raise ValueError(
+                "fused=True does not support differentiable=True; use the default path"
+            )
+        if foreach and differentiable:
+            raise ValueError(
+                "foreach=True does not support differentiable=True; use the default path"
+            )
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "differentiable": differentiable,
+        }
+        defaults.update(self._extra_defaults())
+        super().__init__(params, defaults)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; with ``fused=True`` its tensors are checked for the fused kernel."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["fused"]:
+            for p in group["params"]:
+                if not fused_supported(p):
+                    raise RuntimeError(
+                        "fused=True requires strided floating point or complex Tensors on a "
+                        f"device with fused kernels, got {type(p).__name__} of dtype {p.dtype} "
+                        f"on {p.device.type}"
+                    )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Older state dicts may lack flags added later: fill them with the defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("differentiable", False)
+            for key, value in self._extra_defaults().items():
+                group.setdefault(key, value)
+
+    def _collect_group(
+        self, group: dict[str, Any], index: int
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        velocities: list[Tensor] = []
+        keep_velocity = group["momentum"] != 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (param group "
+                    f"{index} has a parameter of shape {tuple(p.shape)} with a sparse gradient); "
+                    "use dense gradients, e.g. nn.Embedding(sparse=False)"
+                )
+            params.append(p)
+            grads.append(p.grad)
+            if keep_velocity:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                velocities.append(state["velocity"])
+        return params, grads, velocities
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """Hook run before a group's update (NesterovSGD re-bases its look-ahead here)."""
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        self._check_can_step()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params, grads, velocities = self._collect_group(group, index)
+            self._prepare_group(group)
+            if not params:
+                continue
+            foreach, fused = group["foreach"], group["fused"]
+            if foreach is None and fused is None:
+                fused, foreach = default_implementation(params, group["differentiable"])
+                if fused and torch.compiler.is_compiling():
+                    # Inductor generates its own fused kernel from the foreach ops.
+                    fused, foreach = False, True
+            momentum_sgd(
+                params,
+                grads,
+                velocities,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                nesterov=self._nesterov,
+                foreach=foreach,
+                fused=fused,
+                differentiable=group["differentiable"],
+            )
+        return loss
+
+    def _check_can_step(self) -> None:
+        """Raise if a step is not allowed now (NesterovSGD in eval mode)."""
+
+
+class PolyakSGD(_MomentumSGD):
+    r"""Heavy-ball momentum (Polyak 1964), written velocity first as on the slides.
+
+    With :math:`d_t = \nabla f(x_t) + \lambda x_t` (:math:`-\nabla f(x_t) + \lambda x_t` when
+    ``maximize``), learning rate :math:`\eta`, momentum :math:`\mu`, weight decay :math:`\lambda`:
+
+    .. math::
+        v_{t+1} = -d_t + \mu v_t, \qquad x_{t+1} = x_t + \eta\, v_{t+1}, \qquad v_0 = 0.
+
+    ``state[p]["velocity"]`` is :math:`v` in exactly this sign convention (kept only while
+    ``momentum > 0``; ``momentum=0`` is plain gradient descent). The iterates coincide with
+    ``torch.optim.SGD(lr, momentum, weight_decay=..., maximize=...)`` and
+    ``velocity == -momentum_buffer``, also under LR schedulers.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\eta \ge 0` (a float or a 1-element Tensor).
+        momentum: :math:`\mu \in [0, 1)`.
+        weight_decay: :math:`\lambda \ge 0` (L2 penalty added to the gradient).
+        maximize: maximise the objective instead of minimising it.
+        foreach: use the multi-tensor ``torch._foreach_*`` path.
+        fused: use the fused single-pass kernel.
+        differentiable: let autograd differentiate through the step (reference path only).
+
+    With ``foreach=None, fused=None`` the fused kernel is used whenever the parameters allow it
+    (plain floating point or complex tensors on CPU/CUDA/...), else foreach, else the reference
+    path; see :func:`torch_momentum.functional.default_implementation`.
+    """
+
+
+class NesterovSGD(_MomentumSGD):
+    r"""Nesterov momentum in slide form: the gradient is taken at the look-ahead point.
+
+    With iterate :math:`x_t`, velocity :math:`v_t` (:math:`v_0 = 0`), learning rate :math:`\eta`,
+    momentum :math:`\mu` and look-ahead :math:`y_t = x_t + \eta\mu v_t`:
+
+    .. math::
+        v_{t+1} = -d(y_t) + \mu v_t, \qquad x_{t+1} = x_t + \eta\, v_{t+1},
+
+    where :math:`d(y) = \nabla f(y) + \lambda y` (:math:`-\nabla f(y) + \lambda y` when maximising).
+
+    **Where the parameters are.** In training mode (the default) the parameters hold
+    :math:`y_t`, so an ordinary ``loss.backward(); opt.step()`` loop evaluates the gradient at the
+    look-ahead point; ``step()`` leaves them at :math:`y_{t+1}`. :meth:`eval` moves them to the
+    iterate :math:`x_t` (for validation, checkpoint averaging, reporting), :meth:`train` moves them
+    back; both are idempotent and the mode (``param_groups[i]["train_mode"]``) is saved in
+    ``state_dict()``. ``step()`` in eval mode raises a :class:`RuntimeError`.
+
+    **Equivalence.** With a constant :math:`\eta\mu` the parameters coincide with
+    ``torch.optim.SGD(lr, momentum, nesterov=True)``'s, and ``velocity == -momentum_buffer``.
+
+    **Schedulers.** The look-ahead is built with the coefficient :math:`\eta\mu` in force at the
+    previous step; it is remembered in ``param_groups[i]["lookahead"]``. :meth:`eval` subtracts
+    exactly that coefficient, so it returns :math:`x_t` also after a scheduler changed ``lr``. When
+    ``lr`` or ``momentum`` changed, the next ``step()`` first moves the parameters by
+    :math:`(\eta_{new}\mu_{new} - \eta_{old}\mu_{old})v_t` (the gradient has already been taken at
+    the old look-ahead) and then updates, so :math:`x_{t+1} = x_t + \eta_{new} v_{t+1}` holds
+    exactly. ``torch.optim.SGD(nesterov=True)`` instead keeps its parameters and so silently moves
+    its implied iterate by that amount; the two therefore differ after each change of
+    :math:`\eta\mu`, by exactly that term.
+
+    Args: as :class:`PolyakSGD`.
+    """
+
+    _nesterov = True
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        # lookahead: the coefficient c with params = x + c * v (None: lr * momentum, no step yet).
+        return {"train_mode": True, "lookahead": None}
+
+    @staticmethod
+    def _coefficient(group: dict[str, Any]) -> float | Tensor:
+        return group["lr"] * group["momentum"]
+
+    def _velocities(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, velocities = [], []
+        for p in group["params"]:
+            v = self.state.get(p, {}).get("velocity")
+            if v is not None:
+                params.append(p)
+                velocities.append(v)
+        return params, velocities
+
+    @staticmethod
+    def _can_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+        return not group["differentiable"] and default_implementation(params, False) != (
+            False,
+            False,
+        )
+
+    def _shift(self, group: dict[str, Any], alpha: float | Tensor) -> None:
+        params, velocities = self._velocities(group)
+        lookahead_shift(params, velocities, alpha, foreach=self._can_foreach(group, params))
+
+    def _check_can_step(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            if not group["train_mode"]:
+                raise RuntimeError(
+                    f"NesterovSGD.step() was called in eval mode (param group {index}): the "
+                    "parameters hold the iterate x_t, not the look-ahead point. Call "
+                    "optimizer.train() before training steps."
+                )
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        target = self._coefficient(group)
+        current = group["lookahead"]
+        if current is not None:
+            delta = target - current
+            if isinstance(delta, Tensor):
+                # On the host the comparison is free; on a device, shift unconditionally (a
+                # zero shift is exact) rather than synchronise.
+                if delta.device.type != "cpu" or bool(delta != 0):
+                    self._shift(group, delta)
+            elif delta != 0:
+                self._shift(group, delta)
+        group["lookahead"] = target.detach().clone() if isinstance(target, Tensor) else target
+
+    @torch.no_grad()
+    def eval(self) -> NesterovSGD:
+        r"""Put the parameters at the iterate :math:`x_t = y_t - c\,v_t` (idempotent).
+
+        ``c`` is the coefficient :math:`\eta\mu` the look-ahead was built with, so this is exact
+        also after a scheduler changed ``lr``. Returns ``self``.
+        """
+        for group in self.param_groups:
+            if group["train_mode"]:
+                coefficient = group["lookahead"]
+                if coefficient is None:
+                    coefficient = self._coefficient(group)
+                self._shift(group, -coefficient)
+                group["lookahead"] = coefficient
+                group["train_mode"] = False
+        return self
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> NesterovSGD:
+        r"""Put the parameters back at the look-ahead :math:`y_t = x_t + c\,v_t` (idempotent).
+
+        ``train(False)`` is ``eval()``, as for :meth:`torch.nn.Module.train`. Returns ``self``.
+        """
+        if not mode:
+            return self.eval()
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                coefficient = group["lookahead"]
+                if coefficient is None:
+                    coefficient = self._coefficient(group)
+                self._shift(group, coefficient)
+                group["train_mode"] = True
+        return self
+
+    @property
+    def training(self) -> bool:
+        """Whether every param group is in training mode (parameters at the look-ahead)."""
+        return all(group["train_mode"] for group in self.param_groups)
