@@ -1,0 +1,245 @@
+"""Generic optimiser conformance, modelled on PyTorch's ``TestOptimRenewed`` (test/test_optim.py).
+
+Every test runs for both optimisers over a small set of configurations, like an ``OptimizerInfo``'s
+``optim_inputs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import F64_RTOL, max_rel_diff
+from torch import nn
+
+from torch_momentum import NesterovSGD, PolyakSGD
+
+CLASSES = [PolyakSGD, NesterovSGD]
+CONFIGS = [
+    {"lr": 0.05},
+    {"lr": 0.05, "momentum": 0.0},
+    {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.1},
+    {"lr": 0.05, "momentum": 0.9, "maximize": True},
+    {"lr": torch.tensor(0.05, dtype=torch.float64), "momentum": 0.9},
+]
+
+
+def config_id(kw: dict) -> str:
+    return "-".join(f"{k}={v.item() if isinstance(v, torch.Tensor) else v}" for k, v in kw.items())
+
+
+def params_with_frozen_and_scalar() -> list[torch.Tensor]:
+    """A weight, a frozen (no-grad) bias, a 0-dim parameter and one that never gets a gradient."""
+    torch.manual_seed(7)
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    frozen = torch.randn(4, dtype=torch.float64, requires_grad=False)
+    scalar = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    return [weight, frozen, scalar, unused]
+
+
+def objective(params: list[torch.Tensor], t: int) -> torch.Tensor:
+    weight, frozen, scalar, _ = params
+    x = torch.linspace(-1, 1, 3, dtype=torch.float64) * (1 + 0.1 * t)
+    return ((weight @ x + frozen) * scalar).tanh().pow(2).sum() + scalar**2
+
+
+def run(cls, kw, impl, steps=12):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, **kw, **impl)
+    for t in range(steps):
+        opt.zero_grad()
+        if t == 4:
+            opt.step()  # a step in which no parameter has a gradient
+            continue
+        objective(params, t).backward()
+        opt.step()
+    if cls is NesterovSGD:
+        opt.eval()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
+def test_foreach_and_fused_match_forloop(cls, kw):
+    """Frozen layer, a step without grads and a 0-dim parameter: all paths agree with the loop."""
+    ref, _ = run(cls, kw, {"foreach": False, "fused": False})
+    for impl in ({"foreach": True}, {"fused": True}, {}):
+        got, opt = run(cls, kw, impl)
+        assert max_rel_diff(got, ref) < F64_RTOL, impl
+        assert got[3].grad is None and len(opt.state) <= 2  # unused/frozen tensors carry no state
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_tensor_lr_equals_float_lr(cls):
+    a, _ = run(cls, {"lr": torch.tensor(0.05, dtype=torch.float64)}, {})
+    b, _ = run(cls, {"lr": 0.05}, {})
+    assert max_rel_diff(a, b) < F64_RTOL
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
+def test_complex_equals_view_as_real(cls, kw):
+    torch.manual_seed(2)
+    z = torch.randn(3, 2, dtype=torch.complex128, requires_grad=True)
+    r = torch.view_as_real(z.detach().clone()).requires_grad_(True)
+    opt_z, opt_r = cls([z], **kw), cls([r], **kw)
+    for t in range(8):
+        for opt, value in ((opt_z, lambda: z), (opt_r, lambda: torch.view_as_complex(r))):
+            opt.zero_grad()
+            w = value()
+            (w.abs().pow(2).sum() + (w * (1 + 1j) * t).real.sum()).backward()
+            opt.step()
+    assert max_rel_diff([torch.view_as_real(z.detach())], [r.detach()]) < F64_RTOL
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_per_group_hyperparameters(cls):
+    """Two groups with different lr/weight decay == two separate optimisers."""
+    torch.manual_seed(0)
+    a1, a2 = torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    p1, p2 = a1.clone().requires_grad_(), a2.clone().requires_grad_()
+    q1, q2 = a1.clone().requires_grad_(), a2.clone().requires_grad_()
+    joint = cls([{"params": [p1]}, {"params": [p2], "lr": 0.01, "weight_decay": 0.3}], lr=0.1)
+    sep1, sep2 = cls([q1], lr=0.1), cls([q2], lr=0.01, weight_decay=0.3)
+    for _ in range(10):
+        for opts, (x, y) in (((joint,), (p1, p2)), ((sep1, sep2), (q1, q2))):
+            for o in opts:
+                o.zero_grad()
+            (x.sin().sum() * y.cos().sum()).backward()
+            for o in opts:
+                o.step()
+    assert max_rel_diff([p1, p2], [q1, q2]) == 0.0
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_printable(cls):
+    opt = cls([torch.zeros(2, requires_grad=True)], lr=0.1)
+    text = repr(opt)
+    assert text.startswith(cls.__name__) and "weight_decay: 0.0" in text
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
+def test_deterministic_state_dict(cls, kw):
+    """Loading a state dict into a fresh optimiser on a copy continues bit for bit."""
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, **kw)
+    for t in range(3):
+        opt.zero_grad()
+        objective(params, t).backward()
+        opt.step()
+    copies = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    opt2 = cls(copies, lr=1.0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for t in range(3, 6):
+        for o, ps in ((opt, params), (opt2, copies)):
+            o.zero_grad()
+            objective(ps, t).backward()
+            o.step()
+    assert max_rel_diff(copies, params) == 0.0
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_named_state_dict(cls):
+    """Parameters given as named_parameters() keep their names in the state dict."""
+    model = nn.Linear(3, 2).double()
+    opt = cls(model.named_parameters(), lr=0.1)
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    assert state["param_groups"][0]["param_names"] == ["weight", "bias"]
+    other = nn.Linear(3, 2).double()
+    opt2 = cls(other.named_parameters(), lr=0.1)
+    opt2.load_state_dict(state)
+    assert torch.equal(opt2.state[other.weight]["velocity"], opt.state[model.weight]["velocity"])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_weights_only_save_and_load(cls):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, lr=torch.tensor(0.05), momentum=0.9)
+    objective(params, 0).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    opt2 = cls(params_with_frozen_and_scalar(), lr=0.05)
+    opt2.load_state_dict(loaded)
+    assert torch.equal(opt2.state_dict()["state"][0]["velocity"], opt.state[params[0]]["velocity"])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_hook_order_and_removal(cls):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, lr=0.05)
+    order = []
+    handles = [
+        opt.register_step_pre_hook(lambda *_: order.append("pre1")),
+        opt.register_step_pre_hook(lambda *_: order.append("pre2")),
+        opt.register_step_post_hook(lambda *_: order.append("post1")),
+        opt.register_step_post_hook(lambda *_: order.append("post2")),
+        opt.register_state_dict_pre_hook(lambda *_: order.append("sd_pre")),
+        opt.register_load_state_dict_post_hook(lambda *_: order.append("load_post")),
+    ]
+    objective(params, 0).backward()
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert order == ["pre1", "pre2", "post1", "post2", "sd_pre", "load_post"]
+    for h in handles:
+        h.remove()
+    opt.step()
+    assert len(order) == 6
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_deepcopy_keeps_public_attributes(cls):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, lr=0.05, momentum=0.8)
+    objective(params, 0).backward()
+    opt.step()
+    dup = copy.deepcopy(opt)
+    assert dup.defaults == opt.defaults
+    assert type(dup) is cls
+    for g1, g2 in zip(dup.param_groups, opt.param_groups, strict=True):
+        assert {k: v for k, v in g1.items() if k != "params"} == {
+            k: v for k, v in g2.items() if k != "params"
+        }
+    assert len(dup.state) == len(opt.state)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
+def test_state_non_empty_after_step(cls, kw):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params, **kw)
+    assert len(opt.state) == 0
+    objective(params, 0).backward()
+    opt.step()
+    momentum = kw.get("momentum", 0.9)
+    if momentum:
+        assert set(opt.state) == {params[0], params[2]}
+        assert all(torch.is_tensor(s["velocity"]) for s in opt.state.values())
+    else:  # plain gradient descent keeps no velocity
+        assert all("velocity" not in s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_lr_scheduler_and_add_param_group(cls):
+    params = params_with_frozen_and_scalar()
+    opt = cls(params[:1], lr=0.1)
+    opt.add_param_group({"params": [params[2]], "lr": 0.01})
+    assert opt.param_groups[1]["momentum"] == 0.9
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.2, 0.02], total_steps=10)
+    for t in range(10):
+        opt.zero_grad()
+        objective(params, t).backward()
+        opt.step()
+        sched.step()
+    # OneCycleLR cycles "momentum" too (our defaults have the key, as SGD's do).
+    assert opt.param_groups[0]["momentum"] == pytest.approx(0.95)  # OneCycle's max_momentum
+    assert all(torch.isfinite(p).all() for p in params)
