@@ -295,14 +295,14 @@ def _cholesky(mat: list[list[float]]) -> list[list[float]] | None:
     return rows
 
 
-def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
+def _wolfe(gram: Tensor, j0: int) -> tuple[list[int], list[float]]:
     """Wolfe's algorithm on a Gram matrix ``G = P P^T`` (float64, CPU, max diagonal 1).
 
     Minimises ``w^T G w`` over the simplex. The active set ``S`` holds affinely independent
     points; the affine minimiser of ``S`` solves ``(e e^T + G_S) u = e``, ``w = u / sum(u)``
     (nonsingular exactly when ``S`` is affinely independent), via a Cholesky factor that is
-    bordered when a point enters and refactored when points leave. Returns ``S`` and the
-    weights on it.
+    bordered when a point enters and refactored when points leave. It starts from the point
+    ``j0`` of smallest norm. Returns ``S`` and the weights on it.
     """
     k = gram.shape[0]
     row_cache: dict[int, list[float]] = {}
@@ -313,7 +313,6 @@ def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
             r = row_cache[j] = gram[j].tolist()
         return r
 
-    j0 = int(gram.diagonal().argmin())
     active = [j0]
     w = [1.0]
     lrows = [[math.sqrt(row(j0)[j0] + 1.0)]]
@@ -323,9 +322,10 @@ def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
     max_iter = 50 * k + 100
     for _ in range(max_iter):
         gw = torch.mv(gact, torch.tensor(w, dtype=gram.dtype)).tolist()
-        xx = sum(gw[s] * ws for s, ws in zip(active, w, strict=True))
-        j = min(range(k), key=gw.__getitem__)
-        if gw[j] > xx - _TOL_OPT or j in active:
+        xx = sum(map(mul, map(gw.__getitem__, active), w))  # ||x||^2
+        gmin = min(gw)
+        j = gw.index(gmin)
+        if gmin > xx - _TOL_OPT or j in active:
             break  # optimal: <x, p_j> >= ||x||^2 (up to the tolerance) for every j
         rj = row(j)
         r = _forward_sub(lrows, [rj[s] + 1.0 for s in active])
@@ -341,7 +341,7 @@ def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
         active.append(j)
         w.append(0.0)
         appended = True
-        stalled = False
+        stalled = dropped = False
         while True:  # minor cycle
             u = _back_sub(lcols, y)
             su = sum(u)
@@ -367,7 +367,8 @@ def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
             sw = sum(w[i] for i in keep)
             w = [w[i] / sw for i in keep]
             appended = False
-            mat = [[row(a)[b] + 1.0 for b in active] for a in active]
+            dropped = True
+            mat = [[ra[b] + 1.0 for b in active] for ra in map(row, active)]
             factor = _cholesky(mat)
             if factor is None:  # cannot happen for an affinely independent set; be safe
                 stalled = True
@@ -379,7 +380,7 @@ def _wolfe(gram: Tensor) -> tuple[list[int], list[float]]:
                 break
         if stalled:
             break
-        gact = gram[:, active]
+        gact = gram[:, active] if dropped else torch.cat((gact, gram[:, j : j + 1]), dim=1)
     else:
         warnings.warn(
             f"min_norm_element: Wolfe's algorithm stopped after {max_iter} iterations without "
@@ -397,11 +398,13 @@ def _min_norm_weights(flat: Tensor) -> Tensor:
         return torch.full((k,), 1.0 / k, dtype=torch.float64, device=flat.device)
     p64 = flat.to(torch.float64)
     gram = (p64 @ p64.T).cpu()
-    scale = float(gram.diagonal().max())
-    weights = torch.zeros(k, dtype=torch.float64)
-    active, w = _wolfe(gram / scale)
-    weights[active] = torch.tensor(w, dtype=torch.float64)
-    return weights.to(flat.device)
+    diag = gram.diagonal().tolist()
+    scale = max(diag)
+    active, w = _wolfe(gram / scale, diag.index(min(diag)))
+    weights = [0.0] * k
+    for j, wj in zip(active, w, strict=True):
+        weights[j] = wj
+    return torch.tensor(weights, dtype=torch.float64, device=flat.device)
 
 
 def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -583,17 +586,18 @@ def clarke_subgradient(
 
     # Check f once at x: a real scalar, so that vmap failures below are about vmap.
     with torch.no_grad():
-        _check_value(f(_unflatten(flat.clone(), spec)))
-    f_scalar = _scalar_output(f)
+        value = f(_unflatten(flat.clone(), spec))
+    _check_value(value)
+    f_scalar = f if value.dim() == 0 else _scalar_output(f)  # one-element tensors: reshape
 
     # Uniform points in the ball B(x, radius).
     k = num_samples
     gen_device = generator.device if generator is not None else device
     direction = torch.randn(k, d, generator=generator, dtype=dtype, device=gen_device)
-    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     u = 1.0 - torch.rand(k, 1, generator=generator, dtype=dtype, device=gen_device)  # (0, 1]
-    offsets = (direction * (radius * u.pow(1.0 / d))).to(device)
-    points = flat + offsets
+    norm = direction.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(dtype).tiny)
+    length = u.pow(1.0 / d).mul_(radius).div_(norm)
+    points = flat + direction.mul_(length).to(device)
 
     if vectorize:
         try:
@@ -616,8 +620,8 @@ def clarke_subgradient(
         samples = _grads_loop(f_scalar, points, spec)
     samples = samples.to(dtype)
 
-    finite = torch.isfinite(samples).all(dim=1)
-    if not bool(finite.all()):
+    if not bool(torch.isfinite(samples).all()):
+        finite = torch.isfinite(samples).all(dim=1)
         bad = int((~finite).sum())
         first = int((~finite).nonzero()[0, 0])
         raise RuntimeError(
