@@ -295,7 +295,8 @@ def test_min_norm_element_matches_slsqp(name):
     point, weights = min_norm_element(torch.from_numpy(points))
     x = point.numpy()
     w = weights.numpy()
-    # A convex combination that reproduces the point (float64 sum of k terms).
+    # A convex combination that reproduces the point: both sides are float64 sums of k <= 64
+    # terms, equal up to a few dozen ulps (1e-14 relative).
     assert w.min() >= 0.0 and abs(w.sum() - 1.0) <= 1e-14
     assert np.abs(w @ points - x).max() <= 1e-14 * scale
     # Optimality certificate: <x, p_j> >= ||x||^2 for all j, up to the solver's tolerance
@@ -306,6 +307,20 @@ def test_min_norm_element_matches_slsqp(name):
     assert x @ x <= approx @ approx + 1e-12 * scale**2
     # The exact answer by an independent active-set method: agreement to 1e-10 relative.
     assert np.linalg.norm(x - _nnls(points)) <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-8])
+def test_min_norm_element_on_clusters_of_near_duplicates(delta):
+    # Gradient sampling produces clusters: gradients of one smooth piece differ by O(radius).
+    rng = np.random.default_rng(2)  # an instance where delta = 1e-8 does cost ~2e-9
+    vertices = rng.standard_normal((3, 4)) + 1.0
+    points = vertices[rng.integers(0, 3, 60)] + delta * rng.standard_normal((60, 4))
+    scale = np.abs(points).max()
+    x = min_norm_element(torch.from_numpy(points))[0].numpy()
+    err = np.linalg.norm(x - _nnls(points)) / scale
+    # Inside a cluster of diameter delta, float64 Gram entries resolve the geometry only to
+    # eps / delta^2 relative: exact to 1e-10 for delta = 1e-5, to about delta for delta = 1e-8.
+    assert err <= (1e-10 if delta > 1e-6 else 2 * delta)
 
 
 def test_min_norm_element_origin_inside_is_zero():
@@ -321,9 +336,8 @@ def test_min_norm_element_keeps_dtype_and_shape():
     assert point.shape == (2, 3) and point.dtype == torch.float32
     assert weights.shape == (7,) and weights.dtype == torch.float32
     ref, _ = min_norm_element(samples.double())
-    torch.testing.assert_close(
-        point, ref.float(), rtol=0, atol=1e-6
-    )  # float32 rounding of a f64 result
+    # float32 samples are solved in float64 (exactly the same problem), then rounded once.
+    assert torch.equal(point, ref.float())
 
 
 def test_min_norm_element_errors():
@@ -389,6 +403,28 @@ def test_default_num_samples():
     for d, k in ((1, 64), (40, 82), (1000, 256)):
         res = clarke_subgradient(lambda z: z.sum(), torch.zeros(d, dtype=F64), generator=gen())
         assert res.weights.shape == (k,)  # 2 (d + 1) clamped to [64, 256]
+        # A smooth point: k equal gradients, uniform weights, and min_norm is the gradient
+        # itself, exactly (not a float64 sum of k copies times 1/k).
+        assert torch.equal(res.min_norm, torch.ones(d, dtype=F64))
+
+
+def test_one_element_output_and_autograd_inside_f():
+    a = t64(1.0, -2.0)
+
+    def f(z):  # shape (1, 1), like a network's output on one input
+        return torch.relu(z @ a).reshape(1, 1)
+
+    res = clarke_subgradient(f, t64(2.0, 1.0), generator=gen(24))  # on the kink z @ a = 0
+    torch.testing.assert_close(res.min_norm, t64(0.0, 0.0), rtol=0, atol=0)  # 0 is a sample
+
+    def g(z):  # f may itself use autograd: |grad h| with h(u) = sum(u^3 / 3 - u)
+        return torch.func.grad(lambda u: (u**3 / 3 - u).sum())(z).abs().sum()  # sum |u_i^2 - 1|
+
+    res = clarke_subgradient(g, t64(1.0, 0.0), generator=gen(25))
+    # Samples are (+-2 z_0, -2 z_1) at points within the radius (~2e-8) of (1, 0): the hull
+    # contains (0, -2 z_1) with |z_1| <= radius, so min_norm is 0 up to 2 * radius.
+    assert res.min_norm.abs().max().item() <= 2 * res.radius
+    assert set(torch.sign(res.samples[:, 0]).tolist()) == {-1.0, 1.0}  # both sides of the kink
 
 
 def test_float32_works_and_tiny_radius_warns():
@@ -432,6 +468,24 @@ def test_dict_in_dict_out_matches_flat_tensor():
     torch.testing.assert_close(got, ref.min_norm, rtol=0, atol=1e-14)  # same ops, same order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_with_cpu_or_cuda_generator():
+    def f(z):
+        return torch.maximum(z[0] + z[1], -z[0] + z[1])
+
+    x = torch.zeros(2, dtype=F64)
+    cpu = clarke_subgradient(f, x, generator=gen(26))
+    on_cpu_gen = clarke_subgradient(f, x.cuda(), generator=gen(26))
+    assert on_cpu_gen.min_norm.device.type == "cuda" and on_cpu_gen.weights.device.type == "cuda"
+    # Same points (drawn on the CPU generator, then moved); the exact answer (0, 1) up to the
+    # few ulps of a 2x2 solve.
+    assert torch.equal(on_cpu_gen.points.cpu(), cpu.points)
+    torch.testing.assert_close(on_cpu_gen.min_norm.cpu(), t64(0.0, 1.0), rtol=0, atol=1e-14)
+    cuda_gen = torch.Generator(device="cuda").manual_seed(0)
+    on_cuda_gen = clarke_subgradient(f, x.cuda(), generator=cuda_gen)
+    torch.testing.assert_close(on_cuda_gen.min_norm.cpu(), t64(0.0, 1.0), rtol=0, atol=1e-14)
+
+
 # ------------------------------------------------------------------------------------------
 # Vectorisation and the fallback loop
 # ------------------------------------------------------------------------------------------
@@ -452,7 +506,8 @@ def test_vmap_and_loop_agree():
         warnings.simplefilter("error")  # the vectorised path must not warn here
         fast = clarke_subgradient(f, x, generator=gen(18))
     loop = _loop_without_warnings(f, x, 18)
-    torch.testing.assert_close(fast.samples, loop.samples, rtol=0, atol=1e-15)  # same math, ulps
+    # Same gradient formulas evaluated batched or one by one: equal up to an ulp of numbers <= 3.
+    torch.testing.assert_close(fast.samples, loop.samples, rtol=0, atol=1e-15)
     torch.testing.assert_close(fast.min_norm, loop.min_norm, rtol=0, atol=1e-15)
 
 
@@ -479,7 +534,8 @@ def test_fallback_warns_once_and_says_why(f, why):
     loop = _loop_without_warnings(f, x, 19)
     assert torch.equal(res.samples, loop.samples)
     scale = 2.0 if f is _item_f else 1.0
-    # |z_1|, |z_2| are smooth near +-1; z_0 = 0 is a kink: min-norm (0, s, -s).
+    # |z_1|, |z_2| are smooth near +-1; z_0 = 0 is a kink: min-norm (0, s, -s), from a 2x2 solve
+    # on numbers of size s: a few ulps.
     torch.testing.assert_close(res.min_norm, t64(0.0, scale, -scale), rtol=0, atol=1e-14)
 
 

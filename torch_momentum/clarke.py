@@ -391,20 +391,22 @@ def _wolfe(gram: Tensor, j0: int) -> tuple[list[int], list[float]]:
     return active, w
 
 
-def _min_norm_weights(flat: Tensor) -> Tensor:
-    """Convex weights (float64, on ``flat``'s device) of the min-norm point of the rows of flat."""
+def _min_norm(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Min-norm point of the hull of the rows of ``flat`` and its convex weights, in float64."""
     k = flat.shape[0]
-    if k == 1 or bool((flat == flat[0]).all()):
-        return torch.full((k,), 1.0 / k, dtype=torch.float64, device=flat.device)
+    if k == 1 or bool((flat == flat[0]).all()):  # a smooth point: all gradients equal
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64, device=flat.device)
+        return flat[0].to(torch.float64), weights
     p64 = flat.to(torch.float64)
     gram = (p64 @ p64.T).cpu()
     diag = gram.diagonal().tolist()
     scale = max(diag)
     active, w = _wolfe(gram / scale, diag.index(min(diag)))
-    weights = [0.0] * k
+    wlist = [0.0] * k
     for j, wj in zip(active, w, strict=True):
-        weights[j] = wj
-    return torch.tensor(weights, dtype=torch.float64, device=flat.device)
+        wlist[j] = wj
+    weights = torch.tensor(wlist, dtype=torch.float64, device=flat.device)
+    return weights @ p64, weights
 
 
 def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -420,13 +422,23 @@ def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
     whose weight reaches zero. It terminates after finitely many steps in exact arithmetic; in
     float64 the optimality test holds to ``1e-12 * max_j ||s_j||^2``.
 
+    Accuracy: the point agrees with an independent exact solver to ``1e-10 * max|s|`` (the tests
+    use ``1e-13``-level agreement on random, duplicate, collinear and origin-in-hull instances).
+    The one hard case is a cluster of near-duplicates of diameter ``δ`` with
+    ``1e-10 ≲ δ / max|s| ≲ 1e-7``: float64 inner products resolve the geometry inside the cluster
+    only to ``eps / δ²`` relative, so the point is exact up to about ``δ`` (the size of the
+    cluster). Gradient sampling with a float64 default radius produces such clusters (gradients of
+    one smooth piece differ by ``O(radius)``), and there this error is below the ``O(radius)``
+    bias of the estimate itself.
+
     Args:
         samples: tensor of shape ``(k, ...)``; row ``i`` is the point ``s_i`` (trailing
             dimensions are flattened).
 
     Returns:
         ``(point, weights)``: ``point`` has shape ``samples.shape[1:]`` and equals
-        ``sum_i weights[i] * samples[i]`` (accumulated in float64); ``weights`` has shape
+        ``sum_i weights[i] * samples[i]`` (accumulated in float64; when all samples are equal,
+        the weights are uniform and the point is that sample exactly); ``weights`` has shape
         ``(k,)``, is non-negative and sums to one. Both have the dtype of ``samples``. When the
         minimiser is not unique in ``w`` (duplicate points, the origin inside the hull), the
         weights are one valid choice; the point is unique.
@@ -445,9 +457,8 @@ def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise ValueError(f"samples has {bad} of {k} rows with NaN or inf entries")
-    weights = _min_norm_weights(flat)
-    point = (weights @ flat.to(torch.float64)).to(samples.dtype).reshape(samples.shape[1:])
-    return point, weights.to(samples.dtype)
+    point, weights = _min_norm(flat)
+    return point.to(samples.dtype).reshape(samples.shape[1:]), weights.to(samples.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,8 +596,7 @@ def clarke_subgradient(
         )
 
     # Check f once at x: a real scalar, so that vmap failures below are about vmap.
-    with torch.no_grad():
-        value = f(_unflatten(flat.clone(), spec))
+    value = f(_unflatten(flat.clone(), spec))
     _check_value(value)
     f_scalar = f if value.dim() == 0 else _scalar_output(f)  # one-element tensors: reshape
 
@@ -630,8 +640,8 @@ def clarke_subgradient(
             f"radius={radius:.3g} around x"
         )
 
-    weights64 = _min_norm_weights(samples)
-    min_norm = (weights64 @ samples.to(torch.float64)).to(dtype)
+    min_norm64, weights64 = _min_norm(samples)
+    min_norm = min_norm64.to(dtype)
     return ClarkeSubgradient(
         samples=_unflatten(samples, spec, (k,)),
         points=_unflatten(points, spec, (k,)),
