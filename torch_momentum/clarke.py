@@ -200,6 +200,13 @@ def _default_num_samples(d: int) -> int:
     return max(_MIN_SAMPLES, min(2 * (d + 1), _MAX_SAMPLES))
 
 
+def _count_nonfinite_rows(flat: Tensor) -> int:
+    """Rows of ``flat`` with a NaN or inf; one cheap reduction when there are none."""
+    if math.isfinite(float(flat.sum(dtype=torch.float64))):
+        return 0  # a NaN or inf entry would make the sum NaN or inf
+    return int((~torch.isfinite(flat).all(dim=1)).sum())
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError):
         return True
@@ -453,9 +460,8 @@ def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
         )
     k = samples.shape[0]
     flat = samples.detach().reshape(k, -1)
-    finite = torch.isfinite(flat).all(dim=1)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    bad = _count_nonfinite_rows(flat)
+    if bad:
         raise ValueError(f"samples has {bad} of {k} rows with NaN or inf entries")
     point, weights = _min_norm(flat)
     return point.to(samples.dtype).reshape(samples.shape[1:]), weights.to(samples.dtype)
@@ -630,14 +636,11 @@ def clarke_subgradient(
         samples = _grads_loop(f_scalar, points, spec)
     samples = samples.to(dtype)
 
-    if not bool(torch.isfinite(samples).all()):
-        finite = torch.isfinite(samples).all(dim=1)
-        bad = int((~finite).sum())
-        first = int((~finite).nonzero()[0, 0])
+    bad = _count_nonfinite_rows(samples)
+    if bad:
         raise RuntimeError(
-            f"clarke_subgradient: {bad} of {k} sampled gradients contain NaN or inf (first: "
-            f"sample {first}); f must be locally Lipschitz and finite in the ball of "
-            f"radius={radius:.3g} around x"
+            f"clarke_subgradient: {bad} of {k} sampled gradients contain NaN or inf; f must be "
+            f"locally Lipschitz and finite in the ball of radius={radius:.3g} around x"
         )
 
     min_norm64, weights64 = _min_norm(samples)
