@@ -1,1 +1,39 @@
-"""Lightning integration for torch-momentum (installed as ``torch_momentum.callbacks``)."""
+"""Lightning integration for torch-momentum (installed as ``torch_momentum.callbacks``).
+
+- :class:`LayerBalanceMonitor`: per-layer squared norms, their adjacent differences and ratios
+  (Du, Hu & Lee 2018) and gradient norms, logged through Lightning's loggers.
+- :func:`plot_balance`: the four-panel figure of those series.
+- :class:`OptimizerModeSwitch`: validation/test/prediction at the iterate for optimisers with
+  ``train()``/``eval()`` (NesterovSGD, schedule-free).
+- :mod:`~torch_momentum.callbacks.norms`: the plain-torch norm arithmetic (no Lightning needed).
+
+This package imports Lightning; ``import torch_momentum`` does not.
+"""
+
+from torch_momentum.callbacks.mode_switch import OptimizerModeSwitch, has_train_eval
+from torch_momentum.callbacks.monitor import LayerBalanceMonitor
+from torch_momentum.callbacks.norms import (
+    adjacent_pairs,
+    balance_metrics,
+    discover_layers,
+    layer_grad_sq_norms,
+    layer_sq_norms,
+    layer_sq_norms_host,
+    layer_sq_norms_many,
+)
+from torch_momentum.callbacks.plotting import load_history, plot_balance
+
+__all__ = [
+    "LayerBalanceMonitor",
+    "OptimizerModeSwitch",
+    "adjacent_pairs",
+    "balance_metrics",
+    "discover_layers",
+    "has_train_eval",
+    "layer_grad_sq_norms",
+    "layer_sq_norms",
+    "layer_sq_norms_host",
+    "layer_sq_norms_many",
+    "load_history",
+    "plot_balance",
+]

@@ -1,0 +1,137 @@
+r"""OptimizerModeSwitch: evaluate at the iterate, train at the look-ahead point.
+
+Some optimisers keep the model's parameters somewhere other than the iterate they converge to:
+:class:`~torch_momentum.NesterovSGD` holds the look-ahead point :math:`y_t = x_t + \eta\mu v_t`
+in training mode (the gradient is taken there), schedule-free optimisers hold an interpolation.
+They expose ``train()`` / ``eval()`` to move the parameters between the two. This callback calls
+them at the right moments of a Lightning run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+__all__ = ["OptimizerModeSwitch", "has_train_eval"]
+
+
+def has_train_eval(optimizer: Any) -> bool:
+    """Whether ``optimizer`` has callable ``train`` and ``eval`` (NesterovSGD, schedule-free)."""
+    return callable(getattr(optimizer, "train", None)) and callable(
+        getattr(optimizer, "eval", None)
+    )
+
+
+def _reported_mode(optimizer: Any) -> bool | None:
+    """The optimizer's own record of its mode (``param_groups[i]["train_mode"]``), if any."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    modes = [g["train_mode"] for g in groups if "train_mode" in g]
+    return all(modes) if modes else None
+
+
+class OptimizerModeSwitch(Callback):
+    r"""Run validation, test and prediction at the iterate :math:`x_t`, training at the look-ahead.
+
+    For every optimiser of the Trainer that has ``train()`` and ``eval()``:
+
+    - ``on_train_start``: ``train()`` (also after resuming from a checkpoint saved in eval mode);
+    - ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``: ``eval()``, so the
+      parameters hold :math:`x_t` and the metrics are those of the iterate;
+    - validation during ``fit``: ``train()`` is called at the start of the next training batch,
+      not at the end of validation. Lightning runs ``ModelCheckpoint`` last among the
+      ``on_validation_end`` hooks, so checkpoints saved after validation hold the weights the
+      validation metrics were computed for (:math:`x_t`), with the optimiser state saying
+      ``train_mode=False``: a consistent pair that resumes exactly (``on_train_start`` moves back
+      to :math:`y_t = x_t + \eta\mu v_t`, the same arithmetic as the uninterrupted run);
+    - standalone ``validate`` / ``test`` / ``predict``: the previous mode is restored at the end;
+    - ``on_train_end``: ``eval()``, so after ``trainer.fit`` the model holds the iterate
+      :math:`x_T` (what one evaluates or exports). The next ``fit`` switches back.
+
+    Optimisers without ``train``/``eval`` are left alone. A checkpoint saved in eval mode must be
+    resumed with this callback (or a manual ``optimizer.train()``): ``NesterovSGD.step()`` refuses
+    to run in eval mode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending_train = False
+        self._previous: list[tuple[Any, bool]] = []
+        self._modes: dict[int, bool] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _optimizers(trainer: Trainer) -> list[Any]:
+        return [opt for opt in trainer.optimizers if has_train_eval(opt)]
+
+    def _is_training(self, optimizer: Any) -> bool:
+        mode = _reported_mode(optimizer)
+        return self._modes.get(id(optimizer), True) if mode is None else mode
+
+    @torch.no_grad()
+    def _set(self, optimizer: Any, train: bool) -> None:
+        if train:
+            optimizer.train()
+        else:
+            optimizer.eval()
+        self._modes[id(optimizer)] = train
+
+    def _enter_eval(self, trainer: Trainer) -> None:
+        self._previous = []
+        for opt in self._optimizers(trainer):
+            self._previous.append((opt, self._is_training(opt)))
+            self._set(opt, False)
+
+    def _leave_eval(self, trainer: Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            # deferred to the next training batch: see the class docstring
+            self._pending_train = True
+            return
+        for opt, was_training in self._previous:
+            if was_training:
+                self._set(opt, True)
+        self._previous = []
+
+    def _train_all(self, trainer: Trainer) -> None:
+        for opt in self._optimizers(trainer):
+            self._set(opt, True)
+        self._pending_train = False
+        self._previous = []
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_all(trainer)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_train:
+            self._train_all(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for opt in self._optimizers(trainer):
+            self._set(opt, False)
+        self._pending_train = False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._enter_eval(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave_eval(trainer)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._enter_eval(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave_eval(trainer)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._enter_eval(trainer)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave_eval(trainer)

@@ -1,0 +1,158 @@
+"""Models and data shared by the LayerBalanceMonitor tests and their multi-process scripts.
+
+Imported both by ``tests/test_callbacks_*.py`` (in the pytest process) and by
+``tests/scripts/balance_distributed.py`` (in the DDP / FSDP2 processes), so the single-process
+reference and the distributed runs build exactly the same model from the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from torch_momentum import NesterovSGD, PolyakSGD
+
+D_IN, HIDDEN, D_OUT, N_POINTS = 12, 16, 3, 64
+
+
+def make_data(
+    n: int = N_POINTS, seed: int = 1, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """A fixed regression problem: x ~ N(0, I), y = a fixed random linear map of x, plus a bump."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D_IN, generator=g, dtype=dtype)
+    a = torch.randn(D_IN, D_OUT, generator=g, dtype=dtype)
+    y = x @ a / D_IN**0.5 + 0.5
+    return x, y
+
+
+class _RepeatedBatch(Dataset):
+    """The full batch ``(x, y)``, ``length`` times: many full-batch steps in one epoch."""
+
+    def __init__(self, x: Tensor, y: Tensor, length: int) -> None:
+        self.x, self.y, self.length = x, y, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.x, self.y
+
+
+def make_loader(
+    x: Tensor, y: Tensor, batch_size: int | None = None, repeat: int | None = None
+) -> DataLoader:
+    """Mini-batches of ``(x, y)`` in order; or, with ``repeat``, the full batch ``repeat`` times
+    per epoch (Lightning's per-epoch overhead dominates tiny full-batch runs otherwise)."""
+    if repeat is not None:
+        return DataLoader(_RepeatedBatch(x, y, repeat), batch_size=None)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size or len(x), shuffle=False)
+
+
+def make_net(
+    bias: bool = False, dtype: torch.dtype = torch.float64, scales: tuple[float, ...] | None = None
+) -> nn.Sequential:
+    """Three-layer ReLU MLP ``D_IN -> HIDDEN -> HIDDEN -> D_OUT``; ``scales`` scale the layers."""
+    net = nn.Sequential(
+        nn.Linear(D_IN, HIDDEN, bias=bias),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN, bias=bias),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, D_OUT, bias=bias),
+    ).to(dtype)
+    if scales is not None:
+        with torch.no_grad():
+            for layer, scale in zip(net[::2], scales, strict=True):
+                for p in layer.parameters():
+                    p.mul_(scale)
+    return net
+
+
+class BalanceModel(pl.LightningModule):
+    """Square loss (mean over the batch) on :func:`make_net`, optimised with torch-momentum."""
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        optimizer: str = "polyak",
+        fsdp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net if net is not None else make_net()
+        self.lr = lr
+        self.momentum = momentum
+        self.optimizer_name = optimizer
+        self.fsdp = fsdp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_model(self) -> None:
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "polyak":
+            return PolyakSGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        if self.optimizer_name == "nesterov":
+            return NesterovSGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        raise ValueError(self.optimizer_name)
+
+
+def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Quiet, fast Trainer settings for the tests."""
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 5,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+class ValidatedModel(BalanceModel):
+    """BalanceModel with a validation step that records the loss and the parameters."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_records: list[dict[str, Any]] = []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("val_loss", loss)
+        self.val_records.append(
+            {
+                "step": self.trainer.global_step,
+                "loss": loss.item(),
+                "params": [p.detach().clone() for p in self.parameters()],
+            }
+        )
+        return loss

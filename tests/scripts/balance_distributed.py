@@ -1,0 +1,109 @@
+"""Multi-process checks of LayerBalanceMonitor, run by tests/test_callbacks_distributed.py.
+
+Usage: ``python balance_distributed.py OUT.json WORKDIR``. Lightning's ``strategy="ddp"`` launches
+the second rank by re-running this script; every rank runs, rank zero writes ``OUT.json``:
+
+- ``ddp``: the monitor's history under ``strategy="ddp"``, 2 CPU processes (gloo); each rank sees
+  half of the full batch (DistributedSampler, no shuffling) with a mean loss, so the all-reduced
+  gradient equals the single-process full-batch gradient.
+- ``fsdp``: the same with ``ModelParallelStrategy(data_parallel_size=2)`` and ``fully_shard``
+  (FSDP2) in ``configure_model``: parameters and gradients are sharded DTensors.
+- ``dtensor``: ``layer_sq_norms`` of DTensors (Shard(0), Shard(1), Replicate, float32 and
+  float64) against the squared norms of the full tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
+
+STEPS = 4
+
+
+def fit(strategy: object, fsdp: bool, workdir: str, name: str) -> tuple[LayerBalanceMonitor, bool]:
+    torch.manual_seed(0)
+    model = BalanceModel(make_net(), lr=0.05, fsdp=fsdp)
+    x, y = make_data()
+    monitor = LayerBalanceMonitor(save_figure=(name == "ddp"))
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            strategy=strategy,
+            devices=2,
+            max_steps=STEPS,
+            logger=CSVLogger(workdir, name=name),
+            callbacks=[monitor],
+        )
+    )
+    trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
+    return monitor, monitor._sharded
+
+
+def dtensor_checks() -> dict[str, list[float]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    g = torch.Generator().manual_seed(3)
+    full = [
+        torch.randn(7, 5, generator=g, dtype=torch.float64),  # 7 rows: uneven Shard(0)
+        torch.randn(4, 9, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float32),
+        torch.randn(3, 3, generator=g, dtype=torch.float64),
+    ]
+    sharded = [
+        distribute_tensor(full[0], mesh, [Shard(0)]),
+        distribute_tensor(full[1], mesh, [Shard(1)]),
+        distribute_tensor(full[2], mesh, [Replicate()]),
+        distribute_tensor(full[3], mesh, [Replicate()]),
+    ]
+    layers_full = [[full[0], full[1]], [full[2]], [full[3]]]
+    layers_sharded = [[sharded[0], sharded[1]], [sharded[2]], [sharded[3]]]
+    return {
+        "sharded": layer_sq_norms(layers_sharded).tolist(),
+        "full": layer_sq_norms(layers_full).tolist(),
+        "expected": [sum(float(t.double().square().sum()) for t in layer) for layer in layers_full],
+    }
+
+
+def main() -> None:
+    out, workdir = sys.argv[1], sys.argv[2]
+    ddp, ddp_sharded = fit("ddp", False, workdir, "ddp")
+    figure = ddp.figure_path
+    fsdp, fsdp_sharded = fit(
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
+    )
+    checks = dtensor_checks()
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(
+                {
+                    "world_size": dist.get_world_size(),
+                    "ddp": ddp.history,
+                    "ddp_sharded": ddp_sharded,
+                    "ddp_figure": figure,
+                    "fsdp": fsdp.history,
+                    "fsdp_sharded": fsdp_sharded,
+                    "dtensor": checks,
+                },
+                f,
+            )
+    else:
+        # only rank zero keeps a history
+        assert not ddp.history and not fsdp.history, "non-zero rank logged"
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

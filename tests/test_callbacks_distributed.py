@@ -1,0 +1,114 @@
+"""LayerBalanceMonitor with 2 CPU processes (gloo): DDP, FSDP2 (ModelParallelStrategy +
+fully_shard) and DTensor parameters give the values of a single-process run.
+
+The distributed runs happen in one subprocess running ``tests/scripts/balance_distributed.py``
+with ``strategy="ddp"`` (Lightning re-launches that script for rank 1; plain ``ddp`` inside
+pytest would re-launch pytest). The single-process reference runs here with the same seed and
+data: each rank sees half of the full batch with a mean loss, so the averaged gradient equals the
+single-process full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+
+from torch_momentum.callbacks import LayerBalanceMonitor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed/gloo"
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny models: intra-op threads only add synchronisation, which stalls badly on a loaded machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    workdir = tmp_path_factory.mktemp("balance_distributed")
+    out = workdir / "out.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "balance_distributed.py"), str(out), str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+    from balance_distributed import STEPS
+
+    torch.manual_seed(0)
+    model = BalanceModel(make_net(), lr=0.05)
+    monitor = LayerBalanceMonitor(save_figure=False)
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=False, callbacks=[monitor]))
+    trainer.fit(model, make_loader(*make_data(), repeat=STEPS))
+    return monitor.history
+
+
+def _assert_same(history: list[dict[str, float]], reference: list[dict[str, float]]) -> None:
+    assert [r["step"] for r in history] == [r["step"] for r in reference]
+    for a, b in zip(history, reference, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            # float64; the only difference is the order of summation (two half-batch means
+            # averaged across ranks; shard-wise squared norms summed by all_reduce): rounding
+            # of relative size ~1e-16 per operation, far below 1e-10
+            assert a[key] == pytest.approx(b[key], rel=1e-10, abs=1e-13), (a["step"], key)
+
+
+def test_ddp_two_processes_match_single_process(
+    distributed: dict[str, Any], single: list[dict[str, float]]
+) -> None:
+    assert distributed["world_size"] == 2
+    assert distributed["ddp_sharded"] is False  # replicated: no collective needed
+    _assert_same(distributed["ddp"], single)
+    # the figure is saved by rank zero after trainer.log_dir's broadcast on all ranks
+    assert distributed["ddp_figure"] and Path(distributed["ddp_figure"]).is_file()
+
+
+def test_fsdp2_model_parallel_matches_single_process(
+    distributed: dict[str, Any], single: list[dict[str, float]]
+) -> None:
+    assert distributed["fsdp_sharded"] is True  # the parameters really were DTensors
+    _assert_same(distributed["fsdp"], single)
+
+
+def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:
+    checks = distributed["dtensor"]
+    # layer 0: Shard(0) with uneven rows + Shard(1); layer 2: Replicate (not counted twice);
+    # float64 accumulation: rounding only
+    for i in (0, 2):
+        assert checks["sharded"][i] == pytest.approx(checks["full"][i], rel=1e-12)
+        assert checks["sharded"][i] == pytest.approx(checks["expected"][i], rel=1e-12)
+    # layer 1: a replicated float32 tensor, accumulated in float32 (~1e-7 relative)
+    assert checks["sharded"][1] == pytest.approx(checks["full"][1], rel=1e-12)
+    assert checks["sharded"][1] == pytest.approx(checks["expected"][1], rel=1e-6)

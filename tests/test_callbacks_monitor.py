@@ -1,0 +1,540 @@
+"""LayerBalanceMonitor and plot_balance under a real (single-process, CPU) Lightning Trainer."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from balance_common import (
+    BalanceModel,
+    make_data,
+    make_loader,
+    make_net,
+    trainer_kwargs,
+)
+
+LAYERS = ["net.0", "net.2", "net.4"]
+PAIRS = ["net.0-net.2", "net.2-net.4"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny models: intra-op threads only add synchronisation, which stalls badly on a loaded machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fit(
+    tmp_path: Path,
+    model: pl.LightningModule,
+    monitor: LayerBalanceMonitor,
+    loader: Any = None,
+    **kwargs: Any,
+) -> pl.Trainer:
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    kwargs.setdefault("logger", CSVLogger(tmp_path))
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], **kwargs))
+    if loader is None:
+        loader = make_loader(*make_data(), repeat=64)  # full batch, many steps per epoch
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _series(history: list[dict[str, float]], key: str) -> list[float]:
+    return [row[key] for row in history]
+
+
+def _reference_gd(
+    net: nn.Module,
+    lr: float,
+    steps: int,
+    clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> list[dict[str, list[float]]]:
+    """Plain-torch full-batch GD; per step: squared norms and pre-clip, unscaled grad norms."""
+    x, y = make_data(dtype=next(net.parameters()).dtype)
+    layers = [m for m in net if isinstance(m, nn.Linear)]
+    out = []
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+            loss = ((net(x) - y) ** 2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        out.append(
+            {
+                "sq": [
+                    sum(float(p.detach().double().square().sum()) for p in m.parameters())
+                    for m in layers
+                ],
+                "grad": [
+                    math.sqrt(sum(float(p.grad.double().square().sum()) for p in m.parameters()))
+                    for m in layers
+                ],
+            }
+        )
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the theory
+# ------------------------------------------------------------------------------------------------
+
+
+def test_exact_discrete_identity(tmp_path: Path) -> None:
+    """Between consecutive logged steps, diff changes by lr^2 (g_L^2 - g_M^2), in float64."""
+    lr = 0.1
+    torch.manual_seed(0)
+    model = BalanceModel(make_net(), lr=lr, momentum=0.0)  # PolyakSGD(momentum=0): plain GD
+    monitor = LayerBalanceMonitor(log_every_n_steps=1, save_figure=False)
+    _fit(tmp_path, model, monitor, max_steps=6)
+    history = monitor.history
+    assert [row["step"] for row in history] == list(range(6))
+    scale = max(row[f"balance/sq_norm/{name}"] for row in history for name in LAYERS)
+    for pair in PAIRS:
+        first, second = pair.split("-")
+        for now, nxt in itertools.pairwise(history):
+            # metrics of step t are read before optimizer step t, so the change from row t to
+            # row t + 1 is caused by step t, whose gradient is the one logged in row t
+            change = nxt[f"balance/sq_norm_diff/{pair}"] - now[f"balance/sq_norm_diff/{pair}"]
+            predicted = lr**2 * (now[f"grad_norm/{first}"] ** 2 - now[f"grad_norm/{second}"] ** 2)
+            assert abs(predicted) > 1e-6  # not vacuous; a mis-paired step is off by ~1e-6
+            # float64: each logged squared norm is exact to ~1e-15 relative (sums of a few hundred
+            # squares), so the difference of two diffs is exact to ~1e-15 * ||W||^2; 1e-12 * scale
+            # leaves room for that and is far below any modelling error (>= 1e-8 here).
+            assert change == pytest.approx(predicted, rel=0, abs=1e-12 * scale)
+    # the same series reaches the configured logger, with the same step values
+    rows = _csv_rows(tmp_path)
+    logged = {
+        int(r["step"]): float(r["balance/sq_norm_diff/net.0-net.2"])
+        for r in rows
+        if r.get("balance/sq_norm_diff/net.0-net.2")
+    }
+    assert logged == {int(r["step"]): r["balance/sq_norm_diff/net.0-net.2"] for r in history}
+
+
+def _csv_rows(tmp_path: Path) -> list[dict[str, str]]:
+    (path,) = tmp_path.rglob("metrics.csv")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("init", ["balanced", "unbalanced"])
+def test_drift_small_relative_to_growth(tmp_path: Path, init: str) -> None:
+    lr, steps = 0.04, 50
+    x, _ = make_data()
+    torch.manual_seed(5)
+    teacher = make_net(scales=(2.0, 2.0, 2.0))  # the target needs larger weights
+    with torch.no_grad():
+        y = teacher(x)
+    torch.manual_seed(0)
+    net = make_net()
+    targets = (2.0, 2.0, 2.0) if init == "balanced" else (4.0, 2.0, 0.5)
+    with torch.no_grad():
+        for layer, target in zip(net[::2], targets, strict=True):
+            layer.weight.mul_((target / layer.weight.square().sum()).sqrt())
+    monitor = LayerBalanceMonitor(log_every_n_steps=1, save_figure=False)
+    _fit(
+        tmp_path,
+        BalanceModel(net, lr=lr),
+        monitor,
+        loader=make_loader(x, y, repeat=steps),
+        max_steps=steps,
+    )
+    last = monitor.history[-1]
+    growth = max(abs(last[f"balance/sq_norm_change/{name}"]) for name in LAYERS)
+    assert growth > 0.1  # the norms really moved
+    # gradient flow would keep diff(t) == diff(0); GD departs by sum_t lr^2 (g_L^2 - g_M^2), second
+    # order in lr against first-order growth: here about 0.5 % of it. 2 % fails if the norms of a
+    # layer were read at another step or the wrong W(0) were used (both O(1) of the growth).
+    assert last["balance/drift"] < 0.02 * growth
+    # the logged drift is exactly the accumulated lr^2 terms (float64 rounding only, as above)
+    accumulated = [
+        sum(
+            lr**2 * (r[f"grad_norm/{a}"] ** 2 - r[f"grad_norm/{b}"] ** 2)
+            for r in monitor.history[:-1]
+        )
+        for a, b in (p.split("-") for p in PAIRS)
+    ]
+    assert last["balance/drift"] == pytest.approx(max(abs(v) for v in accumulated), rel=1e-9)
+    first = monitor.history[0]
+    assert first["balance/drift"] == 0.0  # step 0 is W(0) itself
+    if init == "balanced":
+        # equal squared norms at init (up to float64 rounding of the rescaling)
+        assert all(abs(first[f"balance/sq_norm_diff/{p}"]) < 1e-12 for p in PAIRS)
+    else:
+        assert first["balance/sq_norm_diff/net.0-net.2"] == pytest.approx(2.0, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning mechanics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cadence_matches_lightning_and_no_work_off_logging_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch_momentum.callbacks.monitor as monitor_module
+
+    calls: list[int] = []
+    real = monitor_module.layer_sq_norms_host
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "layer_sq_norms_host", spy)
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(save_figure=False)  # the Trainer's log_every_n_steps
+    _fit(tmp_path, BalanceModel(make_net()), monitor, max_steps=10, log_every_n_steps=3)
+    steps = [row["step"] for row in monitor.history]
+    loss_steps = [int(r["step"]) for r in _csv_rows(tmp_path) if r.get("train_loss")]
+    assert steps == loss_steps == [2, 5, 8]  # Lightning logs step t when (t + 1) % 3 == 0
+    assert len(calls) == 1 + len(steps)  # W(0) once, then on logging steps only
+
+    torch.manual_seed(0)
+    override = LayerBalanceMonitor(log_every_n_steps=4, save_figure=False)
+    _fit(tmp_path / "o", BalanceModel(make_net()), override, max_steps=10, log_every_n_steps=1)
+    assert [row["step"] for row in override.history] == [3, 7]
+
+
+def test_accumulate_grad_batches_reads_accumulated_gradient(tmp_path: Path) -> None:
+    x, y = make_data()
+    torch.manual_seed(0)
+    full = LayerBalanceMonitor(save_figure=False)
+    _fit(tmp_path / "full", BalanceModel(make_net()), full, max_steps=4)
+    torch.manual_seed(0)
+    acc = LayerBalanceMonitor(save_figure=False)
+    # two half batches, Lightning divides each loss by 2: the accumulated gradient is the
+    # full-batch gradient, read once per optimizer step
+    _fit(
+        tmp_path / "acc",
+        BalanceModel(make_net()),
+        acc,
+        loader=make_loader(x, y, batch_size=len(x) // 2),
+        max_steps=4,
+        accumulate_grad_batches=2,
+    )
+    assert [r["step"] for r in acc.history] == [0, 1, 2, 3]
+    for a, b in zip(acc.history, full.history, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            # sums of two half-batch means vs one full mean: float64 rounding only
+            assert a[key] == pytest.approx(b[key], rel=1e-10, abs=1e-13), key
+
+
+def test_gradient_clipping_logs_pre_clip_norms(tmp_path: Path) -> None:
+    lr, clip, steps = 0.1, 0.05, 4
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(save_figure=False)
+    _fit(
+        tmp_path,
+        BalanceModel(make_net(), lr=lr),
+        monitor,
+        max_steps=steps,
+        gradient_clip_val=clip,
+        gradient_clip_algorithm="norm",
+    )
+    torch.manual_seed(0)
+    reference = _reference_gd(make_net(), lr, steps, clip=clip)
+    for row, ref in zip(monitor.history, reference, strict=True):
+        assert row["grad_norm/total"] > 5 * clip  # clipping was active
+        for i, name in enumerate(LAYERS):
+            # float64, same arithmetic in another order: rounding only
+            assert row[f"grad_norm/{name}"] == pytest.approx(ref["grad"][i], rel=1e-10)
+            # the weights follow the clipped trajectory
+            assert row[f"balance/sq_norm/{name}"] == pytest.approx(ref["sq"][i], rel=1e-10)
+
+
+def test_mixed_precision_grad_scaler_reads_unscaled_gradients(tmp_path: Path) -> None:
+    """fp16 autocast with a GradScaler on CPU (Lightning's MixedPrecision plugin)."""
+    lr, steps, scale = 0.05, 3, 2.0**12
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(save_figure=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    model = BalanceModel(make_net(dtype=torch.float32), lr=lr)
+    _fit(
+        tmp_path,
+        model,
+        monitor,
+        loader=make_loader(*make_data(dtype=torch.float32), repeat=steps),
+        max_steps=steps,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )
+    assert scaler.get_scale() == scale  # no overflow: every step was taken
+    torch.manual_seed(0)
+    reference = _reference_gd(
+        make_net(dtype=torch.float32),
+        lr,
+        steps,
+        scaler=torch.amp.GradScaler("cpu", init_scale=scale),
+    )
+    for row, ref in zip(monitor.history, reference, strict=True):
+        for i, name in enumerate(LAYERS):
+            # the same fp16 autocast computation, norms accumulated in float32 (~1e-7); reading
+            # the scaled gradient would be off by a factor 4096
+            assert row[f"grad_norm/{name}"] == pytest.approx(ref["grad"][i], rel=1e-5)
+            assert row[f"balance/sq_norm/{name}"] == pytest.approx(ref["sq"][i], rel=1e-5)
+
+
+def test_frozen_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = make_net()
+    net[2].requires_grad_(False)
+    default = LayerBalanceMonitor(save_figure=False)
+    _fit(tmp_path / "d", BalanceModel(net), default, max_steps=3)
+    # a frozen module is not a layer: the trainable layers around it are compared directly
+    assert default.layer_names == ["net.0", "net.4"]
+    assert "balance/sq_norm_diff/net.0-net.4" in default.history[0]
+
+    torch.manual_seed(0)
+    net = make_net()
+    net[2].requires_grad_(False)
+    named = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
+    _fit(tmp_path / "n", BalanceModel(net), named, max_steps=3)
+    for row in named.history:
+        assert row["grad_norm/net.2"] == 0.0  # no gradient: counted as 0
+        assert row["balance/sq_norm_change/net.2"] == 0.0  # never updated
+        assert row["grad_norm/net.0"] > 0.0
+
+
+class _NamedModel(BalanceModel):
+    def __init__(self) -> None:
+        super().__init__(net=nn.Identity())
+        self.encoder = nn.Sequential(nn.Linear(12, 16, bias=False), nn.ReLU()).double()
+        self.hidden = nn.Linear(16, 8, bias=False).double()
+        self.head = nn.Linear(8, 3, bias=False).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.encoder(x))))
+
+
+def test_explicitly_named_layers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _NamedModel()
+    w0 = {
+        n: float(m.weight.square().sum())
+        for n, m in [("head", model.head), ("encoder", model.encoder[0])]
+    }
+    monitor = LayerBalanceMonitor(layers=["head", "hidden", "encoder"], save_figure=False)
+    _fit(tmp_path, model, monitor, max_steps=2)
+    assert monitor.layer_names == ["head", "hidden", "encoder"]
+    first = monitor.history[0]
+    assert {k for k in first if "diff" in k} == {
+        "balance/sq_norm_diff/head-hidden",
+        "balance/sq_norm_diff/hidden-encoder",
+    }
+    # float64 norms of the initial weights computed two ways: rounding only
+    assert first["balance/sq_norm/head"] == pytest.approx(w0["head"], rel=1e-12)
+    assert first["balance/sq_norm/encoder"] == pytest.approx(w0["encoder"], rel=1e-12)
+
+
+def test_layers_dict_monitors_bias_conservation(tmp_path: Path) -> None:
+    """With biases, ||W_h||^2 + ||b_h||^2 - ||W_{h+1}||^2 obeys the exact GD identity."""
+    lr, steps = 0.1, 4
+
+    def model() -> BalanceModel:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+        return BalanceModel(net, lr=lr)
+
+    def gaps(monitor: LayerBalanceMonitor, pair: str) -> list[float]:
+        first, second = pair.split("-")
+        h = monitor.history
+        return [
+            (b[f"balance/sq_norm_diff/{pair}"] - a[f"balance/sq_norm_diff/{pair}"])
+            - lr**2 * (a[f"grad_norm/{first}"] ** 2 - a[f"grad_norm/{second}"] ** 2)
+            for a, b in itertools.pairwise(h)
+        ]
+
+    exact = LayerBalanceMonitor(
+        layers={"hidden": ["net.0.weight", "net.0.bias"], "out": ["net.2.weight"]},
+        save_figure=False,
+    )
+    _fit(tmp_path / "dict", model(), exact, max_steps=steps)
+    scale = exact.history[0]["balance/sq_norm/hidden"]
+    # float64 rounding only, as in test_exact_discrete_identity
+    assert max(abs(g) for g in gaps(exact, "hidden-out")) < 1e-12 * scale
+
+    default = LayerBalanceMonitor(save_figure=False)  # layers (W0, b0) and (W2, b2)
+    _fit(tmp_path / "default", model(), default, max_steps=steps)
+    # including the output bias breaks the identity by 2 lr <g_b2, b2>: far above rounding
+    assert max(abs(g) for g in gaps(default, "net.0-net.2")) > 1e-6
+
+
+def test_checkpoint_resume_continues_the_same_series(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    whole = LayerBalanceMonitor(save_figure=False)
+    _fit(tmp_path / "whole", BalanceModel(make_net()), whole, max_steps=6)
+
+    torch.manual_seed(0)
+    first = LayerBalanceMonitor(save_figure=False)
+    trainer = _fit(tmp_path / "first", BalanceModel(make_net()), first, max_steps=3)
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)["callbacks"][first.state_key]
+    assert len(state["sq_norms0"]) == 3 and len(state["history"]) == 3
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = LayerBalanceMonitor(save_figure=False)
+    _fit(tmp_path / "resumed", BalanceModel(make_net()), resumed, max_steps=6, ckpt_path=ckpt)
+    assert [r["step"] for r in resumed.history] == list(range(6))
+    for a, b in zip(resumed.history, whole.history, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            # same floats, same order of operations: identical up to float64 rounding
+            assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15), (a["step"], key)
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_logger_warns_and_keeps_history(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor()
+    with pytest.warns(RuntimeWarning, match=r"no logger.*CSVLogger"):
+        _fit(
+            tmp_path,
+            BalanceModel(make_net()),
+            monitor,
+            max_steps=2,
+            logger=False,
+            default_root_dir=tmp_path,
+        )
+    assert len(monitor.history) == 2
+    assert monitor.figure_path is None and not list(tmp_path.rglob("*.png"))
+
+
+def test_fewer_than_two_layers(tmp_path: Path) -> None:
+    model = BalanceModel(nn.Sequential(nn.Linear(12, 3, bias=False)).double())
+    with pytest.raises(MisconfigurationException, match="no adjacent pairs"):
+        _fit(tmp_path, model, LayerBalanceMonitor(save_figure=False), max_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers": "net.0"}, TypeError, "layers"),
+        ({"layers": []}, ValueError, "layers"),
+        ({"layers": ["a", "a"]}, ValueError, "twice"),
+        ({"layers": [1, 2]}, TypeError, "layers"),
+        ({"layers": {"a": "net.0.weight"}}, TypeError, r"layers\['a'\]"),
+        ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps.*0"),
+        ({"log_every_n_steps": 2.0}, TypeError, "log_every_n_steps"),
+        ({"log_every_n_steps": True}, TypeError, "log_every_n_steps"),
+        ({"track_grad_norm": 1}, TypeError, "track_grad_norm"),
+        ({"save_figure": "yes"}, TypeError, "save_figure"),
+    ],
+)
+def test_argument_validation(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        LayerBalanceMonitor(**kwargs)
+
+
+def test_unknown_layer_name_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'net\.7'.*net\.0"):
+        _fit(
+            tmp_path,
+            BalanceModel(make_net()),
+            LayerBalanceMonitor(layers=["net.0", "net.7"]),
+            max_steps=1,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# figure
+# ------------------------------------------------------------------------------------------------
+
+
+class _FigureLogger(Logger):
+    """A logger whose experiment takes figures, like TensorBoard's SummaryWriter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: list[tuple[str, Any, int]] = []
+
+    @property
+    def name(self) -> str:
+        return "figures"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> Any:
+        return self
+
+    def add_figure(self, tag: str, figure: Any, global_step: int, close: bool = True) -> None:
+        self.figures.append((tag, figure, global_step))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_figure_saved_and_logged_and_plot_sources(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    torch.manual_seed(0)
+    net = make_net(scales=(10.0, 1.0, 0.1))  # ratios spanning decades
+    figures = _FigureLogger()
+    monitor = LayerBalanceMonitor()
+    trainer = _fit(
+        tmp_path, BalanceModel(net), monitor, max_steps=4, logger=[CSVLogger(tmp_path), figures]
+    )
+    assert monitor.figure_path == os.path.join(trainer.log_dir, "balance.png")
+    assert os.path.getsize(monitor.figure_path) > 10_000
+    ((tag, logged, step),) = figures.figures
+    assert tag == "balance" and isinstance(logged, Figure) and step == 3
+
+    (csv_path,) = tmp_path.rglob("metrics.csv")
+    for source in (monitor, monitor.history, str(csv_path), csv_path):
+        fig = plot_balance(source)
+        axes = fig.axes
+        assert len(axes) == 4
+        labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes]
+        assert labels[0] == PAIRS and labels[1] == PAIRS
+        assert labels[2] == LAYERS and labels[3] == [*LAYERS, "total"]
+        assert axes[1].get_yscale() == "log"  # ratios of ~50 and ~500: decades away from 1
+        assert all(ax.get_xlabel() == "step" for ax in axes)
+        xs = axes[0].get_lines()[0].get_xdata()
+        assert list(xs) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="no balance metrics"):
+        plot_balance([{"step": 0, "train_loss": 1.0}])
+    with pytest.raises(TypeError, match="source"):
+        plot_balance(42)
