@@ -65,17 +65,19 @@ __all__ = ["default_implementation", "lookahead_shift", "momentum_sgd"]
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _is_plain(t: Tensor) -> bool:
-    return type(t) in _PLAIN_TENSOR_TYPES
+def _on(t: Tensor, devices: list[str]) -> bool:
+    # t.is_cpu / t.is_cuda are plain flags; t.device.type builds a device object (slow per step).
+    return t.is_cpu or t.is_cuda or t.device.type in devices
 
 
 def fused_supported(t: Tensor) -> bool:
-    """Whether the fused kernel can update ``t`` (device, dtype and tensor type)."""
+    """Whether the fused kernel can update ``t``: a plain strided floating point or complex tensor
+    on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...)."""
     return (
-        _is_plain(t)
-        and t.device.type in _get_fused_kernels_supported_devices()
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.layout is torch.strided
         and (t.is_floating_point() or t.is_complex())
-        and t.layout == torch.strided
+        and _on(t, _get_fused_kernels_supported_devices())
     )
 
 
@@ -85,9 +87,9 @@ def foreach_supported(t: Tensor) -> bool:
     CPU counts: its foreach ops loop in C++, still cheaper than the Python loop of the reference.
     """
     return (
-        _is_plain(t)
-        and t.device.type in ["cpu", *_get_foreach_kernels_supported_devices()]
-        and t.layout == torch.strided
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.layout is torch.strided
+        and _on(t, _get_foreach_kernels_supported_devices())
     )
 
 
@@ -106,6 +108,17 @@ def default_implementation(params: list[Tensor], differentiable: bool) -> tuple[
     if all(fused_supported(p) for p in params):
         return True, False
     return False, all(foreach_supported(p) for p in params)
+
+
+def check_fused(params: list[Tensor]) -> None:
+    """Raise a clear ``RuntimeError`` unless the fused kernel can update every tensor."""
+    for i, p in enumerate(params):
+        if not fused_supported(p):
+            raise RuntimeError(
+                "fused=True requires every parameter to be a strided floating point or complex "
+                f"Tensor on one of {_get_fused_kernels_supported_devices()}, but parameter {i} "
+                f"is {type(p).__name__} of dtype {p.dtype} on {p.device.type}"
+            )
 
 
 def _neg(x: float | Tensor) -> float | Tensor:
@@ -163,7 +176,11 @@ def momentum_sgd(
     mathematics of each path.
     """
     if foreach is None and fused is None:
-        fused, foreach = default_implementation(params, differentiable)
+        fused, foreach = default_implementation(params, differentiable)  # checks every tensor
+        if fused and torch.compiler.is_compiling():
+            fused, foreach = False, True  # Inductor fuses the foreach ops itself
+    elif fused:
+        check_fused(params)
     if fused:
         impl = _fused_momentum_sgd
     elif foreach:
@@ -193,25 +210,38 @@ def _single_tensor_momentum_sgd(
     maximize: bool,
     nesterov: bool,
 ) -> None:
-    """Reference path: one tensor at a time, written like the slide formulas."""
+    """Reference path: one tensor at a time, written like the slide formulas.
+
+    Temporaries: ``-g`` (maximize) and ``g + λp`` (weight decay) as in the built-in for-loop, and
+    for Nesterov one copy of the parameter to hold the iterate ``x``.
+    """
     for i, p in enumerate(params):
-        g = grads[i]
-        d = -g if maximize else g
+        d = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
-            d = d + weight_decay * p
+            d = d.add(p, alpha=weight_decay)  # d = grad + weight_decay * p
         if momentum == 0:
             # v = -d;  x <- x + lr * v   (Nesterov's look-ahead coincides with x)
-            p.sub_(lr * d)
+            _axpy(p, d, _neg(lr))
             continue
         v = velocities[i]
         if not nesterov:
             v.mul_(momentum).sub_(d)  # v <- -d + momentum * v
-            p.add_(lr * v)  # x <- x + lr * v
+            _axpy(p, v, lr)  # x <- x + lr * v
         else:
-            x = p - (lr * momentum) * v  # the iterate behind the look-ahead y = p
+            x = p.clone()
+            _axpy(x, v, _neg(lr * momentum))  # x = y - lr * momentum * v, the iterate
             v.mul_(momentum).sub_(d)  # v <- -d(y) + momentum * v
-            x = x + lr * v  # x <- x + lr * v
-            p.copy_(x + (lr * momentum) * v)  # y <- x + lr * momentum * v
+            _axpy(x, v, lr)  # x <- x + lr * v
+            p.copy_(x)
+            _axpy(p, v, lr * momentum)  # y <- x + lr * momentum * v
+
+
+def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
+    """In place ``x += alpha * y`` without a temporary, for a float or 0-dim Tensor ``alpha``."""
+    if isinstance(alpha, Tensor):
+        x.addcmul_(y, alpha.reshape(()))
+    else:
+        x.add_(y, alpha=alpha)
 
 
 def _scalar(lr: float | Tensor, device: torch.device) -> float | Tensor:
@@ -285,23 +315,14 @@ def _fused_momentum_sgd(
     """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring."""
     if not params:
         return
-    for i, p in enumerate(params):
-        if not fused_supported(p):
-            raise RuntimeError(
-                "fused=True requires every parameter to be a strided floating point or complex "
-                f"Tensor on one of {_get_fused_kernels_supported_devices()}, but parameter {i} is "
-                f"{type(p).__name__} of dtype {p.dtype} on {p.device.type}"
-            )
-    if any(p.is_complex() for p in params):
-        params = [torch.view_as_real(t) if t.is_complex() else t for t in params]
-        grads = [torch.view_as_real(t) if t.is_complex() else t for t in grads]
-        velocities = [torch.view_as_real(t) if t.is_complex() else t for t in velocities]
     tensor_lists: list[list[Tensor]] = [params, grads]
     if momentum != 0:
         tensor_lists.append(velocities)
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
     neg_lr = _neg(lr)
-    for (device, _), (lists, _) in grouped.items():
+    for (device, dtype), (lists, _) in grouped.items():
+        if dtype.is_complex:  # view only this group's tensors: no per-tensor test for real ones
+            lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
         device_lr = neg_lr
         if isinstance(neg_lr, Tensor) and neg_lr.device != device:
             device_lr = neg_lr.to(device)

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
 from torch_momentum.functional import (
+    check_fused,
     default_implementation,
-    fused_supported,
     lookahead_shift,
     momentum_sgd,
 )
@@ -108,13 +108,7 @@ class _MomentumSGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["fused"]:
-            for p in group["params"]:
-                if not fused_supported(p):
-                    raise RuntimeError(
-                        "fused=True requires strided floating point or complex Tensors on a "
-                        f"device with fused kernels, got {type(p).__name__} of dtype {p.dtype} "
-                        f"on {p.device.type}"
-                    )
+            check_fused(group["params"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Older state dicts may lack flags added later: fill them with the defaults.
@@ -174,11 +168,6 @@ class _MomentumSGD(Optimizer):
             if not params:
                 continue
             foreach, fused = group["foreach"], group["fused"]
-            if foreach is None and fused is None:
-                fused, foreach = default_implementation(params, group["differentiable"])
-                if fused and torch.compiler.is_compiling():
-                    # Inductor generates its own fused kernel from the foreach ops.
-                    fused, foreach = False, True
             momentum_sgd(
                 params,
                 grads,
