@@ -25,7 +25,7 @@ Two overhead figures are printed:
 
 Targets: <= 1 % at log_every_n_steps=50, <= 5 % at every step.
 
-Usage: python benchmarks/callback_overhead.py [--rounds 7] [--steps 200] [--threads N]
+Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N]
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def _run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

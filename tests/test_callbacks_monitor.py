@@ -328,6 +328,15 @@ def test_frozen_layer(tmp_path: Path) -> None:
         assert row["grad_norm/net.0"] > 0.0
 
 
+def test_without_gradient_norms(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(track_grad_norm=False, save_figure=False)
+    _fit(tmp_path, BalanceModel(make_net()), monitor, max_steps=2)
+    assert monitor.history and not any(k.startswith("grad_norm/") for k in monitor.history[0])
+    fig = plot_balance(monitor)
+    assert fig.axes[3].get_legend() is None  # panel (d) says "not logged"
+
+
 class _NamedModel(BalanceModel):
     def __init__(self) -> None:
         super().__init__(net=nn.Identity())
