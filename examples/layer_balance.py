@@ -272,7 +272,13 @@ def optimizers_figure(runs: dict[tuple[str, str], Run], names: list[str], path: 
             if run is None:
                 continue
             steps, drift = series(run.history, "balance/drift")
-            ax.plot(steps, [max(d, 1e-12) for d in drift], label=LABELS[name])
+            # the built-in is dashed on top: it coincides with PolyakSGD (same iterates)
+            style = (
+                {"ls": "--", "lw": 1.2}
+                if name == "sgd"
+                else {"lw": 2.0 if name == "polyak" else 1.5}
+            )
+            ax.plot(steps, [max(d, 1e-12) for d in drift], label=LABELS[name], **style)
         ax.set_yscale("log")
         ax.set_title(f"{init} initialization: balance/drift")
         ax.set_xlabel("step")
