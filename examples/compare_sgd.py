@@ -61,10 +61,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from torch_momentum.callbacks import OptimizerModeSwitch
 from torchmetrics.classification import MulticlassAccuracy
 
 from torch_momentum import NesterovSGD, PolyakSGD
+from torch_momentum.callbacks import OptimizerModeSwitch
 
 matplotlib.use("Agg")
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import shutil
 import statistics
 import time
 import warnings
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], Run]:
     if args.log_every is None:
         args.log_every = max(1, args.steps // 300)
     out = prepare_out(args.out)
+    shutil.rmtree(out / "logs", ignore_errors=True)  # each run rewrites its CSVLogger folders
     torch.manual_seed(0)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

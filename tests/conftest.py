@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,16 @@ F64_RTOL = 1e-12
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one intra-op thread: for tiny models threads only add synchronisation,
+    which stalls badly on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

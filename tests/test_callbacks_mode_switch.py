@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,13 +23,7 @@ from balance_common import ValidatedModel, make_data, make_loader, make_net, tra
 LR, MOMENTUM, STEPS, EVERY = 0.05, 0.9, 6, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models: intra-op threads only add synchronisation, which stalls badly on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference() -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:

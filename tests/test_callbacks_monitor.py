@@ -7,7 +7,6 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,7 @@ LAYERS = ["net.0", "net.2", "net.4"]
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models: intra-op threads only add synchronisation, which stalls badly on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,14 +18,7 @@ from torch_momentum.callbacks import (
     layer_sq_norms_many,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models: intra-op threads only add synchronisation, which stalls badly on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _naive(layers: list[list[torch.Tensor | None]]) -> list[float]:

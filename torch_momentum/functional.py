@@ -259,6 +259,18 @@ def _axpy_(xs: list[Tensor], ys: list[Tensor], alpha: float | Tensor) -> None:
         torch._foreach_add_(xs, ys, alpha=alpha)
 
 
+def _grouped(
+    params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], momentum: float
+) -> list[tuple[tuple[torch.device, torch.dtype], list[list[Tensor]]]]:
+    """``[((device, dtype), [params, grads(, velocities)])]``: the lists a multi-tensor kernel takes
+    (no velocities when ``momentum == 0``)."""
+    tensor_lists: list[list[Tensor]] = [params, grads]
+    if momentum != 0:
+        tensor_lists.append(velocities)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+    return [(key, cast(list[list[Tensor]], lists)) for key, (lists, _) in grouped.items()]
+
+
 def _multi_tensor_momentum_sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -273,11 +285,7 @@ def _multi_tensor_momentum_sgd(
     """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device and dtype."""
     if not params:
         return
-    tensor_lists: list[list[Tensor]] = [params, grads]
-    if momentum != 0:
-        tensor_lists.append(velocities)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
-    for (device, _), (lists, _) in grouped.items():
+    for (device, _), lists in _grouped(params, grads, velocities, momentum):
         device_params = cast(list[Tensor], lists[0])
         device_grads = cast(list[Tensor], lists[1])
         alpha = _scalar(lr, device)
@@ -315,12 +323,8 @@ def _fused_momentum_sgd(
     """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring."""
     if not params:
         return
-    tensor_lists: list[list[Tensor]] = [params, grads]
-    if momentum != 0:
-        tensor_lists.append(velocities)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
     neg_lr = _neg(lr)
-    for (device, dtype), (lists, _) in grouped.items():
+    for (device, dtype), lists in _grouped(params, grads, velocities, momentum):
         if dtype.is_complex:  # view only this group's tensors: no per-tensor test for real ones
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
         device_lr = neg_lr
