@@ -50,7 +50,7 @@ update is plain gradient descent :math:`p \leftarrow p - \eta d_t`.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -60,7 +60,13 @@ from torch.utils._foreach_utils import (
     _get_fused_kernels_supported_devices,
 )
 
-__all__ = ["default_implementation", "lookahead_shift", "momentum_sgd"]
+__all__ = [
+    "default_implementation",
+    "lookahead_shift",
+    "momentum_sgd",
+    "resolve_implementation",
+    "run_kernel",
+]
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
@@ -175,19 +181,10 @@ def momentum_sgd(
     ``lr`` and ``momentum`` (see :func:`lookahead_shift`). See the module docstring for the
     mathematics of each path.
     """
-    if foreach is None and fused is None:
-        fused, foreach = default_implementation(params, differentiable)  # checks every tensor
-        if fused and torch.compiler.is_compiling():
-            fused, foreach = False, True  # Inductor fuses the foreach ops itself
-    elif fused:
-        check_fused(params)
-    if fused:
-        impl = _fused_momentum_sgd
-    elif foreach:
-        impl = _multi_tensor_momentum_sgd
-    else:
-        impl = _single_tensor_momentum_sgd
-    impl(
+    fused, foreach = resolve_implementation(params, foreach, fused, differentiable)
+    run_kernel(
+        fused,
+        foreach,
         params,
         grads,
         velocities,
@@ -197,6 +194,39 @@ def momentum_sgd(
         maximize=maximize,
         nesterov=nesterov,
     )
+
+
+def resolve_implementation(
+    params: list[Tensor], foreach: bool | None, fused: bool | None, differentiable: bool
+) -> tuple[bool, bool]:
+    """``(fused, foreach)`` for these tensors: the default rule of :func:`default_implementation`
+    when both are ``None`` (foreach instead of fused while ``torch.compile`` traces, so that
+    Inductor generates its own fused kernel), else the request, checked for ``fused=True``."""
+    if foreach is None and fused is None:
+        fused, foreach = default_implementation(params, differentiable)
+        if fused and torch.compiler.is_compiling():
+            fused, foreach = False, True
+    elif fused:
+        check_fused(params)
+    return bool(fused), bool(foreach)
+
+
+def run_kernel(
+    fused: bool,
+    foreach: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    velocities: list[Tensor],
+    **hyper: Any,
+) -> None:
+    """Run the chosen path without further checks (see :func:`resolve_implementation`)."""
+    if fused:
+        impl = _fused_momentum_sgd
+    elif foreach:
+        impl = _multi_tensor_momentum_sgd
+    else:
+        impl = _single_tensor_momentum_sgd
+    impl(params, grads, velocities, **hyper)
 
 
 def _single_tensor_momentum_sgd(
@@ -234,6 +264,7 @@ def _single_tensor_momentum_sgd(
             _axpy(x, v, lr)  # x <- x + lr * v
             p.copy_(x)
             _axpy(p, v, lr * momentum)  # y <- x + lr * momentum * v
+            del x  # free the copy before the next tensor's (peak = one tensor, as the built-in)
 
 
 def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
