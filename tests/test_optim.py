@@ -130,22 +130,24 @@ def test_nesterov_with_scheduler_differs_from_builtin_by_the_documented_term(pat
 # ------------------------------------------------------------------- Nesterov slide form
 
 
-def slide_form_nesterov(model, data, lrs, momentum):
+def slide_form_nesterov(model, data, lrs, momentum, weight_decay=0.0):
     """Independent Nesterov in slide form, gradient taken at the look-ahead point itself:
-    v <- -grad f(x + c*v) + m*v;  x <- x + lr*v, with c = lr_prev * m (the look-ahead built by
-    the previous step; c = lr * m when lr is constant)."""
+    v <- -(grad f(y) + wd*y) + m*v;  x <- x + lr*v, with y = x + c*v and c = lr_prev * m_prev
+    (the look-ahead built by the previous step; c = lr * m when both are constant).
+    ``momentum`` is a number or a per-step list."""
     names = [n for n, _ in model.named_parameters()]
     x = {n: p.detach().clone() for n, p in model.named_parameters()}
     v = {n: torch.zeros_like(p) for n, p in x.items()}
-    c = lrs[0] * momentum
-    for lr in lrs:
+    ms = momentum if isinstance(momentum, list) else [momentum] * len(lrs)
+    c = lrs[0] * ms[0]
+    for lr, m in zip(lrs, ms, strict=True):
         y = {n: (x[n] + c * v[n]).requires_grad_(True) for n in names}
         loss = loss_fn_functional(model, y, data)
         grads = torch.autograd.grad(loss, [y[n] for n in names])
         for n, g in zip(names, grads, strict=True):
-            v[n] = -g + momentum * v[n]
+            v[n] = -(g + weight_decay * y[n].detach()) + m * v[n]
             x[n] = x[n] + lr * v[n]
-        c = lr * momentum
+        c = lr * m
     return [x[n] for n in names]
 
 
@@ -155,20 +157,48 @@ def loss_fn_functional(model, params, data):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("schedule", ["constant", "step"])
-def test_nesterov_iterate_equals_slide_form(path, schedule):
+@pytest.mark.parametrize("schedule", ["constant", "step", "onecycle"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_nesterov_iterate_equals_slide_form(path, schedule, weight_decay):
+    """eval() is the slide-form iterate, also when a scheduler changes lr (step) or lr and
+    momentum at every step (OneCycleLR cycles momentum), with and without weight decay."""
     data = make_data()
     model = make_mlp()
-    lrs = [0.05] * 50 if schedule == "constant" else [0.05] * 20 + [0.02] * 15 + [0.04] * 15
-    expected = slide_form_nesterov(make_mlp(), data, lrs, 0.9)
-    opt = NesterovSGD(model.parameters(), lr=lrs[0], momentum=0.9, **PATHS[path])
-    for lr in lrs:
-        opt.param_groups[0]["lr"] = lr
+    opt = NesterovSGD(
+        model.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay, **PATHS[path]
+    )
+    sched = None
+    if schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=17, gamma=0.4)
+    elif schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.08, total_steps=50)
+    lrs, moms = [], []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
         opt.zero_grad()
         loss_fn(model, data, False).backward()
         opt.step()
+        if sched is not None:
+            sched.step()
+    assert (len(set(lrs)) == 1) == (schedule == "constant")
+    expected = slide_form_nesterov(make_mlp(), data, lrs, moms, weight_decay)
     opt.eval()
     assert max_rel_diff(list(model.parameters()), expected) < F64_RTOL
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_polyak_equals_builtin_under_onecycle(path):
+    """OneCycleLR changes lr and momentum every step: PolyakSGD still equals SGD(momentum)."""
+    data = make_data()
+    ours_model, ref_model = make_mlp(), make_mlp()
+    ours = PolyakSGD(ours_model.parameters(), lr=0.05, weight_decay=1e-3, **PATHS[path])
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for model, opt in ((ours_model, ours), (ref_model, ref)):
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.08, total_steps=40)
+        train(model, opt, 40, data, scheduler=sched)
+    assert ours.param_groups[0]["momentum"] == ref.param_groups[0]["momentum"] != 0.9
+    assert max_rel_diff(list(ours_model.parameters()), list(ref_model.parameters())) < F64_RTOL
 
 
 def test_eval_train_modes():
@@ -288,11 +318,13 @@ def test_closure(cls):
 
 @pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
 @pytest.mark.parametrize("path", PATHS)
-def test_tensor_lr_equals_float_lr(cls, path):
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_tensor_lr_equals_float_lr(cls, path, shape):
     data = make_data()
     a, b = make_mlp(), make_mlp()
-    opt_a = cls(a.parameters(), lr=torch.tensor(0.05, dtype=torch.float64), **PATHS[path])
-    opt_b = cls(b.parameters(), lr=0.05, **PATHS[path])
+    lr = torch.full(shape, 0.05, dtype=torch.float64)
+    opt_a = cls(a.parameters(), lr=lr, weight_decay=1e-3, **PATHS[path])
+    opt_b = cls(b.parameters(), lr=0.05, weight_decay=1e-3, **PATHS[path])
     for opt, model in ((opt_a, a), (opt_b, b)):
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
         train(model, opt, 10, data, scheduler=sched)
@@ -441,8 +473,8 @@ def test_grad_scaler_matches_builtin(cls):
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-    # Same float32 arithmetic in the same order (fused kernel both sides, identical scaling):
-    # float32 rounding only, bounded like test_paths_agree's float32 case.
+    # Our fused kernel vs the built-in's CPU for-loop, identical scaling: float32 rounding
+    # only, bounded like test_paths_agree's float32 case.
     assert max_rel_diff(list(ours_model.parameters()), list(ref_model.parameters())) < 2e-5
     assert all(torch.isfinite(p).all() for p in ours_model.parameters())
 
@@ -536,6 +568,33 @@ def test_fused_rejects_integer_parameters_before_any_state():
     p = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="fused=True"):
         PolyakSGD([p], lr=0.1, fused=True)
+
+
+def test_failed_fused_add_param_group_leaves_the_optimiser_unchanged():
+    opt = PolyakSGD([nn.Parameter(torch.zeros(2))], lr=0.1, fused=True)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.int64)]})
+    assert len(opt.param_groups) == 1
+
+
+def test_group_added_in_eval_mode_joins_eval_mode():
+    data = make_data()
+    model = make_mlp()
+    params = list(model.parameters())
+    opt = NesterovSGD(params[:2], lr=0.05)
+    train(model, opt, 3, data)
+    opt.eval()
+    opt.add_param_group({"params": params[2:]})
+    assert not opt.training and opt.param_groups[1]["train_mode"] is False
+    opt.train()
+    assert opt.training
+    train(model, opt, 2, data)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    opt = PolyakSGD([nn.Parameter(torch.zeros(2))], lr=np.float32(0.1), momentum=np.float64(0.5))
+    assert opt.defaults["momentum"] == 0.5
 
 
 # ------------------------------------------------------------------------ convergence

@@ -143,6 +143,8 @@ def lookahead_shift(
     """
     if not params:
         return
+    if isinstance(alpha, Tensor) and alpha.device.type == "cpu" and not alpha.requires_grad:
+        alpha = alpha.item()  # free on the host, and no full-size temporary below
     if isinstance(alpha, Tensor):
         if foreach:
             torch._foreach_add_(params, torch._foreach_mul(velocities, alpha))
@@ -182,6 +184,8 @@ def momentum_sgd(
     mathematics of each path.
     """
     fused, foreach = resolve_implementation(params, foreach, fused, differentiable)
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())  # a 1-element Tensor lr
     run_kernel(
         fused,
         foreach,
@@ -359,8 +363,9 @@ def _fused_momentum_sgd(
         if dtype.is_complex:  # view only this group's tensors: no per-tensor test for real ones
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
         device_lr = neg_lr
-        if isinstance(neg_lr, Tensor) and neg_lr.device != device:
-            device_lr = neg_lr.to(device)
+        if isinstance(neg_lr, Tensor) and neg_lr.device.type != "cpu" and neg_lr.device != device:
+            # a CPU scalar goes to the kernel as is (as the built-in does): no host sync
+            device_lr = neg_lr.to(device, non_blocking=True)
         torch._fused_sgd_(
             cast(list[Tensor], lists[0]),
             cast(list[Tensor], lists[1]),

@@ -7,6 +7,7 @@ Both are thin :class:`torch.optim.Optimizer` subclasses over the shared kernel
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +27,9 @@ __all__ = ["NesterovSGD", "PolyakSGD"]
 
 
 def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    value = float(value)
     if math.isnan(value):
         raise ValueError(f"Invalid {name}: {value}")
     return value
@@ -47,6 +49,11 @@ def _check_lr(lr: Any) -> None:
         value = _check_real("lr", lr)
     if not value >= 0.0 or math.isinf(value):
         raise ValueError(f"Invalid lr: {value} (the learning rate must be finite and >= 0)")
+
+
+def _scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A 1-element Tensor lr as a 0-dim Tensor (foreach ops and the fused kernel want 0-dim)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
 
 
 class _MomentumSGD(Optimizer):
@@ -110,7 +117,11 @@ class _MomentumSGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["fused"]:
-            check_fused(group["params"])
+            try:
+                check_fused(group["params"])
+            except RuntimeError:
+                self.param_groups.pop()  # leave the optimiser as it was
+                raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Older state dicts may lack flags added later: fill them with the defaults.
@@ -150,8 +161,12 @@ class _MomentumSGD(Optimizer):
                 velocities.append(state["velocity"])
         return params, grads, velocities
 
-    def _prepare_group(self, group: dict[str, Any]) -> None:
-        """Hook run before a group's update (NesterovSGD re-bases its look-ahead here)."""
+    def _prepare_group(
+        self, index: int, group: dict[str, Any], grads: list[Tensor], velocities: list[Tensor]
+    ) -> list[Tensor]:
+        """Hook run before a group's update; returns the gradients to use (NesterovSGD re-bases
+        its look-ahead here)."""
+        return grads
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -167,7 +182,7 @@ class _MomentumSGD(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params, grads, velocities = self._collect_group(group, index)
-            self._prepare_group(group)
+            grads = self._prepare_group(index, group, grads, velocities)
             if not params:
                 continue
             fused, foreach = self._implementation(index, group, params)
@@ -177,7 +192,7 @@ class _MomentumSGD(Optimizer):
                 params,
                 grads,
                 velocities,
-                lr=group["lr"],
+                lr=_scalar_lr(group["lr"]),
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
@@ -276,9 +291,24 @@ class NesterovSGD(_MomentumSGD):
         # lookahead: the coefficient c with params = x + c * v (None: lr * momentum, no step yet).
         return {"train_mode": True, "lookahead": None}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lr_stamps: dict[int, tuple[int, int, float]] = {}
+        super().__init__(*args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lr_stamps = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; it joins in the optimiser's current mode (its new parameters have
+        no velocity yet, so x = y for them and nothing moves)."""
+        if self.param_groups and "train_mode" not in param_group:
+            param_group = {**param_group, "train_mode": self.training}
+        super().add_param_group(param_group)
+
     @staticmethod
     def _coefficient(group: dict[str, Any]) -> float | Tensor:
-        return group["lr"] * group["momentum"]
+        return _scalar_lr(group["lr"]) * group["momentum"]
 
     def _velocities(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, velocities = [], []
@@ -309,19 +339,41 @@ class NesterovSGD(_MomentumSGD):
                     "optimizer.train() before training steps."
                 )
 
-    def _prepare_group(self, group: dict[str, Any]) -> None:
+    def _lookahead_changed(self, index: int, group: dict[str, Any], delta: float | Tensor) -> bool:
+        """Whether the coefficient ημ changed since the look-ahead was built, without a host
+        synchronisation: on the CPU compare; for a device Tensor lr compare its identity and
+        version counter (schedulers update it in place) and the momentum."""
+        if not isinstance(delta, Tensor):
+            return delta != 0
+        if delta.device.type == "cpu":
+            return bool(delta != 0)
+        lr = group["lr"]
+        stamp = (id(lr), lr._version, group["momentum"])
+        changed = self._lr_stamps.get(index) != stamp
+        self._lr_stamps[index] = stamp
+        return changed
+
+    def _prepare_group(
+        self, index: int, group: dict[str, Any], grads: list[Tensor], velocities: list[Tensor]
+    ) -> list[Tensor]:
+        r"""Re-base the look-ahead when :math:`\eta\mu` changed: :math:`p \leftarrow p + \delta v`
+        with :math:`\delta = \eta_{new}\mu_{new} - c`. The kernel then computes the decay term of
+        :math:`d` from the moved parameters, so the gradients are corrected by
+        :math:`\mp\lambda\delta v` to keep :math:`d = \pm\nabla f(y_t) + \lambda y_t` at the point
+        the gradient was taken (a temporary only on such steps)."""
         target = self._coefficient(group)
         current = group["lookahead"]
         if current is not None:
             delta = target - current
-            if isinstance(delta, Tensor):
-                # On the host the comparison is free; on a device, shift unconditionally (a
-                # zero shift is exact) rather than synchronise.
-                if delta.device.type != "cpu" or bool(delta != 0):
-                    self._shift(group, delta)
-            elif delta != 0:
+            if self._lookahead_changed(index, group, delta):
+                if group["weight_decay"] != 0 and grads:
+                    scale = group["weight_decay"] * (1.0 if group["maximize"] else -1.0)
+                    grads = [
+                        g + (scale * delta) * v for g, v in zip(grads, velocities, strict=True)
+                    ]
                 self._shift(group, delta)
         group["lookahead"] = target.detach().clone() if isinstance(target, Tensor) else target
+        return grads
 
     @torch.no_grad()
     def eval(self) -> NesterovSGD:
