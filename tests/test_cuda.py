@@ -1,0 +1,108 @@
+"""CUDA paths: same results as on the CPU, and no host synchronisation in a step, in
+``eval()``/``train()``, or in the monitor's norm arithmetic. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import max_rel_diff
+from torch import nn
+
+from torch_momentum import NesterovSGD, PolyakSGD
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PATHS = {
+    "reference": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "default": {},
+}
+
+
+@contextlib.contextmanager
+def no_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def run(cls, device, lr, path, steps=12, complex_=False):
+    torch.manual_seed(0)
+    dtype = torch.complex64 if complex_ else torch.float32
+    w = torch.randn(64, 32, dtype=dtype).to(device).requires_grad_(True)
+    b = torch.randn(32, dtype=dtype).to(device).requires_grad_(True)
+    x = torch.randn(16, 64, dtype=dtype).to(device)
+    opt = cls([w, b], lr=lr, momentum=0.9, weight_decay=1e-3, **PATHS[path])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    for _ in range(steps):
+        loss = ((x @ w + b).abs() ** 2).mean()  # computed outside the sync check
+        opt.zero_grad()
+        loss.backward()
+        ctx = no_sync() if device == "cuda" else contextlib.nullcontext()
+        with ctx:
+            opt.step()
+        sched.step()
+    ctx = no_sync() if device == "cuda" else contextlib.nullcontext()
+    if cls is NesterovSGD:
+        with ctx:
+            opt.eval()
+            opt.train()
+            opt.eval()
+    return [w.detach().cpu(), b.detach().cpu()]
+
+
+@pytest.mark.parametrize("cls", [PolyakSGD, NesterovSGD])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lr_kind", ["float", "cpu-tensor", "cuda-tensor"])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cuda_matches_cpu_without_host_sync(cls, path, lr_kind, complex_):
+    lr = {
+        "float": 0.05,
+        "cpu-tensor": torch.tensor(0.05),
+        "cuda-tensor": torch.tensor(0.05, device="cuda"),
+    }[lr_kind]
+    got = run(cls, "cuda", lr, path, complex_=complex_)
+    ref = run(cls, "cpu", 0.05, path, complex_=complex_)
+    # float32 on two devices: different reduction orders in the loss and FMA contraction; 12
+    # steps of a few ulps each (6e-8) stay far below 1e-4, while a wrong update is O(lr) = 5e-2.
+    assert max_rel_diff(got, ref) < 1e-4
+
+
+def test_norm_arithmetic_has_no_host_sync():
+    from torch_momentum.callbacks import layer_sq_norms
+
+    layers = [[torch.randn(100, 100, device="cuda")], [torch.randn(10, 100, device="cuda")]]
+    with no_sync():
+        out = layer_sq_norms(layers)
+    expected = [sum(t.double().pow(2).sum().item() for t in layer) for layer in layers]
+    torch.testing.assert_close(
+        out.cpu(), torch.tensor(expected, dtype=out.dtype), rtol=1e-6, atol=0
+    )
+
+
+def test_module_on_cuda_trains_like_cpu():
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    gpu = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for model, xx, yy in ((cpu, x, y), (gpu, x.cuda(), y.cuda())):
+        opt = NesterovSGD(model.parameters(), lr=0.05)
+        for _ in range(10):
+            opt.zero_grad()
+            ((model(xx) - yy) ** 2).mean().backward()
+            opt.step()
+        opt.eval()
+    # float32 on two devices (see above)
+    assert (
+        max_rel_diff(
+            [p.detach().cpu() for p in gpu.parameters()], [p.detach() for p in cpu.parameters()]
+        )
+        < 1e-4
+    )
