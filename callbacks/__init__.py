@@ -15,6 +15,7 @@ from torch_momentum.callbacks.monitor import LayerBalanceMonitor
 from torch_momentum.callbacks.norms import (
     adjacent_pairs,
     balance_metrics,
+    check_layers_spec,
     discover_layers,
     layer_grad_sq_norms,
     layer_sq_norms,
@@ -28,6 +29,7 @@ __all__ = [
     "OptimizerModeSwitch",
     "adjacent_pairs",
     "balance_metrics",
+    "check_layers_spec",
     "discover_layers",
     "has_train_eval",
     "layer_grad_sq_norms",

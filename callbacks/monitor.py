@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch_momentum.callbacks.norms import (
     _is_dtensor,
     balance_metrics,
+    check_layers_spec,
     discover_layers,
     layer_sq_norms_host,
 )
@@ -104,7 +105,7 @@ class LayerBalanceMonitor(Callback):
         save_figure: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = _check_layers_arg(layers)
+        self.layers = check_layers_spec(layers)
         if log_every_n_steps is not None:
             if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int):
                 raise TypeError(
@@ -295,42 +296,6 @@ class LayerBalanceMonitor(Callback):
 
     def _params(self) -> list[list[Tensor]]:
         return [[mod._parameters[attr] for mod, attr in layer] for layer in self._refs]
-
-
-def _check_layers_arg(
-    layers: Sequence[str] | Mapping[str, Sequence[str]] | None,
-) -> list[str] | dict[str, list[str]] | None:
-    if layers is None:
-        return None
-    if isinstance(layers, Mapping):
-        if not layers:
-            raise ValueError("`layers` is an empty dict: name at least two layers")
-        out: dict[str, list[str]] = {}
-        for key, names in layers.items():
-            if not isinstance(key, str):
-                raise TypeError(f"`layers` dict keys must be str, got {key!r}")
-            if isinstance(names, str) or not isinstance(names, Sequence):
-                raise TypeError(
-                    f"`layers[{key!r}]` must be a list of parameter names, got {names!r}"
-                )
-            if not all(isinstance(n, str) for n in names):
-                raise TypeError(
-                    f"`layers[{key!r}]` must contain parameter names (str), got {names!r}"
-                )
-            out[key] = list(names)
-        return out
-    if isinstance(layers, str) or not isinstance(layers, Sequence):
-        raise TypeError(
-            "`layers` must be None, a list of module names or a dict {layer: [parameter names]},"
-            f" got {layers!r}"
-        )
-    if not layers:
-        raise ValueError("`layers` is an empty list: name at least two modules")
-    if not all(isinstance(n, str) for n in layers):
-        raise TypeError(f"`layers` must contain module names (str), got {layers!r}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"`layers` names a module twice: {list(layers)!r}")
-    return list(layers)
 
 
 def _owner(root: nn.Module, param_name: str) -> tuple[nn.Module, str]:

@@ -82,16 +82,60 @@ def discover_layers(
         TypeError: ``layers`` is not ``None``, a sequence of strings or a mapping.
         ValueError: an unknown module or parameter name, a duplicate, or an empty layer.
     """
-    if layers is None:
+    spec = check_layers_spec(layers)
+    if spec is None:
         return _default_layers(module)
+    if isinstance(spec, dict):
+        return _layers_from_mapping(module, spec)
+    return _layers_from_module_names(module, spec)
+
+
+def check_layers_spec(
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None,
+) -> list[str] | dict[str, list[str]] | None:
+    """Validate the shape of a ``layers=`` argument (no model needed) and return a copy.
+
+    Raises:
+        TypeError: not ``None``, a sequence of module names or a dict of parameter-name lists.
+        ValueError: empty, a name given twice, or a layer without parameters.
+    """
+    if layers is None:
+        return None
     if isinstance(layers, Mapping):
-        return _layers_from_mapping(module, layers)
+        if not layers:
+            raise ValueError("`layers` is an empty dict: name at least two layers")
+        out: dict[str, list[str]] = {}
+        for key, names in layers.items():
+            if not isinstance(key, str):
+                raise TypeError(f"`layers` dict keys must be str, got {key!r}")
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise TypeError(
+                    f"`layers[{key!r}]` must be a list of parameter names, got {names!r}"
+                )
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError(
+                    f"`layers[{key!r}]` must contain parameter names (str), got {names!r}"
+                )
+            if not names:
+                raise ValueError(
+                    f"`layers[{key!r}]` is empty: a layer needs at least one parameter"
+                )
+            if len(set(names)) != len(names):
+                raise ValueError(f"`layers[{key!r}]` names a parameter twice: {list(names)!r}")
+            out[key] = list(names)
+        return out
     if isinstance(layers, str) or not isinstance(layers, Sequence):
         raise TypeError(
             "`layers` must be None, a list of module names or a dict {layer: [parameter names]},"
             f" got {layers!r}"
         )
-    return _layers_from_module_names(module, layers)
+    if not layers:
+        raise ValueError("`layers` is an empty list: name at least two modules")
+    if not all(isinstance(n, str) for n in layers):
+        raise TypeError(f"`layers` must contain module names (str), got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`layers` names a module twice: {list(layers)!r}")
+    return list(layers)
 
 
 def _default_layers(module: nn.Module) -> LayerParams:
@@ -112,10 +156,6 @@ def _layers_from_module_names(module: nn.Module, names: Sequence[str]) -> LayerP
     modules = dict(module.named_modules())
     found: LayerParams = {}
     for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"`layers` entries must be module names (str), got {name!r}")
-        if name in found:
-            raise ValueError(f"`layers` names the module {name!r} twice")
         if name not in modules:
             raise ValueError(
                 f"`layers` names the module {name!r}, which the model does not have; modules that"
@@ -135,14 +175,6 @@ def _layers_from_mapping(module: nn.Module, spec: Mapping[str, Sequence[str]]) -
     params = dict(module.named_parameters(remove_duplicate=False))
     found: LayerParams = {}
     for layer, p_names in spec.items():
-        if not isinstance(layer, str):
-            raise TypeError(f"`layers` dict keys must be layer names (str), got {layer!r}")
-        if isinstance(p_names, str) or not isinstance(p_names, Sequence):
-            raise TypeError(
-                f"`layers[{layer!r}]` must be a list of parameter names, got {p_names!r}"
-            )
-        if not p_names:
-            raise ValueError(f"`layers[{layer!r}]` is empty: a layer needs at least one parameter")
         entries = []
         for p_name in p_names:
             if p_name not in params:
@@ -150,8 +182,6 @@ def _layers_from_mapping(module: nn.Module, spec: Mapping[str, Sequence[str]]) -
                     f"`layers[{layer!r}]` names the parameter {p_name!r}, which the model does not"
                     f" have; its parameters: {list(params)}"
                 )
-            if any(p_name == n for n, _ in entries):
-                raise ValueError(f"`layers[{layer!r}]` names the parameter {p_name!r} twice")
             entries.append((p_name, params[p_name]))
         found[layer] = entries
     return found

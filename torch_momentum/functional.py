@@ -184,20 +184,23 @@ def momentum_sgd(
     mathematics of each path.
     """
     fused, foreach = resolve_implementation(params, foreach, fused, differentiable)
-    if isinstance(lr, Tensor) and lr.dim() != 0:
-        lr = lr.reshape(())  # a 1-element Tensor lr
     run_kernel(
         fused,
         foreach,
         params,
         grads,
         velocities,
-        lr=lr,
+        lr=scalar_lr(lr),
         momentum=momentum,
         weight_decay=weight_decay,
         maximize=maximize,
         nesterov=nesterov,
     )
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A 1-element Tensor lr as a 0-dim Tensor (foreach ops and the fused kernel want 0-dim)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
 
 
 def resolve_implementation(

@@ -21,6 +21,7 @@ from torch_momentum.functional import (
     lookahead_shift,
     resolve_implementation,
     run_kernel,
+    scalar_lr,
 )
 
 __all__ = ["NesterovSGD", "PolyakSGD"]
@@ -49,11 +50,6 @@ def _check_lr(lr: Any) -> None:
         value = _check_real("lr", lr)
     if not value >= 0.0 or math.isinf(value):
         raise ValueError(f"Invalid lr: {value} (the learning rate must be finite and >= 0)")
-
-
-def _scalar_lr(lr: float | Tensor) -> float | Tensor:
-    """A 1-element Tensor lr as a 0-dim Tensor (foreach ops and the fused kernel want 0-dim)."""
-    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
 
 
 class _MomentumSGD(Optimizer):
@@ -192,7 +188,7 @@ class _MomentumSGD(Optimizer):
                 params,
                 grads,
                 velocities,
-                lr=_scalar_lr(group["lr"]),
+                lr=scalar_lr(group["lr"]),
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
@@ -308,7 +304,7 @@ class NesterovSGD(_MomentumSGD):
 
     @staticmethod
     def _coefficient(group: dict[str, Any]) -> float | Tensor:
-        return _scalar_lr(group["lr"]) * group["momentum"]
+        return scalar_lr(group["lr"]) * group["momentum"]
 
     def _velocities(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, velocities = [], []
