@@ -577,6 +577,26 @@ def test_failed_fused_add_param_group_leaves_the_optimiser_unchanged():
     assert len(opt.param_groups) == 1
 
 
+def test_nesterov_momentum_switched_to_zero_with_weight_decay():
+    """Momentum set to 0 mid-training: the step re-bases to c = 0 (p = x) and, in slide form,
+    x_{t+1} = x_t - lr * (grad f(y_t) + wd * y_t), the gradient and decay at the look-ahead y_t."""
+    data = make_data()
+    model = make_mlp()
+    opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    train(model, opt, 5, data)
+    y = [p.detach().clone() for p in model.parameters()]
+    opt.eval()
+    x = [p.detach().clone() for p in model.parameters()]
+    opt.train()
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.zero_grad()
+    loss_fn(model, data, False).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    expected = [xx - 0.05 * (gg + 0.1 * yy) for xx, gg, yy in zip(x, g, y, strict=True)]
+    assert max_rel_diff(list(model.parameters()), expected) < F64_RTOL
+
+
 def test_group_added_in_eval_mode_joins_eval_mode():
     data = make_data()
     model = make_mlp()

@@ -158,7 +158,7 @@ class _MomentumSGD(Optimizer):
         return params, grads, velocities
 
     def _prepare_group(
-        self, index: int, group: dict[str, Any], grads: list[Tensor], velocities: list[Tensor]
+        self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> list[Tensor]:
         """Hook run before a group's update; returns the gradients to use (NesterovSGD re-bases
         its look-ahead here)."""
@@ -178,7 +178,7 @@ class _MomentumSGD(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params, grads, velocities = self._collect_group(group, index)
-            grads = self._prepare_group(index, group, grads, velocities)
+            grads = self._prepare_group(index, group, params, grads)
             if not params:
                 continue
             fused, foreach = self._implementation(index, group, params)
@@ -350,7 +350,7 @@ class NesterovSGD(_MomentumSGD):
         return changed
 
     def _prepare_group(
-        self, index: int, group: dict[str, Any], grads: list[Tensor], velocities: list[Tensor]
+        self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> list[Tensor]:
         r"""Re-base the look-ahead when :math:`\eta\mu` changed: :math:`p \leftarrow p + \delta v`
         with :math:`\delta = \eta_{new}\mu_{new} - c`. The kernel then computes the decay term of
@@ -364,8 +364,10 @@ class NesterovSGD(_MomentumSGD):
             if self._lookahead_changed(index, group, delta):
                 if group["weight_decay"] != 0 and grads:
                     scale = group["weight_decay"] * (1.0 if group["maximize"] else -1.0)
+                    velocities = [self.state.get(p, {}).get("velocity") for p in params]
                     grads = [
-                        g + (scale * delta) * v for g, v in zip(grads, velocities, strict=True)
+                        g if v is None else g + (scale * delta) * v
+                        for g, v in zip(grads, velocities, strict=True)
                     ]
                 self._shift(group, delta)
         group["lookahead"] = target.detach().clone() if isinstance(target, Tensor) else target
