@@ -216,6 +216,38 @@ class _MomentumSGD(Optimizer):
     def _check_can_step(self) -> None:
         """Raise if a step is not allowed now (NesterovSGD in eval mode)."""
 
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(
+            f"iterate: the tensor of shape {tuple(p.shape)} is not a parameter of this "
+            f"{type(self).__name__}"
+        )
+
+    def _lookahead_coefficient(self, group: dict[str, Any]) -> float | Tensor:
+        """The c with ``parameters = x + c * velocity`` (0 for heavy ball)."""
+        return 0.0
+
+    @torch.no_grad()
+    def iterate(self, p: Tensor) -> Tensor:
+        r"""The iterate :math:`x_t` of parameter ``p`` as a new tensor; nothing is moved.
+
+        PolyakSGD (and NesterovSGD in eval mode): a copy of ``p``. NesterovSGD in training mode:
+        :math:`x_t = y_t - c\,v_t` with the look-ahead coefficient :math:`c` in force.
+
+        Raises:
+            ValueError: ``p`` is not a parameter of this optimiser.
+        """
+        group = self._group_of(p)
+        velocity = self.state.get(p, {}).get("velocity")
+        coefficient = self._lookahead_coefficient(group)
+        if velocity is None or (not isinstance(coefficient, Tensor) and coefficient == 0):
+            return p.detach().clone()
+        if isinstance(coefficient, Tensor):
+            return p.detach() - coefficient * velocity
+        return p.detach().add(velocity, alpha=-coefficient)  # the rounding of eval()
+
 
 class PolyakSGD(_MomentumSGD):
     r"""Heavy-ball momentum (Polyak 1964), written velocity first as on the slides.
@@ -325,6 +357,12 @@ class NesterovSGD(_MomentumSGD):
     def _shift(self, group: dict[str, Any], alpha: float | Tensor) -> None:
         params, velocities = self._velocities(group)
         lookahead_shift(params, velocities, alpha, foreach=self._can_foreach(group, params))
+
+    def _lookahead_coefficient(self, group: dict[str, Any]) -> float | Tensor:
+        if not group["train_mode"]:
+            return 0.0
+        coefficient = group["lookahead"]
+        return self._coefficient(group) if coefficient is None else coefficient
 
     def _check_can_step(self) -> None:
         for index, group in enumerate(self.param_groups):
