@@ -22,9 +22,18 @@ from torch_momentum.callbacks.norms import (
     layer_sq_norms_host,
     layer_sq_norms_many,
 )
-from torch_momentum.callbacks.plotting import load_history, plot_balance
+from torch_momentum.callbacks.plotting import (
+    LEDGER_TERMS,
+    ledger_series,
+    load_history,
+    plot_balance,
+    plot_ledger,
+    plot_unit_drift,
+    series,
+)
 
 __all__ = [
+    "LEDGER_TERMS",
     "LayerBalanceMonitor",
     "OptimizerModeSwitch",
     "adjacent_pairs",
@@ -36,6 +45,10 @@ __all__ = [
     "layer_sq_norms",
     "layer_sq_norms_host",
     "layer_sq_norms_many",
+    "ledger_series",
     "load_history",
     "plot_balance",
+    "plot_ledger",
+    "plot_unit_drift",
+    "series",
 ]

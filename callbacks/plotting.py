@@ -1,6 +1,11 @@
-r"""Four-panel figure of the layer-balance series (Du, Hu & Lee 2018, figures (a)-(d)).
+r"""Figures of the layer-balance series.
 
-matplotlib is imported inside :func:`plot_balance` only, and the figure is built with
+- :func:`plot_balance`: the four panels of Du, Hu & Lee (2018), figures (a)-(d).
+- :func:`plot_ledger`: the balance ledger, where each adjacent pair's drift
+  :math:`D(t) - D(0)` comes from, term by term, with the measured drift on top.
+- :func:`plot_unit_drift`: the distribution over hidden units of :math:`|D_i(t) - D_i(0)|`.
+
+matplotlib is imported inside the plotting functions only, and every figure is built with
 :class:`matplotlib.figure.Figure` directly (no pyplot state), so it works with any backend,
 headless included, and never leaks figures.
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +23,20 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["load_history", "plot_balance"]
+__all__ = [
+    "LEDGER_TERMS",
+    "ledger_series",
+    "load_history",
+    "plot_balance",
+    "plot_ledger",
+    "plot_unit_drift",
+    "series",
+]
 
-_PREFIXES = ("balance/", "grad_norm/")
+_PREFIXES = ("balance/", "grad_norm/", "ledger/")
+
+#: The ledger's terms, in the order they are drawn: ``ledger/{term}/{L}-{M}``.
+LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 
 
 def load_history(source: Any) -> list[dict[str, float]]:
@@ -27,7 +44,14 @@ def load_history(source: Any) -> list[dict[str, float]]:
 
     ``source``: a :class:`~torch_momentum.callbacks.LayerBalanceMonitor` (its ``history``), such a
     history (a sequence of dicts), or the path of a CSVLogger ``metrics.csv`` (rows of the same
-    step are merged; other metrics and empty cells are ignored).
+    step are merged; keys other than ``balance/...``, ``ledger/...`` and ``grad_norm/...`` and
+    empty cells are ignored).
+
+    Example:
+
+        >>> from torch_momentum.callbacks import load_history
+        >>> load_history([{"step": 2, "balance/drift": 0.5, "loss": 1.0}, {"step": 1}])
+        [{'step': 2, 'balance/drift': 0.5}]
     """
     if isinstance(source, (str, os.PathLike)):
         rows = _read_csv(os.fspath(source))
@@ -57,8 +81,26 @@ def _read_csv(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _series(history: list[dict[str, float]], prefix: str) -> dict[str, tuple[list, list]]:
-    """``{suffix: (steps, values)}`` for the keys ``prefix + suffix``, in first-seen order."""
+def series(history: Sequence[Mapping[str, float]], prefix: str) -> dict[str, tuple[list, list]]:
+    """``{suffix: (steps, values)}`` for the keys ``prefix + suffix`` of a history.
+
+    Suffixes are in first-seen order; a key absent from a row is skipped for that row.
+
+    Args:
+        history: rows ``{"step": t, key: value, ...}`` (see :func:`load_history`).
+        prefix: the key prefix, e.g. ``"balance/sq_norm_diff/"``; a full key selects one series
+            under the suffix ``""``.
+
+    Returns:
+        ``{suffix: (steps, values)}``.
+
+    Example:
+
+        >>> from torch_momentum.callbacks import series
+        >>> rows = [{"step": 0, "balance/sq_norm/a": 1.0}, {"step": 5, "balance/sq_norm/a": 2.0}]
+        >>> series(rows, "balance/sq_norm/")
+        {'a': ([0, 5], [1.0, 2.0])}
+    """
     out: dict[str, tuple[list, list]] = {}
     for row in history:
         for key, value in row.items():
@@ -116,10 +158,10 @@ def plot_balance(source: Any, *, title: str | None = None) -> Figure:
     if not any(k.startswith("balance/") for row in history for k in row):
         raise ValueError("`source` holds no balance metrics (keys 'balance/...')")
 
-    diffs = _series(history, "balance/sq_norm_diff/")
-    ratios = _series(history, "balance/sq_norm_ratio/")
-    changes = _series(history, "balance/sq_norm_change/")
-    grads = _series(history, "grad_norm/")
+    diffs = series(history, "balance/sq_norm_diff/")
+    ratios = series(history, "balance/sq_norm_ratio/")
+    changes = series(history, "balance/sq_norm_change/")
+    grads = series(history, "grad_norm/")
     total = grads.pop("total", None)
 
     fig = Figure(figsize=(12, 8), layout="constrained")
@@ -141,4 +183,249 @@ def plot_balance(source: Any, *, title: str | None = None) -> Figure:
     for ax in (ax_a, ax_b, ax_c, ax_d):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title or "Layer balance (Du, Hu & Lee 2018)")
+    return fig
+
+
+def _is_run_mapping(source: Any) -> bool:
+    """Whether ``source`` is ``{label: source}`` (several runs) rather than one run's source."""
+    return isinstance(source, Mapping) and not any(
+        isinstance(k, str) and ("/" in k or k == "step") for k in source
+    )
+
+
+def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
+    r"""The ledger of one run, per adjacent pair: ``{pair: {term: (steps, values)}}``.
+
+    For each pair ``"L-M"`` logged with ``ledger/{term}/L-M`` keys, the five cumulative terms of
+    :data:`LEDGER_TERMS`, ``"closure"``, and ``"drift"``: the measured
+    :math:`D(t) - D(0) = \text{momentum} + \text{weight\_decay} + \text{symmetry} +
+    \text{discretisation} + \text{other} + \text{closure}` (the monitor defines the closure as the
+    measured drift minus the five terms, so adding it back recovers the measured drift; the drift
+    is taken where the ledger reads :math:`D`, at the iterate for look-ahead optimisers). Steps
+    where a pair lacks one of its keys are skipped; a term never logged counts as 0.
+
+    Args:
+        source: a monitor, its history, or the path of a CSVLogger ``metrics.csv``
+            (see :func:`load_history`).
+
+    Returns:
+        ``{pair: {term: (steps, values)}}`` with keys ``*LEDGER_TERMS, "closure", "drift"``.
+
+    Raises:
+        ValueError: ``source`` holds no ``ledger/...`` keys.
+
+    Example:
+
+        >>> from torch_momentum.callbacks import ledger_series
+        >>> row = {"step": 3, "ledger/momentum/a-b": 0.25, "ledger/discretisation/a-b": 0.5,
+        ...        "ledger/closure/a-b": 1e-9}
+        >>> ledger_series([row])["a-b"]["drift"]
+        ([3], [0.750000001])
+    """
+    history = load_history(source)
+    pairs: list[str] = []
+    for row in history:
+        for key in row:
+            if key.startswith("ledger/"):
+                pair = key.split("/", 2)[2]
+                if pair not in pairs:
+                    pairs.append(pair)
+    if not pairs:
+        raise ValueError(
+            "`source` holds no ledger metrics (keys 'ledger/...'); log them with"
+            " `LayerBalanceMonitor(ledger=True)`"
+        )
+    names = (*LEDGER_TERMS, "closure")
+    out: dict[str, dict[str, tuple[list, list]]] = {}
+    for pair in pairs:
+        cols: dict[str, tuple[list, list]] = {name: ([], []) for name in (*names, "drift")}
+        for row in history:
+            keys = [f"ledger/{name}/{pair}" for name in names]
+            if "ledger/closure/" + pair not in row or not any(k in row for k in keys[:-1]):
+                continue
+            values = [float(row.get(k, 0.0)) for k in keys]
+            for name, value in zip((*names, "drift"), (*values, math.fsum(values)), strict=True):
+                cols[name][0].append(row["step"])
+                cols[name][1].append(value)
+        out[pair] = cols
+    return out
+
+
+_TERM_STYLE = {
+    "momentum": {"color": "tab:red"},
+    "weight_decay": {"color": "tab:purple"},
+    "symmetry": {"color": "tab:green"},
+    "discretisation": {"color": "tab:blue"},
+    "other": {"color": "tab:orange"},
+}
+
+
+def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
+    r"""Plot where each adjacent pair's balance drift comes from, and return the figure.
+
+    For a pair L-M, with :math:`D = \|W_L\|^2 - \|W_M\|^2` (summed over units, biases grouped
+    as the monitor groups them), the ledger splits :math:`D(t) - D(0)` exactly into cumulative
+    terms: momentum, weight decay, symmetry (:math:`-2\eta\sum R`, 0 for a homogeneous grouping),
+    discretisation (:math:`\sum\|\Delta x\|^2_\pm`) and other (first-order part of unknown update
+    rules). One panel per pair (columns) and run (rows): each term against the step, and the
+    measured :math:`D(t) - D(0)` dashed black on top; the terms add up to it, and the largest
+    :math:`|\text{closure}|` is printed in the panel. Terms that are exactly 0 throughout are
+    not drawn (named in the panel instead).
+
+    Args:
+        source: one run (a monitor, its history, or a CSVLogger ``metrics.csv`` path, see
+            :func:`load_history`) or a dict ``{label: run}`` of several runs, one row each.
+        title: figure title.
+
+    Returns:
+        The figure; ``fig.axes`` are the panels row by row.
+
+    Raises:
+        ValueError: a run holds no ledger metrics, or the dict of runs is empty.
+
+    Example:
+
+        >>> from torch_momentum.callbacks import plot_ledger
+        >>> rows = [{"step": t, "ledger/momentum/a-b": 0.1 * t, "ledger/closure/a-b": 0.0}
+        ...         for t in range(4)]
+        >>> fig = plot_ledger({"heavy ball": rows})
+        >>> [line.get_label() for line in fig.axes[0].lines]
+        ['momentum', 'D(t) − D(0)']
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    runs = dict(source) if _is_run_mapping(source) else {"": source}
+    if not runs:
+        raise ValueError("`source` is an empty dict of runs")
+    ledgers = {label: ledger_series(run) for label, run in runs.items()}
+    pairs: list[str] = []
+    for ledger in ledgers.values():
+        pairs += [p for p in ledger if p not in pairs]
+    n_rows, n_cols = len(ledgers), len(pairs)
+    fig = Figure(figsize=(5.2 * n_cols + 0.6, 3.4 * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True)
+    for r, (label, ledger) in enumerate(ledgers.items()):
+        for c, pair in enumerate(pairs):
+            ax = axes[r, c]
+            cols = ledger.get(pair)
+            head = f"{label}: {pair}" if label else pair
+            ax.set_title(head, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if cols is None or not cols["drift"][0]:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+                continue
+            zero = []
+            for term in LEDGER_TERMS:
+                steps, values = cols[term]
+                if all(v == 0.0 for v in values):
+                    zero.append(term)
+                    continue
+                ax.plot(steps, values, label=term, linewidth=1.5, **_TERM_STYLE[term])
+            steps, drift = cols["drift"]
+            ax.plot(steps, drift, label="D(t) − D(0)", color="black", linestyle="--", linewidth=1.2)
+            closure = max(abs(v) for v in cols["closure"][1])
+            note = f"max |closure| = {closure:.1e}"
+            if zero:
+                note += "\n= 0: " + ", ".join(zero)
+            ax.text(0.02, 0.02, note, fontsize=7, transform=ax.transAxes, va="bottom")
+            ax.legend(fontsize=7, loc="upper left")
+            if r == n_rows - 1:
+                ax.set_xlabel("step")
+            if c == 0:
+                ax.set_ylabel("cumulative change of D")
+    fig.suptitle(title or "Balance ledger: D(t) − D(0) = sum of the terms")
+    return fig
+
+
+def _abs_floats(values: Any, name: str) -> list[float]:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().reshape(-1).tolist()
+    elif hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        out = [abs(float(v)) for v in values]
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"`drift[{name!r}]` must be a 1-D tensor, array or sequence of numbers, got"
+            f" {type(values).__name__}"
+        ) from err
+    if not out:
+        raise ValueError(f"`drift[{name!r}]` is empty")
+    return out
+
+
+def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Figure:
+    r"""Plot the distribution over hidden units of :math:`|D_i(t) - D_i(0)|`, and return it.
+
+    :math:`D_i = \|\text{in}_i\|^2 - \|\text{out}_i\|^2` is the balance of hidden unit (or conv
+    channel) :math:`i`: incoming weights and bias against outgoing weights. Gradient flow keeps
+    every :math:`D_i` (Du, Hu & Lee 2018, per unit). One panel per hidden layer: the values
+    sorted in decreasing order against the unit's rank (a complementary cumulative
+    distribution), one curve per run, log scale when they span a decade or more (exact zeros are
+    then drawn at the smallest positive value of the panel).
+
+    Args:
+        drift: ``{layer: values}`` for one run, or ``{run label: {layer: values}}`` for several
+            runs overlaid; ``values`` are the per-unit :math:`D_i(t) - D_i(0)` (1-D tensor,
+            array or sequence; their absolute values are plotted).
+        title: figure title.
+
+    Returns:
+        The figure; ``fig.axes`` holds one panel per layer, in first-seen order.
+
+    Raises:
+        TypeError: values that are not numbers.
+        ValueError: no layers, or an empty set of values.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.callbacks import plot_unit_drift
+        >>> fig = plot_unit_drift({"GD": {"h1": torch.tensor([1e-3, -2e-3])},
+        ...                        "heavy ball": {"h1": [0.5, 0.1]}})
+        >>> [[round(float(y), 4) for y in line.get_ydata()] for line in fig.axes[0].lines]
+        [[0.002, 0.001], [0.5, 0.1]]
+    """
+    from matplotlib.figure import Figure
+
+    if not isinstance(drift, Mapping) or not drift:
+        raise ValueError(
+            "`drift` must be a non-empty dict {layer: values} or {run: {layer: values}}"
+        )
+    several = all(isinstance(v, Mapping) for v in drift.values())
+    runs: dict[str, Mapping[str, Any]] = dict(drift) if several else {"": drift}
+    layers: list[str] = []
+    for per_layer in runs.values():
+        if not isinstance(per_layer, Mapping) or not per_layer:
+            raise ValueError("every run of `drift` must be a non-empty dict {layer: values}")
+        layers += [name for name in per_layer if name not in layers]
+    data = {
+        label: {name: sorted(_abs_floats(v, name), reverse=True) for name, v in per_layer.items()}
+        for label, per_layer in runs.items()
+    }
+    fig = Figure(figsize=(5.0 * len(layers) + 0.6, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, name in zip(axes, layers, strict=True):
+        curves = {label: d[name] for label, d in data.items() if name in d}
+        positive = [v for vs in curves.values() for v in vs if v > 0]
+        log = bool(positive) and max(positive) / min(positive) >= 10.0
+        for label, values in curves.items():
+            ys = [max(v, min(positive)) for v in values] if log else values
+            text = f"{label}: " if label else ""
+            ax.plot(
+                range(1, len(ys) + 1),
+                ys,
+                label=f"{text}median {statistics.median(values):.2g}, max {values[0]:.2g}",
+                linewidth=1.5,
+            )
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"hidden layer {name}", fontsize=10)
+        ax.set_xlabel("unit rank (largest first)")
+        ax.set_ylabel(r"$|D_i(t) - D_i(0)|$")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title or "Per-unit balance drift |D_i(t) − D_i(0)|")
     return fig
