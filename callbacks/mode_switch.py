@@ -20,10 +20,42 @@ __all__ = ["OptimizerModeSwitch", "has_train_eval"]
 
 
 def has_train_eval(optimizer: Any) -> bool:
-    """Whether ``optimizer`` has callable ``train`` and ``eval`` (NesterovSGD, schedule-free)."""
+    """Whether ``optimizer`` has callable ``train`` and ``eval`` (NesterovSGD, schedule-free).
+
+    Args:
+        optimizer: any object (an optimiser, usually).
+
+    Returns:
+        ``True`` if both ``optimizer.train`` and ``optimizer.eval`` exist and are callable.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD
+        >>> from torch_momentum.callbacks import has_train_eval
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> has_train_eval(NesterovSGD([p], lr=0.1)), has_train_eval(torch.optim.SGD([p], lr=0.1))
+        (True, False)
+
+    """
     return callable(getattr(optimizer, "train", None)) and callable(
         getattr(optimizer, "eval", None)
     )
+
+
+def _averaging_callback_types() -> tuple[type, ...]:
+    """Lightning's callbacks that copy an average into the model in ``on_train_end``."""
+    types: list[type] = []
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging  # EMAWeightAveraging's base
+
+        types.append(WeightAveraging)
+    except ImportError:  # Lightning before 2.5
+        pass
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    types.append(StochasticWeightAveraging)
+    return tuple(types)
 
 
 def _reported_mode(optimizer: Any) -> bool | None:
@@ -54,6 +86,32 @@ class OptimizerModeSwitch(Callback):
     Optimisers without ``train``/``eval`` are left alone. A checkpoint saved in eval mode must be
     resumed with this callback (or a manual ``optimizer.train()``): ``NesterovSGD.step()`` refuses
     to run in eval mode.
+
+    **Weight averaging** (``EMAWeightAveraging``, ``StochasticWeightAveraging``): these copy their
+    average into the model in ``on_train_end``. At ``setup("fit")`` this callback moves itself
+    ahead of them in ``trainer.callbacks`` (the relative order of all other callbacks is kept), so
+    that whatever order they were passed in, ``eval()`` moves the parameters to :math:`x_T`
+    first and the average then replaces them: after ``fit`` the model holds the average and the
+    optimiser is in eval mode. The average is taken of what the parameters hold when the
+    averaging callback reads them, after each training batch: for NesterovSGD the look-ahead
+    points :math:`y_t`, so an EMA of a NesterovSGD run averages look-ahead points, not iterates
+    (the two averages differ by :math:`\eta\mu` times the average velocity). During validation
+    the optimiser has moved to :math:`x_t` before the averaging callback swaps its average in, and
+    is back at :math:`x_t` when it swaps it out.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD
+        >>> from torch_momentum.callbacks import OptimizerModeSwitch
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = NesterovSGD([p], lr=0.5, momentum=0.5)
+        >>> p.grad = torch.ones(1)
+        >>> opt.step()  # training mode: p holds y_1 = x_1 + lr*momentum*v_1
+        >>> p.item(), opt.iterate(p).item()
+        (-0.75, -0.5)
+        >>> switch = OptimizerModeSwitch()  # lightning.pytorch.Trainer(callbacks=[switch])
+
     """
 
     def __init__(self) -> None:
@@ -103,6 +161,19 @@ class OptimizerModeSwitch(Callback):
         self._previous = []
 
     # -- hooks -----------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING.value:
+            return
+        callbacks = list(trainer.callbacks)
+        averaging = _averaging_callback_types()
+        first = next((i for i, c in enumerate(callbacks) if isinstance(c, averaging)), None)
+        mine = next((i for i, c in enumerate(callbacks) if c is self), None)
+        if first is not None and mine is not None and mine > first:
+            # run on_train_end before the averaging callback copies its average in (see the class
+            # docstring); a new list: Lightning is iterating over the old one while calling setup
+            callbacks.insert(first, callbacks.pop(mine))
+            trainer.callbacks = callbacks
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_all(trainer)

@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from torch_momentum import NesterovSGD
@@ -26,8 +26,9 @@ LR, MOMENTUM, STEPS, EVERY = 0.05, 0.9, 6, 2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _reference() -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Nesterov in slide form (DESIGN.md), plain torch: the iterates x_t and look-aheads y_t."""
+def _reference(steps: int = STEPS) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Nesterov in slide form, plain torch: the iterates x_t (t = 0..steps) and the look-ahead
+    points y_t = x_t + lr*momentum*v_t (t = 0..steps-1) where the gradients are taken."""
     torch.manual_seed(0)
     net = make_net()
     x, y = make_data()
@@ -35,7 +36,7 @@ def _reference() -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     xs = [[p.detach().clone() for p in params]]
     vs = [torch.zeros_like(p) for p in params]
     ys = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         with torch.no_grad():
             for p, xt, v in zip(params, xs[-1], vs, strict=True):
                 p.copy_(xt + LR * MOMENTUM * v)  # the look-ahead point y_t
@@ -48,7 +49,11 @@ def _reference() -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
 
 
 def _fit(
-    tmp_path: Path, callbacks: list[Any], max_steps: int = STEPS, ckpt_path: Any = None
+    tmp_path: Path,
+    callbacks: list[Any],
+    max_steps: int = STEPS,
+    ckpt_path: Any = None,
+    val_every: int = EVERY,
 ) -> tuple[ValidatedModel, pl.Trainer]:
     torch.manual_seed(0)
     model = ValidatedModel(make_net(), lr=LR, momentum=MOMENTUM, optimizer="nesterov")
@@ -57,7 +62,7 @@ def _fit(
         **trainer_kwargs(
             max_steps=max_steps,
             limit_val_batches=None,
-            val_check_interval=EVERY,
+            val_check_interval=val_every,
             logger=False,
             callbacks=callbacks,
             default_root_dir=tmp_path,
@@ -172,3 +177,37 @@ def test_hook_sequence_fit_and_standalone() -> None:
     assert nesterov.training is False
     switch.on_predict_end(predicting, None)
     assert fresh.calls == ["eval", "train"] and nesterov.training is True
+
+
+@pytest.mark.filterwarnings("ignore:You're using the WeightAveraging callback with a model")
+@pytest.mark.parametrize("switch_first", [True, False], ids=["switch-then-ema", "ema-then-switch"])
+def test_ema_weight_averaging_in_either_order(tmp_path: Path, switch_first: bool) -> None:
+    # EMAWeightAveraging copies its average into the model in on_train_end; OptimizerModeSwitch's
+    # on_train_end calls eval(), which subtracts lr*momentum*v. Before the fix, with the EMA
+    # listed first, eval() ran after the copy and the final weights were average - lr*m*v.
+    decay = 0.5
+    _, ys = _reference(steps=STEPS + 1)
+    # after optimiser step t the parameters hold y_t: the EMA averages the look-ahead points
+    # y_1..y_STEPS (AveragedModel: first update copies, then avg <- decay*avg + (1-decay)*p)
+    expected: list[list[torch.Tensor]] = [ys[1]]
+    for t in range(2, STEPS + 1):
+        expected.append(
+            [decay * a + (1 - decay) * y for a, y in zip(expected[-1], ys[t], strict=True)]
+        )
+    switch, ema = OptimizerModeSwitch(), EMAWeightAveraging(decay=decay)
+    # validation at step 4 only: a validation at the last step would leave the optimiser in eval
+    # mode already (train() is deferred to the next batch) and hide the end-of-fit shift
+    callbacks = [switch, ema] if switch_first else [ema, switch]
+    model, trainer = _fit(tmp_path, callbacks, val_every=4)
+    assert _close(list(model.parameters()), expected[STEPS - 1])  # the average, unshifted
+    assert trainer.optimizers[0].training is False
+    # validation saw the average of the look-ahead points so far ...
+    assert [r["step"] for r in model.val_records] == [4]
+    for record in model.val_records:
+        assert _close(record["params"], expected[record["step"] - 1])
+    # ... and training went on from the right points: validation's swaps left the trajectory
+    # alone, so the optimiser's last velocity is the reference's (x_T - x_{T-1}) / lr
+    xs, _ = _reference()
+    opt = trainer.optimizers[0]
+    for p, x_now, x_prev in zip(model.parameters(), xs[STEPS], xs[STEPS - 1], strict=True):
+        assert torch.allclose(LR * opt.state[p]["velocity"], x_now - x_prev, rtol=0, atol=1e-12)
