@@ -5,7 +5,13 @@ The core package depends on torch only; the Lightning integration lives in
 """
 
 from torch_momentum.clarke import ClarkeSubgradient, clarke_subgradient
-from torch_momentum.optim import NesterovSGD, PolyakSGD
+from torch_momentum.optim import NesterovSGD, PolyakSGD, to_sgd_state_dict
 
-__all__ = ["ClarkeSubgradient", "NesterovSGD", "PolyakSGD", "clarke_subgradient"]
+__all__ = [
+    "ClarkeSubgradient",
+    "NesterovSGD",
+    "PolyakSGD",
+    "clarke_subgradient",
+    "to_sgd_state_dict",
+]
 __version__ = "0.1.0"

@@ -29,11 +29,15 @@ scheduler), the optimiser first moves the parameters with :func:`lookahead_shift
 Paths, as in ``torch/optim/sgd.py``:
 
 * ``_single_tensor_momentum_sgd``: the reference. One tensor at a time, written like the formulas
-  above (Nesterov goes through :math:`x` explicitly). It is the only path for
-  ``differentiable=True``.
+  above (Nesterov through the last identity, in the rounding order of the built-in). It is the
+  only path for ``differentiable=True``.
 * ``_multi_tensor_momentum_sgd``: ``torch._foreach_*`` over tensors grouped by device and dtype.
 * ``_fused_momentum_sgd``: PyTorch's own fused SGD kernel (``torch._fused_sgd_``, one pass that
-  reads ``p, g, v`` and writes ``p, v``), driven through an exact sign mapping. That kernel
+  reads ``p, g, v`` and writes ``p, v`` as flat arrays), driven through an exact sign mapping. It
+  only takes tensors whose parameter, gradient and velocity are dense, non-overlapping and share
+  strides, and whose device and dtype it supports; this is checked at every step (gradients can
+  change layout between steps) and every other tensor goes through the foreach path (or the
+  reference where foreach is not available). That kernel
   computes, with buffer :math:`b`, weight decay :math:`\lambda'`, rate :math:`\eta'`,
   :math:`d' = \pm g + \lambda' p`, :math:`b \leftarrow \mu b + d'`,
   :math:`p \leftarrow p - \eta' b` (or :math:`p - \eta'(d' + \mu b)` for Nesterov). Passing
@@ -50,10 +54,12 @@ update is plain gradient descent :math:`p \leftarrow p - \eta d_t`.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optimizer
 from torch.optim.optimizer import Optimizer
 from torch.utils._foreach_utils import (
     _get_foreach_kernels_supported_devices,
@@ -76,9 +82,21 @@ def _on(t: Tensor, devices: list[str]) -> bool:
     return t.is_cpu or t.is_cuda or t.device.type in devices
 
 
+def _fused_device_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel runs on this device for this dtype (floating point or complex)."""
+    return (dtype.is_floating_point or dtype.is_complex) and (
+        device.type in _get_fused_kernels_supported_devices()
+    )
+
+
+def _foreach_device(device: torch.device) -> bool:
+    return device.type == "cpu" or device.type in _get_foreach_kernels_supported_devices()
+
+
 def fused_supported(t: Tensor) -> bool:
     """Whether the fused kernel can update ``t``: a plain strided floating point or complex tensor
-    on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...)."""
+    on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...). The layout of its
+    gradient and velocity is checked separately at every step."""
     return (
         type(t) in _PLAIN_TENSOR_TYPES
         and t.layout is torch.strided
@@ -88,12 +106,14 @@ def fused_supported(t: Tensor) -> bool:
 
 
 def foreach_supported(t: Tensor) -> bool:
-    """Whether the ``torch._foreach_*`` kernels can update ``t``.
+    """Whether the ``torch._foreach_*`` kernels can update ``t``: the tensor types the built-in
+    optimisers run foreach on (plain tensors, and ``DTensor`` once ``torch.distributed.tensor`` is
+    imported) on the CPU or a device with foreach kernels.
 
     CPU counts: its foreach ops loop in C++, still cheaper than the Python loop of the reference.
     """
     return (
-        type(t) in _PLAIN_TENSOR_TYPES
+        type(t) in _optimizer._foreach_supported_types
         and t.layout is torch.strided
         and _on(t, _get_foreach_kernels_supported_devices())
     )
@@ -104,10 +124,20 @@ def default_implementation(params: list[Tensor], differentiable: bool) -> tuple[
 
     Rule: the fused kernel (fastest: one memory pass) whenever every tensor is a plain strided
     floating or complex tensor on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...);
-    otherwise the multi-tensor ``foreach`` path when all tensors are plain tensors on the CPU or a
-    device with foreach kernels; otherwise (tensor subclasses such as DTensor) the single-tensor
-    reference. ``differentiable=True`` and TorchScript always use the reference (the only path
-    autograd can see through).
+    at each step it still sends any tensor whose gradient or velocity layout differs from the
+    parameter's (or whose device or dtype changed to one without fused support) through foreach.
+    Otherwise the multi-tensor ``foreach`` path when all tensors are of a type the built-in runs
+    foreach on (plain tensors, ``DTensor``) on the CPU or a device with foreach kernels; otherwise
+    the single-tensor reference. ``differentiable=True`` and TorchScript always use the reference
+    (the only path autograd can see through).
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.functional import default_implementation
+        >>> default_implementation([torch.zeros(3)], differentiable=False)
+        (True, False)
+        >>> default_implementation([torch.zeros(3)], differentiable=True)
+        (False, False)
     """
     if differentiable or torch.jit.is_scripting():
         return False, False
@@ -116,14 +146,19 @@ def default_implementation(params: list[Tensor], differentiable: bool) -> tuple[
     return False, all(foreach_supported(p) for p in params)
 
 
+def _fused_error(detail: str) -> RuntimeError:
+    return RuntimeError(
+        "fused=True requires every parameter to be a strided floating point or complex Tensor on "
+        f"one of {_get_fused_kernels_supported_devices()}, but {detail}"
+    )
+
+
 def check_fused(params: list[Tensor]) -> None:
     """Raise a clear ``RuntimeError`` unless the fused kernel can update every tensor."""
     for i, p in enumerate(params):
         if not fused_supported(p):
-            raise RuntimeError(
-                "fused=True requires every parameter to be a strided floating point or complex "
-                f"Tensor on one of {_get_fused_kernels_supported_devices()}, but parameter {i} "
-                f"is {type(p).__name__} of dtype {p.dtype} on {p.device.type}"
+            raise _fused_error(
+                f"parameter {i} is {type(p).__name__} of dtype {p.dtype} on {p.device.type}"
             )
 
 
@@ -177,12 +212,23 @@ def momentum_sgd(
 ) -> None:
     r"""Functional form of one PolyakSGD (``nesterov=False``) or NesterovSGD step.
 
-    ``velocities`` holds :math:`v` in the slide sign convention and is updated in place; it must be
-    empty when ``momentum == 0`` and otherwise hold one tensor per parameter (zeros before the
-    first step). For Nesterov the parameters must hold :math:`y = x + \eta\mu v` with the current
-    ``lr`` and ``momentum`` (see :func:`lookahead_shift`). See the module docstring for the
-    mathematics of each path.
+    ``velocities`` holds :math:`v` in the slide sign convention and is updated in place (with
+    ``differentiable=True`` its entries are replaced by new tensors, so that a velocity saved for
+    the backward pass is never modified); it must be empty when ``momentum == 0`` and otherwise
+    hold one tensor per parameter (zeros before the first step). For Nesterov the parameters must
+    hold :math:`y = x + \eta\mu v` with the current ``lr`` and ``momentum`` (see
+    :func:`lookahead_shift`). See the module docstring for the mathematics of each path.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.functional import momentum_sgd
+        >>> p, g, v = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.5])
+        >>> momentum_sgd([p], [g], [v], lr=0.1, momentum=0.9, weight_decay=0.0,
+        ...              maximize=False, nesterov=False)
+        >>> v, p  # v = -2 + 0.9 * 0.5, p = 1 + 0.1 * v
+        (tensor([-1.5500]), tensor([0.8450]))
     """
+    strict = bool(fused)
     fused, foreach = resolve_implementation(params, foreach, fused, differentiable)
     run_kernel(
         fused,
@@ -195,6 +241,8 @@ def momentum_sgd(
         weight_decay=weight_decay,
         maximize=maximize,
         nesterov=nesterov,
+        strict=strict,
+        differentiable=differentiable,
     )
 
 
@@ -224,16 +272,22 @@ def run_kernel(
     params: list[Tensor],
     grads: list[Tensor],
     velocities: list[Tensor],
+    *,
+    strict: bool = False,
+    differentiable: bool = False,
     **hyper: Any,
 ) -> None:
-    """Run the chosen path without further checks (see :func:`resolve_implementation`)."""
+    """Run the chosen path (see :func:`resolve_implementation`). The fused path checks the
+    layouts, devices and dtypes of this step itself; with ``strict`` (an explicit ``fused=True``)
+    a device or dtype without fused support is a ``RuntimeError`` instead of a fallback."""
     if fused:
-        impl = _fused_momentum_sgd
+        _fused_momentum_sgd(params, grads, velocities, strict=strict, **hyper)
     elif foreach:
-        impl = _multi_tensor_momentum_sgd
+        _multi_tensor_momentum_sgd(params, grads, velocities, **hyper)
     else:
-        impl = _single_tensor_momentum_sgd
-    impl(params, grads, velocities, **hyper)
+        _single_tensor_momentum_sgd(
+            params, grads, velocities, differentiable=differentiable, **hyper
+        )
 
 
 def _single_tensor_momentum_sgd(
@@ -246,11 +300,15 @@ def _single_tensor_momentum_sgd(
     weight_decay: float,
     maximize: bool,
     nesterov: bool,
+    differentiable: bool = False,
 ) -> None:
-    """Reference path: one tensor at a time, written like the slide formulas.
+    r"""Reference path: one tensor at a time, written like the slide formulas.
 
-    Temporaries: ``-g`` (maximize) and ``g + λp`` (weight decay) as in the built-in for-loop, and
-    for Nesterov one copy of the parameter to hold the iterate ``x``.
+    Nesterov updates the look-ahead directly, :math:`y \leftarrow y - \eta(d - \mu v_{t+1})`,
+    which rounds exactly like the built-in's for-loop (its ``grad + momentum * buf`` is
+    :math:`d - \mu v`). Temporaries, as in the built-in: ``-g`` (maximize), ``g + λp`` (weight
+    decay) and, for Nesterov, ``d - μv``. With ``differentiable`` the velocity is replaced by a new
+    tensor instead of being updated in place (autograd may have saved the old one).
     """
     for i, p in enumerate(params):
         d = -grads[i] if maximize else grads[i]
@@ -261,17 +319,14 @@ def _single_tensor_momentum_sgd(
             _axpy(p, d, _neg(lr))
             continue
         v = velocities[i]
-        if not nesterov:
-            v.mul_(momentum).sub_(d)  # v <- -d + momentum * v
-            _axpy(p, v, lr)  # x <- x + lr * v
+        if differentiable:
+            v = velocities[i] = v.mul(momentum).sub(d)  # v <- -d + momentum * v (new tensor)
         else:
-            x = p.clone()
-            _axpy(x, v, _neg(lr * momentum))  # x = y - lr * momentum * v, the iterate
-            v.mul_(momentum).sub_(d)  # v <- -d(y) + momentum * v
-            _axpy(x, v, lr)  # x <- x + lr * v
-            p.copy_(x)
-            _axpy(p, v, lr * momentum)  # y <- x + lr * momentum * v
-            del x  # free the copy before the next tensor's (peak = one tensor, as the built-in)
+            v.mul_(momentum).sub_(d)  # v <- -d + momentum * v
+        if nesterov:
+            _axpy(p, d.add(v, alpha=-momentum), _neg(lr))  # y <- y - lr * (d - momentum * v)
+        else:
+            _axpy(p, v, lr)  # x <- x + lr * v
 
 
 def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
@@ -320,13 +375,16 @@ def _multi_tensor_momentum_sgd(
     maximize: bool,
     nesterov: bool,
 ) -> None:
-    """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device and dtype."""
+    """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device and dtype, in the
+    rounding order of the built-in's foreach path. Any layouts (ATen's foreach kernels take a
+    per-tensor route when strides differ)."""
     if not params:
         return
     for (device, _), lists in _grouped(params, grads, velocities, momentum):
         device_params = cast(list[Tensor], lists[0])
         device_grads = cast(list[Tensor], lists[1])
         alpha = _scalar(lr, device)
+        fresh = maximize or weight_decay != 0  # d is a temporary of ours, not the gradients
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
             if weight_decay != 0:
@@ -340,11 +398,52 @@ def _multi_tensor_momentum_sgd(
         v = cast(list[Tensor], lists[2])
         torch._foreach_mul_(v, momentum)
         torch._foreach_sub_(v, d)  # v <- -d + momentum * v
-        if nesterov:  # y <- y + lr * (momentum * v - d)
-            _axpy_(device_params, v, alpha * momentum)
+        if nesterov:  # y <- y - lr * (d - momentum * v), one rounding for d - momentum * v
+            if fresh:
+                torch._foreach_add_(d, v, alpha=-momentum)
+            else:
+                d = list(torch._foreach_add(d, v, alpha=-momentum))
             _axpy_(device_params, d, _neg(alpha))
         else:  # x <- x + lr * v
             _axpy_(device_params, v, alpha)
+
+
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers exactly ``numel`` consecutive elements (in some order of its dims)."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the fused kernel, which walks each tensor as one flat block from its first
+    element, sees matching elements: all dense and non-overlapping with the same strides."""
+    first = tensors[0]
+    if first.is_contiguous():
+        return all(t.is_contiguous() for t in tensors[1:])
+    stride = first.stride()
+    return all(t.stride() == stride for t in tensors[1:]) and _non_overlapping_and_dense(first)
+
+
+def _split_by_layout(lists: list[list[Tensor]], rest: list[list[Tensor]]) -> list[list[Tensor]]:
+    """The tensors of ``lists`` that the fused kernel can update; the others go to ``rest``.
+
+    The common case (everything contiguous) costs one ``is_contiguous`` call per tensor."""
+    if all(map(Tensor.is_contiguous, chain.from_iterable(lists))):
+        return lists
+    keep: list[list[Tensor]] = [[] for _ in lists]
+    for tensors in zip(*lists, strict=True):
+        target = keep if _same_dense_layout(tensors) else rest
+        for out, t in zip(target, tensors, strict=False):  # rest has 3 lists
+            out.append(t)
+    return keep
 
 
 def _fused_momentum_sgd(
@@ -357,12 +456,24 @@ def _fused_momentum_sgd(
     weight_decay: float,
     maximize: bool,
     nesterov: bool,
+    strict: bool = False,
 ) -> None:
-    """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring."""
+    """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring,
+    for the tensors it can update correctly; the others through foreach (or the reference)."""
     if not params:
         return
     neg_lr = _neg(lr)
+    rest: list[list[Tensor]] = [[], [], []]
     for (device, dtype), lists in _grouped(params, grads, velocities, momentum):
+        if not _fused_device_dtype(device, dtype):
+            if strict:
+                raise _fused_error(f"this step has parameters of dtype {dtype} on {device.type}")
+            for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
+                out += ts
+            continue
+        lists = _split_by_layout(lists, rest)
+        if not lists[0]:
+            continue
         if dtype.is_complex:  # view only this group's tensors: no per-tensor test for real ones
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
         device_lr = neg_lr
@@ -381,3 +492,23 @@ def _fused_momentum_sgd(
             maximize=not maximize,
             is_first_step=False,
         )
+    if rest[0]:
+        _fallback(
+            rest,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            nesterov=nesterov,
+        )
+
+
+def _fallback(rest: list[list[Tensor]], **hyper: Any) -> None:
+    """Tensors the fused kernel cannot take: foreach where the device has it, else the loop."""
+    params, grads, velocities = rest
+    for (device, _), lists in _grouped(params, grads, velocities, hyper["momentum"]):
+        vs = lists[2] if len(lists) > 2 else []
+        if _foreach_device(device) and all(foreach_supported(p) for p in lists[0]):
+            _multi_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)
+        else:
+            _single_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)

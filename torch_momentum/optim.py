@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,6 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
 from torch_momentum.functional import (
-    check_fused,
     default_implementation,
     lookahead_shift,
     resolve_implementation,
@@ -24,32 +24,87 @@ from torch_momentum.functional import (
     scalar_lr,
 )
 
-__all__ = ["NesterovSGD", "PolyakSGD"]
+__all__ = ["NesterovSGD", "PolyakSGD", "to_sgd_state_dict"]
 
 
-def _check_real(name: str, value: Any) -> float:
+def _check_real(name: str, value: Any, where: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+        raise TypeError(
+            f"{where}{name} must be a real number, got {type(value).__name__}: {value!r}"
+        )
     value = float(value)
     if math.isnan(value):
-        raise ValueError(f"Invalid {name}: {value}")
+        raise ValueError(f"{where}Invalid {name}: {value}")
     return value
 
 
-def _check_lr(lr: Any) -> None:
+def _check_lr(lr: Any, where: str = "") -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(
-                f"Invalid lr: a Tensor lr must have exactly one element, got shape "
+                f"{where}Invalid lr: a Tensor lr must have exactly one element, got shape "
                 f"{tuple(lr.shape)}"
             )
         if lr.is_complex() or not lr.is_floating_point():
-            raise TypeError(f"lr must be a real floating point Tensor, got dtype {lr.dtype}")
+            raise TypeError(f"{where}lr must be a real floating point Tensor, got dtype {lr.dtype}")
         value = float(lr.detach().cpu().reshape(()))  # construction time: a sync is fine here
     else:
-        value = _check_real("lr", lr)
+        value = _check_real("lr", lr, where)
     if not value >= 0.0 or math.isinf(value):
-        raise ValueError(f"Invalid lr: {value} (the learning rate must be finite and >= 0)")
+        raise ValueError(f"{where}Invalid lr: {value} (the learning rate must be finite and >= 0)")
+
+
+def _check_hyperparameters(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Validate the hyper-parameters present in ``values`` (constructor arguments or one param
+    group, ``where`` says which); return the numbers normalised to ``float``. Raises before
+    anything is changed."""
+    out: dict[str, Any] = {}
+    if "lr" in values:
+        _check_lr(values["lr"], where)
+    if "momentum" in values:
+        momentum = out["momentum"] = _check_real("momentum", values["momentum"], where)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                f"{where}Invalid momentum: {momentum} (must satisfy 0 <= momentum < 1)"
+            )
+    if "weight_decay" in values:
+        weight_decay = _check_real("weight_decay", values["weight_decay"], where)
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(
+                f"{where}Invalid weight_decay: {weight_decay} (must be finite and >= 0)"
+            )
+        out["weight_decay"] = weight_decay
+    for name in ("maximize", "differentiable"):
+        flag = values.get(name, False)
+        if not isinstance(flag, bool):
+            raise TypeError(f"{where}{name} must be a bool, got {type(flag).__name__}: {flag!r}")
+    for name in ("foreach", "fused"):
+        flag = values.get(name)
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{where}{name} must be a bool or None, got {flag!r}")
+    fused, foreach = values.get("fused"), values.get("foreach")
+    differentiable = values.get("differentiable", False)
+    if fused and foreach:
+        raise ValueError(f"{where}fused=True and foreach=True cannot be used together; choose one")
+    if fused and differentiable:
+        raise ValueError(
+            f"{where}fused=True does not support differentiable=True; use the default path"
+        )
+    if foreach and differentiable:
+        raise ValueError(
+            f"{where}foreach=True does not support differentiable=True; use the default path"
+        )
+    return out
+
+
+_SGD_ONLY_KEYS = ("nesterov", "dampening")
+
+
+def _is_sgd_state_dict(state_dict: dict[str, Any]) -> bool:
+    """Whether ``state_dict`` comes from ``torch.optim.SGD`` (its group keys or buffers)."""
+    return any(k in g for g in state_dict.get("param_groups", []) for k in _SGD_ONLY_KEYS) or any(
+        "momentum_buffer" in s for s in state_dict.get("state", {}).values()
+    )
 
 
 class _MomentumSGD(Optimizer):
@@ -69,29 +124,6 @@ class _MomentumSGD(Optimizer):
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
-        _check_lr(lr)
-        momentum = _check_real("momentum", momentum)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum} (must satisfy 0 <= momentum < 1)")
-        weight_decay = _check_real("weight_decay", weight_decay)
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be finite and >= 0)")
-        for name, flag in (("maximize", maximize), ("differentiable", differentiable)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
-        for name, flag in (("foreach", foreach), ("fused", fused)):
-            if flag is not None and not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool or None, got {flag!r}")
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot be used together; choose one")
-        if fused and differentiable:
-            raise ValueError(
-                "fused=True does not support differentiable=True; use the default path"
-            )
-        if foreach and differentiable:
-            raise ValueError(
-                "foreach=True does not support differentiable=True; use the default path"
-            )
         defaults: dict[str, Any] = {
             "lr": lr,
             "momentum": momentum,
@@ -101,6 +133,7 @@ class _MomentumSGD(Optimizer):
             "fused": fused,
             "differentiable": differentiable,
         }
+        defaults.update(_check_hyperparameters(defaults))
         defaults.update(self._extra_defaults())
         self._paths: dict[int, Any] = {}
         super().__init__(params, defaults)
@@ -108,16 +141,97 @@ class _MomentumSGD(Optimizer):
     def _extra_defaults(self) -> dict[str, Any]:
         return {}
 
+    def _migrated_group_keys(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Keys this class adds to a param group migrated from ``torch.optim.SGD``."""
+        return {}
+
+    def _from_sgd(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A ``torch.optim.SGD`` state dict in this class's terms (velocity = -momentum_buffer)."""
+        name = type(self).__name__
+        groups = []
+        for i, group in enumerate(state_dict["param_groups"]):
+            where = f"torch.optim.SGD state dict, param group {i}: "
+            group = dict(group)
+            dampening = group.pop("dampening", 0)
+            if dampening != 0:
+                raise ValueError(
+                    f"{where}key 'dampening' is {dampening!r}, but {name} has no dampening; "
+                    "only dampening=0 can be loaded"
+                )
+            nesterov = group.pop("nesterov", False)
+            if bool(nesterov) != self._nesterov:
+                other = "NesterovSGD" if nesterov else "PolyakSGD"
+                raise ValueError(
+                    f"{where}key 'nesterov' is {nesterov!r}: that state continues in {other}, "
+                    f"not in {name}"
+                )
+            group.update(_check_hyperparameters(group, where))
+            group.update(self._migrated_group_keys(group))
+            groups.append(group)
+        state = {}
+        for key, entry in state_dict["state"].items():
+            entry = dict(entry)
+            buffer = entry.pop("momentum_buffer", None)
+            if buffer is not None:
+                entry["velocity"] = torch.neg(buffer)
+            state[key] = entry
+        return {**state_dict, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        r"""Load a state dict of this class, or migrate one of ``torch.optim.SGD``.
+
+        A ``torch.optim.SGD`` state dict (``dampening=0``; ``nesterov=False`` for PolyakSGD,
+        ``nesterov=True`` for NesterovSGD) is converted with velocity :math:`= -` momentum
+        buffer, so that the trajectory continues exactly as the built-in's would.
+        :func:`to_sgd_state_dict` is the way back.
+
+        Raises:
+            ValueError: a key that does not fit this class (``nesterov``, ``dampening``, an
+                invalid hyper-parameter, unknown per-parameter state), before anything changes.
+
+        Example:
+            >>> import torch
+            >>> from torch_momentum import PolyakSGD
+            >>> p = torch.nn.Parameter(torch.tensor([1.0]))
+            >>> sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+            >>> p.grad = torch.tensor([2.0]); sgd.step()
+            >>> opt = PolyakSGD([p], lr=0.1, momentum=0.9)
+            >>> opt.load_state_dict(sgd.state_dict())
+            >>> opt.state[p]["velocity"]
+            tensor([-2.])
+        """
+        if _is_sgd_state_dict(state_dict):
+            state_dict = self._from_sgd(state_dict)
+        name = type(self).__name__
+        for i, group in enumerate(state_dict["param_groups"]):
+            if not self._nesterov and ("lookahead" in group or "train_mode" in group):
+                raise ValueError(
+                    f"param group {i}: key 'train_mode' belongs to a NesterovSGD state dict "
+                    f"(its parameters are look-ahead points); load it into NesterovSGD, not {name}"
+                )
+        for key, entry in state_dict["state"].items():
+            for unknown in set(entry) - {"velocity"}:
+                raise ValueError(
+                    f"state of parameter {key}: unknown key {unknown!r}; {name} keeps only "
+                    "'velocity' (and migrates 'momentum_buffer' from torch.optim.SGD)"
+                )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the fused kernel wants velocities in the param layout
+            for p in group["params"]:
+                v = self.state.get(p, {}).get("velocity")
+                if v is not None and v.stride() != p.stride():
+                    like = torch.empty_like(p, memory_format=torch.preserve_format)
+                    if like.stride() != v.stride():
+                        self.state[p]["velocity"] = like.copy_(v)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; with ``fused=True`` its tensors are checked for the fused kernel."""
+        """Add a param group after validating its hyper-parameters (as the constructor's
+        arguments); on an error nothing is changed. ``fused=True`` is checked at ``step()``, as the
+        built-in does, so that parameters built on the meta device can be materialised first."""
+        where = f"param group {len(self.param_groups)}: "
+        merged = {**self.defaults, **param_group}
+        param_group = {**param_group, **_check_hyperparameters(merged, where)}
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["fused"]:
-            try:
-                check_fused(group["params"])
-            except RuntimeError:
-                self.param_groups.pop()  # leave the optimiser as it was
-                raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Older state dicts may lack flags added later: fill them with the defaults.
@@ -134,11 +248,9 @@ class _MomentumSGD(Optimizer):
 
     def _collect_group(
         self, group: dict[str, Any], index: int
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    ) -> tuple[list[Tensor], list[Tensor]]:
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        velocities: list[Tensor] = []
-        keep_velocity = group["momentum"] != 0
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -150,12 +262,19 @@ class _MomentumSGD(Optimizer):
                 )
             params.append(p)
             grads.append(p.grad)
-            if keep_velocity:
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                velocities.append(state["velocity"])
-        return params, grads, velocities
+        return params, grads
+
+    def _velocities_of(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The velocities of ``params`` (created as zeros in the parameter's layout)."""
+        if group["momentum"] == 0:
+            return []
+        velocities = []
+        for p in params:
+            state = self.state[p]
+            if "velocity" not in state:
+                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            velocities.append(state["velocity"])
+        return velocities
 
     def _prepare_group(
         self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
@@ -170,6 +289,13 @@ class _MomentumSGD(Optimizer):
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+
+        Raises:
+            RuntimeError: sparse gradients; ``fused=True`` with a parameter the fused kernel
+                cannot update (checked here, before any state changes, as the built-in does).
         """
         self._check_can_step()
         loss = None
@@ -177,14 +303,14 @@ class _MomentumSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params, grads, velocities = self._collect_group(group, index)
+            params, grads = self._collect_group(group, index)
+            path = self._implementation(index, group) if params else (False, False)
+            velocities = self._velocities_of(group, params)
             grads = self._prepare_group(index, group, params, grads)
             if not params:
                 continue
-            fused, foreach = self._implementation(index, group, params)
             run_kernel(
-                fused,
-                foreach,
+                *path,
                 params,
                 grads,
                 velocities,
@@ -193,23 +319,29 @@ class _MomentumSGD(Optimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 nesterov=self._nesterov,
+                strict=bool(group["fused"]),
+                differentiable=group["differentiable"],
             )
+            if group["differentiable"] and velocities:  # the kernel made new velocity tensors
+                for p, v in zip(params, velocities, strict=True):
+                    self.state[p]["velocity"] = v
         return loss
 
-    def _implementation(
-        self, index: int, group: dict[str, Any], params: list[Tensor]
-    ) -> tuple[bool, bool]:
-        """The path for this group, resolved once and reused while the group's parameter list,
-        the number of parameters with gradients and the flags stay the same (checking every
-        tensor costs ~0.5 µs each, ~15 % of a fused step on a 1M-parameter list)."""
+    def _implementation(self, index: int, group: dict[str, Any]) -> tuple[bool, bool]:
+        """``(fused, foreach)`` for this group, from facts about its parameters that cannot change
+        while the group's parameter list and flags stay the same (tensor types), resolved once
+        (checking every tensor costs ~0.5 µs each, ~15 % of a fused step on a 1M-parameter list).
+        Devices, dtypes and layouts, which can change between steps (``model.to(...)``, a new
+        gradient), are checked by the fused kernel at every step."""
         flags = (group["foreach"], group["fused"], group["differentiable"])
+        params = group["params"]
         if torch.compiler.is_compiling():
             return resolve_implementation(params, *flags)
-        key = (group["params"], len(params), flags)
+        key = (params, len(params), flags)
         cached = self._paths.get(index)
         if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
             return cached[1]
-        path = resolve_implementation(params, *flags)
+        path = resolve_implementation(params, *flags)  # raises before anything is cached
         self._paths[index] = (key, path)
         return path
 
@@ -319,9 +451,37 @@ class NesterovSGD(_MomentumSGD):
         # lookahead: the coefficient c with params = x + c * v (None: lr * momentum, no step yet).
         return {"train_mode": True, "lookahead": None}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
         self._lr_stamps: dict[int, tuple[int, int, float]] = {}
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
+        )
+
+    def _migrated_group_keys(self, group: dict[str, Any]) -> dict[str, Any]:
+        # The built-in's parameters are its look-ahead, built with the current lr * momentum: no
+        # re-base at the next step, so the trajectory continues exactly as the built-in's would.
+        coefficient = self._coefficient(group)
+        if isinstance(coefficient, Tensor):
+            coefficient = coefficient.detach().clone()
+        return {"train_mode": True, "lookahead": coefficient}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -449,3 +609,73 @@ class NesterovSGD(_MomentumSGD):
     def training(self) -> bool:
         """Whether every param group is in training mode (parameters at the look-ahead)."""
         return all(group["train_mode"] for group in self.param_groups)
+
+
+def to_sgd_state_dict(optimizer: PolyakSGD | NesterovSGD) -> dict[str, Any]:
+    r"""A state dict that ``torch.optim.SGD`` loads and continues exactly from.
+
+    ``momentum_buffer`` :math:`= -v`, ``dampening=0``, ``nesterov`` as the class. For NesterovSGD
+    the built-in's parameters must be the look-ahead :math:`y_t`, which the parameters hold in
+    training mode; the built-in then takes the same steps as long as :math:`\eta\mu` equals the
+    coefficient the look-ahead was built with. If a scheduler changed it after the last step, the
+    built-in continues without the re-base NesterovSGD would do (a warning says so: the two
+    differ by :math:`(\eta_{new}\mu_{new} - c)\,v_t`, as they do under schedulers anyway).
+
+    Args:
+        optimizer: a :class:`PolyakSGD` or :class:`NesterovSGD`.
+
+    Returns:
+        A new state dict (fresh buffers; the optimiser is not changed).
+
+    Raises:
+        TypeError: ``optimizer`` is neither class.
+        RuntimeError: a NesterovSGD in eval mode (parameters at :math:`x_t`); call ``train()``.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD, to_sgd_state_dict
+        >>> p = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = NesterovSGD([p], lr=0.1, momentum=0.9)
+        >>> p.grad = torch.tensor([2.0]); opt.step()
+        >>> sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)
+        >>> sgd.load_state_dict(to_sgd_state_dict(opt))
+        >>> sgd.state[p]["momentum_buffer"]
+        tensor([2.])
+    """
+    if not isinstance(optimizer, _MomentumSGD):
+        raise TypeError(
+            f"to_sgd_state_dict expects a PolyakSGD or NesterovSGD, got {type(optimizer).__name__}"
+        )
+    nesterov = optimizer._nesterov
+    if isinstance(optimizer, NesterovSGD) and not optimizer.training:
+        raise RuntimeError(
+            "to_sgd_state_dict: the NesterovSGD is in eval mode, its parameters hold the iterate "
+            "x_t, while torch.optim.SGD(nesterov=True) keeps the look-ahead y_t; call "
+            "optimizer.train() first (and save the model weights after it)"
+        )
+    state_dict = optimizer.state_dict()
+    groups = []
+    for i, group in enumerate(state_dict["param_groups"]):
+        group = dict(group)
+        group.pop("train_mode", None)
+        lookahead = group.pop("lookahead", None)
+        if nesterov and lookahead is not None:
+            coefficient = NesterovSGD._coefficient(group)
+            changed = coefficient != lookahead
+            if bool(changed.any() if isinstance(changed, Tensor) else changed):
+                warnings.warn(
+                    f"to_sgd_state_dict: param group {i}: lr * momentum changed since the last "
+                    "step; torch.optim.SGD(nesterov=True) continues without NesterovSGD's "
+                    "look-ahead re-base, i.e. from a point that differs by "
+                    "(lr * momentum - previous lr * momentum) * velocity",
+                    stacklevel=2,
+                )
+        group["dampening"] = 0
+        group["nesterov"] = nesterov
+        groups.append(group)
+    state = {
+        key: {"momentum_buffer": torch.neg(entry["velocity"])}
+        for key, entry in state_dict["state"].items()
+        if "velocity" in entry
+    }
+    return {"state": state, "param_groups": groups}
