@@ -6,14 +6,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+EXTRAS := lightning,tensorboard,examples,dev,docs
+# Sphinx: warnings are errors (a broken docstring fails the build), but report them all at once
+SPHINXOPTS ?= -W --keep-going -q
+# `make dist-check` builds here and installs the wheel into a fresh venv here
+DISTDIR  := dist
+DISTVENV := build/wheel-venv
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test test-fast lint docs dist-check format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[lightning,examples,dev]" "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,10 +27,38 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/layer_balance.py
 
+# What CI runs (.ci/run): lint, the API reference with warnings as errors, the sdist/wheel check,
+# then the whole suite (doctests and slow tests included). pytest runs last so that its summary
+# line closes the output.
 test: $(STAMP)
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
+	$(MAKE) --no-print-directory dist-check
+	$(PY) -m pytest -q
+
+# The inner loop: everything except tests marked slow (DDP, torch.compile, example and benchmark
+# subprocesses); no lint, docs or wheel.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+
+# The API reference (Sphinx) from docs/*.rst and the docstrings, into site/ (git-ignored).
+docs: $(STAMP)
+	$(PY) -m sphinx -b html $(SPHINXOPTS) docs site
+
+# sdist and wheel (the wheel built from the sdist), their metadata checked by twine, then the wheel
+# installed into a fresh venv (torch pinned first) and imported from there, outside the source tree.
+dist-check: $(STAMP)
+	rm -rf $(DISTDIR) $(DISTVENV)
+	$(PY) -m build -q --outdir $(DISTDIR) .
+	$(VENV)/bin/twine check --strict $(DISTDIR)/*
+	$(PY) -m venv $(DISTVENV)
+	$(DISTVENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(DISTVENV)/bin/python -m pip install --quiet "$$(ls $(DISTDIR)/*.whl)[lightning]" "$(TORCH)"
+	$(DISTVENV)/bin/python -I .ci/check_installed.py $(DISTDIR)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
@@ -36,4 +70,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/clarke.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site build dist .pytest_cache .ruff_cache

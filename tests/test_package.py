@@ -1,11 +1,19 @@
-"""Packaging contract: the core imports torch only; the public names exist."""
+"""Packaging contract: the core imports torch only; public names resolve; metadata is consistent."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import tomllib
+import torch
+import yaml
 
 import torch_momentum
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_does_not_import_lightning_or_plotting():
@@ -19,13 +27,88 @@ def test_core_does_not_import_lightning_or_plotting():
     assert out.stdout.strip() == ""
 
 
-def test_public_api():
-    assert set(torch_momentum.__all__) == {
-        "ClarkeSubgradient",
-        "NesterovSGD",
-        "PolyakSGD",
-        "clarke_subgradient",
-    }
-    from torch_momentum.callbacks import LayerBalanceMonitor, OptimizerModeSwitch, plot_balance
+def test_public_names_resolve():
+    import torch_momentum.callbacks as callbacks
 
-    assert callable(plot_balance) and LayerBalanceMonitor and OptimizerModeSwitch
+    for package in (torch_momentum, callbacks):
+        assert package.__all__ == sorted(set(package.__all__), key=package.__all__.index)
+        missing = [name for name in package.__all__ if not hasattr(package, name)]
+        assert not missing, f"{package.__name__}.__all__ names that do not exist: {missing}"
+    # the optimisers and the callbacks are the classes users subclass and pass around
+    assert issubclass(torch_momentum.PolyakSGD, torch.optim.Optimizer)
+    assert issubclass(torch_momentum.NesterovSGD, torch.optim.Optimizer)
+    from lightning.pytorch.callbacks import Callback
+
+    assert issubclass(callbacks.LayerBalanceMonitor, Callback)
+    assert issubclass(callbacks.OptimizerModeSwitch, Callback)
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_version_and_license_are_declared_once():
+    project = _pyproject()["project"]
+    # the version lives in torch_momentum/__init__.py only
+    assert "version" not in project and project["dynamic"] == ["version"]
+    attr = _pyproject()["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "torch_momentum.__version__"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", torch_momentum.__version__)
+    assert "version" not in yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    # SPDX license expression (PEP 639), the same licence in LICENSE and CITATION.cff
+    assert project["license"] == "BSD-3-Clause" and project["license-files"] == ["LICENSE"]
+    assert not any(c.startswith("License ::") for c in project["classifiers"])  # PEP 639
+    assert (ROOT / "LICENSE").read_text().startswith("BSD 3-Clause License")
+    assert "torch-momentum contributors" in (ROOT / "LICENSE").read_text()
+    assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["license"] == "BSD-3-Clause"
+
+
+def _readme_references() -> str:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"^## References\n(.*?)(?=^## |\Z)", readme, re.MULTILINE | re.DOTALL)
+    assert match, "README.md has no '## References' section"
+    return match.group(1)
+
+
+def test_citation_references_match_readme():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0"
+    assert citation["authors"] == [{"name": "torch-momentum contributors"}]
+    section = _readme_references()
+    # one entry per "- " item, its continuation lines joined
+    entries = [" ".join(item.split()) for item in re.split(r"^- ", section, flags=re.M)[1:]]
+    refs = citation["references"]
+    assert len(entries) == len(refs)
+    for ref in refs:
+        family = ref["authors"][0]["family-names"]
+        hits = [e for e in entries if ref["title"] in e]
+        assert len(hits) == 1, f"README references: no single entry titled {ref['title']!r}"
+        assert family in hits[0] and f"({ref['year']})" in hits[0], hits[0]
+    # the papers the methods come from, by first author and year
+    cited = {(r["authors"][0]["family-names"], r["year"]) for r in refs}
+    assert {
+        ("Polyak", 1964),
+        ("Nesterov", 1983),
+        ("Du", 2018),
+        ("Burke", 2005),
+        ("Clarke", 1983),
+        ("Goldstein", 1977),
+        ("Zhang", 2020),
+        ("Ghosh", 2023),
+        ("Marcotte", 2024),
+    } <= cited
+
+
+def test_changelog_follows_keep_a_changelog():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog\n")
+    assert "## [Unreleased]" in text
+    headings = re.findall(r"^### (\w+)$", text, re.MULTILINE)
+    assert headings and set(headings) <= {
+        "Added",
+        "Changed",
+        "Deprecated",
+        "Removed",
+        "Fixed",
+        "Security",
+    }
