@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,14 @@ def base_parser(description: str | None, default_out: str) -> argparse.ArgumentP
         "--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})"
     )
     return parser
+
+
+def quiet_lightning() -> None:
+    """Hide Lightning's per-run banners and its warnings that do not apply to the examples
+    (single-process data loading of in-memory tensors)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
 def prepare_out(out: Path) -> Path:
