@@ -63,7 +63,10 @@ def test_docstring_examples_run(test: doctest.DocTest) -> None:
     output: list[str] = []
     test.globs = {"__name__": test.name.rsplit(".", 1)[0]}
     result = runner.run(test, out=output.append)
-    assert result.failed == 0, "".join(output)
+    assert result.failed == 0, (
+        "".join(output) + "\n(examples run in a fresh namespace, as for a user who copies them:"
+        " each imports what it uses)"
+    )
 
 
 def _public_objects() -> dict[str, object]:

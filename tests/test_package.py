@@ -7,15 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
+import pytest
 import torch
 import yaml
 
 import torch_momentum
 
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~3-5 s
 def test_core_does_not_import_lightning_or_plotting():
     code = (
         "import sys, torch_momentum\n"

@@ -1,0 +1,164 @@
+"""LayerBalanceMonitor with real loggers: what arrives in a TensorBoard event file (read back with
+tensorboard's own EventAccumulator) and in a CSVLogger's metrics.csv, alone and both at once.
+
+The documented keys are listed once, in ``DOCUMENTED``, as templates over layers ``{L}`` and
+adjacent pairs ``{L}-{M}``; a monitor option that adds keys adds a row (with the option that
+turns it on) and every test here checks it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+from tensorboard.backend.event_processing.event_accumulator import (
+    DEFAULT_SIZE_GUIDANCE,
+    IMAGES,
+    SCALARS,
+    EventAccumulator,
+)
+
+from torch_momentum.callbacks import LayerBalanceMonitor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from balance_common import BalanceModel, make_data, make_loader, trainer_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, EVERY = 6, 2
+LAYERS = ["net.0", "net.2", "net.4"]  # make_net(): Linear, ReLU, Linear, ReLU, Linear
+PAIRS = [("net.0", "net.2"), ("net.2", "net.4")]
+
+# (key template, what it runs over, monitor options that produce it) -- README's key table
+DOCUMENTED: list[tuple[str, str, dict[str, Any]]] = [
+    ("balance/sq_norm/{L}", "layer", {}),
+    ("balance/sq_norm_change/{L}", "layer", {}),
+    ("balance/sq_norm_diff/{L}-{M}", "pair", {}),
+    ("balance/sq_norm_ratio/{L}-{M}", "pair", {}),
+    ("balance/drift", "once", {}),
+    ("grad_norm/{L}", "layer", {"track_grad_norm": True}),
+    ("grad_norm/total", "once", {"track_grad_norm": True}),
+]
+PREFIXES = ("balance/", "grad_norm/", "ledger/")  # every key the monitor logs starts so
+
+
+def expected_keys(options: dict[str, Any]) -> set[str]:
+    """The documented keys a monitor built with ``options`` logs for this model."""
+    keys: set[str] = set()
+    for template, over, needs in DOCUMENTED:
+        if any(options.get(name, _default(name)) != value for name, value in needs.items()):
+            continue
+        if over == "layer":
+            keys |= {template.format(L=layer) for layer in LAYERS}
+        elif over == "pair":
+            keys |= {template.format(L=a, M=b) for a, b in PAIRS}
+        else:
+            keys.add(template)
+    return keys
+
+
+def _default(name: str) -> Any:
+    import inspect
+
+    return inspect.signature(LayerBalanceMonitor).parameters[name].default
+
+
+def _fit(loggers: list[Any], **options: Any) -> LayerBalanceMonitor:
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(log_every_n_steps=EVERY, **options)
+    model = BalanceModel(lr=0.05, momentum=0.9)
+    x, y = make_data()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=loggers, callbacks=[monitor]))
+    trainer.fit(model, make_loader(x, y, repeat=STEPS))
+    return monitor
+
+
+def _events(log_dir: str) -> EventAccumulator:
+    guidance = dict(DEFAULT_SIZE_GUIDANCE)
+    guidance.update({SCALARS: 0, IMAGES: 0})  # 0: keep every event
+    files = [f for f in os.listdir(log_dir) if f.startswith("events.out.tfevents")]
+    assert files, f"no TensorBoard event file in {log_dir}: {os.listdir(log_dir)}"
+    events = EventAccumulator(log_dir, size_guidance=guidance)
+    events.Reload()
+    return events
+
+
+def _monitor_history(monitor: LayerBalanceMonitor) -> dict[str, dict[int, float]]:
+    values: dict[str, dict[int, float]] = {}
+    for row in monitor.history:
+        for key, value in row.items():
+            if key != "step":
+                values.setdefault(key, {})[int(row["step"])] = float(value)
+    return values
+
+
+def _check_tensorboard(log_dir: str, monitor: LayerBalanceMonitor, options: dict) -> None:
+    events = _events(log_dir)
+    tags = events.Tags()
+    logged = {t for t in tags["scalars"] if t.startswith(PREFIXES)}
+    assert logged == expected_keys(options)  # exactly the documented names, no more, no less
+    history = _monitor_history(monitor)
+    assert set(history) == logged
+    for key in logged:
+        got = {e.step: e.value for e in events.Scalars(key)}
+        want = history[key]
+        assert sorted(got) == sorted(want), key  # the same steps ...
+        for step, value in want.items():
+            # ... and values: TensorBoard stores scalars as float32 (relative rounding 6e-8);
+            # the monitor's float64 values must survive to that precision
+            assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-30), (key, step)
+    # the figure: one image under the tag "balance" at the last logged step, a decodable PNG
+    assert "balance" in tags["images"]
+    (image,) = events.Images("balance")
+    assert image.step == max(int(r["step"]) for r in monitor.history)
+    png = image.encoded_image_string
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and image.width > 100 and image.height > 100
+    from matplotlib.image import imread
+
+    assert imread(io.BytesIO(png), format="png").shape[:2] == (image.height, image.width)
+
+
+def test_tensorboard_logger_receives_scalars_and_figure(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = _fit([logger])
+    # the cadence itself is the monitor's tests' business; here: several steps were logged
+    assert len(monitor.history) >= STEPS // EVERY
+    _check_tensorboard(logger.log_dir, monitor, {})
+    assert monitor.figure_path == os.path.join(logger.log_dir, "balance.png")
+    assert os.path.getsize(monitor.figure_path) > 0
+
+
+def test_tensorboard_without_grad_norms(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = _fit([logger], track_grad_norm=False)
+    _check_tensorboard(logger.log_dir, monitor, {"track_grad_norm": False})
+
+
+def test_csv_and_tensorboard_at_once(tmp_path: Path) -> None:
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    tb_logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = _fit([csv_logger, tb_logger])
+    _check_tensorboard(tb_logger.log_dir, monitor, {})
+
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = {c for c in rows[0] if c.startswith(PREFIXES)}
+    assert columns == expected_keys({})
+    history = _monitor_history(monitor)
+    for key in columns:
+        got = {int(r["step"]): float(r[key]) for r in rows if r[key] != ""}
+        # CSVLogger writes repr-like decimal strings of float64: exact to ~1e-15 relative
+        assert got == pytest.approx(history[key], rel=1e-12, abs=1e-300), key
+    # the figure file goes to the first logger's directory (Trainer.log_dir), and to TensorBoard
+    assert monitor.figure_path == os.path.join(csv_logger.log_dir, "balance.png")
+    assert os.path.isfile(monitor.figure_path)
