@@ -148,8 +148,20 @@ def plot_balance(source: Any, *, title: str | None = None) -> Figure:
             the path of a CSVLogger ``metrics.csv``.
         title: figure title.
 
+    Returns:
+        The figure; ``fig.axes`` are the panels (a)-(d).
+
     Raises:
         ValueError: ``source`` holds no balance metrics.
+
+    Example:
+
+        >>> from torch_momentum.callbacks import plot_balance
+        >>> rows = [{"step": t, "balance/sq_norm_diff/a-b": 0.5, "balance/sq_norm_ratio/a-b": 2.0}
+        ...         for t in range(3)]
+        >>> fig = plot_balance(rows)
+        >>> [float(y) for y in fig.axes[0].lines[0].get_ydata()]
+        [0.5, 0.5, 0.5]
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
