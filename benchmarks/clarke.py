@@ -31,7 +31,16 @@ import torch
 from torch.func import functional_call
 
 from torch_momentum import clarke_subgradient
-from torch_momentum.clarke import _check_x, _grads_vmap, _scalar_output, min_norm_element
+from torch_momentum._sampling import (
+    check_x as _check_x,
+)
+from torch_momentum._sampling import (
+    grads_vmap as _grads_vmap,
+)
+from torch_momentum._sampling import (
+    scalar_output as _scalar_output,
+)
+from torch_momentum.clarke import min_norm_element
 
 K = 64
 

@@ -1,4 +1,4 @@
-"""Tests for clarke_subgradient and min_norm_element (issue 5).
+"""Tests for clarke_subgradient and min_norm_element.
 
 Exact answers are Clarke subdifferentials worked out by hand; every float tolerance carries a
 comment saying where it comes from. Everything runs in float64 unless a test is about float32.
@@ -620,3 +620,76 @@ def test_nonfinite_gradients_are_counted():
         clarke_subgradient(torch.sqrt, x, generator=gen(23))
     with pytest.raises(RuntimeError, match="64 of 64"):
         clarke_subgradient(lambda z: z * math.inf, x, generator=gen(23))
+
+
+# ------------------------------------------------------------------------------------------
+# Regression tests: false certificates, scale invariance, numpy scalars
+# ------------------------------------------------------------------------------------------
+
+_W = torch.nn.Parameter(torch.ones(2, dtype=F64))  # requires grad, but f below ignores z
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda z: torch.tensor(max(z.tolist()), dtype=F64),  # leaves autograd via Python floats
+        lambda z: z.detach().abs().sum(),
+        lambda z: (_W * 0 + z.detach()).sum(),  # has a graph, but not to z
+    ],
+    ids=["tolist", "detach", "graph-to-another-leaf"],
+)
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_graph_breaking_f_raises_instead_of_a_false_certificate(f, vectorize):
+    # Before the fix: min_norm == 0 (every sampled "gradient" was 0), a false certificate.
+    x = t64(0.5, -1.0)
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        clarke_subgradient(f, x, generator=gen(30), vectorize=vectorize)
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        clarke_subgradient(lambda p: f(p["a"]), {"a": x}, generator=gen(30), vectorize=vectorize)
+
+
+def test_partially_unused_dict_entries_are_fine():
+    x = {"used": t64(1.0, -2.0), "unused": t64(3.0)}
+    res = clarke_subgradient(lambda p: p["used"].abs().sum(), x, generator=gen(31))
+    assert torch.equal(res.min_norm["unused"], t64(0.0))  # really zero gradient there
+    assert torch.equal(res.min_norm["used"], t64(1.0, -1.0))
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_min_norm_element_is_scale_invariant(scale):
+    # Before the fix the Gram matrix over/underflowed above ~1e155 / below ~1e-155 and the
+    # solver returned a vertex.
+    base = torch.randn(20, 3, generator=gen(32), dtype=F64) + 1.0
+    ref_point, ref_weights = min_norm_element(base)
+    point, weights = min_norm_element(base * scale)
+    # The scaled inputs differ from scale * base by one rounding (1.1e-16 relative); the solve is
+    # well conditioned here (3 active points in R^3), so the answers agree to 1e-12 relative.
+    torch.testing.assert_close(point / scale, ref_point, rtol=0, atol=1e-12)
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-12)
+    vertex_dist = (base - ref_point).norm(dim=1).min().item()  # not a vertex: an interior answer
+    assert vertex_dist > 1e-3
+
+
+def test_min_norm_element_large_scale_from_the_issue():
+    points = (torch.randn(20, 3, generator=gen(33), dtype=F64) + 1) * 1e160
+    point, weights = min_norm_element(points)
+    assert torch.isfinite(point).all() and (weights > 0).sum().item() >= 2
+    ref, _ = min_norm_element(points / 1e160)
+    torch.testing.assert_close(point / 1e160, ref, rtol=0, atol=1e-12)  # as above
+
+
+def test_numpy_scalars_for_radius_and_num_samples():
+    x = t64(0.0, 1.0)
+
+    def f(z):
+        return z.abs().sum()
+
+    ref = clarke_subgradient(f, x, radius=0.25, num_samples=8, generator=gen(34))
+    for radius, k in ((np.float64(0.25), np.int64(8)), (np.float32(0.25), np.int32(8))):
+        got = clarke_subgradient(f, x, radius=radius, num_samples=k, generator=gen(34))
+        assert got.radius == 0.25 and isinstance(got.radius, float)  # 0.25 exact in float32
+        assert torch.equal(got.points, ref.points) and torch.equal(got.min_norm, ref.min_norm)
+    with pytest.raises(TypeError, match="num_samples must be an int"):
+        clarke_subgradient(f, x, num_samples=np.float64(8.0))
+    with pytest.raises(ValueError, match=r"radius=-1\.0"):
+        clarke_subgradient(f, x, radius=np.float64(-1.0))
