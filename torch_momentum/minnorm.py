@@ -325,7 +325,7 @@ def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
         >>> import torch
         >>> from torch_momentum.clarke import min_norm_element
         >>> point, weights = min_norm_element(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
-        >>> point.tolist(), weights.tolist()
+        >>> [round(v, 6) + 0.0 for v in point.tolist()], [round(v, 6) for v in weights.tolist()]
         ([1.0, 0.0], [0.5, 0.5])
 
     """
