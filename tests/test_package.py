@@ -114,3 +114,25 @@ def test_changelog_follows_keep_a_changelog():
         "Fixed",
         "Security",
     }
+
+
+def test_no_reference_to_files_outside_the_repository():
+    # written in pieces so that this file does not match itself
+    needles = ["DESIGN" + ".md", "../" + "shared", "beyond-" + "the-lecture", "lecture-" + "notes"]
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    hits = []
+    for name in listed.stdout.splitlines():
+        path = ROOT / name
+        if path.suffix in {".png", ".jpg", ".pdf"} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if any(n.lower() in line.lower() for n in needles):
+                hits.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not hits, "references to files outside the repository:\n" + "\n".join(hits)
