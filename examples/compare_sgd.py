@@ -176,35 +176,31 @@ class BuiltinNesterovAtIterate(Callback):
 
 
 class NesterovLookaheadProbe(Callback):
-    """While NesterovSGD sits at ``x_t`` for validation, offer ``y_t = x_t + η m v_t`` as probe.
+    """Offer the look-ahead ``y_t`` as probe while NesterovSGD is validated at ``x_t``.
 
-    Must come after :class:`OptimizerModeSwitch` in the callback list (it reads the parameters
-    after the switch to ``x_t``).
+    Must come *before* :class:`OptimizerModeSwitch` in the callback list: it copies the parameters
+    while they still hold ``y_t``, before the switch moves them to ``x_t``.
     """
 
     @torch.no_grad()
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        opt = _single_optimizer(trainer)
-        probe: dict[str, Tensor] = {}
-        for name, p in pl_module.net.named_parameters():
-            group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-            v = opt.state.get(p, {}).get("velocity")
-            shift = 0.0 if v is None else group["lr"] * group["momentum"] * v
-            probe[name] = p.detach() + shift
-        pl_module.probe = probe
+        pl_module.probe = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.probe = None
 
 
 def iterate_of(opt: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> Tensor:
-    """The iterate ``x_t`` behind parameter ``p`` during training (``p`` itself for heavy ball)."""
-    state = opt.state.get(p, {})
-    coefficient = group["lr"] * group["momentum"]
-    if isinstance(opt, NesterovSGD) and "velocity" in state:
-        return p - coefficient * state["velocity"]  # p holds y_t = x_t + ημ v_t
-    if group.get("nesterov") and state.get("momentum_buffer") is not None:
-        return p + coefficient * state["momentum_buffer"]  # p holds y_t, v_t = −buf
+    """The iterate ``x_t`` behind parameter ``p`` during training.
+
+    Ours: ``opt.iterate(p)`` (NesterovSGD: ``y_t - c v_t``; PolyakSGD: ``p``). The built-in has no
+    such method: with ``nesterov=True`` its parameters are ``y_t`` and ``x_t = p + η m buf``.
+    """
+    if isinstance(opt, (PolyakSGD, NesterovSGD)):
+        return opt.iterate(p)
+    buf = opt.state.get(p, {}).get("momentum_buffer")
+    if group.get("nesterov") and buf is not None:
+        return p + group["lr"] * group["momentum"] * buf  # p holds y_t, v_t = −buf
     return p
 
 
@@ -283,7 +279,7 @@ RUNS = [
     Run(
         "NesterovSGD",
         lambda p: NesterovSGD(p, lr=LR, momentum=MOMENTUM),
-        lambda: [OptimizerModeSwitch(), NesterovLookaheadProbe()],
+        lambda: [NesterovLookaheadProbe(), OptimizerModeSwitch()],
     ),
 ]
 PAIRS = [("PolyakSGD", "SGD(momentum)"), ("NesterovSGD", "SGD(nesterov)")]

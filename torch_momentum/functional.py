@@ -35,9 +35,10 @@ Paths, as in ``torch/optim/sgd.py``:
 * ``_fused_momentum_sgd``: PyTorch's own fused SGD kernel (``torch._fused_sgd_``, one pass that
   reads ``p, g, v`` and writes ``p, v`` as flat arrays), driven through an exact sign mapping. It
   only takes tensors whose parameter, gradient and velocity are dense, non-overlapping and share
-  strides, and whose device and dtype it supports; this is checked at every step (gradients can
-  change layout between steps) and every other tensor goes through the foreach path (or the
-  reference where foreach is not available). That kernel
+  strides, and whose device and dtype it supports (not bfloat16/float16 on the CPU, where that
+  kernel computes wrong values); this is checked at every step (gradients can change layout
+  between steps) and every other tensor goes through the foreach path (or the reference where
+  foreach is not available). That kernel
   computes, with buffer :math:`b`, weight decay :math:`\lambda'`, rate :math:`\eta'`,
   :math:`d' = \pm g + \lambda' p`, :math:`b \leftarrow \mu b + d'`,
   :math:`p \leftarrow p - \eta' b` (or :math:`p - \eta'(d' + \mu b)` for Nesterov). Passing
@@ -87,6 +88,17 @@ def _fused_device_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     return (dtype.is_floating_point or dtype.is_complex) and (
         device.type in _get_fused_kernels_supported_devices()
     )
+
+
+# torch._fused_sgd_ on the CPU returns wrong values for bfloat16 and float16 (measured with torch
+# 2.13: parameters off by thousands of ulps, garbage momentum buffers), so those tensors take the
+# foreach path there. float32/float64 (and complex via real views) are exact.
+_CPU_FUSED_BROKEN = (torch.bfloat16, torch.float16)
+
+
+def _fused_correct(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel computes the right values for this device and dtype."""
+    return not (device.type == "cpu" and dtype in _CPU_FUSED_BROKEN)
 
 
 def _foreach_device(device: torch.device) -> bool:
@@ -375,9 +387,13 @@ def _multi_tensor_momentum_sgd(
     maximize: bool,
     nesterov: bool,
 ) -> None:
-    """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device and dtype, in the
-    rounding order of the built-in's foreach path. Any layouts (ATen's foreach kernels take a
-    per-tensor route when strides differ)."""
+    """Multi-tensor path: ``torch._foreach_*`` over tensors grouped by device and dtype. Any
+    layouts (ATen's foreach kernels take a per-tensor route when strides differ).
+
+    Rounding exactly as the built-in's foreach path. For Nesterov without weight decay or
+    maximize the built-in adds ``momentum * buf`` into the gradients in place; we leave the
+    gradients alone and compute ``d - momentum * v`` in chunks no larger than the largest tensor
+    (the temporary memory of the built-in's for-loop)."""
     if not params:
         return
     for (device, _), lists in _grouped(params, grads, velocities, momentum):
@@ -398,14 +414,31 @@ def _multi_tensor_momentum_sgd(
         v = cast(list[Tensor], lists[2])
         torch._foreach_mul_(v, momentum)
         torch._foreach_sub_(v, d)  # v <- -d + momentum * v
-        if nesterov:  # y <- y - lr * (d - momentum * v), one rounding for d - momentum * v
-            if fresh:
-                torch._foreach_add_(d, v, alpha=-momentum)
-            else:
-                d = list(torch._foreach_add(d, v, alpha=-momentum))
+        if nesterov and fresh:  # y <- y - lr * (d - momentum * v), d - momentum * v rounded once
+            torch._foreach_add_(d, v, alpha=-momentum)  # as the built-in (d is our temporary)
             _axpy_(device_params, d, _neg(alpha))
+        elif nesterov:  # d is the gradient, which we do not overwrite (the built-in does)
+            for lo, hi in _chunks(d):
+                tmp = torch._foreach_add(d[lo:hi], v[lo:hi], alpha=-momentum)
+                _axpy_(device_params[lo:hi], tmp, _neg(alpha))
+                del tmp  # peak temporary: the largest tensor, as the built-in's for-loop
         else:  # x <- x + lr * v
             _axpy_(device_params, v, alpha)
+
+
+def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """Consecutive index ranges whose tensors hold at most as many elements as the largest one."""
+    sizes = [t.numel() for t in tensors]
+    limit = max(sizes, default=0)
+    ranges, lo, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > limit:
+            ranges.append((lo, i))
+            lo, total = i, 0
+        total += size
+    if lo < len(sizes):
+        ranges.append((lo, len(sizes)))
+    return ranges
 
 
 def _non_overlapping_and_dense(t: Tensor) -> bool:
@@ -468,6 +501,10 @@ def _fused_momentum_sgd(
         if not _fused_device_dtype(device, dtype):
             if strict:
                 raise _fused_error(f"this step has parameters of dtype {dtype} on {device.type}")
+            for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
+                out += ts
+            continue
+        if not _fused_correct(device, dtype):
             for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
                 out += ts
             continue
