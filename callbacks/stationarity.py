@@ -1,0 +1,375 @@
+r"""StationarityMonitor: (δ, ε)-Goldstein stationarity certificates of the training loss.
+
+At the end of every ``n``-th training epoch the callback computes
+:func:`~torch_momentum.stationarity_profile` of the training loss over a fixed, seeded subset of
+the training data, at the current iterate, and logs it. The arithmetic lives in
+:mod:`torch_momentum.stationarity`; this module only gathers the data, builds the loss as a
+function of the parameters and logs.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
+
+from torch_momentum.stationarity import (
+    _MEMORY_MODES,
+    StationarityProfile,
+    _check_radii,
+    stationarity_profile,
+)
+
+__all__ = ["StationarityMonitor", "training_step_loss"]
+
+LossFn = Callable[[LightningModule, Any], Tensor]
+
+
+def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
+    """The loss of ``module.training_step(batch, 0)`` (the tensor, or its ``"loss"`` entry).
+
+    ``module.log`` and ``module.log_dict`` are silenced during the call, so that metrics logged
+    inside ``training_step`` are not logged again (and never see vmapped tensors).
+
+    Args:
+        module: the LightningModule.
+        batch: a batch as the training dataloader yields it (already on the module's device).
+
+    Returns:
+        The scalar loss tensor.
+
+    Raises:
+        TypeError: ``training_step`` returned neither a tensor nor a mapping with ``"loss"``.
+
+    Example:
+
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch_momentum.callbacks import training_step_loss
+        >>> class Model(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.tensor([2.0]))
+        ...     def training_step(self, batch, batch_idx):
+        ...         loss = ((self.w * batch[0] - batch[1]) ** 2).mean()
+        ...         self.log("train_loss", loss)
+        ...         return {"loss": loss}
+        >>> batch = (torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+        >>> training_step_loss(Model(), batch).item()
+        5.0
+
+    """
+    had = {name: name in vars(module) for name in ("log", "log_dict")}
+    module.log = _no_log  # type: ignore[method-assign]
+    module.log_dict = _no_log  # type: ignore[method-assign]
+    try:
+        out = module.training_step(batch, 0)
+    finally:
+        for name, present in had.items():
+            if not present:
+                delattr(module, name)
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "StationarityMonitor: `training_step` must return the loss tensor or a dict with"
+            f" 'loss' for the default loss_fn, got {type(out).__name__}; pass"
+            " `loss_fn=lambda module, batch: ...`"
+        )
+    return out
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _LossOfParameters(nn.Module):
+    """``loss_fn(module, batch)`` as a module whose parameters ``functional_call`` replaces."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.module, batch)  # type: ignore[arg-type]
+
+
+class StationarityMonitor(Callback):
+    r"""Log the (δ, ε)-Goldstein stationarity profile of the training loss every ``n`` epochs.
+
+    At the end of every ``every_n_epochs``-th training epoch, with :math:`f` the mean training
+    loss over a fixed subset :math:`D` of the training data (``subset_size`` examples chosen once
+    with ``seed``) and :math:`x_t` the current iterate, the callback computes for every radius
+    :math:`\delta` the minimum norm :math:`\hat\varepsilon(\delta)` of the convex hull of
+    ``num_samples`` gradients of :math:`f` sampled uniformly in :math:`B(x_t, \delta)`, and logs
+    (to every logger, from rank zero, at the current step):
+
+    ================================== =========================================================
+    ``stationarity/min_norm/{delta:g}`` :math:`\hat\varepsilon(\delta)`: :math:`x_t` is
+                                       :math:`(\delta, \hat\varepsilon)`-Goldstein stationary
+    ``stationarity/active/{delta:g}``   samples with positive weight in the min-norm element
+    ``stationarity/grad_norm``          :math:`\|\nabla f(x_t)\|` by autograd at :math:`x_t`
+    ================================== =========================================================
+
+    ``history`` keeps one dict ``{"epoch": e, "step": s, key: value}`` per evaluation (on every
+    rank: under DDP every rank computes the same certificate). The certificate is one-sided:
+    a small :math:`\hat\varepsilon` proves stationarity of the stated loss at scale
+    :math:`\delta`; a large one proves nothing.
+
+    - The loss is ``loss_fn(module, batch)`` with the parameters replaced through
+      ``torch.func.functional_call``; default :func:`training_step_loss` (the module's own
+      ``training_step``, logging silenced). It must be the MEAN over the batch. The module is put
+      in eval mode during the evaluation (dropout off, BatchNorm running statistics read, not
+      updated), so that :math:`f` is a deterministic function; training flags are restored.
+    - The point is the iterate: for optimisers with ``iterate(p)`` (NesterovSGD keeps the
+      look-ahead point in training mode) the parameters are replaced by ``opt.iterate(p)``.
+    - Nothing of training changes: parameters, gradients, optimiser state and torch's global RNG
+      state (CPU and CUDA) are left as they were; the sample points come from a private
+      generator seeded with ``seed + epoch``.
+    - Data: ``dataset`` or the training dataloader's dataset (indexable, with ``len``), batched
+      with the dataloader's ``collate_fn``. Under DDP the subset is split across ranks, each
+      rank's gradients are weighted by its share and summed across ranks, so :math:`f` is the
+      same mean over the same subset as in a single process.
+
+    Args:
+        radii: the radii :math:`\delta > 0`.
+        num_samples: ``k`` per radius (default 64).
+        every_n_epochs: evaluate after every ``n``-th training epoch (default 1).
+        subset_size: examples in the fixed subset (default 1024; the whole dataset if smaller).
+        seed: seed of the subset and of the sample points (default 0).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (default :func:`training_step_loss`).
+        dataset: the data to draw the subset from (default: the training dataloader's dataset).
+        memory: ``"device"``, ``"host"`` or ``"recompute"`` (see
+            :func:`~torch_momentum.stationarity_profile`; default ``"device"``).
+        chunk_size: samples per block in the chunked modes (default as there).
+        vectorize: batch gradients with ``torch.func.vmap`` (default ``True``).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or value (naming it).
+
+    Example:
+
+        >>> from torch_momentum.callbacks import StationarityMonitor
+        >>> monitor = StationarityMonitor(radii=[1e-3, 1e-2], num_samples=16, subset_size=256)
+        >>> monitor.radii, monitor.history
+        ((0.001, 0.01), [])
+
+    """
+
+    def __init__(
+        self,
+        radii: Sequence[float],
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        subset_size: int = 1024,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        dataset: Any = None,
+        memory: str = "device",
+        chunk_size: int | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.radii = _check_radii(radii)
+        self.num_samples = _positive_int("num_samples", num_samples)
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+        self.subset_size = _positive_int("subset_size", subset_size)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"`seed` must be an int, got {seed!r}")
+        self.seed = operator.index(seed)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable or None, got {loss_fn!r}")
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else training_step_loss
+        if dataset is not None and not (
+            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        ):
+            raise TypeError(
+                f"`dataset` must be indexable with a length (a map-style Dataset), got {dataset!r}"
+            )
+        self.dataset = dataset
+        if not isinstance(memory, str) or memory not in _MEMORY_MODES:
+            raise ValueError(f"`memory` must be one of {_MEMORY_MODES}, got {memory!r}")
+        self.memory = memory
+        if chunk_size is not None:
+            chunk_size = _positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        if not isinstance(vectorize, bool):
+            raise TypeError(f"`vectorize` must be a bool, got {vectorize!r}")
+        self.vectorize = vectorize
+
+        #: one dict per evaluation: ``{"epoch": e, "step": s, key: value, ...}``
+        self.history: list[dict[str, float]] = []
+        #: the indices of the subset in the dataset (chosen at the first evaluation)
+        self.subset_indices: list[int] | None = None
+        self._batch: Any = None
+        self._share = 1.0
+        self._warned_no_iterate = False
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if strategy in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
+            raise MisconfigurationException(
+                f"`StationarityMonitor` does not support `{strategy}`: it needs the full"
+                " parameters on every rank. Use a single device or `strategy='ddp'`."
+            )
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every_n_epochs != 0:
+            return
+        profile = self.profile(trainer, pl_module, epoch)
+        metrics: dict[str, float] = {"stationarity/grad_norm": profile.grad_norm}
+        for delta, eps, active in zip(profile.radii, profile.eps_hat, profile.active, strict=True):
+            metrics[f"stationarity/min_norm/{delta:g}"] = eps
+            metrics[f"stationarity/active/{delta:g}"] = float(active)
+        step = _logging_step(trainer)
+        self.history.append({"epoch": float(epoch), "step": float(step), **metrics})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------------------------------
+    # the certificate
+    # ------------------------------------------------------------------------------------------
+
+    def profile(
+        self, trainer: Trainer, pl_module: LightningModule, epoch: int = 0
+    ) -> StationarityProfile:
+        """The profile at the current iterate (what the hook logs); every rank must call it."""
+        batch = self._subset_batch(trainer, pl_module)
+        names, point = self._iterate(trainer, pl_module)
+        wrapper = _LossOfParameters(pl_module, self.loss_fn)
+
+        def f(params: dict[str, Tensor]) -> Tensor:
+            inner = {f"module.{n}": params[n] for n in names}
+            return functional_call(wrapper, inner, (batch,), strict=False)
+
+        world = trainer.world_size
+        reduce = None
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            share = self._share
+
+            def reduce(g: Tensor) -> Tensor:
+                g = g * share
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                return g
+
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        modes = {m: m.training for m in pl_module.modules()}
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        try:
+            pl_module.eval()
+            with torch.random.fork_rng(devices=devices):
+                return stationarity_profile(
+                    f,
+                    point,
+                    self.radii,
+                    num_samples=self.num_samples,
+                    generator=generator,
+                    vectorize=self.vectorize,
+                    memory=self.memory,
+                    chunk_size=self.chunk_size,
+                    reduce_grads=reduce,
+                )
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _iterate(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[list[str], dict[str, Tensor]]:
+        """The trainable parameters at the iterate (``opt.iterate(p)`` where available)."""
+        owner: dict[int, Any] = {}
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    owner[id(p)] = opt
+        point: dict[str, Tensor] = {}
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            opt = owner.get(id(p))
+            if opt is not None and callable(getattr(opt, "iterate", None)):
+                point[name] = opt.iterate(p)
+            else:
+                if opt is not None and callable(getattr(opt, "eval", None)):
+                    if not self._warned_no_iterate:
+                        rank_zero_warn(
+                            f"`StationarityMonitor`: {type(opt).__name__} has train()/eval() but"
+                            " no iterate(p); the certificate is computed at the parameters as"
+                            " the model holds them.",
+                            category=RuntimeWarning,
+                        )
+                        self._warned_no_iterate = True
+                point[name] = p.detach().clone()
+        if not point:
+            raise MisconfigurationException(
+                "`StationarityMonitor`: the module has no trainable parameters"
+            )
+        return list(point), point
+
+    def _subset_batch(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        if self._batch is not None:
+            return self._batch
+        dataset, collate = self.dataset, default_collate
+        loader = trainer.train_dataloader
+        if isinstance(loader, DataLoader):
+            collate = loader.collate_fn or default_collate
+            if dataset is None:
+                dataset = loader.dataset
+        if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise MisconfigurationException(
+                "`StationarityMonitor` needs a map-style training dataset (indexable, with a"
+                " length) to draw its fixed subset from; pass `dataset=` explicitly."
+            )
+        n = len(dataset)
+        size = min(self.subset_size, n)
+        g = torch.Generator().manual_seed(self.seed)
+        self.subset_indices = sorted(torch.randperm(n, generator=g)[:size].tolist())
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = self.subset_indices[rank::world]
+        if not mine:
+            raise MisconfigurationException(
+                f"`StationarityMonitor`: subset_size={size} is smaller than the {world} ranks"
+            )
+        self._share = len(mine) / size
+        batch = collate([dataset[i] for i in mine])
+        self._batch = move_data_to_device(batch, pl_module.device)
+        return self._batch
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}")
+    return value
+
+
+def _logging_step(trainer: Trainer) -> int:
+    """The step Lightning logs ``training_step`` metrics with (batches that stepped so far)."""
+    loop = getattr(trainer, "fit_loop", None)
+    epoch_loop = getattr(loop, "epoch_loop", None)
+    step = getattr(epoch_loop, "_batches_that_stepped", None)
+    return int(trainer.global_step if step is None else step)
