@@ -5,14 +5,14 @@
 - :func:`plot_balance`: the four-panel figure of those series.
 - :class:`OptimizerModeSwitch`: validation/test/prediction at the iterate for optimisers with
   ``train()``/``eval()`` (NesterovSGD, schedule-free).
-- :mod:`~torch_momentum.callbacks.norms`: the plain-torch norm arithmetic (no Lightning needed).
+- The arithmetic lives in plain torch in :mod:`torch_momentum.balance` (no Lightning needed);
+  its layer functions are re-exported here.
+- :class:`StationarityMonitor`: (δ, ε)-Goldstein stationarity certificates of the training loss.
 
 This package imports Lightning; ``import torch_momentum`` does not.
 """
 
-from torch_momentum.callbacks.mode_switch import OptimizerModeSwitch, has_train_eval
-from torch_momentum.callbacks.monitor import LayerBalanceMonitor
-from torch_momentum.callbacks.norms import (
+from torch_momentum.balance import (
     adjacent_pairs,
     balance_metrics,
     check_layers_spec,
@@ -22,6 +22,8 @@ from torch_momentum.callbacks.norms import (
     layer_sq_norms_host,
     layer_sq_norms_many,
 )
+from torch_momentum.callbacks.mode_switch import OptimizerModeSwitch, has_train_eval
+from torch_momentum.callbacks.monitor import LayerBalanceMonitor
 from torch_momentum.callbacks.plotting import (
     LEDGER_TERMS,
     ledger_series,
@@ -31,11 +33,13 @@ from torch_momentum.callbacks.plotting import (
     plot_unit_drift,
     series,
 )
+from torch_momentum.callbacks.stationarity import StationarityMonitor, training_step_loss
 
 __all__ = [
     "LEDGER_TERMS",
     "LayerBalanceMonitor",
     "OptimizerModeSwitch",
+    "StationarityMonitor",
     "adjacent_pairs",
     "balance_metrics",
     "check_layers_spec",
@@ -51,4 +55,5 @@ __all__ = [
     "plot_ledger",
     "plot_unit_drift",
     "series",
+    "training_step_loss",
 ]

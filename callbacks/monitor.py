@@ -23,17 +23,22 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from torch_momentum.callbacks.norms import (
+from torch_momentum.balance import (
+    LEDGER_TERMS,
+    BalanceLedger,
     _is_dtensor,
     balance_metrics,
     check_layers_spec,
     discover_layers,
     layer_sq_norms_host,
+    pair_units,
+    unit_balance,
+    unit_symmetry,
 )
 
 __all__ = ["LayerBalanceMonitor"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class LayerBalanceMonitor(Callback):
@@ -59,12 +64,45 @@ class LayerBalanceMonitor(Callback):
 
     The cadence is Lightning's: the values are logged at the same steps and with the same step
     value as ``self.log(...)`` metrics of ``training_step`` (step ``t`` is logged when
-    ``(t + 1) % log_every_n_steps == 0`` or the trainer is stopping). Norms are computed only on
-    those steps, all layers in one multi-tensor pass; other steps cost a few integer operations
-    and never synchronise with the device. ``history`` holds one dict ``{"step": t, key: value}``
-    per logging step on rank zero. ``W(0)`` is recorded when training starts at step 0 (a new
-    series), or restored from a checkpoint together with the history, so that ``ckpt_path=``
-    resume continues the same series.
+    ``(t + 1) % log_every_n_steps == 0`` or the trainer is stopping), and always at the first
+    step and the last optimiser step of ``fit`` (when the end cannot be foreseen, e.g. early
+    stopping or ``max_time``, a last row at the step after the last update holds the weights and
+    the ledger but no gradient norms). Norms are computed only on those steps, all layers in one
+    multi-tensor pass; other steps cost a few integer operations and never synchronise with the
+    device. ``history`` holds one dict ``{"step": t, key: value}`` per logging step on rank zero.
+    ``W(0)`` is recorded when training starts at step 0 (a new series), or restored from a
+    checkpoint together with the history and the ledger's sums, so that ``ckpt_path=`` resume
+    continues the same series whatever the cadence; a checkpoint saved for another layer set is
+    ignored with a warning.
+
+    ``neurons=True`` pairs every hidden unit (output channel of a conv layer) of each monitored
+    layer but the last with its incoming weights (row and bias) and outgoing weights (column;
+    after a ``Flatten``, the columns of its channel) through chains of Linear/Conv layers with
+    ReLU, LeakyReLU, Identity, Dropout, pooling or Flatten between them (see
+    :func:`~torch_momentum.balance.pair_units`; other modules are an error naming them), and
+    logs, per hidden layer L, at logging steps only:
+
+    ==================================== ===========================================================
+    ``balance/unit_drift_max/{L}``        :math:`\max_i |D_i(t) - D_i(0)|`,
+                                          :math:`D_i = \|in_i\|^2 - \|out_i\|^2` at the iterate
+    ``balance/unit_drift_mean/{L}``       the mean over units of :math:`|D_i(t) - D_i(0)|`
+    ``balance/unit_symmetry_max/{L}``     :math:`\max_i |R_i|`, :math:`R_i = \langle in_i,
+                                          g\rangle - \langle out_i, g\rangle` (0 when the net is
+                                          homogeneous in unit ``i``)
+    ==================================== ===========================================================
+
+    ``unit_drift`` then holds :math:`D_i(t) - D_i(0)` per hidden layer (CPU tensors).
+
+    ``ledger=True`` reads every optimiser step (step pre/post hooks on the optimisers, so the
+    update actually applied is seen: after accumulation, AMP unscaling and clipping; a step a
+    GradScaler skips is not counted) and logs at logging steps, per adjacent pair L-M, the
+    cumulative terms over steps :math:`0..t-1` of :class:`~torch_momentum.balance.BalanceLedger`:
+    ``ledger/{term}/{L}-{M}`` for term in ``momentum, weight_decay, symmetry, discretisation,
+    other``, and ``ledger/closure/{L}-{M}`` :math:`= (D(t) - D(0))` minus their sum (round-off),
+    with :math:`D = \|W_L\|^2 - \|W_M\|^2` at the iterate (for look-ahead optimisers not the
+    parameters). For heavy-ball optimisers also ``balance/corrected_diff/{L}-{M}``
+    :math:`= Q_t = D_t + \tfrac{2\eta\mu}{1-\mu} K_t`, which heavy ball keeps up to
+    discretisation. With ``neurons=True`` too, ``unit_ledger`` holds the per-unit ledger.
 
     Layers: see :func:`~torch_momentum.callbacks.discover_layers`. By default every submodule
     that directly owns trainable parameters, in registration order; a frozen module is not a
@@ -89,12 +127,24 @@ class LayerBalanceMonitor(Callback):
             ``log_every_n_steps``.
         track_grad_norm: also log ``grad_norm/{L}`` and ``grad_norm/total``.
         save_figure: at the end of training, rank zero saves ``balance.png`` (see
-            :func:`~torch_momentum.callbacks.plot_balance`) in the logger's directory and logs
-            the figure to loggers that take figures.
+            :func:`~torch_momentum.callbacks.plot_balance`) in the first logger's directory, or,
+            without a logger or when the logger has no directory, in
+            ``trainer.default_root_dir`` (with a warning naming the path), and logs the figure
+            to loggers that take figures. Default ``True``.
+        neurons: also log the per-unit balance keys above. Default ``False``.
+        ledger: also accumulate and log the balance ledger. Default ``False``.
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: an empty ``layers`` or ``log_every_n_steps < 1``.
+        ValueError: an empty ``layers``, ``log_every_n_steps < 1``; at the start of ``fit``,
+            layers that overlap or, with ``neurons=True``, a model whose units cannot be paired.
+
+    Example:
+
+        >>> from torch_momentum.callbacks import LayerBalanceMonitor
+        >>> monitor = LayerBalanceMonitor(log_every_n_steps=10, neurons=True, ledger=True)
+        >>> monitor.state_key
+        "LayerBalanceMonitor{'layers': None}"
     """
 
     def __init__(
@@ -103,6 +153,8 @@ class LayerBalanceMonitor(Callback):
         log_every_n_steps: int | None = None,
         track_grad_norm: bool = True,
         save_figure: bool = True,
+        neurons: bool = False,
+        ledger: bool = False,
     ) -> None:
         super().__init__()
         self.layers = check_layers_spec(layers)
@@ -113,12 +165,27 @@ class LayerBalanceMonitor(Callback):
                 )
             if log_every_n_steps < 1:
                 raise ValueError(f"`log_every_n_steps` must be >= 1, got {log_every_n_steps}")
-        for arg, value in (("track_grad_norm", track_grad_norm), ("save_figure", save_figure)):
+        for arg, value in (
+            ("track_grad_norm", track_grad_norm),
+            ("save_figure", save_figure),
+            ("neurons", neurons),
+            ("ledger", ledger),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{arg}` must be a bool, got {value!r}")
         self.log_every_n_steps = log_every_n_steps
         self.track_grad_norm = track_grad_norm
         self.save_figure = save_figure
+        self.neurons = neurons
+        self.ledger = ledger
+        #: per hidden layer, :math:`D_i(t) - D_i(0)` at the last logging step (``neurons=True``)
+        self.unit_drift: dict[str, Tensor] = {}
+        #: per hidden layer, the per-unit ledger at the last logging step (both flags)
+        self.unit_ledger: dict[str, dict[str, Tensor]] = {}
+        self._units: list[Any] = []
+        self._unit_d0: dict[str, Tensor] | None = None
+        self._ledger: BalanceLedger | None = None
+        self._first_step = 0
 
         #: one dict per logging step on rank zero: ``{"step": t, key: value, ...}``
         self.history: list[dict[str, float]] = []
@@ -137,9 +204,10 @@ class LayerBalanceMonitor(Callback):
 
     @property
     def state_key(self) -> str:
+        # The cadence is not part of the key: a resume with another log_every_n_steps continues
+        # the same series.
         return self._generate_state_key(
-            layers=self.layers if not isinstance(self.layers, Mapping) else dict(self.layers),
-            log_every_n_steps=self.log_every_n_steps,
+            layers=self.layers if not isinstance(self.layers, Mapping) else dict(self.layers)
         )
 
     @property
@@ -148,29 +216,64 @@ class LayerBalanceMonitor(Callback):
         return list(self._names)
 
     def state_dict(self) -> dict[str, Any]:
-        """``W(0)``'s squared norms, the initial adjacent differences, the layer names and the
-        history (rank zero's; other ranks hold an empty list)."""
+        """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
+        history (rank zero's; other ranks hold an empty list), the per-unit ``D_i(0)`` and the
+        ledger's cumulative sums."""
         sq0 = None if self._sq0 is None else list(self._sq0)
-        return {
+        state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "layer_names": list(self._names),
             "sq_norms0": sq0,
             "sq_norm_diffs0": None if sq0 is None else [a - b for a, b in itertools.pairwise(sq0)],
             "history": [dict(row) for row in self.history],
+            "unit_d0": None
+            if self._unit_d0 is None
+            else {k: v.tolist() for k, v in self._unit_d0.items()},
+            "ledger": None,
         }
+        if self._ledger is not None and self.ledger and self._ledger.D0 is not None:
+            state["ledger"] = self._ledger.state_dict()  # a collective when sharded
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``W(0)`` and the history; applied when training starts."""
+        """Restore ``W(0)``, the history and the ledger; applied when training starts."""
         self._restored = dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this monitor's state under an older key (one that held the cadence) and warn
+        when the checkpoint only holds monitors of other layers."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        name = type(self).__qualname__
+        legacy = self.state_key[:-1] + ", 'log_every_n_steps': "
+        for key, state in states.items():
+            if isinstance(key, str) and key.startswith(legacy):
+                self.load_state_dict(state)
+                return
+        others = [k for k in states if isinstance(k, str) and k.startswith(name)]
+        if others:
+            rank_zero_warn(
+                f"`LayerBalanceMonitor(layers={self.layers!r})`: the checkpoint holds"
+                f" LayerBalanceMonitor state only for other layer sets ({others}); this monitor"
+                " starts a new series (W(0) from the weights at the resumed step).",
+                category=RuntimeWarning,
+            )
+
     def reset(self) -> None:
-        """Forget ``W(0)`` and the history: the next training run starts a new series."""
+        """Forget ``W(0)``, the history and the ledger: the next training run starts a new
+        series."""
         self.history = []
         self._sq0 = None
+        self._unit_d0 = None
         self._restored = None
         self._last_step = -1
         self.figure_path = None
+        self.unit_drift = {}
+        self.unit_ledger = {}
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -189,18 +292,23 @@ class LayerBalanceMonitor(Callback):
         if not trainer.loggers:
             rank_zero_warn(
                 "`LayerBalanceMonitor` is used with a `Trainer` that has no logger: the balance"
-                " metrics are kept only in `monitor.history` and no figure is saved. Pass a"
-                " logger, e.g. `Trainer(logger=CSVLogger('logs'))`, to log them.",
+                " metrics are kept only in `monitor.history` (and the figure is saved in"
+                " `trainer.default_root_dir`). Pass a logger, e.g."
+                " `Trainer(logger=CSVLogger('logs'))`, to log them.",
                 category=RuntimeWarning,
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resolve(pl_module)
         step = _logging_step(trainer)
+        self._first_step = step
         restored, self._restored = self._restored, None
+        self._build_ledger(trainer, pl_module)
+        fresh = True
         if restored is not None and restored.get("sq_norms0") is not None:
             if list(restored.get("layer_names", [])) == self._names:
                 self._sq0 = [float(v) for v in restored["sq_norms0"]]
+                fresh = False
             else:
                 rank_zero_warn(
                     "`LayerBalanceMonitor`: the checkpoint's layers"
@@ -209,11 +317,34 @@ class LayerBalanceMonitor(Callback):
                     category=RuntimeWarning,
                 )
                 self._sq0 = None
+                self.history = []
         elif step == 0:
             self._sq0 = None  # a new run from step 0: a new series
         if self._sq0 is None:
             # every rank joins (the sum over shards is a collective)
             self._sq0 = layer_sq_norms_host([self._params()], reduce=self._sharded)[0]
+        self._unit_d0 = None
+        if not fresh and restored is not None and restored.get("unit_d0") is not None:
+            saved = restored["unit_d0"]
+            if self._units and set(saved) == {u.name for u in self._units}:
+                self._unit_d0 = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
+        if self._units and self._unit_d0 is None:
+            self._unit_d0 = {k: v.cpu() for k, v in self._unit_values().items()}
+        if self._ledger is not None:
+            state = None if fresh or restored is None else restored.get("ledger")
+            if state is not None:
+                try:
+                    self._ledger.load_state_dict(state)
+                except ValueError as err:
+                    rank_zero_warn(
+                        f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
+                        category=RuntimeWarning,
+                    )
+                    state = None
+            if state is None:
+                self._ledger.start()
+            if self.ledger:
+                self._ledger.attach()
         # a resumed run continues the series after the checkpoint's step
         self.history = [row for row in self.history if row.get("step", -1) < step]
         self._last_step = step - 1
@@ -225,30 +356,27 @@ class LayerBalanceMonitor(Callback):
         if step == self._last_step:  # several optimizers step on one batch: log once
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if every == 0 or ((step + 1) % every != 0 and not trainer.should_stop):
+        on_cadence = every != 0 and (step + 1) % every == 0
+        if not (
+            on_cadence
+            or trainer.should_stop
+            or step == self._first_step
+            or _is_last_step(trainer, step)
+        ):
             return
         self._last_step = step
-        if not self._sharded and not trainer.is_global_zero:
-            return  # replicated: rank zero alone computes and logs
-        if not self._refs:
-            self._resolve(pl_module)
-        params = self._params()
-        if self._sq0 is None:  # used without on_train_start (e.g. called directly)
-            self._sq0 = layer_sq_norms_host([params], reduce=self._sharded)[0]
-        if self.track_grad_norm:
-            grads = [[p.grad for p in layer] for layer in params]
-            sq, grad_sq = layer_sq_norms_host([params, grads], reduce=self._sharded)
-        else:
-            (sq,), grad_sq = layer_sq_norms_host([params], reduce=self._sharded), None
-        if not trainer.is_global_zero:
-            return
-        metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
-        self.history.append({"step": step, **metrics})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        self._log(trainer, pl_module, step, with_grads=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.save_figure or not trainer.loggers:
+        step = _logging_step(trainer)
+        if self._refs and self._last_step < step - 1:
+            # the last update was not foreseen (early stopping, max_time): record the weights
+            # after it, at the next step's index (every rank joins the collectives)
+            self._last_step = step
+            self._log(trainer, pl_module, step, with_grads=False)
+        if self._ledger is not None:
+            self._ledger.detach()
+        if not self.save_figure:
             return
         log_dir = trainer.log_dir  # a broadcast: every rank calls it
         if not trainer.is_global_zero or not self.history:
@@ -264,17 +392,137 @@ class LayerBalanceMonitor(Callback):
                 category=RuntimeWarning,
             )
             return
-        if log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
-            self.figure_path = os.path.join(log_dir, "balance.png")
-            figure.savefig(self.figure_path, dpi=120)
+        directory = log_dir if trainer.loggers and log_dir is not None else None
+        if directory is None:
+            directory = trainer.default_root_dir
+            reason = "has no logger" if not trainer.loggers else "has a logger without log_dir"
+        os.makedirs(directory, exist_ok=True)
+        self.figure_path = os.path.join(directory, "balance.png")
+        figure.savefig(self.figure_path, dpi=120)
+        if directory != log_dir or not trainer.loggers:
+            rank_zero_warn(
+                f"`LayerBalanceMonitor`: the Trainer {reason}; the balance figure was saved to"
+                f" {self.figure_path} (trainer.default_root_dir).",
+                category=RuntimeWarning,
+            )
         step = int(self.history[-1]["step"])
         for logger in trainer.loggers:
             _log_figure(logger, figure, step)
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._ledger is not None:
+            self._ledger.detach()
+
     # ------------------------------------------------------------------------------------------
     # internals
     # ------------------------------------------------------------------------------------------
+
+    def _log(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, with_grads: bool
+    ) -> None:
+        if not self._sharded and not trainer.is_global_zero:
+            return  # replicated: rank zero alone computes and logs
+        if not self._refs:
+            self._resolve(pl_module)
+        params = self._params()
+        if self._sq0 is None:  # used without on_train_start (e.g. called directly)
+            self._sq0 = layer_sq_norms_host([params], reduce=self._sharded)[0]
+        if self.track_grad_norm and with_grads:
+            grads = [[p.grad for p in layer] for layer in params]
+            sq, grad_sq = layer_sq_norms_host([params, grads], reduce=self._sharded)
+        else:
+            (sq,), grad_sq = layer_sq_norms_host([params], reduce=self._sharded), None
+        extra: dict[str, float] = {}
+        if self._ledger is not None and self.ledger:
+            extra.update(self._ledger_metrics())  # every rank joins (sharded)
+        if self._units:
+            extra.update(self._unit_metrics(pl_module, with_grads))
+        if not trainer.is_global_zero:
+            return
+        metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
+        metrics.update(extra)
+        self.history.append({"step": step, **metrics})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _ledger_metrics(self) -> dict[str, float]:
+        assert self._ledger is not None
+        out = self._ledger.read()
+        values = torch.cat(
+            [out["sums"].reshape(-1), out["closure"]] + ([out["Q"]] if out["Q"] is not None else [])
+        ).tolist()
+        pairs = out["pairs"]
+        n_terms = len(LEDGER_TERMS)
+        metrics: dict[str, float] = {}
+        for k, pair in enumerate(pairs):
+            for j, term in enumerate(LEDGER_TERMS):
+                metrics[f"ledger/{term}/{pair}"] = values[k * n_terms + j]
+        base = len(pairs) * n_terms
+        for k, pair in enumerate(pairs):
+            metrics[f"ledger/closure/{pair}"] = values[base + k]
+        if out["Q"] is not None:
+            for k, pair in enumerate(pairs):
+                metrics[f"balance/corrected_diff/{pair}"] = values[base + len(pairs) + k]
+        if self._units:
+            self.unit_ledger = {
+                name: {key: value.cpu() for key, value in entry.items()}
+                for name, entry in self._ledger.read_units().items()
+            }
+        return metrics
+
+    def _unit_values(self) -> dict[str, Tensor]:
+        ledger = self._ledger
+        assert ledger is not None
+        ids = {id(p): i for i, p in enumerate(ledger._tracked)}
+
+        def iterate(name: str, p: Tensor) -> Tensor:
+            i = ids.get(id(p))
+            return p if i is None else ledger._iterate(i, local=False)
+
+        return unit_balance(self._module, self._units, iterate)
+
+    def _unit_metrics(self, pl_module: LightningModule, with_grads: bool) -> dict[str, float]:
+        values = self._unit_values()
+        assert self._unit_d0 is not None
+        drift = {k: (v.cpu() - self._unit_d0[k]) for k, v in values.items()}
+        self.unit_drift = drift
+        metrics: dict[str, float] = {}
+        symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
+        for name, d in drift.items():
+            metrics[f"balance/unit_drift_max/{name}"] = float(d.abs().max())
+            metrics[f"balance/unit_drift_mean/{name}"] = float(d.abs().mean())
+            if name in symmetry:
+                metrics[f"balance/unit_symmetry_max/{name}"] = float(symmetry[name].abs().max())
+        return metrics
+
+    def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._ledger is not None:
+            self._ledger.detach()
+        self._ledger = None
+        self._units = []
+        self._module = pl_module
+        if self.neurons:
+            self._units = pair_units(pl_module, self._unit_spec())
+        if not (self.ledger or self.neurons):
+            return
+        layers = {name: self._layer_params(k) for k, name in enumerate(self._names)}
+        ledger = BalanceLedger(
+            layers,
+            list(trainer.optimizers),
+            units=self._units if self.ledger else None,
+            module=pl_module,
+        )
+        ledger.active = self._sharded or trainer.is_global_zero
+        self._ledger = ledger
+
+    def _unit_spec(self) -> Any:
+        if self.layers is not None:
+            return self.layers
+        # default layers: the modules that own the monitored parameters
+        return [name if name != "root" else "" for name in self._names]
+
+    def _layer_params(self, k: int) -> list[Tensor]:
+        return [mod._parameters[attr] for mod, attr in self._refs[k]]
 
     def _resolve(self, pl_module: nn.Module) -> None:
         found = discover_layers(pl_module, self.layers)
@@ -296,6 +544,20 @@ class LayerBalanceMonitor(Callback):
 
     def _params(self) -> list[list[Tensor]]:
         return [[mod._parameters[attr] for mod, attr in layer] for layer in self._refs]
+
+
+def _is_last_step(trainer: Trainer, step: int) -> bool:
+    """Whether optimiser step ``step`` is the last of ``fit`` (as far as can be foreseen)."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps > 0 and step + 1 >= max_steps:
+        return True
+    loop = getattr(trainer, "fit_loop", None)
+    epoch_loop = getattr(loop, "epoch_loop", None)
+    progress = getattr(epoch_loop, "batch_progress", None)
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if progress is None or max_epochs is None or max_epochs < 0:
+        return False
+    return bool(progress.is_last_batch) and trainer.current_epoch + 1 >= max_epochs
 
 
 def _owner(root: nn.Module, param_name: str) -> tuple[nn.Module, str]:

@@ -212,13 +212,15 @@ def test_cadence_matches_lightning_and_no_work_off_logging_steps(
     _fit(tmp_path, BalanceModel(make_net()), monitor, max_steps=10, log_every_n_steps=3)
     steps = [row["step"] for row in monitor.history]
     loss_steps = [int(r["step"]) for r in _csv_rows(tmp_path) if r.get("train_loss")]
-    assert steps == loss_steps == [2, 5, 8]  # Lightning logs step t when (t + 1) % 3 == 0
+    assert loss_steps == [2, 5, 8]  # Lightning logs step t when (t + 1) % 3 == 0
+    # the monitor logs on the same steps, plus the first step and the last optimiser step of fit
+    assert steps == [0, 2, 5, 8, 9]
     assert len(calls) == 1 + len(steps)  # W(0) once, then on logging steps only
 
     torch.manual_seed(0)
     override = LayerBalanceMonitor(log_every_n_steps=4, save_figure=False)
     _fit(tmp_path / "o", BalanceModel(make_net()), override, max_steps=10, log_every_n_steps=1)
-    assert [row["step"] for row in override.history] == [3, 7]
+    assert [row["step"] for row in override.history] == [0, 3, 7, 9]
 
 
 def test_accumulate_grad_batches_reads_accumulated_gradient(tmp_path: Path) -> None:
@@ -423,10 +425,11 @@ def test_checkpoint_resume_continues_the_same_series(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_no_logger_warns_and_keeps_history(tmp_path: Path) -> None:
+def test_no_logger_warns_keeps_history_and_saves_figure_in_root_dir(tmp_path: Path) -> None:
+    """Regression (figures without a logger directory): the figure used to be silently dropped."""
     torch.manual_seed(0)
     monitor = LayerBalanceMonitor()
-    with pytest.warns(RuntimeWarning, match=r"no logger.*CSVLogger"):
+    with pytest.warns(RuntimeWarning) as record:
         _fit(
             tmp_path,
             BalanceModel(make_net()),
@@ -435,8 +438,30 @@ def test_no_logger_warns_and_keeps_history(tmp_path: Path) -> None:
             logger=False,
             default_root_dir=tmp_path,
         )
+    messages = [str(w.message) for w in record]
+    assert any("no logger" in m and "CSVLogger" in m for m in messages)
     assert len(monitor.history) == 2
-    assert monitor.figure_path is None and not list(tmp_path.rglob("*.png"))
+    expected = str(tmp_path / "balance.png")
+    assert monitor.figure_path == expected and os.path.getsize(expected) > 10_000
+    assert any(expected in m and "default_root_dir" in m for m in messages)
+
+
+def test_logger_without_log_dir_saves_figure_in_root_dir(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    figures = _FigureLogger()  # a logger whose log_dir is None
+    monitor = LayerBalanceMonitor()
+    with pytest.warns(RuntimeWarning, match=r"without log_dir.*balance\.png"):
+        _fit(
+            tmp_path,
+            BalanceModel(make_net()),
+            monitor,
+            max_steps=2,
+            logger=figures,
+            default_root_dir=tmp_path / "root",
+        )
+    assert monitor.figure_path == str(tmp_path / "root" / "balance.png")
+    assert os.path.isfile(monitor.figure_path)
+    assert len(figures.figures) == 1  # still logged to the logger that takes figures
 
 
 def test_fewer_than_two_layers(tmp_path: Path) -> None:
@@ -540,3 +565,121 @@ def test_figure_saved_and_logged_and_plot_sources(tmp_path: Path) -> None:
         plot_balance([{"step": 0, "train_loss": 1.0}])
     with pytest.raises(TypeError, match="source"):
         plot_balance(42)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 9 regressions: resume with another cadence, short runs, overlapping layers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> None:
+    """Regression: the cadence was part of ``state_key``, so W(0), the history (and now the
+    ledger) were silently dropped when resuming with another ``log_every_n_steps``."""
+    torch.manual_seed(0)
+    whole = LayerBalanceMonitor(save_figure=False, ledger=True)
+    _fit(tmp_path / "whole", BalanceModel(make_net(), momentum=0.9), whole, max_steps=8)
+
+    torch.manual_seed(0)
+    first = LayerBalanceMonitor(log_every_n_steps=2, save_figure=False, ledger=True)
+    trainer = _fit(tmp_path / "first", BalanceModel(make_net(), momentum=0.9), first, max_steps=4)
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    torch.manual_seed(123)  # a different init: W(0) must come from the checkpoint
+    resumed = LayerBalanceMonitor(log_every_n_steps=3, save_figure=False, ledger=True)
+    _fit(
+        tmp_path / "resumed",
+        BalanceModel(make_net(), momentum=0.9),
+        resumed,
+        max_steps=8,
+        ckpt_path=ckpt,
+    )
+    steps = [r["step"] for r in resumed.history]
+    assert steps == [0, 1, 3, 4, 5, 7]  # before: first run (0, 1, 3); after: first, cadence, last
+    reference = {r["step"]: r for r in whole.history}
+    for row in resumed.history:
+        ref = reference[row["step"]]
+        assert row.keys() == ref.keys()
+        for key in row:
+            # same floats, same operations (the ledger's sums restored from the checkpoint and
+            # continued): float64 rounding only
+            assert row[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-14), (row["step"], key)
+
+
+def test_resume_with_another_layer_set_warns(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    first = LayerBalanceMonitor(save_figure=False)
+    trainer = _fit(tmp_path / "first", BalanceModel(make_net()), first, max_steps=3)
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+    other = LayerBalanceMonitor(layers=["net.0", "net.2"], save_figure=False)
+    with pytest.warns(RuntimeWarning, match=r"other layer sets.*new series"):
+        _fit(tmp_path / "r", BalanceModel(make_net()), other, max_steps=5, ckpt_path=ckpt)
+    assert [r["step"] for r in other.history] == [3, 4]
+    assert other.history[0]["balance/drift"] == 0.0  # a new series from the resumed weights
+
+
+@pytest.mark.parametrize("every", [None, 50])
+def test_short_run_records_first_and_last_step(tmp_path: Path, every: int | None) -> None:
+    """Regression: a run shorter than log_every_n_steps logged nothing and saved no figure."""
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(log_every_n_steps=every)
+    trainer = _fit(tmp_path, BalanceModel(make_net()), monitor, max_steps=3, log_every_n_steps=50)
+    assert [r["step"] for r in monitor.history] == [0, 2]
+    assert "grad_norm/total" in monitor.history[-1]
+    assert monitor.figure_path == os.path.join(trainer.log_dir, "balance.png")
+    assert os.path.isfile(monitor.figure_path)
+
+
+def test_fast_dev_run_records_its_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(save_figure=False, ledger=True)
+    _fit(
+        tmp_path,
+        BalanceModel(make_net()),
+        monitor,
+        fast_dev_run=True,
+        max_steps=-1,
+        log_every_n_steps=50,
+    )
+    assert [r["step"] for r in monitor.history] == [0]
+
+
+class _StopAfter(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_unforeseen_stop_records_the_weights_after_the_last_update(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(log_every_n_steps=50, save_figure=False, ledger=True)
+    model = BalanceModel(make_net())
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            callbacks=[monitor, _StopAfter(3)], max_steps=100, log_every_n_steps=50, logger=False
+        )
+    )
+    trainer.fit(model, make_loader(*make_data(), repeat=64))
+    assert trainer.global_step == 3
+    assert [r["step"] for r in monitor.history] == [0, 3]
+    last = monitor.history[-1]
+    assert "grad_norm/total" not in last  # read after the last update: no gradient of step 3
+    # the ledger closes over steps 0..2; float64 round-off only
+    assert abs(last["ledger/closure/net.0-net.2"]) < 1e-12
+    w = [float(p.detach().square().sum()) for p in model.net.parameters()]
+    # float64 norms computed two ways: rounding only
+    assert last["balance/sq_norm/net.0"] == pytest.approx(w[0], rel=1e-12)
+
+
+def test_overlapping_layers_are_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"overlap.*'net\.0\.weight'.*'net'.*'net\.0'"):
+        _fit(
+            tmp_path,
+            BalanceModel(make_net()),
+            LayerBalanceMonitor(layers=["net", "net.0"], save_figure=False),
+            max_steps=1,
+        )

@@ -1,4 +1,4 @@
-"""Plain-torch norm arithmetic of torch_momentum.callbacks (no Trainer involved)."""
+"""Plain-torch balance arithmetic of torch_momentum.balance (no Trainer involved)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_momentum.callbacks import (
+from torch_momentum.balance import (
     adjacent_pairs,
     balance_metrics,
     discover_layers,
@@ -227,3 +227,24 @@ def test_discrete_identity_plain_torch_loop() -> None:
         # cross terms or the lr^2 would be off by orders of magnitude more than 1e-12.
         torch.testing.assert_close(change, predicted, rtol=0, atol=1e-12 * float(sq.max()))
         assert predicted.abs().min() > 1e-8  # the test is not vacuous
+
+
+def test_balance_imports_no_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch_momentum.balance; "
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'torchmetrics', 'matplotlib')"
+        " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_overlapping_layers_are_an_error() -> None:
+    net = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"overlap.*'0\.0\.weight'.*'0'.*'0\.0'"):
+        discover_layers(net, ["0", "0.0"])
+    with pytest.raises(ValueError, match=r"overlap.*'1\.weight'"):
+        discover_layers(net, {"a": ["1.weight"], "b": ["1.weight", "0.0.weight"]})

@@ -1,0 +1,1392 @@
+r"""Balance arithmetic in plain torch: layer norms, per-unit balance and the balance ledger.
+
+Nothing here imports Lightning: every function takes modules, parameters or tensors and returns
+tensors or floats, so it can be called from any training loop; the Lightning callback
+:class:`~torch_momentum.callbacks.LayerBalanceMonitor` only calls it.
+
+The mathematics (Du, Hu & Lee 2018). Let a network be 1-homogeneous in each layer's weights
+:math:`W_h` (bias-free linear, ReLU or leaky-ReLU layers): scaling :math:`W_h` by
+:math:`\alpha > 0` scales the output by :math:`\alpha`. Euler's identity for homogeneous functions
+then gives, for every layer,
+
+.. math::
+    \langle \nabla_{W_h} \ell, W_h \rangle = \langle \nabla_{\hat y} \ell, \hat y \rangle ,
+
+the same number for all :math:`h`. Hence under gradient flow
+:math:`\tfrac{d}{dt}\|W_h\|^2 = -2\langle \nabla_{W_h}\ell, W_h\rangle` is the same for every layer
+and :math:`\|W_h(t)\|^2 - \|W_{h'}(t)\|^2` is conserved. One gradient-descent step
+:math:`W_h \leftarrow W_h - \eta g_h` changes it by exactly
+
+.. math::
+    \Delta\big(\|W_h\|^2 - \|W_{h'}\|^2\big) = \eta^2 \big(\|g_h\|^2 - \|g_{h'}\|^2\big),
+
+because the cross terms :math:`-2\eta\langle g_h, W_h\rangle` cancel between the two layers. With
+biases the per-unit identity is :math:`\langle g_{W_h}, W_h\rangle + \langle g_{b_h}, b_h\rangle =
+\langle g_{W_{h+1}}, W_{h+1}\rangle`: the conserved quantity is
+:math:`\|W_h\|^2 + \|b_h\|^2 - \|W_{h+1}\|^2` (the bias of layer :math:`h+1` is not part of it).
+
+Sharded parameters. A :class:`~torch.distributed.tensor.DTensor` (FSDP2 ``fully_shard``, tensor
+parallelism) contributes the squared norm of its local shard; those contributions are summed over
+ranks by one ``all_reduce`` of the vector of per-layer values, so every rank must call the
+function with the same layers on the same steps. A rank whose shard is replicated on ``k`` ranks
+weights its contribution by ``1/k``, so replicated mesh dimensions are not counted twice. Plain
+tensors are assumed replicated (DDP) and are not reduced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LEDGER_TERMS",
+    "ROOT_LAYER_NAME",
+    "BalanceLedger",
+    "UnitLayer",
+    "adjacent_pairs",
+    "balance_metrics",
+    "check_layers_spec",
+    "discover_layers",
+    "layer_grad_sq_norms",
+    "layer_sq_norms",
+    "layer_sq_norms_host",
+    "layer_sq_norms_many",
+    "pair_units",
+    "unit_balance",
+    "unit_symmetry",
+]
+
+#: Name used for parameters owned directly by the root module (whose module name is ``""``).
+ROOT_LAYER_NAME = "root"
+
+LayerParams = dict[str, list[tuple[str, nn.Parameter]]]
+
+
+def discover_layers(
+    module: nn.Module,
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+) -> LayerParams:
+    """Find the layers of ``module`` and their parameters.
+
+    Args:
+        module: the model.
+        layers: ``None`` (default): every submodule that directly owns trainable parameters, in
+            registration order (for ``nn.Sequential`` stacks that is forward order); a layer's
+            tensors are its own trainable parameters (weight and bias), so a frozen module is not
+            a layer. A list of module names: those modules, in that order (the order defines
+            adjacency); a named layer's tensors are all parameters of that module, recursively,
+            frozen ones included (their gradient norm is 0). A dict ``{layer_name: [parameter
+            names]}``: exactly those parameters, e.g. ``{"hidden": ["0.weight", "0.bias"],
+            "out": ["2.weight"]}``.
+
+    Returns:
+        ``{layer_name: [(parameter_name, parameter), ...]}`` in layer order.
+
+    Raises:
+        TypeError: ``layers`` is not ``None``, a sequence of strings or a mapping.
+        ValueError: an unknown module or parameter name, a duplicate, an empty layer, or layers
+            that share a parameter (``["net", "net.0"]``).
+
+    Example:
+
+        >>> from torch import nn
+        >>> from torch_momentum.balance import discover_layers
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> {k: [n for n, _ in v] for k, v in discover_layers(net).items()}
+        {'0': ['0.weight', '0.bias'], '2': ['2.weight']}
+    """
+    spec = check_layers_spec(layers)
+    if spec is None:
+        return _default_layers(module)
+    if isinstance(spec, dict):
+        found = _layers_from_mapping(module, spec)
+    else:
+        found = _layers_from_module_names(module, spec)
+    _check_disjoint(found)
+    return found
+
+
+def _check_disjoint(found: LayerParams) -> None:
+    """A parameter may belong to one layer only (``["net", "net.0"]`` would count it twice)."""
+    owner: dict[int, tuple[str, str]] = {}
+    for layer, params in found.items():
+        for p_name, p in params:
+            if id(p) in owner:
+                other, _ = owner[id(p)]
+                raise ValueError(
+                    f"`layers` overlap: the parameter {p_name!r} belongs to both layer {other!r}"
+                    f" and layer {layer!r}; name disjoint modules (e.g. not a module and one of"
+                    " its submodules)"
+                )
+            owner[id(p)] = (layer, p_name)
+
+
+def check_layers_spec(
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None,
+) -> list[str] | dict[str, list[str]] | None:
+    """Validate the shape of a ``layers=`` argument (no model needed) and return a copy.
+
+    Raises:
+        TypeError: not ``None``, a sequence of module names or a dict of parameter-name lists.
+        ValueError: empty, a name given twice, or a layer without parameters.
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, Mapping):
+        if not layers:
+            raise ValueError("`layers` is an empty dict: name at least two layers")
+        out: dict[str, list[str]] = {}
+        for key, names in layers.items():
+            if not isinstance(key, str):
+                raise TypeError(f"`layers` dict keys must be str, got {key!r}")
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise TypeError(
+                    f"`layers[{key!r}]` must be a list of parameter names, got {names!r}"
+                )
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError(
+                    f"`layers[{key!r}]` must contain parameter names (str), got {names!r}"
+                )
+            if not names:
+                raise ValueError(
+                    f"`layers[{key!r}]` is empty: a layer needs at least one parameter"
+                )
+            if len(set(names)) != len(names):
+                raise ValueError(f"`layers[{key!r}]` names a parameter twice: {list(names)!r}")
+            out[key] = list(names)
+        return out
+    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        raise TypeError(
+            "`layers` must be None, a list of module names or a dict {layer: [parameter names]},"
+            f" got {layers!r}"
+        )
+    if not layers:
+        raise ValueError("`layers` is an empty list: name at least two modules")
+    if not all(isinstance(n, str) for n in layers):
+        raise TypeError(f"`layers` must contain module names (str), got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`layers` names a module twice: {list(layers)!r}")
+    return list(layers)
+
+
+def _default_layers(module: nn.Module) -> LayerParams:
+    found: LayerParams = {}
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        params = []
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append((f"{mod_name}.{p_name}" if mod_name else p_name, p))
+        if params:
+            found[mod_name or ROOT_LAYER_NAME] = params
+    return found
+
+
+def _layers_from_module_names(module: nn.Module, names: Sequence[str]) -> LayerParams:
+    modules = dict(module.named_modules())
+    found: LayerParams = {}
+    for name in names:
+        if name not in modules:
+            raise ValueError(
+                f"`layers` names the module {name!r}, which the model does not have; modules that"
+                f" own parameters: {_modules_with_params(module)}"
+            )
+        params = [
+            (f"{name}.{p_name}" if name else p_name, p)
+            for p_name, p in modules[name].named_parameters()
+        ]
+        if not params:
+            raise ValueError(f"`layers` names the module {name!r}, which has no parameters")
+        found[name] = params
+    return found
+
+
+def _layers_from_mapping(module: nn.Module, spec: Mapping[str, Sequence[str]]) -> LayerParams:
+    params = dict(module.named_parameters(remove_duplicate=False))
+    found: LayerParams = {}
+    for layer, p_names in spec.items():
+        entries = []
+        for p_name in p_names:
+            if p_name not in params:
+                raise ValueError(
+                    f"`layers[{layer!r}]` names the parameter {p_name!r}, which the model does not"
+                    f" have; its parameters: {list(params)}"
+                )
+            entries.append((p_name, params[p_name]))
+        found[layer] = entries
+    return found
+
+
+def _modules_with_params(module: nn.Module) -> list[str]:
+    return [
+        name or ROOT_LAYER_NAME
+        for name, mod in module.named_modules()
+        if any(True for _ in mod.parameters(recurse=False))
+    ]
+
+
+def adjacent_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """The adjacent layer pairs ``(L, M)`` in order: ``[(names[0], names[1]), ...]``."""
+    return list(itertools.pairwise(names))
+
+
+# ----------------------------------------------------------------------------------------------
+# squared norms in one multi-tensor pass
+# ----------------------------------------------------------------------------------------------
+
+
+_DTENSOR: list[type | None] = []
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed support
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    cls = _DTENSOR[0]
+    return cls is not None and isinstance(t, cls)
+
+
+def _local_and_weight(t: Tensor) -> tuple[Tensor, float]:
+    """The tensor whose squared norm this rank contributes, and its weight in the sum over ranks.
+
+    Plain tensors: themselves, weight 1, not reduced. DTensors: the local shard, weighted by
+    ``(number of distinct shards) / world_size``: each distinct shard lives on ``world_size /
+    shards`` ranks, so the weighted sum over all ranks counts every element once.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+
+    placements = list(t.placements)
+    if any(p.is_partial() for p in placements):
+        # A pending reduction: resolve it (a collective every rank joins, as all ranks hold the
+        # same parameters), then treat the result as replicated along those mesh dimensions.
+        t = t.redistribute(
+            t.device_mesh, [Replicate() if p.is_partial() else p for p in placements]
+        )
+        placements = list(t.placements)
+    mesh = t.device_mesh
+    shards = 1
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            shards *= mesh.size(dim)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return t.to_local(), shards / world
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    # Accumulate float64 in float64 and everything else (fp32, bf16, fp16) in float32: the norm
+    # of a float32 tensor is not more accurate than its entries, and float32 keeps the
+    # multi-tensor kernels on their fast path.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_INDEX_CACHE: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+
+def _index(device: torch.device, idx: tuple[int, ...]) -> Tensor:
+    key = (device, idx)
+    cached = _INDEX_CACHE.get(key)
+    if cached is None:
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        cached = torch.tensor(idx, dtype=torch.long).to(device)
+        _INDEX_CACHE[key] = cached
+    return cached
+
+
+_Buckets = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int], list[float]]]
+
+
+def _bucket(
+    groups: Sequence[Sequence[Sequence[Tensor | None]]],
+) -> tuple[_Buckets, list[int], bool, torch.device | None]:
+    """Sort all tensors by (device, accumulation dtype); slot ``total + s`` marks sharded ones."""
+    offsets = [0]
+    for group in groups:
+        offsets.append(offsets[-1] + len(group))
+    total = offsets[-1]
+    buckets: _Buckets = {}
+    any_sharded = False
+    first_device: torch.device | None = None
+    for k, group in enumerate(groups):
+        for layer, tensors in enumerate(group):
+            slot = offsets[k] + layer
+            for t in tensors:
+                if t is None:
+                    continue
+                weight = 1.0
+                index = slot
+                if _is_dtensor(t):
+                    t, weight = _local_and_weight(t)
+                    any_sharded = True
+                    index = total + slot
+                if t.is_sparse:
+                    t = t.coalesce().values()
+                if t.is_complex():
+                    t = torch.view_as_real(t)
+                if first_device is None:
+                    first_device = t.device
+                key = (t.device, _acc_dtype(t))
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [], [])
+                bucket[0].append(t.detach())
+                bucket[1].append(index)
+                bucket[2].append(weight)
+    return buckets, offsets, any_sharded, first_device
+
+
+def layer_sq_norms_many(
+    groups: Sequence[Sequence[Sequence[Tensor | None]]],
+    *,
+    reduce: bool | None = None,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    r"""Squared Frobenius norms per layer for several groups of layers, in one pass.
+
+    ``groups[k][l]`` is the list of tensors of layer ``l`` in group ``k`` (e.g. group 0: the
+    parameters, group 1: their gradients); ``None`` entries (a parameter without gradient) count
+    as zero. Returns one float64 vector per group, ``out[k][l] = sum_t ||t||^2``, on ``device``
+    (default: the device of the first tensor). No host synchronisation.
+
+    All tensors go through ``torch._foreach_norm`` once per (device, accumulation dtype); complex
+    tensors are viewed as real pairs. Sharded (DTensor) contributions of all groups are summed
+    over ranks by a single ``all_reduce``. ``reduce=None`` decides from the tensors (any DTensor);
+    pass it explicitly when ``None`` entries might differ between ranks, since every rank must
+    join the same collective.
+    """
+    buckets, offsets, any_sharded, first_device = _bucket(groups)
+    total = offsets[-1]
+    out_device = torch.device(device) if device is not None else first_device
+    if out_device is None:
+        out_device = torch.device("cpu")
+    do_reduce = any_sharded if reduce is None else reduce
+    if any_sharded and not do_reduce:
+        raise ValueError("sharded (DTensor) tensors need reduce=True (or None)")
+    out = torch.zeros(2 * total if do_reduce else total, dtype=torch.float64, device=out_device)
+    with torch.no_grad():
+        for (dev, acc), (tensors, idx, weights) in buckets.items():
+            norms = torch._foreach_norm(tensors, 2, dtype=acc)
+            sq = torch.stack(norms).to(torch.float64).square()
+            if any(w != 1.0 for w in weights):
+                sq = sq * torch.tensor(weights, dtype=torch.float64).to(dev)
+            out.index_add_(0, _index(out_device, tuple(idx)), sq.to(out_device))
+        if do_reduce:
+            import torch.distributed as dist
+
+            sharded = out[total:].contiguous()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+            out = out[:total] + sharded
+    return [out[offsets[k] : offsets[k + 1]] for k in range(len(groups))]
+
+
+def layer_sq_norms_host(
+    groups: Sequence[Sequence[Sequence[Tensor | None]]], *, reduce: bool | None = None
+) -> list[list[float]]:
+    """:func:`layer_sq_norms_many` as Python floats, for logging: one host transfer in all.
+
+    Without sharded tensors the per-tensor norms (one ``torch._foreach_norm`` per bucket) are
+    moved to the host in one transfer and summed per layer there, which costs far fewer small
+    kernel launches than summing on the device; with sharded tensors (or ``reduce=True``) the
+    device path with its single ``all_reduce`` runs first.
+    """
+    buckets, offsets, any_sharded, _ = _bucket(groups)
+    if any_sharded or reduce:
+        flat = torch.cat(layer_sq_norms_many(groups, reduce=reduce)).tolist()
+        return [flat[offsets[k] : offsets[k + 1]] for k in range(len(groups))]
+    sums = [0.0] * offsets[-1]
+    if buckets:
+        with torch.no_grad():
+            parts, order = [], []
+            for (_, acc), (tensors, idx, _) in buckets.items():
+                norms = torch._foreach_norm(tensors, 2, dtype=acc)
+                parts.append(torch.stack(norms).to(device="cpu", dtype=torch.float64))
+                order.extend(idx)
+            values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+        for slot, value in zip(order, values, strict=True):
+            sums[slot] += value * value
+    return [sums[offsets[k] : offsets[k + 1]] for k in range(len(groups))]
+
+
+def layer_sq_norms(
+    layer_tensors: Sequence[Sequence[Tensor | None]], *, reduce: bool | None = None
+) -> Tensor:
+    r"""``out[l] = \sum_{t \in layer_l} \|t\|_F^2`` as a float64 vector (one multi-tensor pass).
+
+    Sharded (DTensor) tensors contribute their local shards, summed over ranks (see the module
+    docstring). No host synchronisation.
+    """
+    return layer_sq_norms_many([layer_tensors], reduce=reduce)[0]
+
+
+def layer_grad_sq_norms(
+    layer_params: Sequence[Sequence[Tensor]], *, reduce: bool | None = None
+) -> Tensor:
+    r"""``out[l] = \sum_{p \in layer_l} \|p.grad\|_F^2``; parameters without ``.grad`` count 0."""
+    grads = [[p.grad for p in layer] for layer in layer_params]
+    if reduce is None:
+        reduce = any(_is_dtensor(p) for layer in layer_params for p in layer)
+    return layer_sq_norms_many([grads], reduce=reduce)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the logged quantities
+# ----------------------------------------------------------------------------------------------
+
+
+def balance_metrics(
+    sq_norms: Tensor | Sequence[float],
+    sq_norms0: Tensor | Sequence[float],
+    grad_sq: Tensor | Sequence[float] | None,
+    names: Sequence[str],
+) -> dict[str, float]:
+    r"""The layer balance metrics as Python floats (at most one host transfer).
+
+    Args:
+        sq_norms: :math:`\|W_L(t)\|^2` per layer (a tensor, or floats).
+        sq_norms0: :math:`\|W_L(0)\|^2` per layer.
+        grad_sq: :math:`\|\nabla_{W_L}\ell\|^2` per layer, or ``None`` to leave out gradient norms.
+        names: layer names, in adjacency order.
+
+    Returns:
+        ``balance/sq_norm/{L}``, ``balance/sq_norm_change/{L}`` (:math:`\|W_L(t)\|^2 -
+        \|W_L(0)\|^2`), ``balance/sq_norm_diff/{L}-{M}`` and ``balance/sq_norm_ratio/{L}-{M}``
+        for adjacent ``L, M``, ``balance/drift`` (:math:`\max_{pairs}|diff(t) - diff(0)|`, 0 under
+        gradient flow for a layer-wise 1-homogeneous network), and, with ``grad_sq``,
+        ``grad_norm/{L}`` and ``grad_norm/total``. A zero norm gives an infinite or NaN ratio.
+
+    Raises:
+        ValueError: fewer than two layers (no adjacent pairs), or lengths that do not match.
+    """
+    names = list(names)
+    n = len(names)
+    if n < 2:
+        raise ValueError(
+            f"balance metrics need at least two layers (differences and ratios of adjacent layers);"
+            f" got {n} ({names}), so there are no adjacent pairs"
+        )
+    sq, sq0, g = _floats([sq_norms, sq_norms0, grad_sq])
+    if len(sq) != n or len(sq0) != n or (g is not None and len(g) != n):
+        raise ValueError(
+            f"got {n} names but vectors of sizes {len(sq)}, {len(sq0)},"
+            f" {None if g is None else len(g)}"
+        )
+    metrics: dict[str, float] = {}
+    for name, value in zip(names, sq, strict=True):
+        metrics[f"balance/sq_norm/{name}"] = value
+    for name, value, value0 in zip(names, sq, sq0, strict=True):
+        metrics[f"balance/sq_norm_change/{name}"] = value - value0
+    drift = 0.0
+    ratios = {}
+    for i in range(n - 1):
+        pair = f"{names[i]}-{names[i + 1]}"
+        diff = sq[i] - sq[i + 1]
+        metrics[f"balance/sq_norm_diff/{pair}"] = diff
+        ratios[f"balance/sq_norm_ratio/{pair}"] = _ratio(sq[i], sq[i + 1])
+        drift = max(drift, abs(diff - (sq0[i] - sq0[i + 1])))
+    metrics.update(ratios)
+    metrics["balance/drift"] = drift
+    if g is not None:
+        for name, value in zip(names, g, strict=True):
+            metrics[f"grad_norm/{name}"] = math.sqrt(value)
+        metrics["grad_norm/total"] = math.sqrt(sum(g))
+    return metrics
+
+
+def _ratio(a: float, b: float) -> float:
+    if b != 0.0:
+        return a / b
+    return math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a)
+
+
+def _floats(
+    values: Sequence[Tensor | Sequence[float] | None],
+) -> list[list[float] | None]:
+    """Tensors to lists of floats with a single host transfer for all of them."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    flat: list[float] = []
+    if tensors:
+        flat = torch.cat(
+            [t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors]
+        ).tolist()
+    out: list[list[float] | None] = []
+    start = 0
+    for v in values:
+        if v is None:
+            out.append(None)
+        elif isinstance(v, Tensor):
+            out.append(flat[start : start + v.numel()])
+            start += v.numel()
+        else:
+            out.append([float(x) for x in v])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# hidden units: pairing incoming and outgoing weights
+# ----------------------------------------------------------------------------------------------
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Modules that may sit between two paired layers: positively homogeneous and channel-wise.
+_PASS_THROUGH = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class UnitLayer:
+    """A hidden layer whose outputs (features, or channels of a conv layer) are the units.
+
+    Unit ``i`` has the incoming weights ``in_i`` = row ``i`` of ``weight`` (output channel ``i``'s
+    filter) and ``bias[i]``, and the outgoing weights ``out_i`` = the slice ``i`` of
+    ``next_weight`` viewed as ``(out, units, block)`` (a column; an input-channel slice of a conv;
+    after a ``Flatten``, the ``block`` columns of channel ``i``'s spatial positions).
+
+    Attributes:
+        name: module name of the hidden layer.
+        next_name: module name of the layer the units feed.
+        weight: parameter name of the incoming weight.
+        bias: parameter name of the incoming bias, or ``None``.
+        next_weight: parameter name of the outgoing weight.
+        units: number of units.
+    """
+
+    name: str
+    next_name: str
+    weight: str
+    bias: str | None
+    next_weight: str
+    units: int
+
+
+def _chain(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules in registration order, descending the root and plain containers."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, mod: nn.Module, is_root: bool) -> None:
+        children = list(mod.named_children())
+        if not children:
+            out.append((prefix, mod))
+            return
+        if not is_root and not isinstance(mod, _CONTAINERS):
+            if isinstance(mod, _WEIGHTED + _PASS_THROUGH):
+                out.append((prefix, mod))
+                return
+            raise ValueError(
+                f"per-unit balance cannot pair units through the module {prefix!r}"
+                f" ({type(mod).__name__}): it combines submodules in its own forward (a residual"
+                " add?), so its units cannot be paired; pass `layers=[...]` naming a chain of"
+                " Linear/Conv layers without it, or `neurons=False`"
+            )
+        if any(True for _ in mod.parameters(recurse=False)) and not is_root:
+            raise ValueError(f"the container {prefix!r} owns parameters: cannot pair its units")
+        for name, child in children:
+            visit(f"{prefix}.{name}" if prefix else name, child, False)
+
+    visit("", module, True)
+    return out
+
+
+def pair_units(
+    module: nn.Module,
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+) -> list[UnitLayer]:
+    r"""Pair every hidden unit with its incoming and outgoing weights.
+
+    The model is read as a chain: its leaf modules in registration order (``nn.Sequential``
+    stacks: forward order), through the root and plain containers. Between two paired
+    Linear/Conv1d/2d/3d layers only positively homogeneous, channel-wise modules may sit (ReLU,
+    LeakyReLU, Identity, Dropout, max/avg pooling, Flatten); then scaling ``in_i`` by
+    :math:`\alpha>0` and ``out_i`` by :math:`1/\alpha` leaves the function unchanged, and
+    gradient flow conserves every :math:`D_i = \|in_i\|^2 - \|out_i\|^2` (Du, Hu & Lee 2018).
+    Functional operations inside a custom ``forward`` are not visible: the chain is assumed to be
+    the forward order.
+
+    Args:
+        module: the model.
+        layers: which layers to pair (default ``None``: every module that owns trainable
+            parameters, each of which must then be Linear/Conv); a list of module names (adjacent
+            in that order); or a dict ``{layer: [parameter names]}`` whose parameters belong to
+            one Linear/Conv module per layer.
+
+    Returns:
+        One :class:`UnitLayer` per adjacent pair, in order.
+
+    Raises:
+        ValueError: a module between or among the layers that breaks the pairing (BatchNorm, a
+            module with its own forward such as a residual block, an unknown module), grouped
+            convolutions, shapes that do not chain, or fewer than two layers; the message names
+            the module.
+
+    Example:
+
+        >>> from torch import nn
+        >>> from torch_momentum.balance import pair_units
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        ...                     nn.Linear(4 * 3 * 3, 2))
+        >>> [(u.name, u.units, u.next_weight) for u in pair_units(net)]
+        [('0', 4, '4.weight')]
+    """
+    chain = _chain(module)
+    position = {name: i for i, (name, _) in enumerate(chain)}
+    spec = check_layers_spec(layers)
+    if spec is None:
+        names = [
+            name
+            for name, mod in chain
+            if any(p.requires_grad for p in mod.parameters(recurse=False))
+        ]
+    elif isinstance(spec, dict):
+        names = []
+        for layer, p_names in spec.items():
+            owners = {p_name.rpartition(".")[0] for p_name in p_names}
+            if len(owners) != 1:
+                raise ValueError(
+                    f"`layers[{layer!r}]` has parameters of several modules {sorted(owners)}: per-"
+                    "unit pairing needs one Linear/Conv module per layer"
+                )
+            names.append(owners.pop())
+    else:
+        names = list(spec)
+    for name in names:
+        if name not in position:
+            raise ValueError(
+                f"per-unit balance: the layer {name!r} is not a leaf module of the model's chain"
+            )
+        mod = chain[position[name]][1]
+        if not isinstance(mod, _WEIGHTED):
+            raise ValueError(
+                f"per-unit balance cannot pair units through the module {name!r}"
+                f" ({type(mod).__name__}): only Linear and Conv1d/2d/3d layers are paired"
+                " (BatchNorm and other modules break the unit symmetry); pass `layers=[...]`"
+                " naming a pairable chain, or `neurons=False`"
+            )
+        if getattr(mod, "groups", 1) != 1:
+            raise ValueError(
+                f"per-unit balance: the conv layer {name!r} has groups={mod.groups}; only"
+                " groups=1 is paired"
+            )
+    if len(names) < 2:
+        raise ValueError(f"per-unit balance needs at least two layers, got {names}")
+    units = []
+    for a, b in itertools.pairwise(names):
+        ia, ib = position[a], position[b]
+        if ib <= ia:
+            raise ValueError(
+                f"per-unit balance: layer {b!r} comes before {a!r} in the model; list layers in"
+                " forward order"
+            )
+        flattened = False
+        for name, mod in chain[ia + 1 : ib]:
+            if not isinstance(mod, _PASS_THROUGH) or any(True for _ in mod.parameters()):
+                raise ValueError(
+                    f"per-unit balance cannot pair the units of {a!r} with {b!r}: the module"
+                    f" {name!r} ({type(mod).__name__}) sits between them and is not a"
+                    " positively homogeneous channel-wise map (BatchNorm, a residual add or an"
+                    " unknown module); pass `layers=[...]` naming a pairable part, or"
+                    " `neurons=False`"
+                )
+            if isinstance(mod, nn.Flatten):
+                if mod.start_dim != 1:
+                    raise ValueError(
+                        f"per-unit balance: Flatten {name!r} must flatten from dim 1, got"
+                        f" start_dim={mod.start_dim}"
+                    )
+                flattened = True
+        ma, mb = chain[ia][1], chain[ib][1]
+        n = ma.weight.shape[0]
+        fan_in = mb.weight.shape[1]
+        a_conv = not isinstance(ma, nn.Linear)
+        b_conv = not isinstance(mb, nn.Linear)
+        ok = fan_in == n
+        if a_conv and not b_conv:
+            ok = flattened and fan_in % n == 0
+        elif b_conv and not a_conv:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"per-unit balance: the {n} outputs of {a!r} ({type(ma).__name__}) do not map"
+                f" channel by channel onto the inputs of {b!r} ({type(mb).__name__}, fan-in"
+                f" {fan_in})"
+            )
+        bias = f"{a}.bias" if getattr(ma, "bias", None) is not None else None
+        units.append(UnitLayer(a, b, f"{a}.weight", bias, f"{b}.weight", n))
+    return units
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _unit_parts(
+    unit: UnitLayer, get: Callable[[str], Tensor | None]
+) -> list[tuple[Tensor | None, str, float]]:
+    return [
+        (get(unit.weight), "rows", 1.0),
+        (get(unit.bias) if unit.bias is not None else None, "entries", 1.0),
+        (get(unit.next_weight), "cols", -1.0),
+    ]
+
+
+def _unit_sq(t: Tensor, kind: str, n: int, other: Tensor | None = None) -> Tensor:
+    """Per-unit sums of ``t * other`` (``other`` defaults to ``t``), float64, length ``n``."""
+    t = _full(t).detach()
+    o = t if other is None else _full(other).detach()
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    prod = (t.to(acc) * o.to(acc)) if t.is_floating_point() else (t * o).real
+    if kind == "entries":
+        return prod.reshape(n).to(torch.float64)
+    if kind == "rows":
+        return prod.reshape(n, -1).sum(1, dtype=torch.float64)
+    return prod.reshape(prod.shape[0], n, -1).sum((0, 2), dtype=torch.float64)
+
+
+def _getter(module: nn.Module, tensors: Callable[[str, Tensor], Tensor] | None):
+    params = dict(module.named_parameters(remove_duplicate=False))
+
+    def get(name: str) -> Tensor:
+        p = params[name]
+        return tensors(name, p) if tensors is not None else p
+
+    return get
+
+
+def unit_balance(
+    module: nn.Module,
+    units: Sequence[UnitLayer],
+    tensors: Callable[[str, Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    r"""Per-unit balance :math:`D_i = \|in_i\|^2 - \|out_i\|^2` of every hidden layer.
+
+    Args:
+        module: the model.
+        units: from :func:`pair_units`.
+        tensors: optional ``(parameter name, parameter) -> tensor`` giving the values to use
+            (e.g. the iterate of a look-ahead optimiser); default: the parameters.
+
+    Returns:
+        ``{hidden layer name: float64 vector of length units}``. Sharded (DTensor) parameters
+        are gathered (a collective every rank joins).
+
+    Example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_momentum.balance import pair_units, unit_balance
+        >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        ...     _ = net[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        >>> unit_balance(net, pair_units(net))["0"].tolist()
+        [0.0, 3.0]
+    """
+    get = _getter(module, tensors)
+    out = {}
+    for unit in units:
+        total = None
+        for t, kind, sign in _unit_parts(unit, get):
+            if t is None:
+                continue
+            value = sign * _unit_sq(t, kind, unit.units)
+            total = value if total is None else total + value
+        out[unit.name] = total
+    return out
+
+
+def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Tensor]:
+    r"""Per-unit :math:`R_i = \langle in_i, g_{in_i}\rangle - \langle out_i, g_{out_i}\rangle` at
+    the parameters as held, with their ``.grad`` (missing gradients count 0).
+
+    :math:`R_i = 0` for any loss when the network is positively homogeneous in unit ``i``
+    (Euler's identity); a non-zero value measures a broken symmetry.
+
+    Returns:
+        ``{hidden layer name: float64 vector of length units}``.
+
+    Example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_momentum.balance import pair_units, unit_symmetry
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False)).double()
+        >>> net(torch.randn(5, 3, dtype=torch.float64)).square().sum().backward()
+        >>> bool(unit_symmetry(net, pair_units(net))["0"].abs().max() < 1e-12)
+        True
+    """
+    params = dict(module.named_parameters(remove_duplicate=False))
+    out = {}
+    for unit in units:
+        total = torch.zeros(unit.units, dtype=torch.float64)
+        for name, kind, sign in (
+            (unit.weight, "rows", 1.0),
+            (unit.bias, "entries", 1.0),
+            (unit.next_weight, "cols", -1.0),
+        ):
+            if name is None:
+                continue
+            p = params[name]
+            if p.grad is None:
+                continue
+            value = sign * _unit_sq(p, kind, unit.units, p.grad)
+            total = total.to(value.device) + value
+        out[unit.name] = total
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the ledger
+# ----------------------------------------------------------------------------------------------
+
+#: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``.
+LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
+
+# entries of the 4x4 Gram matrix of (x_t, v_t, g_t, dx) used by the terms:
+# D = <x,x>, K = <x,v>, <x,g>, <v,g>, <x,dx>, <dx,dx>
+_GRAM_ENTRIES = (0, 1, 2, 6, 3, 15)
+
+
+def _coefficients(
+    eta: float, mu: float, lam: float, c: float, s: float, delta: float
+) -> list[list[float]]:
+    """Rows: the five terms as linear combinations of the Gram entries ``_GRAM_ENTRIES``."""
+    a = 2.0 * (eta * mu + delta)
+    return [
+        [0.0, a, 0.0, 2.0 * eta * s * c, 0.0, 0.0],  # momentum
+        [-2.0 * eta * lam, -2.0 * eta * lam * c, 0.0, 0.0, 0.0, 0.0],  # weight decay
+        [0.0, 0.0, -2.0 * eta * s, -2.0 * eta * s * c, 0.0, 0.0],  # symmetry
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # discretisation
+        [2.0 * eta * lam, -a + 2.0 * eta * lam * c, 2.0 * eta * s, 0.0, 2.0, 0.0],  # other
+    ]
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, Tensor):
+        return float(value.detach().reshape(()))  # a host read; a CPU tensor lr costs nothing
+    return float(value)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class BalanceLedger:
+    r"""The balance ledger: where :math:`D = \|W_L\|^2 - \|W_M\|^2` of adjacent layers goes.
+
+    For any update :math:`x_{t+1} = x_t + \Delta x`, exactly,
+    :math:`D_{t+1} - D_t = 2\langle x_t, \Delta x\rangle_\pm + \|\Delta x\|^2_\pm` with
+    :math:`\langle a, b\rangle_\pm = \langle a_L, b_L\rangle - \langle a_M, b_M\rangle`. For
+    heavy ball (``PolyakSGD``; ``torch.optim.SGD`` with :math:`v = -`\ ``momentum_buffer``;
+    :math:`d_t = g_t + \lambda x_t`, :math:`v_{t+1} = \mu v_t - d_t`,
+    :math:`x_{t+1} = x_t + \eta v_{t+1}`) the first-order part splits into
+
+    .. math::
+        2\eta\mu K_t - 2\eta\lambda D_t - 2\eta R_t, \qquad
+        K_t = \langle x_t, v_t\rangle_\pm,\ R_t = \langle x_t, g_t\rangle_\pm,
+
+    (momentum, weight decay, symmetry) and the discretisation term is
+    :math:`\|\Delta x\|^2_\pm = \eta^2\|v_{t+1}\|^2_\pm`. For Nesterov (``NesterovSGD``,
+    ``SGD(nesterov=True)``) :math:`D` is taken at the iterate :math:`x = y - c\,v` (``y`` the
+    parameters, ``c`` the look-ahead coefficient the parameters were built with), the gradient at
+    ``y``: momentum :math:`2\eta\mu K_t + 2\eta c\langle v_t, g_t\rangle_\pm`, weight decay
+    :math:`-2\eta\lambda(D_t + cK_t)`, symmetry :math:`-2\eta\langle y_t, g_t\rangle_\pm` (for the
+    built-in under a changing :math:`\eta\mu` its implied iterate also moves by
+    :math:`(c_t - \eta\mu)v_t`, counted as momentum). Any other optimiser gets the generic split:
+    symmetry :math:`-2\eta R_t` (the gradient's share, :math:`\eta` the group's ``lr``), the rest
+    of the first-order part in ``other``. For the SGD family ``other`` is round-off. Every
+    update that is applied is read: the ledger snapshots the tracked tensors before each
+    ``optimizer.step()`` and reads the update after it, so clipping, AMP unscaling and gradient
+    accumulation are seen as applied and a step skipped by a GradScaler is not counted.
+
+    The terms are accumulated on the device without host synchronisation (one Gram matrix of
+    :math:`(x_t, v_t, g_t, \Delta x)` per tensor). With sharded (DTensor) parameters every rank
+    accumulates its shards and :meth:`read` sums them with one ``all_reduce`` (every rank
+    must call it); per-unit terms gather the full tensors on every step.
+
+    Args:
+        layers: ``{layer name: [parameters]}`` in adjacency order (e.g. from
+            :func:`discover_layers`, values as tensors).
+        optimizers: the optimiser (or optimisers) that update them.
+        units: optional :class:`UnitLayer` list (from :func:`pair_units`) for per-unit terms.
+        module: the model; required with ``units`` (to find the unit parameters by name).
+
+    Example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance import BalanceLedger
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(),
+        ...                     nn.Linear(4, 2, bias=False)).double()
+        >>> opt = PolyakSGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> ledger = BalanceLedger({"a": [net[0].weight], "b": [net[2].weight]}, opt)
+        >>> ledger.attach()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> for _ in range(5):
+        ...     opt.zero_grad()
+        ...     ((net(x) - y) ** 2).mean().backward()
+        ...     _ = opt.step()
+        >>> out = ledger.read()
+        >>> drift = out["D"] - out["D0"]
+        >>> bool(abs(drift - out["sums"].sum(1)).max() < 1e-12 * (1 + abs(out["D0"]).max()))
+        True
+        >>> ledger.detach()
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, Sequence[Tensor]],
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
+        units: Sequence[UnitLayer] | None = None,
+        module: nn.Module | None = None,
+    ) -> None:
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        self.names = list(layers)
+        if len(self.names) < 2:
+            raise ValueError(f"the ledger needs at least two layers, got {self.names}")
+        self.pairs = [f"{a}-{b}" for a, b in adjacent_pairs(self.names)]
+        self.optimizers = list(optimizers)
+        self.units = list(units or [])
+        if self.units and module is None:
+            raise ValueError("`units` needs `module` to find the unit parameters by name")
+        self._tracked: list[Tensor] = []
+        index: dict[int, int] = {}
+
+        def track(p: Tensor) -> int:
+            if id(p) not in index:
+                index[id(p)] = len(self._tracked)
+                self._tracked.append(p)
+            return index[id(p)]
+
+        layer_of = []
+        for layer, params in enumerate(layers.values()):
+            for p in params:
+                layer_of.append((track(p), layer))
+        self._unit_parts: list[list[tuple[int, str, float]]] = []
+        if self.units:
+            named = dict(module.named_parameters(remove_duplicate=False))  # type: ignore[union-attr]
+            for unit in self.units:
+                parts = [(track(named[unit.weight]), "rows", 1.0)]
+                if unit.bias is not None:
+                    parts.append((track(named[unit.bias]), "entries", 1.0))
+                parts.append((track(named[unit.next_weight]), "cols", -1.0))
+                self._unit_parts.append(parts)
+        n, n_pairs = len(self._tracked), len(self.pairs)
+        self._sharded = any(_is_dtensor(p) for p in self._tracked)
+        first = _local(self._tracked[0])
+        self.device = first.device
+        # sign[pair, tensor]: +1 for layer L, -1 for layer M of pair L-M
+        sign = torch.zeros(n_pairs, n, dtype=torch.float64)
+        for t, layer in layer_of:
+            if layer < n_pairs:
+                sign[layer, t] += 1.0
+            if layer > 0:
+                sign[layer - 1, t] -= 1.0
+        self._sign = sign.to(self.device)
+        self._weights = [
+            1.0 if not _is_dtensor(p) else _local_and_weight(p)[1] for p in self._tracked
+        ]
+        self._local_sums = torch.zeros(n_pairs, len(LEDGER_TERMS), dtype=torch.float64).to(
+            self.device
+        )
+        self._offset = torch.zeros_like(self._local_sums)
+        self._unit_sums = [
+            torch.zeros(u.units, len(LEDGER_TERMS), dtype=torch.float64).to(self.device)
+            for u in self.units
+        ]
+        self.D0: Tensor | None = None
+        self.unit_D0: list[Tensor] | None = None
+        self.steps = 0  # optimiser steps accumulated by this process (since start/restore)
+        #: whether this process accumulates (replicated data parallel: rank zero only)
+        self.active = True
+        self._owner: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+        self._sgd_c: dict[tuple[int, int], float] = {}
+        self._pending: dict[int, list[Any]] = {}
+        self._handles: list[Any] = []
+        self._locate()
+
+    # ------------------------------------------------------------------------------------------
+    # optimiser kinds
+    # ------------------------------------------------------------------------------------------
+
+    def _locate(self) -> None:
+        ids = {id(p): i for i, p in enumerate(self._tracked)}
+        self._owner = {}
+        self._plans: dict[int, list[tuple[int, dict[str, Any], list[int]]]] = {}
+        for opt in self.optimizers:
+            plan = []
+            for g, group in enumerate(opt.param_groups):
+                idx = [ids[id(p)] for p in group["params"] if id(p) in ids]
+                for i in idx:
+                    self._owner[i] = (opt, group)
+                if idx:
+                    plan.append((g, group, idx))
+            self._plans[id(opt)] = plan
+
+    @staticmethod
+    def _kind(opt: torch.optim.Optimizer) -> str:
+        from torch_momentum.optim import NesterovSGD, PolyakSGD
+
+        if isinstance(opt, NesterovSGD):
+            return "nesterov"
+        if isinstance(opt, PolyakSGD):
+            return "heavy"
+        if type(opt) is torch.optim.SGD:
+            return "sgd"
+        return "generic"
+
+    def _lookahead(self, opt: torch.optim.Optimizer, g: int, group: dict[str, Any]) -> float:
+        """The c with parameters = x + c * v now (0 without a look-ahead)."""
+        kind = self._kind(opt)
+        if kind == "nesterov":
+            return _float(opt._lookahead_coefficient(group))  # type: ignore[attr-defined]
+        if kind == "sgd" and group.get("nesterov", False):
+            key = (id(opt), g)
+            if key not in self._sgd_c:
+                self._sgd_c[key] = _float(group["lr"]) * float(group["momentum"])
+            return self._sgd_c[key]
+        return 0.0
+
+    def _velocity(self, opt: torch.optim.Optimizer, p: Tensor) -> Tensor | None:
+        state = opt.state.get(p, {})
+        kind = self._kind(opt)
+        if kind in ("nesterov", "heavy"):
+            return state.get("velocity")
+        if kind == "sgd":
+            buf = state.get("momentum_buffer")
+            return None if buf is None else torch.neg(buf)
+        return None
+
+    def _hyper(self, opt: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, ...]:
+        """``(eta, mu, lambda, sign, known)``: known=False for the generic split."""
+        kind = self._kind(opt)
+        eta = _float(group.get("lr", 0.0))
+        s = -1.0 if group.get("maximize", False) else 1.0
+        if kind == "generic" or (kind == "sgd" and group.get("dampening", 0) != 0):
+            return eta, 0.0, 0.0, s, 0.0
+        return eta, float(group["momentum"]), float(group["weight_decay"]), s, 1.0
+
+    def _iterate(self, i: int, *, local: bool = True) -> Tensor:
+        """The iterate of tracked tensor ``i`` (a view of the parameter when it is the iterate)."""
+        p = self._tracked[i]
+        value = _local(p.detach()) if local else p.detach()
+        owner = self._owner.get(i)
+        if owner is None:
+            return value
+        opt, group = owner
+        g = next(k for k, gr in enumerate(opt.param_groups) if gr is group)
+        c = self._lookahead(opt, g, group)
+        v = self._velocity(opt, p) if c != 0.0 else None
+        if v is None:
+            return value
+        return value - c * (_local(v) if local else v)
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register step pre/post hooks on the optimisers (idempotent).
+
+        Raises:
+            ValueError: per-unit terms (``units``) with sharded (DTensor) parameters.
+        """
+        if self._handles:
+            return
+        if self._sharded and self.units:
+            raise ValueError(
+                "per-unit ledger terms with sharded (DTensor) parameters are not supported: a unit"
+                " spans shards; accumulate the ledger without units (per-unit balance and"
+                " symmetry at logging steps, unit_balance/unit_symmetry, work with shards)"
+            )
+        for opt in self.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._before))
+            self._handles.append(opt.register_step_post_hook(self._after))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending = {}
+
+    @torch.no_grad()
+    def _before(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        if not self.active:
+            return
+        pending = []
+        for g, group, idx in self._plans.get(id(opt), []):
+            c = self._lookahead(opt, g, group)
+            xs, vs = [], []
+            for i in idx:
+                p = self._tracked[i]
+                v = self._velocity(opt, p)
+                y = _local(p.detach())
+                vs.append(None if v is None else _local(v).clone())
+                xs.append(y.clone() if v is None or c == 0.0 else y - c * vs[-1])
+            pending.append((g, group, idx, xs, vs, c))
+        self._pending[id(opt)] = pending
+
+    @torch.no_grad()
+    def _after(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        pending = self._pending.pop(id(opt), None)
+        if not self.active or pending is None:
+            return
+        grams, coefficients, used = [], [], []
+        unit_rows: dict[int, tuple[Tensor, list[list[float]]]] = {}
+        unit_tensors = {i for parts in self._unit_parts for i, _, _ in parts}
+        for g, group, idx, xs, vs, c in pending:
+            eta, mu, lam, s, known = self._hyper(opt, group)
+            c_new = 0.0
+            delta = 0.0
+            kind = self._kind(opt)
+            if kind == "sgd" and group.get("nesterov", False):
+                c_new = _float(group["lr"]) * float(group["momentum"])
+                delta = c - eta * mu
+                self._sgd_c[(id(opt), g)] = c_new
+            elif kind == "nesterov":
+                c_new = self._lookahead(opt, g, group)
+            if not known:
+                c, delta, c_new = 0.0, 0.0, 0.0
+            rows = _coefficients(eta, mu, lam, c, s, delta)
+            for i, x0, v0 in zip(idx, xs, vs, strict=True):
+                p = self._tracked[i]
+                if p.grad is None:
+                    continue  # not updated by this step
+                v1 = self._velocity(opt, p)
+                y1 = _local(p.detach())
+                x1 = y1 if v1 is None or c_new == 0.0 else y1 - c_new * _local(v1)
+                dx = x1 - x0
+                grad = _local(p.grad.detach())
+                acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+                zeros = torch.zeros_like(x0, dtype=acc) if v0 is None else None
+                m = torch.stack(
+                    [
+                        x0.to(acc),
+                        zeros if v0 is None else v0.to(acc),
+                        grad.to(acc),
+                        dx.to(acc),
+                    ]
+                )
+                if m.is_complex():
+                    m = torch.view_as_real(m)
+                flat = m.reshape(4, -1)
+                grams.append((flat @ flat.T).to(torch.float64) * self._weights[i])
+                coefficients.append(rows)
+                used.append(i)
+                if i in unit_tensors:
+                    unit_rows[i] = (m, rows)
+        if not grams:
+            return
+        self.steps += 1
+        gram = torch.stack(grams).reshape(len(grams), 16)[:, list(_GRAM_ENTRIES)]
+        coef = torch.tensor(coefficients, dtype=torch.float64)
+        if self.device.type == "cuda":
+            coef = coef.pin_memory().to(self.device, non_blocking=True)
+        else:
+            coef = coef.to(self.device)
+        terms = torch.einsum("tkj,tj->tk", coef, gram.to(self.device))
+        self._local_sums += self._sign[:, used] @ terms
+        if unit_rows:
+            self._accumulate_units(unit_rows)
+
+    def _accumulate_units(self, unit_rows: dict[int, tuple[Tensor, list[list[float]]]]) -> None:
+        for u, (unit, parts) in enumerate(zip(self.units, self._unit_parts, strict=True)):
+            n = unit.units
+            for i, kind, sign in parts:
+                if i not in unit_rows:
+                    continue
+                m, rows = unit_rows[i]
+                if kind == "entries":
+                    per_unit = m.reshape(4, n, 1).transpose(0, 1)
+                elif kind == "rows":
+                    per_unit = m.reshape(4, n, -1).transpose(0, 1)
+                else:
+                    per_unit = m.reshape(4, m.shape[1], n, -1).permute(2, 0, 1, 3).reshape(n, 4, -1)
+                gram = (per_unit @ per_unit.transpose(1, 2)).to(torch.float64).reshape(n, 16)
+                q = gram[:, list(_GRAM_ENTRIES)]
+                coef = torch.tensor(rows, dtype=torch.float64).to(q.device)
+                self._unit_sums[u] += (sign * (q @ coef.T)).to(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # reading, state
+    # ------------------------------------------------------------------------------------------
+
+    def _pair_values(self, corrected: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(D, Q or None, reduced sums)`` per pair; one all_reduce when sharded."""
+        n = len(self._tracked)
+        xx = torch.zeros(n, dtype=torch.float64, device=self.device)
+        qk = torch.zeros(n, dtype=torch.float64, device=self.device)
+        heavy = corrected
+        with torch.no_grad():
+            for i in range(n):
+                x = self._iterate(i)
+                if x.is_complex():
+                    x = torch.view_as_real(x)
+                acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+                xf = x.reshape(-1).to(acc)
+                xx[i] = (xf @ xf).to(torch.float64) * self._weights[i]
+                owner = self._owner.get(i)
+                if not heavy:
+                    continue
+                if owner is None:
+                    continue
+                opt, group = owner
+                kind = self._kind(opt)
+                if kind == "generic" or group.get("nesterov", False) or kind == "nesterov":
+                    heavy = False
+                    continue
+                mu = float(group.get("momentum", 0.0))
+                v = self._velocity(opt, self._tracked[i])
+                if v is None or mu == 0.0:
+                    continue
+                vf = _local(v).reshape(-1).to(acc)
+                if vf.is_complex():
+                    vf = torch.view_as_real(_local(v)).reshape(-1).to(acc)
+                eta = _float(group["lr"])
+                qk[i] = (xf @ vf).to(torch.float64) * self._weights[i] * (2 * eta * mu / (1 - mu))
+            local = torch.cat([self._local_sums.reshape(-1), self._sign @ xx, self._sign @ qk])
+            if self._sharded:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        k = self._local_sums.numel()
+        p = len(self.pairs)
+        sums = self._offset + local[:k].reshape(self._local_sums.shape)
+        d = local[k : k + p]
+        q = d + local[k + p :] if heavy else None
+        return d, q, sums
+
+    def start(self) -> None:
+        """Record :math:`D(0)` (and per-unit :math:`D_i(0)`) at the current iterate and zero the
+        sums: a new series. Every rank calls it when sharded."""
+        self._local_sums.zero_()
+        self._offset.zero_()
+        for sums in self._unit_sums:
+            sums.zero_()
+        self.steps = 0
+        self.D0 = self._pair_values(False)[0].clone()
+        self.unit_D0 = self._unit_d() if self.units else None
+
+    def _unit_d(self) -> list[Tensor]:
+        out = []
+        for unit, parts in zip(self.units, self._unit_parts, strict=True):
+            total = None
+            for i, kind, sign in parts:
+                value = sign * _unit_sq(self._iterate(i, local=False), kind, unit.units)
+                total = value if total is None else total + value
+            out.append(total.to(self.device))
+        return out
+
+    def read(self) -> dict[str, Any]:
+        r"""The ledger now (at step t, before it is taken).
+
+        Returns:
+            ``{"pairs": [...], "D": D(t), "D0": D(0), "sums": (pairs, 5) cumulative terms in
+            the order of :data:`LEDGER_TERMS`, "closure": (D(t) - D(0)) - sums.sum(1), "Q":
+            Q_t or None}`` as float64 tensors; ``Q_t = D_t + 2\eta\mu/(1-\mu) K_t`` is given
+            for heavy-ball optimisers only. Every rank calls it when sharded.
+        """
+        if self.D0 is None:
+            self.start()
+        d, q, sums = self._pair_values(True)
+        return {
+            "pairs": list(self.pairs),
+            "D": d,
+            "D0": self.D0,
+            "sums": sums,
+            "closure": (d - self.D0) - sums.sum(1),
+            "Q": q,
+        }
+
+    def read_units(self) -> dict[str, dict[str, Tensor]]:
+        """Per hidden layer: ``{"D": D_i(t), "D0": D_i(0), "sums": (units, 5), "closure":
+        (D_i(t) - D_i(0)) - sums.sum(1)}`` (float64); empty without ``units``."""
+        if not self.units:
+            return {}
+        if self.unit_D0 is None:
+            self.start()
+        out = {}
+        for unit, d, d0, sums in zip(
+            self.units, self._unit_d(), self.unit_D0, self._unit_sums, strict=True
+        ):
+            out[unit.name] = {"D": d, "D0": d0, "sums": sums, "closure": (d - d0) - sums.sum(1)}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``D(0)``, the cumulative sums (summed over ranks: every rank calls it when
+        sharded), the per-unit values and the look-ahead coefficients of the built-in SGD."""
+        _, _, sums = self._pair_values(False)
+        return {
+            "pairs": list(self.pairs),
+            "D0": None if self.D0 is None else self.D0.tolist(),
+            "sums": sums.tolist(),
+            "units": [u.name for u in self.units],
+            "unit_D0": None if self.unit_D0 is None else [t.tolist() for t in self.unit_D0],
+            "unit_sums": [t.tolist() for t in self._unit_sums],
+            "sgd_lookahead": [[self._plan_index(key), value] for key, value in self._sgd_c.items()],
+        }
+
+    def _plan_index(self, key: tuple[int, int]) -> list[int]:
+        opt_id, g = key
+        return [next(k for k, o in enumerate(self.optimizers) if id(o) == opt_id), g]
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a series: restore ``D(0)`` and the sums (see :meth:`state_dict`).
+
+        Raises:
+            ValueError: the state was saved for other pairs or units.
+        """
+        if list(state["pairs"]) != self.pairs or list(state["units"]) != [
+            u.name for u in self.units
+        ]:
+            raise ValueError(
+                f"ledger state for pairs {state['pairs']} / units {state['units']} does not match"
+                f" pairs {self.pairs} / units {[u.name for u in self.units]}"
+            )
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64).to(self.device)  # noqa: E731
+        self.D0 = None if state["D0"] is None else as_tensor(state["D0"])
+        self._offset = as_tensor(state["sums"]).reshape(self._local_sums.shape)
+        self._local_sums.zero_()
+        self.unit_D0 = (
+            None if state["unit_D0"] is None else [as_tensor(v) for v in state["unit_D0"]]
+        )
+        self._unit_sums = [as_tensor(v).reshape(-1, len(LEDGER_TERMS)) for v in state["unit_sums"]]
+        self._sgd_c = {
+            (id(self.optimizers[o]), g): float(value) for (o, g), value in state["sgd_lookahead"]
+        }
