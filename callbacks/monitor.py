@@ -509,7 +509,7 @@ class LayerBalanceMonitor(Callback):
         ledger = BalanceLedger(
             layers,
             list(trainer.optimizers),
-            units=self._units if self.ledger else None,
+            units=self._units if self.ledger and not self._sharded else None,
             module=pl_module,
         )
         ledger.active = self._sharded or trainer.is_global_zero

@@ -1,0 +1,393 @@
+"""The balance ledger and per-unit balance of torch_momentum.balance, in plain torch (float64).
+
+For any update, D(t+1) - D(t) = 2<x_t, dx>_± + ||dx||^2_± exactly; the ledger splits the first
+term by the known update rules. "Closure" is (D(t) - D(0)) minus the five cumulative terms:
+float64 round-off only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from torch_momentum import NesterovSGD, PolyakSGD
+from torch_momentum.balance import (
+    LEDGER_TERMS,
+    BalanceLedger,
+    discover_layers,
+    pair_units,
+    unit_balance,
+    unit_symmetry,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MOM, WD, SYM, DISC, OTHER = range(5)
+assert LEDGER_TERMS == ("momentum", "weight_decay", "symmetry", "discretisation", "other")
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "gd": lambda ps, wd: PolyakSGD(ps, lr=0.05, momentum=0.0, weight_decay=wd),
+    "polyak": lambda ps, wd: PolyakSGD(ps, lr=0.05, momentum=0.9, weight_decay=wd),
+    "nesterov": lambda ps, wd: NesterovSGD(ps, lr=0.05, momentum=0.9, weight_decay=wd),
+    "sgd": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, weight_decay=wd),
+    "sgd_momentum": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=wd),
+    "sgd_nesterov": lambda ps, wd: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=wd
+    ),
+}
+
+
+def _mlp(bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 8, bias=bias),
+        nn.ReLU(),
+        nn.Linear(8, 5, bias=bias),
+        nn.LeakyReLU(0.1),
+        nn.Linear(5, 2, bias=bias),
+    ).double()
+
+
+def _cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    ).double()
+
+
+def _data(kind: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if kind == "cnn":
+        x = torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64)
+        return x, torch.randn(16, 3, generator=g, dtype=torch.float64)
+    return torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(
+        20, 2, generator=g, dtype=torch.float64
+    )
+
+
+def _ledger(net: nn.Module, opt: torch.optim.Optimizer, layers: Any = None) -> BalanceLedger:
+    found = discover_layers(net, layers)
+    units = pair_units(net, layers)
+    ledger = BalanceLedger(
+        {k: [p for _, p in v] for k, v in found.items()}, opt, units=units, module=net
+    )
+    ledger.attach()
+    ledger.start()
+    return ledger
+
+
+def _run(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    layers: Any = None,
+    scheduler: Any = None,
+    each: Callable[[BalanceLedger], None] | None = None,
+) -> BalanceLedger:
+    ledger = _ledger(net, opt, layers)
+    x, y = data
+    for _ in range(steps):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if each is not None:
+            each(ledger)
+    return ledger
+
+
+def _rel(closure: torch.Tensor, d: torch.Tensor, d0: torch.Tensor, sums: torch.Tensor) -> float:
+    scale = torch.maximum(torch.maximum(d.abs(), d0.abs()), sums.abs().amax(-1))
+    return float((closure.abs() / scale).max())
+
+
+class _Closure:
+    """Checks closure per pair and per unit after every step; records the worst relative error."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.worst_other = 0.0
+
+    def __call__(self, ledger: BalanceLedger) -> None:
+        out = ledger.read()
+        self.worst = max(self.worst, _rel(out["closure"], out["D"], out["D0"], out["sums"]))
+        scale = torch.maximum(out["D"].abs(), out["D0"].abs())
+        scale = torch.maximum(scale, out["sums"].abs().amax(-1))
+        self.worst_other = max(self.worst_other, float((out["sums"][:, OTHER].abs() / scale).max()))
+        for unit in ledger.read_units().values():
+            err = _rel(unit["closure"], unit["D"], unit["D0"], unit["sums"])
+            self.worst = max(self.worst, err)
+
+
+CLOSURE_ERRORS: dict[str, float] = {}
+OTHER_ERRORS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_closure_every_step_sgd_family(name: str, schedule: bool, weight_decay: float) -> None:
+    net = _mlp()
+    opt = OPTIMIZERS[name](net.parameters(), weight_decay)
+    plain = name in ("gd", "sgd")
+    scheduler = (
+        # OneCycleLR also cycles the momentum, which would turn GD into heavy ball
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=40, cycle_momentum=not plain
+        )
+        if schedule
+        else None
+    )
+    check = _Closure()
+    # the dict grouping pairs each hidden unit's bias with its incoming weights
+    layers = {"a": ["0.weight", "0.bias"], "b": ["2.weight", "2.bias"], "c": ["4.weight"]}
+    ledger = _run(net, opt, 30, _data(), layers=layers, scheduler=scheduler, each=check)
+    CLOSURE_ERRORS[f"{name} schedule={schedule} wd={weight_decay}"] = check.worst
+    OTHER_ERRORS[f"{name} schedule={schedule} wd={weight_decay}"] = check.worst_other
+    # float64: D and the terms are sums of O(100) products, each step adds ~1e-16 relative
+    # rounding; 30 steps stay far below 1e-10 (measured ~1e-15)
+    assert check.worst < 1e-10
+    # the SGD family has no unexplained first-order part: round-off only, relative to the size
+    # of D and the terms (a wrong rule would show here at O(1); measured ~1e-14)
+    assert check.worst_other < 1e-10
+    sums = ledger.read()["sums"]
+    assert (sums[:, MOM].abs().max() > 1e-4) == (not plain)
+    assert (sums[:, WD].abs().max() > 1e-4) == (weight_decay > 0)
+    assert sums[:, DISC].abs().max() > 1e-4
+    ledger.detach()
+
+
+def test_adam_generic_split_closes_with_other_nonzero() -> None:
+    net = _mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=0.01)
+    check = _Closure()
+    layers = {"a": ["0.weight", "0.bias"], "b": ["2.weight", "2.bias"], "c": ["4.weight"]}
+    ledger = _run(net, opt, 30, _data(), layers=layers, each=check)
+    CLOSURE_ERRORS["adam"] = check.worst
+    assert check.worst < 1e-10  # float64 round-off, as above
+    sums = ledger.read()["sums"]
+    assert float(sums[:, OTHER].abs().max()) > 1e-3  # preconditioning: not explained
+    assert float(sums[:, MOM].abs().max()) == 0.0 and float(sums[:, WD].abs().max()) == 0.0
+
+
+def test_nesterov_ledger_is_at_the_iterate() -> None:
+    """D is read at x (opt.iterate), not at the look-ahead parameters y."""
+    net = _mlp(bias=False)
+    opt = NesterovSGD(net.parameters(), lr=0.05, momentum=0.9)
+    ledger = _run(net, opt, 10, _data())
+    out = ledger.read()
+    xs = [opt.iterate(p) for p in net.parameters()]
+    sq = torch.stack([x.square().sum() for x in xs])
+    expected = sq[:-1] - sq[1:]
+    # float64 norms of the same tensors: rounding only
+    torch.testing.assert_close(out["D"], expected, rtol=1e-12, atol=0)
+    ys = torch.stack([p.detach().square().sum() for p in net.parameters()])
+    assert float((ys[:-1] - ys[1:] - expected).abs().max()) > 1e-6  # y really differs
+
+
+def test_symmetry_term_zero_for_homogeneous_groupings() -> None:
+    # bias-free: every unit homogeneous, and so every layer pair
+    net = _mlp(bias=False)
+    ledger = _run(net, PolyakSGD(net.parameters(), lr=0.05, momentum=0.9), 20, _data())
+    sums = ledger.read()["sums"]
+    # R = 0 exactly in exact arithmetic; float64 rounding of O(100)-term inner products
+    assert float((sums[:, SYM].abs() / sums.abs().amax(-1)).max()) < 1e-12
+    # biased, correctly grouped (each hidden unit's bias with its incoming weights; the
+    # output bias is not part of the one pair)
+    torch.manual_seed(0)
+    net2 = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    layers = {"h": ["0.weight", "0.bias"], "o": ["2.weight"]}
+    ledger2 = _run(
+        net2, PolyakSGD(net2.parameters(), lr=0.05, momentum=0.9), 20, _data(), layers=layers
+    )
+    sums2 = ledger2.read()["sums"]
+    assert float((sums2[:, SYM].abs() / sums2.abs().amax(-1)).max()) < 1e-12
+
+
+def test_symmetry_term_equals_the_bias_term_of_the_wrong_grouping() -> None:
+    """Default layers (W_h, b_h): the pair h, h+1 wrongly counts b_{h+1}; under GD the
+    symmetry term is then exactly sum_t 2 lr <b_{h+1}, g_{b_{h+1}}>."""
+    lr = 0.05
+    net = _mlp(bias=True)
+    opt = PolyakSGD(net.parameters(), lr=lr, momentum=0.0)
+    expected = torch.zeros(2, dtype=torch.float64)
+    biases = [net[2].bias, net[4].bias]
+
+    ledger = _ledger(net, opt)
+    x, y = _data()
+    for _ in range(20):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        for k, b in enumerate(biases):
+            expected[k] += 2 * lr * float((b.detach() * b.grad).sum())
+        opt.step()
+    sums = ledger.read()["sums"]
+    assert float(expected.abs().min()) > 1e-4  # not vacuous
+    # float64 rounding of a few hundred products per step
+    torch.testing.assert_close(sums[:, SYM], expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_per_unit_conservation_in_the_gradient_flow_limit(kind: str) -> None:
+    """GD: per-unit drift is second order in lr; lr -> lr/10 over the same time: ~10x less."""
+    lr, time = (0.05, 1.0) if kind == "mlp" else (0.02, 0.4)
+    drifts = []
+    for rate in (lr, lr / 10):
+        net = _mlp(bias=True) if kind == "mlp" else _cnn()
+        units = pair_units(net)
+        d0 = unit_balance(net, units)
+        opt = torch.optim.SGD(net.parameters(), lr=rate)
+        x, y = _data(kind)
+        for _ in range(round(time / rate)):
+            opt.zero_grad()
+            ((net(x) - y) ** 2).mean().backward()
+            opt.step()
+        d = unit_balance(net, units)
+        drifts.append(max(float((d[k] - d0[k]).abs().max()) for k in d))
+        change = max(float(d0[k].abs().max()) for k in d)
+        assert drifts[-1] < 0.05 * change or rate < lr  # small drift vs the balance itself
+    ratio = drifts[0] / drifts[1]
+    # first order in lr (sum over time/lr steps of lr^2 terms): ratio ~10; 6..14 allows the
+    # higher-order terms and the trajectory's own dependence on lr
+    assert 6 < ratio < 14, ratio
+
+
+def test_corrected_diff_heavy_ball() -> None:
+    """Q_{t+1} - Q_t = lr^2 (1+mu)/(1-mu) E_{t+1} at every step (heavy ball, no decay)."""
+    lr, mu = 0.05, 0.9
+    net = _mlp(bias=False)
+    opt = PolyakSGD(net.parameters(), lr=lr, momentum=mu)
+    rows: list[dict[str, torch.Tensor]] = []
+    _run(net, opt, 25, _data(), each=lambda led: rows.append(led.read()))
+    first = _ledger(_mlp(bias=False), PolyakSGD(_mlp(bias=False).parameters(), lr=lr))
+    assert first.read()["Q"] is not None
+    for a, b in itertools.pairwise(rows):
+        change = b["Q"] - a["Q"]
+        disc = b["sums"][:, DISC] - a["sums"][:, DISC]  # lr^2 E_{t+1}
+        predicted = (1 + mu) / (1 - mu) * disc
+        assert float(predicted.abs().min()) > 1e-8  # not vacuous
+        # float64: Q is D plus a K term of size ~|x|^2; rounding ~1e-15 of it
+        scale = float(a["D"].abs().max() + b["Q"].abs().max())
+        torch.testing.assert_close(change, predicted, rtol=0, atol=1e-12 * scale)
+
+
+def test_q_not_given_for_look_ahead_optimisers() -> None:
+    net = _mlp(bias=False)
+    ledger = _run(net, NesterovSGD(net.parameters(), lr=0.05), 2, _data())
+    assert ledger.read()["Q"] is None
+
+
+def test_state_dict_continues_exactly() -> None:
+    data = _data()
+    net = _mlp()
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    whole = _run(net, opt, 10, data)
+
+    net2 = _mlp()
+    opt2 = PolyakSGD(net2.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    half = _run(net2, opt2, 5, data)
+    state = half.state_dict()
+    half.detach()
+    resumed = BalanceLedger(
+        {k: [p for _, p in v] for k, v in discover_layers(net2).items()},
+        opt2,
+        units=pair_units(net2),
+        module=net2,
+    )
+    resumed.load_state_dict(state)
+    resumed.attach()
+    x, y = data
+    for _ in range(5):
+        opt2.zero_grad()
+        ((net2(x) - y) ** 2).mean().backward()
+        opt2.step()
+    a, b = resumed.read(), whole.read()
+    # same operations in the same order, sums restored through Python floats (exact)
+    torch.testing.assert_close(a["sums"], b["sums"], rtol=1e-13, atol=0)
+    ua, ub = resumed.read_units(), whole.read_units()
+    for k in ua:
+        torch.testing.assert_close(ua[k]["sums"], ub[k]["sums"], rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="pairs"):
+        resumed.load_state_dict({**state, "pairs": ["x-y"]})
+
+
+def test_skipped_and_gradless_steps() -> None:
+    """A parameter without gradient is not updated and contributes nothing."""
+    net = _mlp(bias=False)
+    net[4].weight.requires_grad_(False)
+    opt = PolyakSGD([p for p in net.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    check = _Closure()
+    _run(net, opt, 10, _data(), each=check)
+    assert check.worst < 1e-10  # float64 round-off
+
+
+def test_unit_symmetry_zero_for_homogeneous_units() -> None:
+    net = _cnn()
+    x, y = _data("cnn")
+    ((net(x) - y) ** 2).mean().backward()
+    units = pair_units(net)
+    assert [(u.name, u.units, u.next_weight) for u in units] == [
+        ("0", 3, "3.weight"),
+        ("3", 4, "7.weight"),
+    ]
+    r = unit_symmetry(net, units)
+    scale = max(float(p.grad.abs().max()) for p in net.parameters())
+    # Euler's identity per unit; float64 rounding of a few hundred products
+    assert all(float(v.abs().max()) < 1e-12 * scale for v in r.values())
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lin(x)
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), r"'1'.*BatchNorm1d"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), r"'1'.*Tanh"),
+        (nn.Sequential(nn.Linear(3, 4), _Residual(), nn.Linear(4, 2)), r"'1'.*_Residual"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 2, 1)), "groups"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Linear(4, 2)), r"'0'.*'2'"),
+    ],
+)
+def test_unpairable_models_are_clear_errors(net: nn.Module, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        pair_units(net)
+
+
+def test_layers_restrict_pairing_to_a_pairable_part() -> None:
+    net = nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)
+    )
+    units = pair_units(net, ["0", "2"])
+    assert [(u.name, u.next_name, u.bias) for u in units] == [("0", "2", "0.bias")]
+
+
+def test_report_closure_errors() -> None:
+    """Not an assertion on numbers already checked: prints the measured maxima (pytest -s)."""
+    if CLOSURE_ERRORS:
+        width = max(map(len, CLOSURE_ERRORS))
+        for key, value in CLOSURE_ERRORS.items():
+            other = OTHER_ERRORS.get(key)
+            extra = "" if other is None else f"  |other| {other:.2e}"
+            print(f"{key:<{width}}  max relative closure {value:.2e}{extra}")
