@@ -1,5 +1,6 @@
 """LayerBalanceMonitor with 2 CPU processes (gloo): DDP, FSDP2 (ModelParallelStrategy +
-fully_shard) and DTensor parameters give the values of a single-process run.
+fully_shard) and DTensor parameters give the values of a single-process run, balance, per-unit
+and ledger keys alike.
 
 The distributed runs happen in one subprocess running ``tests/scripts/balance_distributed.py``
 with ``strategy="ddp"`` (Lightning re-launches that script for rank 1; plain ``ddp`` inside
@@ -35,6 +36,7 @@ pytestmark = [
         reason="needs torch.distributed/gloo",
     ),
     pytest.mark.usefixtures("one_thread"),
+    pytest.mark.slow,
 ]
 
 
@@ -58,11 +60,11 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
-    from balance_distributed import STEPS
+    from balance_distributed import MOMENTUM, STEPS
 
     torch.manual_seed(0)
-    model = BalanceModel(make_net(), lr=0.05)
-    monitor = LayerBalanceMonitor(save_figure=False)
+    model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM)
+    monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
     trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=False, callbacks=[monitor]))
     trainer.fit(model, make_loader(*make_data(), repeat=STEPS))
     return monitor.history
@@ -82,6 +84,8 @@ def _assert_same(history: list[dict[str, float]], reference: list[dict[str, floa
 def test_ddp_two_processes_match_single_process(
     distributed: dict[str, Any], single: list[dict[str, float]]
 ) -> None:
+    assert any(k.startswith("ledger/momentum/") for k in single[-1])
+    assert any(k.startswith("balance/unit_drift_max/") for k in single[-1])
     assert distributed["world_size"] == 2
     assert distributed["ddp_sharded"] is False  # replicated: no collective needed
     _assert_same(distributed["ddp"], single)

@@ -3,6 +3,8 @@
 Usage: ``python balance_distributed.py OUT.json WORKDIR``. Lightning's ``strategy="ddp"`` launches
 the second rank by re-running this script; every rank runs, rank zero writes ``OUT.json``:
 
+The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9).
+
 - ``ddp``: the monitor's history under ``strategy="ddp"``, 2 CPU processes (gloo); each rank sees
   half of the full batch (DistributedSampler, no shuffling) with a mean loss, so the all-reduced
   gradient equals the single-process full-batch gradient.
@@ -30,13 +32,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4
+MOMENTUM = 0.9
 
 
 def fit(strategy: object, fsdp: bool, workdir: str, name: str) -> tuple[LayerBalanceMonitor, bool]:
     torch.manual_seed(0)
-    model = BalanceModel(make_net(), lr=0.05, fsdp=fsdp)
+    model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
-    monitor = LayerBalanceMonitor(save_figure=(name == "ddp"))
+    monitor = LayerBalanceMonitor(save_figure=(name == "ddp"), ledger=True, neurons=True)
     trainer = pl.Trainer(
         **trainer_kwargs(
             strategy=strategy,
