@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 EXTRAS := lightning,tensorboard,examples,dev,docs
-# Sphinx: warnings are errors (a broken docstring fails the build), but report them all at once
-SPHINXOPTS ?= -W --keep-going -q
+# Sphinx: warnings are errors (a broken docstring fails the build), all reported at once; -E
+# re-reads every page (autodoc output depends on docstrings Sphinx does not track)
+SPHINXOPTS ?= -W --keep-going -q -E
 # `make dist-check` builds here and installs the wheel into a fresh venv here
 DISTDIR  := dist
 DISTVENV := build/wheel-venv
