@@ -38,8 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, EVERY = 6, 2
 LAYERS = ["net.0", "net.2", "net.4"]  # make_net(): Linear, ReLU, Linear, ReLU, Linear
 PAIRS = [("net.0", "net.2"), ("net.2", "net.4")]
+HIDDEN = ["net.0", "net.2"]  # layers whose outputs are hidden units (all but the last)
 
-# (key template, what it runs over, monitor options that produce it) -- README's key table
+# (key template, what it runs over, monitor options that produce it): the documented key tables
+# of LayerBalanceMonitor. The optimiser here is PolyakSGD (heavy ball), which also gets
+# balance/corrected_diff with the ledger.
 DOCUMENTED: list[tuple[str, str, dict[str, Any]]] = [
     ("balance/sq_norm/{L}", "layer", {}),
     ("balance/sq_norm_change/{L}", "layer", {}),
@@ -48,6 +51,16 @@ DOCUMENTED: list[tuple[str, str, dict[str, Any]]] = [
     ("balance/drift", "once", {}),
     ("grad_norm/{L}", "layer", {"track_grad_norm": True}),
     ("grad_norm/total", "once", {"track_grad_norm": True}),
+    ("balance/unit_drift_max/{L}", "hidden", {"neurons": True}),
+    ("balance/unit_drift_mean/{L}", "hidden", {"neurons": True}),
+    ("balance/unit_symmetry_max/{L}", "hidden", {"neurons": True}),
+    ("ledger/momentum/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/weight_decay/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/symmetry/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/discretisation/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/other/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/closure/{L}-{M}", "pair", {"ledger": True}),
+    ("balance/corrected_diff/{L}-{M}", "pair", {"ledger": True}),
 ]
 PREFIXES = ("balance/", "grad_norm/", "ledger/")  # every key the monitor logs starts so
 
@@ -60,6 +73,8 @@ def expected_keys(options: dict[str, Any]) -> set[str]:
             continue
         if over == "layer":
             keys |= {template.format(L=layer) for layer in LAYERS}
+        elif over == "hidden":
+            keys |= {template.format(L=layer) for layer in HIDDEN}
         elif over == "pair":
             keys |= {template.format(L=a, M=b) for a, b in PAIRS}
         else:
@@ -144,6 +159,13 @@ def test_tensorboard_without_grad_norms(tmp_path: Path) -> None:
     _check_tensorboard(logger.log_dir, monitor, {"track_grad_norm": False})
 
 
+def test_tensorboard_ledger_and_unit_keys(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    options = {"ledger": True, "neurons": True}
+    monitor = _fit([logger], **options)
+    _check_tensorboard(logger.log_dir, monitor, options)
+
+
 def test_csv_and_tensorboard_at_once(tmp_path: Path) -> None:
     csv_logger = CSVLogger(tmp_path, name="csv")
     tb_logger = TensorBoardLogger(tmp_path, name="tb")
@@ -162,3 +184,25 @@ def test_csv_and_tensorboard_at_once(tmp_path: Path) -> None:
     # the figure file goes to the first logger's directory (Trainer.log_dir), and to TensorBoard
     assert monitor.figure_path == os.path.join(csv_logger.log_dir, "balance.png")
     assert os.path.isfile(monitor.figure_path)
+
+
+def test_stationarity_monitor_to_tensorboard(tmp_path: Path) -> None:
+    from torch_momentum.callbacks import StationarityMonitor
+
+    radii = [1e-3, 0.1]
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = StationarityMonitor(radii=radii, num_samples=8, subset_size=16)
+    torch.manual_seed(0)
+    x, y = make_data()
+    trainer = pl.Trainer(
+        **trainer_kwargs(max_epochs=2, max_steps=-1, logger=logger, callbacks=[monitor])
+    )
+    trainer.fit(BalanceModel(lr=0.05, momentum=0.9), make_loader(x, y, batch_size=32))
+    events = _events(logger.log_dir)
+    logged = {t for t in events.Tags()["scalars"] if t.startswith("stationarity/")}
+    # the documented keys: stationarity/min_norm|active/{delta:g}, stationarity/grad_norm
+    expected = {f"stationarity/{k}/{d:g}" for k in ("min_norm", "active") for d in radii}
+    assert logged == expected | {"stationarity/grad_norm"}
+    for tag in logged:
+        values = [e.value for e in events.Scalars(tag)]
+        assert len(values) == 2 and all(v >= 0 for v in values), (tag, values)  # one per epoch
