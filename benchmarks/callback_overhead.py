@@ -7,8 +7,9 @@ Models:
        cross-entropy, a batch of 64 random 32x32 RGB images, float32
 
 Configurations, per model: no monitor (reference), LayerBalanceMonitor(log_every_n_steps=50),
-LayerBalanceMonitor(log_every_n_steps=1); all with a CSVLogger, Trainer(log_every_n_steps=50),
-PolyakSGD, save_figure=False.
+LayerBalanceMonitor(log_every_n_steps=1), LayerBalanceMonitor(log_every_n_steps=50, ledger=True)
+(the ledger reads every optimiser step), LayerBalanceMonitor(log_every_n_steps=50, neurons=True);
+all with a CSVLogger, Trainer(log_every_n_steps=50), PolyakSGD, save_figure=False.
 
 Method: each round fits every configuration once, in a freshly shuffled order (so that load on a
 shared machine hits all alike). A run takes WARMUP untimed steps and then STEPS timed steps; its
@@ -16,16 +17,19 @@ time per step is the mean interval between consecutive ``on_train_batch_start`` 
 timed steps (everything Lightning does per step, the monitor's logging steps included, amortised).
 Two overhead figures are printed:
   direct      the time spent inside the monitor's hook (norms, host transfer, metric dict,
-              logger calls), amortised over the timed steps, divided by the reference step time
-              (both medians over rounds). Robust on a loaded machine: it times only the work the
-              monitor adds.
+              logger calls) and, with the ledger, inside its optimiser step pre/post hooks,
+              amortised over the timed steps, divided by the reference step time (both medians
+              over rounds). Robust on a loaded machine: it times only the work the monitor adds.
   end-to-end  the median over rounds of (step time with monitor / reference step time in the same
               round) - 1. Includes indirect effects, but on a shared machine its noise (several
               %) can exceed the effect being measured; read it as a cross-check.
 
-Targets: <= 1 % at log_every_n_steps=50, <= 5 % at every step.
+Targets: <= 1 % at log_every_n_steps=50 (also with neurons=True), <= 5 % at every step and with
+the ledger (every step).
 
-Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N]
+Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N] [--quick]
+(--quick: one round of 3 steps of the MLP, a smoke test; its ratios are not meaningful.) On a
+shared machine pass --threads 1: oversubscribed intra-op threads make small kernels erratic.
 """
 
 from __future__ import annotations
@@ -106,7 +110,15 @@ def _cnn() -> tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor],
 
 
 MODELS = {"mlp 1000-100-100-10": _mlp, "cnn 2conv+fc": _cnn}
-CONFIGS: dict[str, int | None] = {"no monitor": None, "every 50 steps": 50, "every step": 1}
+CONFIGS: dict[str, dict[str, Any] | None] = {
+    "no monitor": None,
+    "every 50 steps": {"log_every_n_steps": 50},
+    "every step": {"log_every_n_steps": 1},
+    "ledger, every 50": {"log_every_n_steps": 50, "ledger": True},
+    "neurons, every 50": {"log_every_n_steps": 50, "neurons": True},
+}
+TARGETS = {"every 50 steps": "1 %", "every step": "5 %", "ledger, every 50": "5 %"}
+TARGETS["neurons, every 50"] = "1 %"
 
 
 class _StepTimer(pl.Callback):
@@ -136,12 +148,33 @@ class _TimedMonitor(LayerBalanceMonitor):
     def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_before_optimizer_step(trainer, *args)
-        if trainer.global_step >= self.warmup:
+        self._timed = trainer.global_step >= self.warmup
+        if self._timed:
             self.hook_seconds += time.perf_counter() - start
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._timed = False
+        ledger = self._ledger
+        if ledger is not None and self.ledger:  # time the ledger's optimiser step hooks too
+            ledger.detach()
+            for name in ("_before", "_after"):
+                setattr(ledger, name, self._timing(getattr(ledger, name)))
+            ledger.attach()
+
+    def _timing(self, hook: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = hook(*args, **kwargs)
+            if self._timed:
+                self.hook_seconds += time.perf_counter() - start
+            return out
+
+        return timed
 
 
 def _run(
-    make: Callable, every: int | None, warmup: int, steps: int, logdir: str
+    make: Callable, config: dict[str, Any] | None, warmup: int, steps: int, logdir: str
 ) -> tuple[float, float]:
     """(seconds per step, seconds per step inside the monitor's hook)."""
     torch.manual_seed(0)
@@ -149,8 +182,8 @@ def _run(
     timer = _StepTimer(warmup)
     callbacks: list[pl.Callback] = [timer]
     monitor = None
-    if every is not None:
-        monitor = _TimedMonitor(warmup, log_every_n_steps=every, save_figure=False)
+    if config is not None:
+        monitor = _TimedMonitor(warmup, save_figure=False, **config)
         callbacks.append(monitor)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -173,7 +206,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps, MLP")
     args = parser.parse_args()
+    models = MODELS
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 3, 1
+        models = {k: v for k, v in MODELS.items() if k.startswith("mlp")}
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -183,14 +222,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {threads}")
     print(f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per run\n")
     header = (
-        f"{'model':<20} {'monitor':<15} {'ms/step':>8} {'hook ms':>8} {'direct':>8}"
+        f"{'model':<20} {'monitor':<18} {'ms/step':>8} {'hook ms':>8} {'direct':>8}"
         f" {'end-to-end':>11} {'target':>7}"
     )
     print(header)
     print("-" * len(header))
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as logdir:
-        for model_name, make in MODELS.items():
+        for model_name, make in models.items():
             times: dict[str, list[float]] = {name: [] for name in CONFIGS}
             hooks: dict[str, list[float]] = {name: [] for name in CONFIGS}
             for _ in range(args.rounds):
@@ -202,18 +241,18 @@ def main() -> None:
                     hooks[name].append(hook)
             reference = times["no monitor"]
             ref_ms = 1e3 * statistics.median(reference)
-            print(f"{model_name:<20} {'no monitor':<15} {ref_ms:>8.2f}")
-            for name, every in CONFIGS.items():
-                if every is None:
+            print(f"{model_name:<20} {'no monitor':<18} {ref_ms:>8.2f}")
+            for name, config in CONFIGS.items():
+                if config is None:
                     continue
                 ms = 1e3 * statistics.median(times[name])
                 hook_ms = 1e3 * statistics.median(hooks[name])
                 paired = statistics.median(
                     t / r for t, r in zip(times[name], reference, strict=True)
                 )
-                target = "1 %" if every == 50 else "5 %"
+                target = TARGETS[name]
                 print(
-                    f"{model_name:<20} {name:<15} {ms:>8.2f} {hook_ms:>8.3f}"
+                    f"{model_name:<20} {name:<18} {ms:>8.2f} {hook_ms:>8.3f}"
                     f" {100 * hook_ms / ref_ms:>7.2f}% {100 * (paired - 1):>10.2f}% {target:>7}"
                 )
 

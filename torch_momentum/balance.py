@@ -872,6 +872,16 @@ def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Te
 #: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``.
 LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 
+# the Gram matrix of the post-step rows (p, v, g): its upper triangle, and how to fill it
+_UPPER = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+_SYMMETRIC = (0, 1, 2, 1, 3, 4, 2, 4, 5)
+
+
+def _flat(t: Tensor, acc: torch.dtype) -> Tensor:
+    t = t.to(acc) if not t.is_complex() else torch.view_as_real(t).to(acc)
+    return t.reshape(-1)
+
+
 # entries of the 4x4 Gram matrix of (x_t, v_t, g_t, dx) used by the terms:
 # D = <x,x>, K = <x,v>, <x,g>, <v,g>, <x,dx>, <dx,dx>
 _GRAM_ENTRIES = (0, 1, 2, 6, 3, 15)
@@ -901,6 +911,9 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+_KINDS: dict[type, str] = {}
+
+
 class BalanceLedger:
     r"""The balance ledger: where :math:`D = \|W_L\|^2 - \|W_M\|^2` of adjacent layers goes.
 
@@ -925,14 +938,16 @@ class BalanceLedger:
     :math:`(c_t - \eta\mu)v_t`, counted as momentum). Any other optimiser gets the generic split:
     symmetry :math:`-2\eta R_t` (the gradient's share, :math:`\eta` the group's ``lr``), the rest
     of the first-order part in ``other``. For the SGD family ``other`` is round-off. Every
-    update that is applied is read: the ledger snapshots the tracked tensors before each
-    ``optimizer.step()`` and reads the update after it, so clipping, AMP unscaling and gradient
-    accumulation are seen as applied and a step skipped by a GradScaler is not counted.
+    update that is applied is read, from optimiser step hooks: for the known rules the
+    pre-step iterate and velocity are recovered exactly from the parameters, velocity and
+    gradient after the step (no copies); any other optimiser gets a copy of the parameters
+    before the step. Clipping, AMP unscaling and gradient accumulation are thus seen as applied,
+    and a step skipped by a GradScaler is not counted.
 
-    The terms are accumulated on the device without host synchronisation (one Gram matrix of
-    :math:`(x_t, v_t, g_t, \Delta x)` per tensor). With sharded (DTensor) parameters every rank
-    accumulates its shards and :meth:`read` sums them with one ``all_reduce`` (every rank
-    must call it); per-unit terms gather the full tensors on every step.
+    The terms are accumulated on the device without host synchronisation (the Gram matrix of
+    the parameters, velocity and gradient per tensor, six dot products). With sharded (DTensor)
+    parameters every rank accumulates its shards and :meth:`read` sums them with one
+    ``all_reduce`` (every rank must call it); per-unit terms need unsharded parameters.
 
     Args:
         layers: ``{layer name: [parameters]}`` in adjacency order (e.g. from
@@ -1059,6 +1074,14 @@ class BalanceLedger:
 
     @staticmethod
     def _kind(opt: torch.optim.Optimizer) -> str:
+        cached = _KINDS.get(type(opt))
+        if cached is not None:
+            return cached
+        _KINDS[type(opt)] = kind = BalanceLedger._find_kind(opt)
+        return kind
+
+    @staticmethod
+    def _find_kind(opt: torch.optim.Optimizer) -> str:
         from torch_momentum.optim import NesterovSGD, PolyakSGD
 
         if isinstance(opt, NesterovSGD):
@@ -1146,99 +1169,166 @@ class BalanceLedger:
 
     @torch.no_grad()
     def _before(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        # Known rules need only the look-ahead coefficient in force now (the pre-step iterate and
+        # velocity are recovered exactly from the state after the step); other optimisers get a
+        # copy of the parameters.
         if not self.active:
             return
+        generic = self._kind(opt) == "generic"
         pending = []
         for g, group, idx in self._plans.get(id(opt), []):
-            c = self._lookahead(opt, g, group)
-            xs, vs = [], []
-            for i in idx:
-                p = self._tracked[i]
-                v = self._velocity(opt, p)
-                y = _local(p.detach())
-                vs.append(None if v is None else _local(v).clone())
-                xs.append(y.clone() if v is None or c == 0.0 else y - c * vs[-1])
-            pending.append((g, group, idx, xs, vs, c))
+            known = self._hyper(opt, group)[4] != 0.0
+            c = self._lookahead(opt, g, group) if known else 0.0
+            xs = None
+            if generic or not known:
+                xs = [_local(self._tracked[i].detach()).clone() for i in idx]
+            pending.append((g, group, idx, xs, c))
         self._pending[id(opt)] = pending
+
+    def _rule(
+        self, opt: torch.optim.Optimizer, g: int, group: dict[str, Any], c0: float
+    ) -> tuple[list[float], list[list[float]], list[list[float]], list[list[float]]]:
+        """For a known rule: the coefficient rows of the terms, and the matrices mapping the
+        post-step rows ``r = (p, v_{t+1}, g_t)`` to ``(x_t, v_t, g_t, dx)`` with and without a
+        velocity (``v_{t+1}`` absent: plain gradient descent)."""
+        eta, mu, lam, s, _ = self._hyper(opt, group)
+        kind = self._kind(opt)
+        nesterov = kind == "nesterov" or (kind == "sgd" and group.get("nesterov", False))
+        c1, delta = 0.0, 0.0
+        if kind == "sgd" and nesterov:
+            c1 = eta * mu
+            delta = c0 - eta * mu
+            self._sgd_c[(id(opt), g)] = c1
+        elif kind == "nesterov":
+            c1 = self._lookahead(opt, g, group)
+        if not nesterov:
+            c0 = 0.0
+        rows = _coefficients(eta, mu, lam, c0, s, delta)
+        # without a velocity: p1 = p0 - eta (s g + lam p0)
+        k = 1.0 / (1.0 - eta * lam) if eta * lam != 1.0 else 0.0
+        x0 = [k, 0.0, k * eta * s]
+        plain = [x0, [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0 - k, 0.0, -k * eta * s]]
+        if mu == 0.0:
+            with_v = [[1.0, -c1 - eta, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, eta, 0.0]]
+            return rows, with_v, plain, []
+        x1 = [1.0, -c1, 0.0]
+        if kind == "sgd" and nesterov:
+            # p0 = (p1 + eta s g - eta mu v1) / (1 - eta lam); mu v0 = v1 + s g + lam p0
+            p0 = [k, -k * eta * mu, k * eta * s]
+            v0 = [(lam * p0[0]) / mu, (1.0 + lam * p0[1]) / mu, (s + lam * p0[2]) / mu]
+            xs = [p0[j] - c0 * v0[j] for j in range(3)]
+            dx = [x1[j] - xs[j] for j in range(3)]
+        else:
+            # dx = eta v1; mu v0 = v1 + s g + lam (x0 + c0 v0)
+            xs = [x1[0], x1[1] - eta, x1[2]]
+            dx = [0.0, eta, 0.0]
+            den = mu - lam * c0
+            v0 = [lam * xs[0] / den, (1.0 + lam * xs[1]) / den, (s + lam * xs[2]) / den]
+        return rows, [xs, v0, [0.0, 0.0, 1.0], dx], plain, []
 
     @torch.no_grad()
     def _after(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
         pending = self._pending.pop(id(opt), None)
         if not self.active or pending is None:
             return
-        grams, coefficients, used = [], [], []
-        unit_rows: dict[int, tuple[Tensor, list[list[float]]]] = {}
-        unit_tensors = {i for parts in self._unit_parts for i, _, _ in parts}
-        for g, group, idx, xs, vs, c in pending:
-            eta, mu, lam, s, known = self._hyper(opt, group)
-            c_new = 0.0
-            delta = 0.0
-            kind = self._kind(opt)
-            if kind == "sgd" and group.get("nesterov", False):
-                c_new = _float(group["lr"]) * float(group["momentum"])
-                delta = c - eta * mu
-                self._sgd_c[(id(opt), g)] = c_new
-            elif kind == "nesterov":
-                c_new = self._lookahead(opt, g, group)
-            if not known:
-                c, delta, c_new = 0.0, 0.0, 0.0
-            rows = _coefficients(eta, mu, lam, c, s, delta)
-            for i, x0, v0 in zip(idx, xs, vs, strict=True):
+        grams: list[Tensor] = []
+        maps, coefficients, used, weights = [], [], [], []
+        unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]] = {}
+        unit_tensors = self._unit_tensors
+        for g, group, idx, xs, c0 in pending:
+            if xs is None:
+                rows, with_v, plain, _ = self._rule(opt, g, group, c0)
+            else:  # generic split: r = (x_t, p, g), dx = p - x_t
+                eta, _, _, s, _ = self._hyper(opt, group)
+                rows = _coefficients(eta, 0.0, 0.0, 0.0, s, 0.0)
+                with_v = plain = [
+                    [1.0, 0.0, 0.0],
+                    [0.0, 0.0, 0.0],
+                    [0.0, 0.0, 1.0],
+                    [-1.0, 1.0, 0.0],
+                ]
+            for k, i in enumerate(idx):
                 p = self._tracked[i]
                 if p.grad is None:
                     continue  # not updated by this step
-                v1 = self._velocity(opt, p)
                 y1 = _local(p.detach())
-                x1 = y1 if v1 is None or c_new == 0.0 else y1 - c_new * _local(v1)
-                dx = x1 - x0
                 grad = _local(p.grad.detach())
-                acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-                zeros = torch.zeros_like(x0, dtype=acc) if v0 is None else None
-                m = torch.stack(
-                    [
-                        x0.to(acc),
-                        zeros if v0 is None else v0.to(acc),
-                        grad.to(acc),
-                        dx.to(acc),
-                    ]
-                )
-                if m.is_complex():
-                    m = torch.view_as_real(m)
-                flat = m.reshape(4, -1)
-                grams.append((flat @ flat.T).to(torch.float64) * self._weights[i])
+                if xs is not None:
+                    first, second, cmap = xs[k], y1, with_v
+                else:
+                    v1 = self._velocity(opt, p)
+                    first, second = y1, (None if v1 is None else _local(v1))
+                    cmap = with_v if second is not None else plain
+                acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
+                parts = [first, second, grad]
+                flats = [None if t is None else _flat(t, acc) for t in parts]
+                zero = None
+                for a, b in _UPPER:
+                    if flats[a] is None or flats[b] is None:
+                        if zero is None:
+                            zero = torch.zeros((), dtype=acc, device=y1.device)
+                        grams.append(zero)
+                    else:
+                        grams.append(torch.dot(flats[a], flats[b]))
+                weights.append(self._weights[i])
+                maps.append(cmap)
                 coefficients.append(rows)
                 used.append(i)
                 if i in unit_tensors:
-                    unit_rows[i] = (m, rows)
+                    present = [t.to(acc) for t in parts if t is not None]
+                    m = torch.stack(present)
+                    if m.is_complex():
+                        m = torch.view_as_real(m).movedim(-1, 1)
+                    unit_rows[i] = (m, cmap, rows)
         if not grams:
             return
         self.steps += 1
-        gram = torch.stack(grams).reshape(len(grams), 16)[:, list(_GRAM_ENTRIES)]
-        coef = torch.tensor(coefficients, dtype=torch.float64)
-        if self.device.type == "cuda":
-            coef = coef.pin_memory().to(self.device, non_blocking=True)
-        else:
-            coef = coef.to(self.device)
-        terms = torch.einsum("tkj,tj->tk", coef, gram.to(self.device))
+        cmaps = self._to_device(torch.tensor(maps, dtype=torch.float64))
+        coef = self._to_device(torch.tensor(coefficients, dtype=torch.float64))
+        upper = torch.stack(grams).to(device=self.device, dtype=torch.float64)
+        gram = upper.reshape(len(used), 6)[:, list(_SYMMETRIC)].reshape(len(used), 3, 3)
+        if any(w != 1.0 for w in weights):
+            gram = gram * self._to_device(torch.tensor(weights, dtype=torch.float64))[:, None, None]
+        gram4 = cmaps @ gram @ cmaps.transpose(1, 2)
+        q = gram4.reshape(len(used), 16)[:, list(_GRAM_ENTRIES)]
+        terms = torch.einsum("tkj,tj->tk", coef, q)
         self._local_sums += self._sign[:, used] @ terms
         if unit_rows:
             self._accumulate_units(unit_rows)
 
-    def _accumulate_units(self, unit_rows: dict[int, tuple[Tensor, list[list[float]]]]) -> None:
+    def _to_device(self, t: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    @property
+    def _unit_tensors(self) -> set[int]:
+        return {i for parts in self._unit_parts for i, _, _ in parts}
+
+    def _accumulate_units(
+        self, unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]]
+    ) -> None:
         for u, (unit, parts) in enumerate(zip(self.units, self._unit_parts, strict=True)):
             n = unit.units
             for i, kind, sign in parts:
                 if i not in unit_rows:
                     continue
-                m, rows = unit_rows[i]
+                m, cmap, rows = unit_rows[i]
+                r = m.shape[0]
                 if kind == "entries":
-                    per_unit = m.reshape(4, n, 1).transpose(0, 1)
+                    per_unit = m.reshape(r, n, 1).transpose(0, 1)
                 elif kind == "rows":
-                    per_unit = m.reshape(4, n, -1).transpose(0, 1)
+                    per_unit = m.reshape(r, n, -1).transpose(0, 1)
                 else:
-                    per_unit = m.reshape(4, m.shape[1], n, -1).permute(2, 0, 1, 3).reshape(n, 4, -1)
-                gram = (per_unit @ per_unit.transpose(1, 2)).to(torch.float64).reshape(n, 16)
-                q = gram[:, list(_GRAM_ENTRIES)]
+                    per_unit = m.reshape(r, m.shape[1], n, -1).permute(2, 0, 1, 3).reshape(n, r, -1)
+                gram = (per_unit @ per_unit.transpose(1, 2)).to(torch.float64)
+                if r == 2:
+                    gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))[:, [0, 2, 1]][
+                        :, :, [0, 2, 1]
+                    ]
+                c = torch.tensor(cmap, dtype=torch.float64).to(gram.device)
+                gram4 = c @ gram @ c.T
+                q = gram4.reshape(n, 16)[:, list(_GRAM_ENTRIES)]
                 coef = torch.tensor(rows, dtype=torch.float64).to(q.device)
                 self._unit_sums[u] += (sign * (q @ coef.T)).to(self.device)
 
