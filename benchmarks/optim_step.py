@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/optim_step.py`` (at most about 3 minutes on a 2-core CPU). Options:
 ``--quick`` (a smoke run of tiny lists, a few seconds), ``--device cuda`` (on a GPU), ``--fsdp``
-(the DTensor case below instead of the lists), ``--reps`` (rounds),
+(the DTensor case below instead of the lists; with ``--quick`` 10 layers), ``--reps`` (rounds),
 ``--threads`` (intra-op threads of the CPU kernels), ``--clock cpu`` (time CPU steps by process
 CPU time instead of wall time). On a machine shared with other jobs, ``--threads 1 --clock cpu``
 gives the most stable ratios: with more threads than free cores every OpenMP parallel region of
@@ -127,6 +127,7 @@ class Case:
     budget_s: float | None  # no new round starts after this many seconds (at least 5 rounds)
     large: bool  # memory-bound case: the <= 1.0x fused and bandwidth targets apply
     max_inner: int = 50  # cap on consecutive steps per sample
+    memory: bool = True  # measure the temporary memory (the profiler takes seconds per candidate)
 
     @property
     def numel(self) -> int:
@@ -221,8 +222,13 @@ def run_case(case: Case, device: torch.device, seed: int, clock: str = "wall") -
     default_paths: dict[str, str] = {}
     for cand in candidates():
         params = [torch.nn.Parameter(p.clone()) for p in master]
+        # Gradients are shared and read-only, except for the built-in's Nesterov foreach path,
+        # which adds momentum * buf into them in place: it gets copies of its own.
+        writes_grads = (
+            cand.family == "SGD" and cand.nesterov and cand.path in ("foreach", "default")
+        )
         for p, g in zip(params, grads, strict=True):
-            p.grad = g  # shared and read-only: no path writes to a gradient at these settings
+            p.grad = g.clone() if writes_grads else g
         opts[cand.key] = build(cand, params)
         if cand.path == "default":
             default_paths[cand.key] = resolved_default(cand, params)
@@ -246,7 +252,9 @@ def run_case(case: Case, device: torch.device, seed: int, clock: str = "wall") -
         budget_s=case.budget_s,
         clock=clock,
     )
-    memory = {key: step_memory(opt.step, device) for key, opt in opts.items()}
+    memory = (
+        {key: step_memory(opt.step, device) for key, opt in opts.items()} if case.memory else {}
+    )
     return CaseResult(case, device, inner, times, memory, default_paths)
 
 
@@ -312,16 +320,19 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
         )
 
     unit = "CUDA allocator" if res.device.type == "cuda" else "profiler allocator events"
-    print(f"\nTemporary memory of one step ({unit}); ours vs the built-in path of the same kind:")
-    mheader = (
-        f"{'optimizer / path':<32}{'allocs':>8}{'alloc MB':>10}{'peak MB':>9}   "
-        f"{'built-in':<30}{'allocs':>8}{'alloc MB':>10}{'peak MB':>9}  peak<=built-in"
-    )
-    print(mheader)
-    print("-" * len(mheader))
+    if res.memory:
+        print(f"\nTemporary memory of one step ({unit}); ours vs the built-in path of that kind:")
+        mheader = (
+            f"{'optimizer / path':<32}{'allocs':>8}{'alloc MB':>10}{'peak MB':>9}   "
+            f"{'built-in':<30}{'allocs':>8}{'alloc MB':>10}{'peak MB':>9}  peak<=built-in"
+        )
+        print(mheader)
+        print("-" * len(mheader))
+    else:
+        print("\nTemporary memory: not measured with --quick")
     targets: list[tuple[str, bool | None, str]] = []
     for cand in candidates():
-        if cand.family == "SGD":
+        if cand.family == "SGD" or not res.memory:
             continue
         sgd = "SGD(nesterov)" if cand.nesterov else "SGD"
         other_path = "for-loop" if cand.path == "reference" else cand.path
@@ -367,6 +378,8 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
                     f"{100 * bw / copy_bw:.0f}% ({bw / 1e9:.1f} of {copy_bw / 1e9:.1f} GB/s)",
                 )
             )
+        if not res.memory:
+            continue
         path = res.default_paths[f"{ours}/default"]
         builtin_path = "for-loop" if path == "reference" else path
         mine, theirs = res.memory[f"{ours}/default"], res.memory[f"{sgd}/{builtin_path}"]
@@ -405,14 +418,14 @@ def _init_process_group(device: torch.device) -> tuple[bool, int]:
     return True, 0
 
 
-def _fsdp_model(device: torch.device, seed: int) -> torch.nn.Module:
+def _fsdp_model(device: torch.device, seed: int, layers: int) -> torch.nn.Module:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        *[torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(FSDP_LAYERS)]
+        *[torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(layers)]
     ).to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model:
@@ -424,7 +437,12 @@ def _fsdp_model(device: torch.device, seed: int) -> torch.nn.Module:
 
 
 def run_fsdp(
-    device: torch.device, rounds: int, budget_s: float | None, seed: int, clock: str
+    device: torch.device,
+    rounds: int,
+    budget_s: float | None,
+    seed: int,
+    clock: str,
+    layers: int = FSDP_LAYERS,
 ) -> int:
     """Time ``step()`` on FSDP2-sharded (DTensor) parameters; print the ratios on rank 0."""
     import torch.distributed as dist
@@ -446,7 +464,7 @@ def run_fsdp(
         opts: dict[str, torch.optim.Optimizer] = {}
         paths: dict[str, str] = {}
         for key, make in makers.items():
-            params = list(_fsdp_model(device, seed).parameters())
+            params = list(_fsdp_model(device, seed, layers).parameters())
             opts[key] = make(params)
             if key.endswith("default"):
                 if key.startswith("SGD"):
@@ -468,7 +486,7 @@ def run_fsdp(
         if rank == 0:
             world = dist.get_world_size()
             print(
-                f"\n== fsdp: {FSDP_LAYERS} x Linear({FSDP_WIDTH}, {FSDP_WIDTH}) under fully_shard, "
+                f"\n== fsdp: {layers} x Linear({FSDP_WIDTH}, {FSDP_WIDTH}) under fully_shard, "
                 f"{len(params)} {kind} parameters, world size {world} "
                 f"({dist.get_backend()}), device={device.type}, "
                 f"{len(times['SGD/foreach'])} rounds x 5 steps"
@@ -515,19 +533,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif args.quick:  # tiny tensors: threads only add synchronisation (slow on a loaded machine)
+        torch.set_num_threads(1)
     device = torch.device(args.device)
 
     # (rounds, time budget in seconds or None); an explicit --reps runs exactly that many rounds.
     if args.quick:
-        big, small = (3, 10.0), (9, 10.0)
+        big, small = (2, 2.0), (3, 2.0)
     else:
         big, small = (40, 100.0), (120, 40.0)
     if args.reps is not None:
         big, small = (args.reps, None), (3 * args.reps, None)
     if args.quick:
         cases = [
-            Case("resnet50/8", resnet50_shapes(8, 10), *big, large=True, max_inner=2),
-            Case("small/4", resnet50_shapes(4, 10), *small, large=False, max_inner=2),
+            Case("resnet50/8", resnet50_shapes(8, 10), *big, large=True, max_inner=2, memory=False),
+            Case("small/4", resnet50_shapes(4, 10), *small, large=False, max_inner=2, memory=False),
         ]
     else:
         cases = [
@@ -542,9 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         + f"lr={LR}, momentum={MOMENTUM}"
     )
     if args.fsdp:
-        rounds = args.reps or (3 if args.quick else 30)
-        budget = None if args.reps else (5.0 if args.quick else 60.0)
-        return run_fsdp(device, rounds, budget, args.seed, args.clock)
+        rounds = args.reps or (2 if args.quick else 30)
+        budget = None if args.reps else (2.0 if args.quick else 60.0)
+        layers = 10 if args.quick else FSDP_LAYERS
+        return run_fsdp(device, rounds, budget, args.seed, args.clock, layers)
     targets: list[tuple[str, bool | None, str]] = []
     for case in cases:
         res = run_case(case, device, args.seed, args.clock)

@@ -187,6 +187,14 @@ def lookahead_shift(
     :math:`y = x + \eta\mu v` (``alpha = ±ημ``), and to re-base the look-ahead when
     :math:`\eta\mu` changed between steps (``alpha = η_new μ_new − η_old μ_old``).
     A Tensor ``alpha`` is used without reading it on the host (no device synchronisation).
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.functional import lookahead_shift
+        >>> p, v = torch.tensor([1.0]), torch.tensor([2.0])
+        >>> lookahead_shift([p], [v], 0.5)
+        >>> p
+        tensor([2.])
     """
     if not params:
         return
@@ -268,7 +276,16 @@ def resolve_implementation(
 ) -> tuple[bool, bool]:
     """``(fused, foreach)`` for these tensors: the default rule of :func:`default_implementation`
     when both are ``None`` (foreach instead of fused while ``torch.compile`` traces, so that
-    Inductor generates its own fused kernel), else the request, checked for ``fused=True``."""
+    Inductor generates its own fused kernel), else the request, checked for ``fused=True``.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.functional import resolve_implementation
+        >>> resolve_implementation([torch.zeros(2)], foreach=None, fused=None, differentiable=False)
+        (True, False)
+        >>> resolve_implementation([torch.zeros(2)], foreach=True, fused=None, differentiable=False)
+        (False, True)
+    """
     if foreach is None and fused is None:
         fused, foreach = default_implementation(params, differentiable)
         if fused and torch.compiler.is_compiling():
@@ -291,7 +308,17 @@ def run_kernel(
 ) -> None:
     """Run the chosen path (see :func:`resolve_implementation`). The fused path checks the
     layouts, devices and dtypes of this step itself; with ``strict`` (an explicit ``fused=True``)
-    a device or dtype without fused support is a ``RuntimeError`` instead of a fallback."""
+    a device or dtype without fused support is a ``RuntimeError`` instead of a fallback.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.functional import run_kernel
+        >>> p, g = torch.tensor([1.0]), torch.tensor([2.0])
+        >>> run_kernel(True, False, [p], [g], [], lr=0.5, momentum=0.0, weight_decay=0.0,
+        ...            maximize=False, nesterov=False)
+        >>> p  # 1 - 0.5 * 2
+        tensor([0.])
+    """
     if fused:
         _fused_momentum_sgd(params, grads, velocities, strict=strict, **hyper)
     elif foreach:
@@ -392,8 +419,10 @@ def _multi_tensor_momentum_sgd(
 
     Rounding exactly as the built-in's foreach path. For Nesterov without weight decay or
     maximize the built-in adds ``momentum * buf`` into the gradients in place; we leave the
-    gradients alone and compute ``d - momentum * v`` in chunks no larger than the largest tensor
-    (the temporary memory of the built-in's for-loop)."""
+    gradients alone and compute ``d - momentum * v`` in chunks of at most the largest tensor or
+    2**20 elements, whichever is more (the built-in's for-loop needs the largest tensor); for
+    DTensor, where temporaries are expensive, we add ``lr * momentum * v`` and ``-lr * d`` to the
+    parameters separately instead (one more rounding)."""
     if not params:
         return
     for (device, _), lists in _grouped(params, grads, velocities, momentum):
@@ -417,19 +446,28 @@ def _multi_tensor_momentum_sgd(
         if nesterov and fresh:  # y <- y - lr * (d - momentum * v), d - momentum * v rounded once
             torch._foreach_add_(d, v, alpha=-momentum)  # as the built-in (d is our temporary)
             _axpy_(device_params, d, _neg(alpha))
+        elif nesterov and type(d[0]) not in _PLAIN_TENSOR_TYPES:
+            # DTensor: a temporary costs a new wrapper per tensor (4-5x the step), so no
+            # temporary and one more rounding of the parameters than the built-in
+            _axpy_(device_params, v, alpha * momentum)
+            _axpy_(device_params, d, _neg(alpha))
         elif nesterov:  # d is the gradient, which we do not overwrite (the built-in does)
             for lo, hi in _chunks(d):
                 tmp = torch._foreach_add(d[lo:hi], v[lo:hi], alpha=-momentum)
                 _axpy_(device_params[lo:hi], tmp, _neg(alpha))
-                del tmp  # peak temporary: the largest tensor, as the built-in's for-loop
+                del tmp  # peak temporary: one chunk
         else:  # x <- x + lr * v
             _axpy_(device_params, v, alpha)
 
 
+_CHUNK_ELEMENTS = 2**20  # smallest chunk bound: few calls for many small tensors (DTensor shards)
+
+
 def _chunks(tensors: list[Tensor]) -> list[tuple[int, int]]:
-    """Consecutive index ranges whose tensors hold at most as many elements as the largest one."""
+    """Consecutive index ranges whose tensors hold at most ``max(largest tensor, 2**20)``
+    elements."""
     sizes = [t.numel() for t in tensors]
-    limit = max(sizes, default=0)
+    limit = max(max(sizes, default=0), _CHUNK_ELEMENTS)
     ranges, lo, total = [], 0, 0
     for i, size in enumerate(sizes):
         if i > lo and total + size > limit:

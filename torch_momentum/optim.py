@@ -370,6 +370,15 @@ class _MomentumSGD(Optimizer):
 
         Raises:
             ValueError: ``p`` is not a parameter of this optimiser.
+
+        Example:
+            >>> import torch
+            >>> from torch_momentum import NesterovSGD
+            >>> p = torch.nn.Parameter(torch.tensor([2.0]))
+            >>> opt = NesterovSGD([p], lr=0.5, momentum=0.5)
+            >>> p.grad = torch.tensor([1.0]); opt.step()
+            >>> opt.iterate(p), p.detach()  # x_1 = 2 - 0.5; y_1 = x_1 + 0.25 * (-1)
+            (tensor([1.5000]), tensor([1.2500]))
         """
         group = self._group_of(p)
         velocity = self.state.get(p, {}).get("velocity")
@@ -405,9 +414,22 @@ class PolyakSGD(_MomentumSGD):
         fused: use the fused single-pass kernel.
         differentiable: let autograd differentiate through the step (reference path only).
 
-    With ``foreach=None, fused=None`` the fused kernel is used whenever the parameters allow it
-    (plain floating point or complex tensors on CPU/CUDA/...), else foreach, else the reference
-    path; see :func:`torch_momentum.functional.default_implementation`.
+    With ``foreach=None, fused=None`` the fused kernel is used for every tensor that allows it
+    (checked at each step: plain floating point or complex tensors on CPU/CUDA/... whose gradient
+    and velocity share the parameter's dense layout; not bfloat16/float16 on the CPU), the foreach
+    path for the others and for ``DTensor``, the reference path for ``differentiable=True``; see
+    :func:`torch_momentum.functional.default_implementation`. ``load_state_dict`` also takes a
+    ``torch.optim.SGD(momentum=m)`` state dict; :func:`to_sgd_state_dict` is the way back.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum import PolyakSGD
+        >>> p = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = PolyakSGD([p], lr=0.1, momentum=0.9)
+        >>> for _ in range(2):
+        ...     p.grad = torch.tensor([1.0]); opt.step()
+        >>> opt.state[p]["velocity"], p.detach()  # v: -1, then -1 + 0.9 * -1
+        (tensor([-1.9000]), tensor([0.7100]))
     """
 
 
@@ -443,6 +465,17 @@ class NesterovSGD(_MomentumSGD):
     :math:`\eta\mu`, by exactly that term.
 
     Args: as :class:`PolyakSGD`.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD
+        >>> p = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> opt = NesterovSGD([p], lr=0.1, momentum=0.5)
+        >>> p.grad = torch.tensor([1.0]); opt.step()
+        >>> p.detach(), opt.iterate(p)  # y_1 = x_1 + 0.05 * v_1 with x_1 = 0.9, v_1 = -1
+        (tensor([0.8500]), tensor([0.9000]))
+        >>> opt.eval().training, p.detach()
+        (False, tensor([0.9000]))
     """
 
     _nesterov = True
