@@ -1051,6 +1051,8 @@ class BalanceLedger:
         self._owner: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
         self._sgd_c: dict[tuple[int, int], float] = {}
         self._pending: dict[int, list[Any]] = {}
+        self._rules: dict[Any, Any] = {}
+        self._matrices: dict[Any, Any] = {}
         self._handles: list[Any] = []
         self._locate()
 
@@ -1187,8 +1189,8 @@ class BalanceLedger:
 
     def _rule(
         self, opt: torch.optim.Optimizer, g: int, group: dict[str, Any], c0: float
-    ) -> tuple[list[float], list[list[float]], list[list[float]], list[list[float]]]:
-        """For a known rule: the coefficient rows of the terms, and the matrices mapping the
+    ) -> tuple[Any, list[list[float]], list[list[float]], list[list[float]]]:
+        """For a known rule: a key, the coefficient rows of the terms, and the matrices mapping the
         post-step rows ``r = (p, v_{t+1}, g_t)`` to ``(x_t, v_t, g_t, dx)`` with and without a
         velocity (``v_{t+1}`` absent: plain gradient descent)."""
         eta, mu, lam, s, _ = self._hyper(opt, group)
@@ -1203,6 +1205,26 @@ class BalanceLedger:
             c1 = self._lookahead(opt, g, group)
         if not nesterov:
             c0 = 0.0
+        key = (kind, nesterov, eta, mu, lam, s, c0, c1, delta)
+        cached = self._rules.get(key)
+        if cached is None:
+            if len(self._rules) > 256:  # a scheduler changes lr every step
+                self._rules.clear()
+            cached = self._rules[key] = (key, *self._rule_matrices(kind, nesterov, *key[2:]))
+        return cached
+
+    @staticmethod
+    def _rule_matrices(
+        kind: str,
+        nesterov: bool,
+        eta: float,
+        mu: float,
+        lam: float,
+        s: float,
+        c0: float,
+        c1: float,
+        delta: float,
+    ) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
         rows = _coefficients(eta, mu, lam, c0, s, delta)
         # without a velocity: p1 = p0 - eta (s g + lam p0)
         k = 1.0 / (1.0 - eta * lam) if eta * lam != 1.0 else 0.0
@@ -1210,7 +1232,7 @@ class BalanceLedger:
         plain = [x0, [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0 - k, 0.0, -k * eta * s]]
         if mu == 0.0:
             with_v = [[1.0, -c1 - eta, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, eta, 0.0]]
-            return rows, with_v, plain, []
+            return rows, with_v, plain
         x1 = [1.0, -c1, 0.0]
         if kind == "sgd" and nesterov:
             # p0 = (p1 + eta s g - eta mu v1) / (1 - eta lam); mu v0 = v1 + s g + lam p0
@@ -1224,7 +1246,7 @@ class BalanceLedger:
             dx = [0.0, eta, 0.0]
             den = mu - lam * c0
             v0 = [lam * xs[0] / den, (1.0 + lam * xs[1]) / den, (s + lam * xs[2]) / den]
-        return rows, [xs, v0, [0.0, 0.0, 1.0], dx], plain, []
+        return rows, [xs, v0, [0.0, 0.0, 1.0], dx], plain
 
     @torch.no_grad()
     def _after(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -1232,14 +1254,15 @@ class BalanceLedger:
         if not self.active or pending is None:
             return
         grams: list[Tensor] = []
-        maps, coefficients, used, weights = [], [], [], []
+        maps, coefficients, used, weights, keys = [], [], [], [], []
         unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]] = {}
         unit_tensors = self._unit_tensors
         for g, group, idx, xs, c0 in pending:
             if xs is None:
-                rows, with_v, plain, _ = self._rule(opt, g, group, c0)
+                rule, rows, with_v, plain = self._rule(opt, g, group, c0)
             else:  # generic split: r = (x_t, p, g), dx = p - x_t
                 eta, _, _, s, _ = self._hyper(opt, group)
+                rule = ("generic", eta, s)
                 rows = _coefficients(eta, 0.0, 0.0, 0.0, s, 0.0)
                 with_v = plain = [
                     [1.0, 0.0, 0.0],
@@ -1274,6 +1297,7 @@ class BalanceLedger:
                 maps.append(cmap)
                 coefficients.append(rows)
                 used.append(i)
+                keys.append((rule, cmap is plain))
                 if i in unit_tensors:
                     present = [t.to(acc) for t in parts if t is not None]
                     m = torch.stack(present)
@@ -1283,8 +1307,17 @@ class BalanceLedger:
         if not grams:
             return
         self.steps += 1
-        cmaps = self._to_device(torch.tensor(maps, dtype=torch.float64))
-        coef = self._to_device(torch.tensor(coefficients, dtype=torch.float64))
+        key = (tuple(used), tuple(keys))
+        cached = self._matrices.get(key)
+        if cached is None:
+            if len(self._matrices) > 64:
+                self._matrices.clear()
+            cached = self._matrices[key] = (
+                self._to_device(torch.tensor(maps, dtype=torch.float64)),
+                self._to_device(torch.tensor(coefficients, dtype=torch.float64)),
+                self._sign[:, used],
+            )
+        cmaps, coef, sign = cached
         upper = torch.stack(grams).to(device=self.device, dtype=torch.float64)
         gram = upper.reshape(len(used), 6)[:, list(_SYMMETRIC)].reshape(len(used), 3, 3)
         if any(w != 1.0 for w in weights):
@@ -1292,7 +1325,7 @@ class BalanceLedger:
         gram4 = cmaps @ gram @ cmaps.transpose(1, 2)
         q = gram4.reshape(len(used), 16)[:, list(_GRAM_ENTRIES)]
         terms = torch.einsum("tkj,tj->tk", coef, q)
-        self._local_sums += self._sign[:, used] @ terms
+        self._local_sums += sign @ terms
         if unit_rows:
             self._accumulate_units(unit_rows)
 
