@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_clarke_example_quick(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "examples" / "clarke.py"), "--quick", "--out", str(tmp_path)],

@@ -144,10 +144,8 @@ class _Sampler:
         generator: torch.Generator | None,
         grads: Callable[[Tensor], Tensor],
         reduce_grads: Callable[[Tensor], Tensor] | None,
-        keep_directions: bool,
     ) -> None:
         self.flat, self.grads, self.reduce_grads = flat, grads, reduce_grads
-        self._all: Tensor | None = None
         d = flat.numel()
         gen_device = generator.device if generator is not None else flat.device
         self.seeds = torch.randint(
@@ -155,19 +153,14 @@ class _Sampler:
         ).tolist()
         u = 1.0 - torch.rand(k, generator=generator, dtype=torch.float64, device=gen_device)
         self.fractions = u.pow(1.0 / d).tolist()  # r_i = U_i^(1/d): uniform in the ball
-        self._all = self.directions(range(k)) if keep_directions else None
 
     def directions(self, block: range) -> Tensor:
-        if self._all is not None:
-            return self._all[block.start : block.stop]
+        """Unit directions of the samples in ``block``, ``(len(block), d)``."""
         flat = self.flat
-        rows = []
-        for i in block:
+        u = torch.empty(len(block), flat.numel(), dtype=flat.dtype, device=flat.device)
+        for row, i in zip(u, block, strict=True):
             g = torch.Generator(device=flat.device).manual_seed(self.seeds[i])
-            rows.append(
-                torch.randn(flat.numel(), generator=g, dtype=flat.dtype, device=flat.device)
-            )
-        u = torch.stack(rows)
+            torch.randn(flat.numel(), generator=g, dtype=flat.dtype, device=flat.device, out=row)
         return u.div_(u.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(flat.dtype).tiny))
 
     def __call__(self, block: range, delta: float) -> Tensor:
@@ -176,7 +169,7 @@ class _Sampler:
             dtype=self.flat.dtype,
             device=self.flat.device,
         )
-        points = self.flat + self.directions(block) * lengths[:, None]
+        points = self.directions(block).mul_(lengths[:, None]).add_(self.flat)  # one (c, d) buffer
         samples = self.grads(points).to(self.flat.dtype)
         if self.reduce_grads is not None:
             samples = self.reduce_grads(samples)
@@ -327,7 +320,7 @@ def stationarity_profile(
     grad_norm = float(grad0.to(torch.float64).norm())
     f_scalar = f if value.dim() == 0 else scalar_output(f)
     grads = GradientSampler(f_scalar, spec, vectorize, "stationarity_profile")
-    sample = _Sampler(flat, k, generator, grads, reduce_grads, keep_directions=memory == "device")
+    sample = _Sampler(flat, k, generator, grads, reduce_grads)
 
     eps_hat, active = [], []
     for delta in deltas:
