@@ -229,6 +229,7 @@ def test_discrete_identity_plain_torch_loop() -> None:
         assert predicted.abs().min() > 1e-8  # the test is not vacuous
 
 
+@pytest.mark.slow  # a subprocess
 def test_balance_imports_no_lightning() -> None:
     import subprocess
     import sys

@@ -135,6 +135,12 @@ def check_layers_spec(
     Raises:
         TypeError: not ``None``, a sequence of module names or a dict of parameter-name lists.
         ValueError: empty, a name given twice, or a layer without parameters.
+
+    Example:
+
+        >>> from torch_momentum.balance import check_layers_spec
+        >>> check_layers_spec(("enc", "head"))
+        ['enc', 'head']
     """
     if layers is None:
         return None
@@ -233,7 +239,14 @@ def _modules_with_params(module: nn.Module) -> list[str]:
 
 
 def adjacent_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
-    """The adjacent layer pairs ``(L, M)`` in order: ``[(names[0], names[1]), ...]``."""
+    """The adjacent layer pairs ``(L, M)`` in order: ``[(names[0], names[1]), ...]``.
+
+    Example:
+
+        >>> from torch_momentum.balance import adjacent_pairs
+        >>> adjacent_pairs(["a", "b", "c"])
+        [('a', 'b'), ('b', 'c')]
+    """
     return list(itertools.pairwise(names))
 
 
@@ -364,6 +377,15 @@ def layer_sq_norms_many(
     over ranks by a single ``all_reduce``. ``reduce=None`` decides from the tensors (any DTensor);
     pass it explicitly when ``None`` entries might differ between ranks, since every rank must
     join the same collective.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance import layer_sq_norms_many
+        >>> w, g = torch.ones(2, 2), torch.full((3,), 2.0)
+        >>> out = layer_sq_norms_many([[[w], [g]], [[None], [w, g]]])  # float64 vectors
+        >>> [[round(v, 5) for v in t.tolist()] for t in out]
+        [[4.0, 12.0], [0.0, 16.0]]
     """
     buckets, offsets, any_sharded, first_device = _bucket(groups)
     total = offsets[-1]
@@ -400,6 +422,14 @@ def layer_sq_norms_host(
     moved to the host in one transfer and summed per layer there, which costs far fewer small
     kernel launches than summing on the device; with sharded tensors (or ``reduce=True``) the
     device path with its single ``all_reduce`` runs first.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance import layer_sq_norms_host
+        >>> [[round(v, 5) for v in layer] for layer in layer_sq_norms_host([[[torch.ones(2, 2)],
+        ...                                                                  [torch.ones(3)]]])]
+        [[4.0, 3.0]]
     """
     buckets, offsets, any_sharded, _ = _bucket(groups)
     if any_sharded or reduce:
@@ -426,6 +456,14 @@ def layer_sq_norms(
 
     Sharded (DTensor) tensors contribute their local shards, summed over ranks (see the module
     docstring). No host synchronisation.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance import layer_sq_norms
+        >>> out = layer_sq_norms([[torch.ones(2, 2), torch.ones(2)], [torch.ones(3)]])
+        >>> out.dtype, [round(v, 5) for v in out.tolist()]
+        (torch.float64, [6.0, 3.0])
     """
     return layer_sq_norms_many([layer_tensors], reduce=reduce)[0]
 
@@ -433,7 +471,17 @@ def layer_sq_norms(
 def layer_grad_sq_norms(
     layer_params: Sequence[Sequence[Tensor]], *, reduce: bool | None = None
 ) -> Tensor:
-    r"""``out[l] = \sum_{p \in layer_l} \|p.grad\|_F^2``; parameters without ``.grad`` count 0."""
+    r"""``out[l] = \sum_{p \in layer_l} \|p.grad\|_F^2``; parameters without ``.grad`` count 0.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance import layer_grad_sq_norms
+        >>> a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+        >>> (3 * a.sum()).backward()
+        >>> [round(v, 5) for v in layer_grad_sq_norms([[a], [b]]).tolist()]
+        [18.0, 0.0]
+    """
     grads = [[p.grad for p in layer] for layer in layer_params]
     if reduce is None:
         reduce = any(_is_dtensor(p) for layer in layer_params for p in layer)
@@ -468,6 +516,13 @@ def balance_metrics(
 
     Raises:
         ValueError: fewer than two layers (no adjacent pairs), or lengths that do not match.
+
+    Example:
+
+        >>> from torch_momentum.balance import balance_metrics
+        >>> m = balance_metrics([4.0, 1.0], [2.0, 1.0], None, ["a", "b"])
+        >>> m["balance/sq_norm_diff/a-b"], m["balance/sq_norm_ratio/a-b"], m["balance/drift"]
+        (3.0, 4.0, 2.0)
     """
     names = list(names)
     n = len(names)
@@ -580,6 +635,14 @@ class UnitLayer:
         bias: parameter name of the incoming bias, or ``None``.
         next_weight: parameter name of the outgoing weight.
         units: number of units.
+
+    Example:
+
+        >>> from torch import nn
+        >>> from torch_momentum.balance import pair_units
+        >>> unit = pair_units(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))[0]
+        >>> unit.weight, unit.bias, unit.next_weight, unit.units
+        ('0.weight', '0.bias', '2.weight', 4)
     """
 
     name: str
