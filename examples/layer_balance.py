@@ -1,12 +1,16 @@
-"""The main job: the layer-balance experiment of Du, Hu & Lee (2018), with Lightning.
+"""The main job: the layer-balance experiment of Du, Hu & Lee (2018) and its ledger, with Lightning.
 
 Theory. For a network that is 1-homogeneous in each layer's weights (here bias-free ReLU layers),
 ``<∇_{W_h} loss, W_h>`` is the same for every layer h, so gradient flow keeps
-``‖W_h(t)‖² − ‖W_h(0)‖²`` equal across layers: the differences of adjacent squared norms are
-conserved, ``‖W_h(t)‖² − ‖W_{h+1}(t)‖² = ‖W_h(0)‖² − ‖W_{h+1}(0)‖²``, however much the norms grow.
-A gradient-descent step with rate η changes such a difference by exactly
-``η² (‖g_h‖² − ‖g_{h+1}‖²)``, second order in η; momentum methods move the weights along the
-velocity instead of the gradient, and the first-order cancellation no longer holds.
+``‖W_h(t)‖² − ‖W_h(0)‖²`` equal across layers: the differences of adjacent squared norms
+``D = ‖W_h‖² − ‖W_{h+1}‖²`` are conserved however much the norms grow, and so is, for every
+hidden unit i, ``D_i = ‖in_i‖² − ‖out_i‖²`` (incoming row against outgoing column). For any
+update ``x → x + Δx``, exactly, ``ΔD = 2<x, Δx>_± + ‖Δx‖²_±`` (``<a, b>_±`` = the inner product
+over the layer's incoming side minus the outgoing side). Gradient descent's first-order part is
+``−2η<x, g>_± = 0``, so its drift is the discretisation ``η²‖g‖²_±`` alone; heavy ball adds a
+first-order momentum term ``2ημ<x, v>_±``. The monitor's ledger (``ledger=True``) adds these terms
+up over every step: ``D(t) − D(0) = momentum + weight_decay + symmetry + discretisation + other``
+to round-off.
 
 Setup (fixed seeds, documented so that the run is reproducible):
 
@@ -15,28 +19,36 @@ Setup (fixed seeds, documented so that the run is reproducible):
   same shape (``T1`` entries N(0, 1/1000), ``T2``, ``T3`` N(0, 1/100)), divided by their std;
 * model: ``x → W1 (100×1000) → relu → W2 (100×100) → relu → W3 (10×100)``, no biases;
   square loss ``½ mean_i ‖f(x_i) − y_i‖²``, full batch, float32;
-* initialisation: balanced ``W1, W2, W3 ~ N(0, 1e-4/100), N(0, 1e-4/10), N(0, 1e-4)`` entrywise
-  (every ‖W_h(0)‖² ≈ 0.1), unbalanced all ``N(0, 1e-4)`` (‖W_h(0)‖² ≈ 10, 1, 0.1);
+* initialisation: balanced, every entry of W_h drawn from ``N(0, 0.1/numel(W_h))`` (every
+  ‖W_h(0)‖² ≈ 0.1); unbalanced, all entries ``N(0, 1e-4)`` (‖W_h(0)‖² ≈ 10, 1, 0.1);
 * optimisers: plain gradient descent (``PolyakSGD(momentum=0)``) with rate η = 0.2 for 2500
-  steps (``--lr``, ``--steps``), and, at the same
-  *effective* step size η/(1 − μ) = η, ``PolyakSGD(μ=0.9)``, ``NesterovSGD(μ=0.9)`` and the
-  built-in ``torch.optim.SGD(momentum=0.9)``, all with lr = η(1 − μ). Comparing at equal
-  effective step size means the momentum runs travel as fast as gradient descent, so the drift
-  they add is due to momentum, not to a ten times larger step (``--same-lr`` runs them at η).
+  steps (``--lr``, ``--steps``), and, at the same *effective* step size η/(1 − μ) = η,
+  ``PolyakSGD(μ=0.9)``, ``NesterovSGD(μ=0.9)`` and the built-in ``torch.optim.SGD(momentum=0.9)``,
+  all with lr = η(1 − μ) (``--same-lr`` runs them at η);
 * why these settings: the small initialisation sits near the saddle at 0; with unit-scale inputs
   gradient descent needs far more steps to leave it, and a larger η leaves it sooner but adds
-  discrete-time drift ~η²Σ‖g‖². With s = 5 and η = 0.2 the loss falls from 5.0 to ~1e-3 in 2500
-  steps while every ‖W_h‖² grows from ≤ 10 to ~45-55 and the differences move by < 0.5.
+  discrete-time drift ~η²Σ‖g‖²_±. With s = 5 and η = 0.2 the loss falls from 5.0 to ~1e-3 in
+  2500 steps while every ‖W_h‖² grows from ≤ 10 to ~45-55;
+* bias variant: a 2-layer ReLU network with biases, ``x → W1 (100×1000, bias) → relu → W2
+  (10×100, bias)``, balanced start, targets shifted by +1 (so that the output bias has something
+  to learn), gradient descent for 1000 steps, monitored twice from the same seed: with the
+  default layers (each module's weight and bias, so the output bias is wrongly counted in D) and
+  with the dict grouping ``{"W1": [W1.weight, W1.bias], "W2": [W2.weight]}`` (the conserved
+  quantity);
 * ``--quick`` runs a reduced problem (200 points in R^100, 30 steps) for smoke tests.
-* :class:`~torch_momentum.callbacks.LayerBalanceMonitor` logs the balance series every
-  ``--log-every`` steps (CSVLogger); NesterovSGD is read at its parameters (the look-ahead point,
-  what the gradient is taken at) during training and at its iterate for the final table.
+
+:class:`~torch_momentum.callbacks.LayerBalanceMonitor` (``ledger=True``) logs the balance series
+every ``--log-every`` steps (CSVLogger) and the ledger over every step; the ledger reads
+NesterovSGD at its iterate x_t. The per-unit balance D_i is read with
+``torch_momentum.balance.unit_balance`` before and after training.
 
 Outputs under ``--out`` (default ``runs/layer_balance/``): ``figure.png`` (the paper's figure for
-gradient descent: rows balanced/unbalanced, columns squared-norm differences and ratios of
-adjacent layers against the step), ``optimizers.png`` (``balance/drift`` against the step for
-each optimiser and both initialisations), ``summary.csv``, CSVLogger logs under ``logs/``, and the
-printed table. Full runs also copy the figures to ``docs/``.
+gradient descent: rows balanced/unbalanced, columns squared-norm differences and ratios),
+``optimizers.png`` (``balance/drift`` per optimiser), ``ledger.png`` (the ledger of gradient
+descent, PolyakSGD and NesterovSGD from the balanced start), ``unit_drift.png`` (per-unit
+|D_i(T) − D_i(0)| by optimiser), ``summary.csv`` (one row per run, ledger terms included),
+``bias_variant.csv``, CSVLogger logs under ``logs/``, and the printed tables. Full runs also copy
+the figures to ``docs/``.
 
     python examples/layer_balance.py            # the default run (make demo)
     python examples/layer_balance.py --quick    # a few steps, for smoke tests
@@ -46,30 +58,39 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
+import math
 import shutil
 import statistics
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from _common import base_parser, format_table, prepare_out, publish_figure
-from lightning.pytorch.callbacks import Callback
+from _common import base_parser, format_table, prepare_out, publish_figure, quiet_lightning
+from _steptimer import StepTimer
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from torch_momentum import NesterovSGD, PolyakSGD
-from torch_momentum.callbacks import LayerBalanceMonitor, OptimizerModeSwitch
+from torch_momentum.balance import pair_units, unit_balance
+from torch_momentum.callbacks import (
+    LEDGER_TERMS,
+    LayerBalanceMonitor,
+    OptimizerModeSwitch,
+    ledger_series,
+    plot_ledger,
+    plot_unit_drift,
+    series,
+)
 
 LAYERS = ["W1", "W2", "W3"]
-PAIRS = [("W1", "W2"), ("W2", "W3")]
+PAIRS = ["W1-W2", "W2-W3"]
 OPTIMIZERS = ["gd", "polyak", "nesterov", "sgd"]
+LEDGER_OPTIMIZERS = ["gd", "polyak", "nesterov"]
 LABELS = {
     "gd": "gradient descent",
     "polyak": "PolyakSGD(0.9)",
@@ -77,6 +98,7 @@ LABELS = {
     "sgd": "torch.optim.SGD(0.9)",
 }
 MOMENTUM = 0.9
+HEURISTIC = (1 + MOMENTUM) / (1 - MOMENTUM)  # 19 at μ = 0.9
 
 
 def make_data(n: int, dim: int, input_scale: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -103,24 +125,39 @@ class FullBatch(Dataset):
         return self.x, self.y
 
 
-class DeepReLU(L.LightningModule):
-    """3-layer bias-free ReLU network trained with the square loss."""
+class ReLUNet(L.LightningModule):
+    """ReLU network ``W_k ... relu(W_1 x)`` of Linear layers named W1, W2, ..., square loss.
 
-    def __init__(self, dim: int, balanced: bool, make_optimizer: Callable, seed: int = 1) -> None:
+    ``balanced``: every weight entry of ``W_h`` is drawn from ``N(0, 0.1 / numel(W_h))`` (every
+    ``‖W_h(0)‖² ≈ 0.1`` whatever the widths); otherwise from ``N(0, 1e-4)``. Biases start at 0.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        balanced: bool,
+        make_optimizer: Callable,
+        bias: bool = False,
+        seed: int = 1,
+    ) -> None:
         super().__init__()
-        self.W1 = nn.Linear(dim, 100, bias=False)
-        self.W2 = nn.Linear(100, 100, bias=False)
-        self.W3 = nn.Linear(100, 10, bias=False)
-        variances = (1e-4 / 100, 1e-4 / 10, 1e-4) if balanced else (1e-4, 1e-4, 1e-4)
         g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer, var in zip((self.W1, self.W2, self.W3), variances, strict=True):
+        self.names = [f"W{i + 1}" for i in range(len(widths) - 1)]
+        for name, n_in, n_out in zip(self.names, widths[:-1], widths[1:], strict=True):
+            layer = nn.Linear(n_in, n_out, bias=bias)
+            var = 0.1 / layer.weight.numel() if balanced else 1e-4
+            with torch.no_grad():
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * var**0.5)
+                if bias:
+                    layer.bias.zero_()
+            setattr(self, name, layer)
         self.make_optimizer = make_optimizer
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.W3(torch.relu(self.W2(torch.relu(self.W1(x)))))
+        for name in self.names[:-1]:
+            x = torch.relu(getattr(self, name)(x))
+        return getattr(self, self.names[-1])(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -131,20 +168,6 @@ class DeepReLU(L.LightningModule):
 
     def configure_optimizers(self):
         return self.make_optimizer(self.parameters())
-
-
-class StepTimer(Callback):
-    """Wall time of each training batch (forward, backward, callbacks and optimiser step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._t0)
 
 
 def momentum_lr(lr: float, same_lr: bool) -> float:
@@ -168,35 +191,63 @@ def optimizer_factory(name: str, lr: float, same_lr: bool = False) -> Callable:
 
 @dataclass
 class Run:
+    """One training run: the monitor's history and what was read after training."""
+
     init: str
     optimizer: str
     history: list[dict[str, float]]
     losses: list[float]
-    final_sq: list[float]
-    initial_sq: list[float]
     ms_per_step: float
+    #: per hidden layer, D_i(T) − D_i(0) for every unit (T: after the last step, at the iterate)
+    unit_drift: dict[str, list[float]]
     weights: list[torch.Tensor] = field(repr=False)
 
-    @property
-    def drift(self) -> float:
-        d0 = [self.initial_sq[i] - self.initial_sq[i + 1] for i in range(len(PAIRS))]
-        d = [self.final_sq[i] - self.final_sq[i + 1] for i in range(len(PAIRS))]
-        return max(abs(a - b) for a, b in zip(d, d0, strict=True))
+    def last(self, key: str) -> float:
+        """The monitor's last logged value of ``key``."""
+        return next(row[key] for row in reversed(self.history) if key in row)
+
+    def ledger(self) -> dict[str, dict[str, float]]:
+        """``{pair: {term: cumulative value at the last logged step}}`` (plus closure, drift)."""
+        return {
+            pair: {term: values[-1] for term, (_, values) in cols.items()}
+            for pair, cols in ledger_series(self.history).items()
+        }
+
+    def diff0(self, a: str, b: str) -> float:
+        """D(0) of the pair a-b from logged values: diff(t) − (change_a(t) − change_b(t))."""
+        return (
+            self.last(f"balance/sq_norm_diff/{a}-{b}")
+            - self.last(f"balance/sq_norm_change/{a}")
+            + self.last(f"balance/sq_norm_change/{b}")
+        )
 
 
 def train_one(
-    init: str, name: str, data: tuple[torch.Tensor, ...], args: argparse.Namespace, out: Path
+    init: str,
+    name: str,
+    data: tuple[torch.Tensor, ...],
+    args: argparse.Namespace,
+    out: Path,
+    *,
+    widths: Sequence[int],
+    bias: bool = False,
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    tag: str | None = None,
 ) -> Run:
     x, y = data
-    model = DeepReLU(x.shape[1], init == "balanced", optimizer_factory(name, args.lr, args.same_lr))
-    initial_sq = [getattr(model, n).weight.detach().pow(2).sum().item() for n in LAYERS]
-    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=args.log_every, save_figure=True)
+    factory = optimizer_factory(name, args.lr, args.same_lr)
+    model = ReLUNet(widths, init == "balanced", factory, bias=bias)
+    # per-unit balance at the start and the end only (the monitor's neurons=True would also
+    # keep a per-unit ledger on every step, which this script does not need)
+    units = pair_units(model, model.names)
+    d0 = unit_balance(model, units)
+    monitor = LayerBalanceMonitor(layers=layers, log_every_n_steps=args.log_every, ledger=True)
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=args.steps,
         accelerator="cpu",
         devices=1,
-        logger=CSVLogger(out / "logs", name=f"{init}-{name}", version=0),
+        logger=CSVLogger(out / "logs", name=tag or f"{init}-{name}", version=0),
         callbacks=[monitor, OptimizerModeSwitch(), timer],
         log_every_n_steps=args.log_every,
         enable_checkpointing=False,
@@ -208,24 +259,18 @@ def train_one(
     trainer.fit(model, loader)
     opt = trainer.optimizers[0]
     if hasattr(opt, "eval"):
-        opt.eval()  # report NesterovSGD at its iterate x_t
-    weights = [getattr(model, n).weight.detach().clone() for n in LAYERS]
-    steady = timer.times[len(timer.times) // 10 :] or timer.times
+        opt.eval()  # NesterovSGD at its iterate x_T (OptimizerModeSwitch already put it there)
+    d_end = unit_balance(model, units)
+    steady = timer.step_s[len(timer.step_s) // 10 :] or timer.step_s
     return Run(
         init=init,
         optimizer=name,
         history=monitor.history,
         losses=[float(v) for v in model.losses],
-        final_sq=[w.pow(2).sum().item() for w in weights],
-        initial_sq=initial_sq,
         ms_per_step=1e3 * statistics.median(steady),
-        weights=weights,
+        unit_drift={k: (d_end[k] - d0[k]).tolist() for k in d_end},
+        weights=[p.detach().clone() for p in model.parameters()],
     )
-
-
-def series(history: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    points = [(h["step"], h[key]) for h in history if key in h]
-    return [p[0] for p in points], [p[1] for p in points]
 
 
 def paper_figure(runs: dict[tuple[str, str], Run], path: Path) -> None:
@@ -243,17 +288,17 @@ def paper_figure(runs: dict[tuple[str, str], Run], path: Path) -> None:
             ax.set_title(f"({letter}) {init.capitalize()} initialization, {label}")
             if run is None:
                 continue
-            for a, b in PAIRS:
-                steps, values = series(run.history, f"balance/{kind}/{a}-{b}")
-                ax.plot(steps, values, label=f"‖{a}‖² − ‖{b}‖²" if col == 0 else f"‖{a}‖² / ‖{b}‖²")
+            curves = series(run.history, f"balance/{kind}/")
+            for pair in PAIRS:
+                a, b = pair.split("-")
+                text = f"‖{a}‖² − ‖{b}‖²" if col == 0 else f"‖{a}‖² / ‖{b}‖²"
+                ax.plot(*curves[pair], label=text)
             if col == 0:
+                norms = series(run.history, "balance/sq_norm/")
                 for a, style in zip(LAYERS, (":", "-.", "--"), strict=True):
-                    steps, norms = series(run.history, f"balance/sq_norm/{a}")
-                    ax.plot(steps, norms, style, color="grey", lw=1, label=f"‖{a}‖² (the norms)")
+                    ax.plot(*norms[a], style, color="grey", lw=1, label=f"‖{a}‖² (the norms)")
             else:
-                ratios = [
-                    v for a, b in PAIRS for v in series(run.history, f"balance/{kind}/{a}-{b}")[1]
-                ]
+                ratios = [v for pair in PAIRS for v in curves[pair][1]]
                 if ratios and max(ratios) / max(min(ratios), 1e-300) > 10:
                     ax.set_yscale("log")
                 ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -272,7 +317,7 @@ def optimizers_figure(runs: dict[tuple[str, str], Run], names: list[str], path: 
             run = runs.get((init, name))
             if run is None:
                 continue
-            steps, drift = series(run.history, "balance/drift")
+            steps, drift = series(run.history, "balance/drift")[""]
             # the built-in is dashed on top: it coincides with PolyakSGD (same iterates)
             style = (
                 {"ls": "--", "lw": 1.2}
@@ -289,6 +334,184 @@ def optimizers_figure(runs: dict[tuple[str, str], Run], names: list[str], path: 
     fig.savefig(path, dpi=110)
 
 
+def fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def summarise(
+    runs: dict[tuple[str, str], Run], args: argparse.Namespace
+) -> tuple[list[dict], list[list[str]], list[list[str]]]:
+    """summary.csv rows, the run table and the ledger table (one row per run and pair)."""
+    csv_rows, table, ledger_table = [], [], []
+    for (init, name), run in runs.items():
+        ledger = run.ledger()
+        gd = runs.get((init, "gd"))
+        row: dict[str, object] = {
+            "init": init,
+            "optimizer": LABELS[name],
+            "lr": args.lr if name == "gd" else momentum_lr(args.lr, args.same_lr),
+            "steps": args.steps,
+            "loss_0": run.losses[0],
+            "loss_final": run.losses[-1],
+            "diff_0": "/".join(f"{run.diff0(*p.split('-')):.3f}" for p in PAIRS),
+            "drift_final": run.last("balance/drift"),
+            **{f"sq_{n}": run.last(f"balance/sq_norm/{n}") for n in LAYERS},
+        }
+        for pair in PAIRS:
+            for term in (*LEDGER_TERMS, "drift", "closure"):
+                row[f"{term}_{pair}"] = ledger[pair][term]
+            if ledger[pair]["discretisation"] != 0.0:
+                # heavy ball, λ = 0, R = 0: Q(T) − Q(0) = (1+μ)/(1−μ) × discretisation exactly,
+                # and Q = D when the velocity has died out (K_T = 0)
+                row[f"drift_over_discretisation_{pair}"] = (
+                    ledger[pair]["drift"] / ledger[pair]["discretisation"]
+                )
+            if gd is not None:
+                row[f"drift_ratio_to_gd_{pair}"] = abs(ledger[pair]["drift"]) / abs(
+                    gd.ledger()[pair]["drift"]
+                )
+            q = f"balance/corrected_diff/{pair}"
+            if any(q in r for r in run.history):
+                # Q(0) = D(0) since v_0 = 0; D(t) at the iterate = D(0) + the ledger's drift
+                d_now = run.diff0(*pair.split("-")) + ledger[pair]["drift"]
+                row[f"Q_change_{pair}"] = run.last(q) - run.diff0(*pair.split("-"))
+                row[f"Q_minus_D_{pair}"] = run.last(q) - d_now
+        for layer, values in run.unit_drift.items():
+            mags = [abs(v) for v in values]
+            row[f"unit_drift_max_{layer}"] = max(mags)
+            row[f"unit_drift_median_{layer}"] = statistics.median(mags)
+        row["ms_per_step"] = run.ms_per_step
+        csv_rows.append(row)
+        table.append(
+            [
+                init,
+                LABELS[name],
+                f"{row['lr']:.3g}",
+                fmt(run.losses[0]),
+                fmt(run.losses[-1]),
+                str(row["diff_0"]),
+                fmt(run.last("balance/drift")),
+                *(f"{run.last(f'balance/sq_norm/{n}'):.2f}" for n in LAYERS),
+                *(fmt(row[f"unit_drift_max_{layer}"]) for layer in run.unit_drift),
+                f"{run.ms_per_step:.1f}",
+            ]
+        )
+        for pair in PAIRS:
+            ledger_table.append(
+                [
+                    init,
+                    LABELS[name],
+                    pair,
+                    *(fmt(ledger[pair][t]) for t in (*LEDGER_TERMS, "drift")),
+                    f"{abs(ledger[pair]['closure']):.1e}",
+                ]
+            )
+    return csv_rows, table, ledger_table
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_ratios(runs: dict[tuple[str, str], Run]) -> None:
+    """Heavy ball's and Nesterov's drift against gradient descent's, beside (1+μ)/(1−μ)."""
+    print(
+        f"\nDrift ratio to gradient descent at the same effective step; heuristic (1+μ)/(1−μ) ="
+        f" {HEURISTIC:.0f}:"
+    )
+    for init in ("balanced", "unbalanced"):
+        gd = runs.get((init, "gd"))
+        if gd is None:
+            continue
+        gd_ledger = gd.ledger()
+        for name in ("polyak", "nesterov"):
+            run = runs.get((init, name))
+            if run is None:
+                continue
+            ledger = run.ledger()
+            parts = []
+            for pair in PAIRS:
+                text = f"{pair} {abs(ledger[pair]['drift']) / abs(gd_ledger[pair]['drift']):.1f}x"
+                q = f"balance/corrected_diff/{pair}"
+                if name == "polyak" and any(q in r for r in run.history):
+                    dq = run.last(q) - run.diff0(*pair.split("-"))
+                    text += f" (Q: {abs(dq) / abs(gd_ledger[pair]['drift']):.1f}x)"
+                parts.append(text)
+            print(f"  {init:10s} {LABELS[name]:17s} " + ", ".join(parts))
+            own = ", ".join(
+                f"{pair} {ledger[pair]['drift'] / (ledger[pair]['discretisation'] or math.nan):.2f}"
+                for pair in PAIRS
+            )
+            print(f"  {'':10s} {'':17s} its D(T) − D(0) / its own discretisation term: {own}")
+
+
+def print_unit_drift(runs: dict[tuple[str, str], Run]) -> None:
+    print("\nPer-unit drift |D_i(T) − D_i(0)| (median / max over the 100 units of each layer):")
+    for (init, name), run in runs.items():
+        parts = []
+        for layer, values in run.unit_drift.items():
+            mags = [abs(v) for v in values]
+            parts.append(f"{layer} {statistics.median(mags):.2e} / {max(mags):.2e}")
+        print(f"  {init:10s} {LABELS[name]:20s} " + ", ".join(parts))
+
+
+def bias_variant(
+    data: tuple[torch.Tensor, ...], args: argparse.Namespace, out: Path
+) -> tuple[list[dict], list[list[str]]]:
+    """GD on a biased 2-layer net, monitored with the default layers and the dict grouping."""
+    x, y = data
+    # the output bias settles within a few hundred steps: 1000 steps show the whole effect
+    args = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 1000)})
+    args.log_every = max(1, args.steps // 300)
+    groupings: dict[str, object] = {
+        "default layers": None,
+        "dict grouping": {"W1": ["W1.weight", "W1.bias"], "W2": ["W2.weight"]},
+    }
+    runs = {
+        label: train_one(
+            "balanced",
+            "gd",
+            (x, y + 1.0),
+            args,
+            out,
+            widths=(x.shape[1], 100, 10),
+            bias=True,
+            layers=spec,
+            tag=f"bias-{label.replace(' ', '_')}",
+        )
+        for label, spec in groupings.items()
+    }
+    # both runs follow the same trajectory: the default grouping's ‖W2‖² includes ‖b2‖²
+    b2_change = runs["default layers"].last("balance/sq_norm_change/W2") - runs[
+        "dict grouping"
+    ].last("balance/sq_norm_change/W2")
+    rows, table = [], []
+    for label, run in runs.items():
+        ledger = run.ledger()["W1-W2"]
+        row = {
+            "grouping": label,
+            **{term: ledger[term] for term in (*LEDGER_TERMS, "drift", "closure")},
+            "b2_sq_norm_change": b2_change,
+            "loss_final": run.losses[-1],
+            "steps": len(run.losses),
+        }
+        rows.append(row)
+        table.append(
+            [
+                label,
+                *(fmt(ledger[t]) for t in ("symmetry", "discretisation", "drift")),
+                f"{abs(ledger['closure']):.1e}",
+            ]
+        )
+    return rows, table
+
+
 def main(argv: list[str] | None = None) -> dict[tuple[str, str], Run]:
     parser = base_parser(__doc__.split("\n\n")[0], "runs/layer_balance")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 2500)")
@@ -299,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], Run]:
     parser.add_argument(
         "--same-lr", action="store_true", help="momentum runs at lr η instead of η(1 − μ)"
     )
+    parser.add_argument("--no-bias-variant", action="store_true", help="skip the bias variant")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -314,55 +538,33 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], Run]:
     out = prepare_out(args.out)
     shutil.rmtree(out / "logs", ignore_errors=True)  # each run rewrites its CSVLogger folders
     torch.manual_seed(0)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    quiet_lightning()
     n, dim = (200, 100) if args.quick else (1000, 1000)
     data = make_data(n, dim, args.input_scale)
+    t_start = time.perf_counter()
 
     runs: dict[tuple[str, str], Run] = {}
     for init in ("balanced", "unbalanced"):
         for name in names:
             print(f"[layer_balance] {init} initialization, {LABELS[name]}", flush=True)
-            runs[(init, name)] = train_one(init, name, data, args, out)
+            runs[(init, name)] = train_one(
+                init, name, data, args, out, widths=(dim, 100, 100, 10), layers=LAYERS
+            )
 
-    rows, csv_rows = [], []
-    for (init, name), run in runs.items():
-        diff0 = [run.initial_sq[i] - run.initial_sq[i + 1] for i in range(2)]
-        row = {
-            "init": init,
-            "optimizer": LABELS[name],
-            "lr": args.lr if name == "gd" else momentum_lr(args.lr, args.same_lr),
-            "steps": args.steps,
-            "loss_0": run.losses[0],
-            "loss_final": run.losses[-1],
-            "diff_0": "/".join(f"{d:.3f}" for d in diff0),
-            "drift_final": run.drift,
-            **{f"sq_{n}": v for n, v in zip(LAYERS, run.final_sq, strict=True)},
-            "ms_per_step": run.ms_per_step,
-        }
-        csv_rows.append(row)
-        rows.append(
-            [
-                init,
-                LABELS[name],
-                f"{row['lr']:.3g}",
-                f"{row['loss_0']:.3g}",
-                f"{row['loss_final']:.3g}",
-                row["diff_0"],
-                f"{run.drift:.3g}",
-                *(f"{v:.3f}" for v in run.final_sq),
-                f"{run.ms_per_step:.1f}",
-            ]
-        )
-    with open(out / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
-        writer.writeheader()
-        writer.writerows(csv_rows)
+    csv_rows, table, ledger_table = summarise(runs, args)
+    write_csv(out / "summary.csv", csv_rows)
     header = ["init", "optimizer", "lr", "loss0", "loss", "diff(0)", "drift"]
-    header += [f"‖{n}‖²" for n in LAYERS] + ["ms/step"]
+    header += [f"‖{n}‖²" for n in LAYERS] + ["unit W1", "unit W2", "ms/step"]
     print()
-    print(format_table(header, rows))
+    print(format_table(header, table))
+    print("\nLedger at the last logged step (cumulative; D(t) − D(0) = the five terms + closure):")
+    print(
+        format_table(
+            ["init", "optimizer", "pair", *LEDGER_TERMS, "D(t)−D(0)", "|closure|"], ledger_table
+        )
+    )
+    print_ratios(runs)
+    print_unit_drift(runs)
     for init in ("balanced", "unbalanced"):
         ours, ref = runs.get((init, "polyak")), runs.get((init, "sgd"))
         if ours is not None and ref is not None:
@@ -374,11 +576,56 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], Run]:
                 f"PolyakSGD vs built-in SGD ({init}): max parameter difference {diff:.2e} "
                 f"(relative {diff / scale:.2e}; float32 rounding)"
             )
+
+    if not args.no_bias_variant:
+        print("[layer_balance] bias variant: gradient descent, default layers / dict grouping")
+        bias_rows, bias_table = bias_variant(data, args, out)
+        write_csv(out / "bias_variant.csv", bias_rows)
+        print("\nBias variant (pair W1-W2; the default grouping counts b2 in D):")
+        print(
+            format_table(
+                [
+                    "grouping",
+                    "symmetry",
+                    "discretisation",
+                    "D(t)−D(0)",
+                    "|closure|",
+                ],
+                bias_table,
+            )
+        )
+        print(f"  change of ‖b2‖² over the run: {bias_rows[0]['b2_sq_norm_change']:.3g}")
+
     paper_figure(runs, out / "figure.png")
     optimizers_figure(runs, names, out / "optimizers.png")
+    figures = ["figure.png", "optimizers.png"]
+    ledger_runs = {
+        LABELS[n]: runs[("balanced", n)].history
+        for n in LEDGER_OPTIMIZERS
+        if ("balanced", n) in runs
+    }
+    if ledger_runs:
+        fig = plot_ledger(
+            ledger_runs, title="Balance ledger, balanced start: where D(t) − D(0) comes from"
+        )
+        fig.savefig(out / "ledger.png", dpi=100)
+        fig = plot_unit_drift(
+            {
+                LABELS[n]: runs[("balanced", n)].unit_drift
+                for n in LEDGER_OPTIMIZERS
+                if ("balanced", n) in runs
+            },
+            title="Per-unit drift |D_i(T) − D_i(0)|, balanced start",
+        )
+        fig.savefig(out / "unit_drift.png", dpi=100)
+        figures += ["ledger.png", "unit_drift.png"]
     publish_figure(out / "figure.png", "layer_balance.png", args.quick)
     publish_figure(out / "optimizers.png", "layer_balance_optimizers.png", args.quick)
-    print(f"\nwrote {out / 'figure.png'}, {out / 'optimizers.png'}, {out / 'summary.csv'}")
+    if ledger_runs:
+        publish_figure(out / "ledger.png", "ledger.png", args.quick)
+        publish_figure(out / "unit_drift.png", "unit_drift.png", args.quick)
+    print(f"\nwrote {', '.join(str(out / f) for f in figures)}, {out / 'summary.csv'}")
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
     return runs
 
 
