@@ -17,13 +17,30 @@ machine hits every variant alike):
   min-norm    min_norm_element(samples): Wolfe's algorithm (Gram matrix + active set)
   end to end  clarke_subgradient(f, x, num_samples=64) vs the same with vectorize=False
 
-Run: python benchmarks/clarke.py [--reps 30] [--threads 1]
+Stationarity profile (stationarity_profile, k = 64 samples per radius, 4 radii):
+  profile     on an MLP 64-300-256-10 (99,126 float32 parameters), mean cross-entropy over 1024
+              examples; against 4 x vmap(grad(f)) over 64 points (the same 256 plain batched
+              gradient evaluations, nothing else) and against a Python loop of 256
+              torch.autograd.grad calls. Interleaved rounds; paired per-round ratios.
+  chunked     memory="recompute", chunk_size=8, k = 64, one radius, on an MLP 256-3200-3200-10
+              (11.1M float32 parameters; the k x d sample matrix would be 2.8 GB) over 32
+              examples, each mode in a fresh subprocess: time and peak resident memory above the
+              process's memory before the call (ru_maxrss high-water marks), against the
+              in-memory mode (memory="device") on the same model.
+
+Run: python benchmarks/clarke.py [--reps 30] [--threads 1] [--quick]
+                                [--parts clarke,profile,chunked]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -41,6 +58,7 @@ from torch_momentum._sampling import (
     scalar_output as _scalar_output,
 )
 from torch_momentum.clarke import min_norm_element
+from torch_momentum.stationarity import stationarity_profile
 
 K = 64
 
@@ -160,55 +178,234 @@ def measure(cases: dict[str, tuple[Callable, object]], reps: int) -> dict[str, d
     return table
 
 
+def profile_case(hidden: tuple[int, int], batch: int) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """MLP 64-h1-h2-10, mean cross-entropy over ``batch`` random examples, float32."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, hidden[0]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden[0], hidden[1]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden[1], 10),
+    )
+    data, target = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+
+    def f(p):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (data,)), target)
+
+    return f, {n: p.detach() for n, p in net.named_parameters()}
+
+
+def measure_profile(quick: bool, reps: int) -> dict[str, float]:
+    k, radii = (8, [1e-3, 1e-2, 1e-1, 1.0]) if quick else (64, [1e-3, 1e-2, 1e-1, 1.0])
+    f, params = profile_case((32, 32) if quick else (300, 256), 64 if quick else 1024)
+    d = sum(p.numel() for p in params.values())
+    spec, flat = _check_x(params)
+    gen = torch.Generator()
+    points = [
+        flat + r * torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=1)
+        for r in radii
+    ]
+    names = list(params)
+
+    def profile():
+        return stationarity_profile(
+            f, params, radii, num_samples=k, generator=torch.Generator().manual_seed(0)
+        )
+
+    def batched():
+        return [_grads_vmap(f, p, spec) for p in points]
+
+    def loop():
+        out = []
+        for p in points:
+            for i in range(k):
+                leaves = [t.clone().requires_grad_(True) for t in p[i].split(list(spec.numels))]
+                tree = {n: t.reshape(params[n].shape) for n, t in zip(names, leaves, strict=True)}
+                out.append(torch.autograd.grad(f(tree), leaves))
+        return out
+
+    jobs = {"profile": profile, "batched": batched, "loop": loop}
+    for job in jobs.values():  # warm up
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(reps):
+        for name, job in jobs.items():
+            t0 = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - t0)
+    return {
+        "d": float(d),
+        "k": float(k),
+        "profile": statistics.median(times["profile"]),
+        "batched": statistics.median(times["batched"]),
+        "loop": statistics.median(times["loop"]),
+        "profile/batched": statistics.median(
+            a / b for a, b in zip(times["profile"], times["batched"], strict=True)
+        ),
+        "loop/profile": statistics.median(
+            a / b for a, b in zip(times["loop"], times["profile"], strict=True)
+        ),
+    }
+
+
+def chunked_run(quick: bool, memory: str) -> dict[str, float]:
+    """The profile of a large MLP in one memory mode (run in a fresh process for its memory)."""
+    width, batch, k = (256, 8, 16) if quick else (3200, 32, 64)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(256, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    )
+    data, target = torch.randn(batch, 256), torch.randint(0, 10, (batch,))
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    d = sum(p.numel() for p in params.values())
+
+    def f(p):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (data,)), target)
+
+    f(params)  # warm up the model's allocations
+    torch.func.vmap(torch.func.grad(lambda z: z.square().sum()))(torch.ones(2, 2))  # lazy imports
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    prof = stationarity_profile(
+        f,
+        params,
+        [1e-2],
+        num_samples=k,
+        generator=torch.Generator().manual_seed(0),
+        memory=memory,
+        chunk_size=8 if memory != "device" else None,
+    )
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "d": d,
+        "k": k,
+        "seconds": elapsed,
+        "rss_before": before,
+        "rss_peak": peak,
+        "eps_hat": prof.eps_hat[0],
+        "grad_norm": prof.grad_norm,
+        "active": prof.active[0],
+    }
+
+
+def measure_chunked(quick: bool, threads: int, memory: str) -> dict[str, float]:
+    if quick:  # smoke test: in this process (its memory figures then mean little)
+        return chunked_run(quick, memory)
+    cmd = [sys.executable, __file__, "--chunked-child", memory, "--threads", str(threads)]
+    if quick:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true", help="tiny cases, one round: smoke test")
+    parser.add_argument(
+        "--parts", default="clarke,profile,chunked", help="comma-separated parts to run"
+    )
+    parser.add_argument("--profile-reps", type=int, default=3, help="rounds of the profile case")
+    parser.add_argument("--chunked-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cases = {
-        "pl10 kink": pl10_kink(),
-        "pl10 stationary": pl10_stationary(),
-        "mlp small": mlp(10, 32, 64),
-        "mlp wide": mlp(20, 64, 128),
-    }
-    table = measure(cases, args.reps)
+    if args.chunked_child:
+        print(json.dumps(chunked_run(args.quick, args.chunked_child)))
+        return
+    parts = set(args.parts.split(","))
+    if args.quick:
+        args.reps, args.profile_reps = 1, 1
+    if "clarke" in parts:
+        cases = {
+            "pl10 kink": pl10_kink(),
+            "pl10 stationary": pl10_stationary(),
+            "mlp small": mlp(10, 32, 64),
+            "mlp wide": mlp(20, 64, 128),
+        }
+        table = measure(cases, args.reps)
 
-    print(
-        f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"thread(s), median of {args.reps} interleaved rounds of {INNER} back-to-back calls, "
-        "times in ms"
-    )
-    head = (
-        f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
-        f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
-    )
-    print(head)
-    print("-" * len(head))
-    for name, row in table.items():
         print(
-            f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
-            f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
-            f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
-            f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
-            f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
+            f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s), median of {args.reps} interleaved rounds of {INNER} back-to-back calls, "
+            "times in ms"
         )
-    print()
-    print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
-    print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
-    print("e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False.")
-    kink, mlp_row = table["pl10 kink"], table["mlp small"]
-    checks = [
-        ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
-        (
-            "sampling >= 3x loop, mlp small",
-            mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
-        ),
-        ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
-        ("end to end >= 4x vectorize=False, pl10 kink", kink["e2e loop"] / kink["e2e vmap"] >= 4),
-    ]
-    for label, ok in checks:
-        print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+        head = (
+            f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
+            f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
+        )
+        print(head)
+        print("-" * len(head))
+        for name, row in table.items():
+            print(
+                f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
+                f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
+                f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
+                f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
+                f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
+            )
+        print()
+        print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
+        print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
+        print(
+            "e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False."
+        )
+        kink, mlp_row = table["pl10 kink"], table["mlp small"]
+        checks = [
+            ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
+            (
+                "sampling >= 3x loop, mlp small",
+                mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
+            ),
+            ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
+            (
+                "end to end >= 4x vectorize=False, pl10 kink",
+                kink["e2e loop"] / kink["e2e vmap"] >= 4,
+            ),
+        ]
+        for label, ok in checks:
+            print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+    if "profile" in parts:
+        prof = measure_profile(args.quick, args.profile_reps)
+        print(
+            f"\nstationarity_profile, k = {int(prof['k'])} per radius, 4 radii, MLP with "
+            f"{int(prof['d'])} parameters, median of {args.profile_reps} interleaved rounds (s):"
+        )
+        print(
+            f"  profile {prof['profile']:.3f}   4 x vmap(grad) over k points "
+            f"{prof['batched']:.3f}   "
+            f"loop of {4 * int(prof['k'])} autograd.grad {prof['loop']:.3f}"
+        )
+        print(
+            f"  profile / batched gradients = {prof['profile/batched']:.2f}x (target <= 1.3x: "
+            f"{'met' if prof['profile/batched'] <= 1.3 else 'MISSED'});  loop / profile = "
+            f"{prof['loop/profile']:.2f}x (target >= 3x: "
+            f"{'met' if prof['loop/profile'] >= 3 else 'MISSED'})"
+        )
+    if "chunked" not in parts:
+        return
+    results = {
+        mode: measure_chunked(args.quick, args.threads, mode) for mode in ("recompute", "device")
+    }
+    for mode, ch in results.items():
+        dense = ch["k"] * ch["d"] * 4
+        extra = ch["rss_peak"] - ch["rss_before"]
+        print(
+            f"\nprofile memory={mode!r}"
+            + (", chunk_size=8" if mode != "device" else "")
+            + f", k = {ch['k']}, d = {ch['d']:,} float32, one radius: {ch['seconds']:.1f} s; "
+            f"peak RSS {ch['rss_peak'] / 2**30:.2f} GiB, {extra / 2**30:.2f} GiB above the "
+            f"process before the call (the k x d sample matrix: {dense / 2**30:.2f} GiB); "
+            f"eps_hat {ch['eps_hat']:.6g}, ||grad f|| {ch['grad_norm']:.6g}, active {ch['active']}"
+        )
+    a, b = results["recompute"]["eps_hat"], results["device"]["eps_hat"]
+    print(f"recompute vs device: |eps_hat difference| / eps_hat = {abs(a - b) / b:.1e}")
 
 
 if __name__ == "__main__":
