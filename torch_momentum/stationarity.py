@@ -280,7 +280,10 @@ def stationarity_profile(
             work). In both chunked modes the peak device memory beyond the model is
             ``O(chunk_size x d)`` (two blocks of gradients, their float64 column slices of at
             most 4M numbers, and ``vmap``'s work for one block), and the result equals the
-            ``"device"`` mode's up to float64 rounding of the Gram sums.
+            ``"device"`` mode's up to float64 rounding of the Gram sums. Measured on the CPU
+            (11.1M float32 parameters, ``k = 64``, ``chunk_size=8``): 1.82 GiB above the process
+            in ``"recompute"`` mode (about ``5 x chunk_size x d`` numbers) against 10.8 GiB in
+            ``"device"`` mode (about ``4 k d``), 2.8x the time.
         chunk_size: samples per block: default ``k`` for ``"device"``, 8 otherwise.
         reduce_grads: applied to every block of sampled gradients ``(c, d)`` and to the
             gradient at ``x`` ``(d,)`` before they are used, e.g. a sum over data-parallel
