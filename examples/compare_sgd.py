@@ -40,11 +40,8 @@ Outputs under ``--out`` (default ``runs/compare_sgd/``): CSVLogger logs ``logs/<
 from __future__ import annotations
 
 import csv
-import logging
 import shutil
 import statistics
-import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +50,8 @@ from typing import Any
 import lightning.pytorch as L
 import matplotlib
 import torch
-from _common import base_parser, format_table, prepare_out, publish_figure
+from _common import base_parser, format_table, prepare_out, publish_figure, quiet_lightning
+from _steptimer import StepTimer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.figure import Figure
@@ -217,34 +215,16 @@ class Record:
 
 
 class Recorder(Callback):
-    """Per step: loss, wall time of the whole step and of the update alone, flat parameters.
-
-    The update time runs from ``on_before_optimizer_step`` (after backward) to the optimizer's
-    step post-hook; Lightning runs forward and backward inside ``optimizer.step(closure)``.
-    """
+    """Per step: loss and flat parameters and iterates; per validation: the metrics. The step
+    times come from :class:`_steptimer.StepTimer` (see :func:`train`)."""
 
     def __init__(self) -> None:
         self.record = Record()
-        self._t0 = self._t1 = 0.0
-        self._handle: Any = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._handle = _single_optimizer(trainer).register_step_post_hook(self._after_step)
-
-    def _after_step(self, *_: Any) -> None:
-        self.record.update_s.append(time.perf_counter() - self._t1)
-
-    def on_train_batch_start(self, *_: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_before_optimizer_step(self, *_: Any) -> None:
-        self._t1 = time.perf_counter()
 
     @torch.no_grad()
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any
     ) -> None:
-        self.record.step_s.append(time.perf_counter() - self._t0)
         self.record.losses.append(float(outputs["loss"]))
         opt = _single_optimizer(trainer)
         params = [(g, p) for g in opt.param_groups for p in g["params"]]
@@ -255,10 +235,6 @@ class Recorder(Callback):
         keys = ("val_acc", "val_loss", "val_acc_lookahead", "val_loss_lookahead")
         m = trainer.callback_metrics
         self.record.val.append({k: float(m[k]) for k in keys if k in m})
-
-    def on_train_end(self, *_: Any) -> None:
-        if self._handle is not None:
-            self._handle.remove()
 
 
 @dataclass
@@ -289,6 +265,10 @@ def train(run: Run, data: Digits, epochs: int, out: Path) -> Record:
     L.seed_everything(SEED, verbose=False)  # same initial weights in every run
     model = MLP(run.make_optimizer)
     recorder = Recorder()
+    # wall time of the whole step and of the update alone (on_before_optimizer_step, after
+    # backward, to the optimiser's step post-hook; Lightning runs forward and backward inside
+    # optimizer.step(closure))
+    timer = StepTimer(update=True)
     version = run.name.replace("(", "_").rstrip(")")
     shutil.rmtree(out / "logs" / version, ignore_errors=True)  # this run's logs from last time
     trainer = L.Trainer(
@@ -296,7 +276,7 @@ def train(run: Run, data: Digits, epochs: int, out: Path) -> Record:
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(out, name="logs", version=version),
-        callbacks=[*run.callbacks(), recorder],
+        callbacks=[*run.callbacks(), recorder, timer],
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
@@ -305,6 +285,7 @@ def train(run: Run, data: Digits, epochs: int, out: Path) -> Record:
         deterministic=True,
     )
     trainer.fit(model, datamodule=data)
+    recorder.record.step_s, recorder.record.update_s = timer.step_s, timer.update_s
     return recorder.record
 
 
@@ -380,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be at least 1")
     out = prepare_out(args.out)
     torch.set_num_threads(1)  # same arithmetic and fair timings on a shared machine
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
+    quiet_lightning()  # no per-run banners, no warnings that do not apply here
 
     data = Digits()
     records = {run.name: train(run, data, epochs, out) for run in RUNS}
