@@ -35,13 +35,13 @@ shared machine pass --threads 1: oversubscribed intra-op threads make small kern
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
+import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,6 +52,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _common import quiet_lightning
+from _steptimer import StepTimer
 
 
 class _Repeated(Dataset):
@@ -121,22 +125,6 @@ TARGETS = {"every 50 steps": "1 %", "every step": "5 %", "ledger, every 50": "5 
 TARGETS["neurons, every 50"] = "1 %"
 
 
-class _StepTimer(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self.starts.append(time.perf_counter())
-
-    def on_train_end(self, *args: Any) -> None:
-        self.starts.append(time.perf_counter())
-
-    def seconds_per_step(self) -> float:
-        timed = self.starts[self.warmup :]
-        return (timed[-1] - timed[0]) / (len(timed) - 1)
-
-
 class _TimedMonitor(LayerBalanceMonitor):
     """The monitor, with the time spent in its per-step hook recorded (after the warm-up)."""
 
@@ -179,7 +167,7 @@ def _run(
     """(seconds per step, seconds per step inside the monitor's hook)."""
     torch.manual_seed(0)
     net, batch, loss = make()
-    timer = _StepTimer(warmup)
+    timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     monitor = None
     if config is not None:
@@ -197,7 +185,7 @@ def _run(
         enable_checkpointing=False,
     )
     trainer.fit(_Module(net, loss), DataLoader(_Repeated(batch, warmup + steps), batch_size=None))
-    return timer.seconds_per_step(), (monitor.hook_seconds / steps if monitor else 0.0)
+    return timer.seconds_per_step(warmup), (monitor.hook_seconds / steps if monitor else 0.0)
 
 
 def main() -> None:
@@ -215,8 +203,7 @@ def main() -> None:
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_lightning()  # the examples' warning filters and log level
 
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {threads}")

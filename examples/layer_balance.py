@@ -69,7 +69,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from _common import base_parser, format_table, prepare_out, publish_figure, quiet_lightning
-from lightning.pytorch.callbacks import Callback
+from _steptimer import StepTimer
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.figure import Figure
 from torch import nn
@@ -168,20 +168,6 @@ class ReLUNet(L.LightningModule):
 
     def configure_optimizers(self):
         return self.make_optimizer(self.parameters())
-
-
-class StepTimer(Callback):
-    """Wall time of each training batch (forward, backward, callbacks and optimiser step)."""
-
-    def __init__(self) -> None:
-        self.step_s: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.step_s.append(time.perf_counter() - self._t0)
 
 
 def momentum_lr(lr: float, same_lr: bool) -> float:
