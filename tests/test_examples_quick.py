@@ -40,6 +40,7 @@ def docs_state(name: str) -> float | None:
     return path.stat().st_mtime_ns if path.exists() else None
 
 
+@pytest.mark.slow  # example subprocess
 def test_quadratic_quick(tmp_path: Path) -> None:
     before = docs_state("quadratic.png")
     proc = run_example("quadratic.py", tmp_path, "--steps", "300")
@@ -68,6 +69,7 @@ def test_quadratic_quick(tmp_path: Path) -> None:
     assert all(float(r["measured"]) <= float(r["theory"]) for r in stationarity)
 
 
+@pytest.mark.slow  # example subprocess (four Lightning runs)
 def test_compare_sgd_quick(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     before = docs_state("compare_sgd.png")
