@@ -55,7 +55,8 @@ class LayerBalanceMonitor(Callback):
     ``balance/sq_norm_diff/{L}-{M}``     :math:`\|W_L(t)\|^2 - \|W_M(t)\|^2`, adjacent L, M
     ``balance/sq_norm_ratio/{L}-{M}``    :math:`\|W_L(t)\|^2 / \|W_M(t)\|^2`
     ``balance/drift``                    :math:`\max_{pairs} |diff(t) - diff(0)|`
-    ``grad_norm/{L}``, ``grad_norm/total`` :math:`\|\nabla_{W_L}\ell\|_2` and over all layers
+    ``grad_norm/{L}``                    :math:`\|\nabla_{W_L}\ell\|_2`
+    ``grad_norm/total``                  the same over all layers
     ==================================== ===========================================================
 
     For a layer-wise 1-homogeneous network, ``balance/drift`` is 0 under gradient flow and, under

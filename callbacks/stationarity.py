@@ -118,12 +118,12 @@ class StationarityMonitor(Callback):
     ``num_samples`` gradients of :math:`f` sampled uniformly in :math:`B(x_t, \delta)`, and logs
     (to every logger, from rank zero, at the current step):
 
-    ================================== =========================================================
-    ``stationarity/min_norm/{delta:g}`` :math:`\hat\varepsilon(\delta)`: :math:`x_t` is
-                                       :math:`(\delta, \hat\varepsilon)`-Goldstein stationary
-    ``stationarity/active/{delta:g}``   samples with positive weight in the min-norm element
-    ``stationarity/grad_norm``          :math:`\|\nabla f(x_t)\|` by autograd at :math:`x_t`
-    ================================== =========================================================
+    ====================================== =====================================================
+    ``stationarity/min_norm/{delta:g}``    :math:`\hat\varepsilon(\delta)`: :math:`x_t` is
+                                           :math:`(\delta, \hat\varepsilon)`-Goldstein stationary
+    ``stationarity/active/{delta:g}``      samples with positive weight in the min-norm element
+    ``stationarity/grad_norm``             :math:`\|\nabla f(x_t)\|` by autograd at :math:`x_t`
+    ====================================== =====================================================
 
     ``history`` keeps one dict ``{"epoch": e, "step": s, key: value}`` per evaluation (on every
     rank: under DDP every rank computes the same certificate). The certificate is one-sided:

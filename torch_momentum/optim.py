@@ -210,9 +210,11 @@ class _MomentumSGD(Optimizer):
                     f"(its parameters are look-ahead points); load it into NesterovSGD, not {name}"
                 )
         for key, entry in state_dict["state"].items():
-            for unknown in set(entry) - {"velocity"}:
+            unknown = sorted(set(entry) - {"velocity"})
+            if unknown:  # every unknown key, sorted: the message does not depend on set order
                 raise ValueError(
-                    f"state of parameter {key}: unknown key {unknown!r}; {name} keeps only "
+                    f"state of parameter {key}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                    f"{name} keeps only "
                     "'velocity' (and migrates 'momentum_buffer' from torch.optim.SGD)"
                 )
         super().load_state_dict(state_dict)
