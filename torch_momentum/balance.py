@@ -935,19 +935,30 @@ def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Te
 #: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``.
 LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 
-# the Gram matrix of the post-step rows (p, v, g): its upper triangle, and how to fill it
+# the upper triangle of the Gram matrix of a tensor's three post-step rows
 _UPPER = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-_SYMMETRIC = (0, 1, 2, 1, 3, 4, 2, 4, 5)
 
 
-def _flat(t: Tensor, acc: torch.dtype) -> Tensor:
-    t = t.to(acc) if not t.is_complex() else torch.view_as_real(t).to(acc)
+def _acc(t: Tensor) -> torch.dtype:
+    """The accumulation dtype of the ledger's dot products for a tensor of ``t``'s dtype."""
+    return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _vec(t: Tensor, acc: torch.dtype) -> Tensor:
+    """``t`` as a real vector of dtype ``acc`` (a view when it already is one; no autograd: the
+    ledger's hooks run under ``torch.no_grad``)."""
+    if t.dtype is not acc:
+        if t.dtype.is_complex:
+            t = torch.view_as_real(t)
+        if t.dtype is not acc:
+            t = t.to(acc)
     return t.reshape(-1)
 
 
 # entries of the 4x4 Gram matrix of (x_t, v_t, g_t, dx) used by the terms:
 # D = <x,x>, K = <x,v>, <x,g>, <v,g>, <x,dx>, <dx,dx>
 _GRAM_ENTRIES = (0, 1, 2, 6, 3, 15)
+_GRAM_AB = tuple(divmod(e, 4) for e in _GRAM_ENTRIES)
 
 
 def _coefficients(
@@ -1087,6 +1098,8 @@ class BalanceLedger:
         self._sharded = any(_is_dtensor(p) for p in self._tracked)
         first = _local(self._tracked[0])
         self.device = first.device
+        self._multi_device = any(_local(p).device != self.device for p in self._tracked)
+        self._unit_set = {i for parts in self._unit_parts for i, _, _ in parts}
         # sign[pair, tensor]: +1 for layer L, -1 for layer M of pair L-M
         sign = torch.zeros(n_pairs, n, dtype=torch.float64)
         for t, layer in layer_of:
@@ -1117,6 +1130,8 @@ class BalanceLedger:
         self._rules: dict[Any, Any] = {}
         self._matrices: dict[Any, Any] = {}
         self._handles: list[Any] = []
+        self._static: dict[int, list[Any]] = {}
+        self._views: dict[tuple[int, int], tuple[int, int, Tensor]] = {}
         self._locate()
 
     # ------------------------------------------------------------------------------------------
@@ -1222,7 +1237,14 @@ class BalanceLedger:
                 " symmetry at logging steps, unit_balance/unit_symmetry, work with shards)"
             )
         for opt in self.optimizers:
-            self._handles.append(opt.register_step_pre_hook(self._before))
+            if self._kind(opt) == "heavy":
+                # heavy ball needs nothing from before the step: the post-step state determines
+                # the pre-step iterate and velocity
+                self._static[id(opt)] = [
+                    (g, group, idx, None, 0.0) for g, group, idx in self._plans.get(id(opt), [])
+                ]
+            else:
+                self._handles.append(opt.register_step_pre_hook(self._before))
             self._handles.append(opt.register_step_post_hook(self._after))
 
     def detach(self) -> None:
@@ -1231,6 +1253,8 @@ class BalanceLedger:
             handle.remove()
         self._handles = []
         self._pending = {}
+        self._static = {}
+        self._views = {}
 
     @torch.no_grad()
     def _before(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -1313,93 +1337,163 @@ class BalanceLedger:
 
     @torch.no_grad()
     def _after(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        # One pass collects, per updated tensor, its post-step rows (first, second, gradient):
+        # (p, v_{t+1}, g_t) for a known rule (v_{t+1} absent for plain gradient descent; the
+        # built-in's momentum_buffer read as is, its sign folded into the map), (x_t, p, g_t) for
+        # the generic split. The terms are linear in the rows' Gram entries; only the entries
+        # with a non-zero coefficient are computed (one dot product each), and one cached matrix
+        # maps them to the per-pair sums (one matrix-vector product).
         pending = self._pending.pop(id(opt), None)
+        if pending is None:
+            pending = self._static.get(id(opt))
         if not self.active or pending is None:
             return
-        grams: list[Tensor] = []
-        maps, coefficients, used, weights, keys = [], [], [], [], []
+        kind = self._kind(opt)
+        vkey = "momentum_buffer" if kind == "sgd" else "velocity"
+        state = opt.state
+        tracked, sharded, unit_set = self._tracked, self._sharded, self._unit_set
+        rows_of: list[tuple[Tensor | None, ...]] = []
+        used: list[int] = []
+        keys: list[Any] = []
+        rules: list[Any] = []
         unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]] = {}
-        unit_tensors = self._unit_tensors
         for g, group, idx, xs, c0 in pending:
-            if xs is None:
-                rule, rows, with_v, plain = self._rule(opt, g, group, c0)
-            else:  # generic split: r = (x_t, p, g), dx = p - x_t
-                eta, _, _, s, _ = self._hyper(opt, group)
-                rule = ("generic", eta, s)
-                rows = _coefficients(eta, 0.0, 0.0, 0.0, s, 0.0)
-                with_v = plain = [
-                    [1.0, 0.0, 0.0],
-                    [0.0, 0.0, 0.0],
-                    [0.0, 0.0, 1.0],
-                    [-1.0, 1.0, 0.0],
-                ]
+            rule = self._rule(opt, g, group, c0) if xs is None else self._generic_rule(opt, group)
             for k, i in enumerate(idx):
-                p = self._tracked[i]
-                if p.grad is None:
+                p = tracked[i]
+                grad = p.grad
+                if grad is None:
                     continue  # not updated by this step
-                y1 = _local(p.detach())
-                grad = _local(p.grad.detach())
                 if xs is not None:
-                    first, second, cmap = xs[k], y1, with_v
+                    parts: tuple[Tensor | None, ...] = (xs[k], p, grad)
+                    plain = False
                 else:
-                    v1 = self._velocity(opt, p)
-                    first, second = y1, (None if v1 is None else _local(v1))
-                    cmap = with_v if second is not None else plain
-                acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
-                parts = [first, second, grad]
-                flats = [None if t is None else _flat(t, acc) for t in parts]
-                zero = None
-                for a, b in _UPPER:
-                    if flats[a] is None or flats[b] is None:
-                        if zero is None:
-                            zero = torch.zeros((), dtype=acc, device=y1.device)
-                        grams.append(zero)
-                    else:
-                        grams.append(torch.dot(flats[a], flats[b]))
-                weights.append(self._weights[i])
-                maps.append(cmap)
-                coefficients.append(rows)
+                    st = state.get(p)
+                    v = st.get(vkey) if st else None
+                    if kind not in ("heavy", "nesterov", "sgd"):
+                        v = None
+                    parts, plain = (p, v, grad), v is None
+                if sharded:
+                    parts = tuple(None if t is None else _local(t) for t in parts)
+                rows_of.append(parts)
                 used.append(i)
-                keys.append((rule, cmap is plain))
-                if i in unit_tensors:
-                    present = [t.to(acc) for t in parts if t is not None]
-                    m = torch.stack(present)
-                    if m.is_complex():
-                        m = torch.view_as_real(m).movedim(-1, 1)
-                    unit_rows[i] = (m, cmap, rows)
-        if not grams:
+                keys.append((rule[0], plain))
+                rules.append(rule)
+                if i in unit_set:
+                    unit_rows[i] = self._unit_row(parts, rule, plain, kind == "sgd")
+        if not used:
             return
         self.steps += 1
         key = (tuple(used), tuple(keys))
         cached = self._matrices.get(key)
         if cached is None:
-            if len(self._matrices) > 64:
+            if len(self._matrices) > 64:  # a scheduler changes lr every step
                 self._matrices.clear()
-            cached = self._matrices[key] = (
-                self._to_device(torch.tensor(maps, dtype=torch.float64)),
-                self._to_device(torch.tensor(coefficients, dtype=torch.float64)),
-                self._sign[:, used],
-            )
-        cmaps, coef, sign = cached
-        upper = torch.stack(grams).to(device=self.device, dtype=torch.float64)
-        gram = upper.reshape(len(used), 6)[:, list(_SYMMETRIC)].reshape(len(used), 3, 3)
-        if any(w != 1.0 for w in weights):
-            gram = gram * self._to_device(torch.tensor(weights, dtype=torch.float64))[:, None, None]
-        gram4 = cmaps @ gram @ cmaps.transpose(1, 2)
-        q = gram4.reshape(len(used), 16)[:, list(_GRAM_ENTRIES)]
-        terms = torch.einsum("tkj,tj->tk", coef, q)
-        self._local_sums += sign @ terms
+            cached = self._matrices[key] = self._step_matrix(used, rules, keys)
+        matrix, entries = cached
+        dots = []
+        dot = torch.dot
+        views = self._views
+        for i, parts, (needed, pairs) in zip(used, rows_of, entries, strict=True):
+            acc = _acc(parts[0])  # type: ignore[arg-type]
+            vecs: list[Tensor | None] = [None, None, None]
+            for k in needed:
+                t = parts[k]
+                if k == 2 or (k == 0 and not isinstance(t, nn.Parameter)):
+                    vecs[k] = _vec(t, acc)  # type: ignore[arg-type]
+                    continue
+                # parameters and velocities persist across steps: reuse their flat views while
+                # they still view the same memory (a copy, e.g. a dtype conversion, never does)
+                cached = views.get((i, k))
+                if cached is None or cached[0] != t.data_ptr() or cached[1] != t.numel():  # type: ignore[union-attr]
+                    vec = _vec(t, acc)  # type: ignore[arg-type]
+                    views[(i, k)] = cached = (
+                        vec.data_ptr(),
+                        vec.numel() // (2 if t.is_complex() else 1),
+                        vec,
+                    )  # type: ignore[union-attr]
+                vecs[k] = cached[2]
+            for a, b in pairs:
+                dots.append(dot(vecs[a], vecs[b]))  # type: ignore[arg-type]
+        if dots:
+            if self._multi_device:
+                dots = [d.to(self.device) for d in dots]
+            flat = torch.stack(dots).to(torch.float64)
+            self._local_sums.view(-1).addmv_(matrix, flat)
         if unit_rows:
             self._accumulate_units(unit_rows)
+
+    def _generic_rule(
+        self, opt: torch.optim.Optimizer, group: dict[str, Any]
+    ) -> tuple[Any, list[list[float]], list[list[float]], list[list[float]]]:
+        """The generic split: rows ``r = (x_t, p, g_t)``, ``dx = p - x_t``."""
+        eta, _, _, s, _ = self._hyper(opt, group)
+        rows = _coefficients(eta, 0.0, 0.0, 0.0, s, 0.0)
+        cmap = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]]
+        return ("generic", eta, s), rows, cmap, cmap
+
+    def _unit_row(
+        self, parts: tuple[Tensor | None, ...], rule: Any, plain: bool, negate: bool
+    ) -> tuple[Tensor, list[list[float]], list[list[float]]]:
+        """The stacked rows of one tensor for the per-unit Gram matrices."""
+        _, rows, with_v, plain_map = rule
+        first, second, grad = parts
+        if negate and second is not None:
+            second = torch.neg(second)  # the built-in's buffer is -v
+        acc = torch.float64 if first.dtype in (torch.float64, torch.complex128) else torch.float32  # type: ignore[union-attr]
+        present = [
+            t.detach().to(acc) if not t.is_complex() else t.detach()
+            for t in (first, second, grad)
+            if t is not None
+        ]
+        m = torch.stack(present)
+        if m.is_complex():
+            m = torch.view_as_real(m).movedim(-1, 1).to(acc)
+        return m, (plain_map if plain else with_v), rows
+
+    def _step_matrix(
+        self, used: list[int], rules: list[Any], keys: list[Any]
+    ) -> tuple[Tensor, list[tuple[frozenset[int], list[tuple[int, int]]]]]:
+        """The map from the needed Gram entries of every tensor's rows to the per-pair sums.
+
+        For tensor ``t`` with rows ``r`` (Gram matrix ``G``), map ``C`` (rows to
+        ``(x_t, v_t, g_t, dx)``) and term coefficients ``R`` (terms from the entries
+        :data:`_GRAM_ENTRIES` of ``C G C^T``), the terms are ``R Q vec(G)`` with
+        ``Q[e] = C[a_e] (x) C[b_e]``; symmetric entries are folded onto the upper triangle and the
+        columns that are zero are dropped (their dot products are not computed).
+        """
+        n_pairs = len(self.pairs)
+        blocks, entries = [], []
+        for i, (rule_key, rows, with_v, plain_map), (_, plain) in zip(
+            used, rules, keys, strict=True
+        ):
+            c = torch.tensor(plain_map if plain else with_v, dtype=torch.float64)
+            if rule_key[0] == "sgd":
+                c[:, 1] = -c[:, 1]  # the rows hold momentum_buffer = -v
+            q = torch.stack([torch.outer(c[a], c[b]).reshape(-1) for a, b in _GRAM_AB])
+            full = torch.tensor(rows, dtype=torch.float64) @ q  # (terms, 9)
+            upper, pairs = [], []
+            for a, b in _UPPER:
+                col = full[:, 3 * a + b] + (full[:, 3 * b + a] if a != b else 0.0)
+                if plain and 1 in (a, b):
+                    continue  # no velocity: its coefficients are zero
+                if bool((col != 0).any()):
+                    upper.append(col)
+                    pairs.append((a, b))
+            entries.append((frozenset(k for ab in pairs for k in ab), pairs))
+            if pairs:
+                block = self._sign[:, i].cpu()[:, None, None] * torch.stack(upper, 1)[None]
+                blocks.append(block.reshape(n_pairs * len(LEDGER_TERMS), -1) * self._weights[i])
+        if blocks:
+            matrix = torch.cat(blocks, 1)
+        else:
+            matrix = torch.zeros(n_pairs * len(LEDGER_TERMS), 0, dtype=torch.float64)
+        return self._to_device(matrix), entries
 
     def _to_device(self, t: Tensor) -> Tensor:
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
-
-    @property
-    def _unit_tensors(self) -> set[int]:
-        return {i for parts in self._unit_parts for i, _, _ in parts}
 
     def _accumulate_units(
         self, unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]]
