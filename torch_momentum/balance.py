@@ -944,6 +944,23 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
+def _sums_of_squares(tensors: list[Tensor]) -> list[Tensor]:
+    """``[sum |t|^2 for t in tensors]`` (real view of complex; half precision summed in float32),
+    one multi-tensor reduction per dtype run."""
+    out: list[Tensor] = []
+    start = 0
+    while start < len(tensors):
+        dtype = tensors[start].dtype
+        stop = start + 1
+        while stop < len(tensors) and tensors[stop].dtype is dtype:
+            stop += 1
+        low = dtype in (torch.float16, torch.bfloat16)
+        chunk = tensors[start:stop]
+        out.extend(torch._foreach_powsum(chunk, 2, dtype=torch.float32 if low else None))
+        start = stop
+    return out
+
+
 def _vec(t: Tensor, acc: torch.dtype) -> Tensor:
     """``t`` as a real vector of dtype ``acc`` (a view when it already is one; no autograd: the
     ledger's hooks run under ``torch.no_grad``)."""
@@ -1390,7 +1407,7 @@ class BalanceLedger:
             if len(self._matrices) > 64:  # a scheduler changes lr every step
                 self._matrices.clear()
             cached = self._matrices[key] = self._step_matrix(used, rules, keys)
-        matrix, entries = cached
+        matrix, entries, squares, buffer = cached
         dots = []
         dot = torch.dot
         views = self._views
@@ -1404,21 +1421,21 @@ class BalanceLedger:
                     continue
                 # parameters and velocities persist across steps: reuse their flat views while
                 # they still view the same memory (a copy, e.g. a dtype conversion, never does)
-                cached = views.get((i, k))
-                if cached is None or cached[0] != t.data_ptr() or cached[1] != t.numel():  # type: ignore[union-attr]
+                hit = views.get((i, k))
+                if hit is None or hit[0] != t.data_ptr() or hit[1] != t.numel():  # type: ignore[union-attr]
                     vec = _vec(t, acc)  # type: ignore[arg-type]
-                    views[(i, k)] = cached = (
-                        vec.data_ptr(),
-                        vec.numel() // (2 if t.is_complex() else 1),
-                        vec,
-                    )  # type: ignore[union-attr]
-                vecs[k] = cached[2]
+                    n = vec.numel() // (2 if t.is_complex() else 1)  # type: ignore[union-attr]
+                    views[(i, k)] = hit = (vec.data_ptr(), n, vec)
+                vecs[k] = hit[2]
             for a, b in pairs:
                 dots.append(dot(vecs[a], vecs[b]))  # type: ignore[arg-type]
+        for k, positions in enumerate(squares):
+            if positions:
+                dots.extend(_sums_of_squares([rows_of[pos][k] for pos in positions]))  # type: ignore[misc]
         if dots:
             if self._multi_device:
                 dots = [d.to(self.device) for d in dots]
-            flat = torch.stack(dots).to(torch.float64)
+            flat = torch.stack(dots, out=buffer)  # cast to float64 on the way, no extra op
             self._local_sums.view(-1).addmv_(matrix, flat)
         if unit_rows:
             self._accumulate_units(unit_rows)
@@ -1451,44 +1468,59 @@ class BalanceLedger:
             m = torch.view_as_real(m).movedim(-1, 1).to(acc)
         return m, (plain_map if plain else with_v), rows
 
-    def _step_matrix(
-        self, used: list[int], rules: list[Any], keys: list[Any]
-    ) -> tuple[Tensor, list[tuple[frozenset[int], list[tuple[int, int]]]]]:
+    def _step_matrix(self, used: list[int], rules: list[Any], keys: list[Any]) -> tuple[Any, ...]:
         """The map from the needed Gram entries of every tensor's rows to the per-pair sums.
 
         For tensor ``t`` with rows ``r`` (Gram matrix ``G``), map ``C`` (rows to
         ``(x_t, v_t, g_t, dx)``) and term coefficients ``R`` (terms from the entries
         :data:`_GRAM_ENTRIES` of ``C G C^T``), the terms are ``R Q vec(G)`` with
         ``Q[e] = C[a_e] (x) C[b_e]``; symmetric entries are folded onto the upper triangle and the
-        columns that are zero are dropped (their dot products are not computed).
+        columns that are zero are dropped (their products are not computed).
+
+        Returns ``(matrix, entries, squares, buffer)``. The matrix's columns are first the entries
+        computed as dot products (off the diagonal; on the CPU all of them), tensor by tensor:
+        ``entries[t] = (rows needed, [(a, b), ...])``. Then the diagonal entries, row by row:
+        ``squares[a]`` lists the positions in ``used`` whose ``G[a, a]`` is needed, one
+        multi-tensor sum of squares for all of them. ``buffer`` receives the values (float64).
         """
-        n_pairs = len(self.pairs)
-        blocks, entries = [], []
-        for i, (rule_key, rows, with_v, plain_map), (_, plain) in zip(
-            used, rules, keys, strict=True
+        n_pairs, n_terms = len(self.pairs), len(LEDGER_TERMS)
+        # On an accelerator the squares of all tensors take one multi-tensor reduction per row;
+        # on the CPU that reduction loops over the tensors and costs more than a dot product each
+        split = self.device.type != "cpu"
+        off, entries = [], []
+        diag: list[list[Tensor]] = [[], [], []]
+        squares: list[list[int]] = [[], [], []]
+        for pos, (i, (rule_key, rows, with_v, plain_map), (_, plain)) in enumerate(
+            zip(used, rules, keys, strict=True)
         ):
             c = torch.tensor(plain_map if plain else with_v, dtype=torch.float64)
             if rule_key[0] == "sgd":
                 c[:, 1] = -c[:, 1]  # the rows hold momentum_buffer = -v
             q = torch.stack([torch.outer(c[a], c[b]).reshape(-1) for a, b in _GRAM_AB])
             full = torch.tensor(rows, dtype=torch.float64) @ q  # (terms, 9)
-            upper, pairs = [], []
+            scale = self._sign[:, i].cpu()[:, None] * self._weights[i]  # (pairs, 1)
+            pairs = []
             for a, b in _UPPER:
-                col = full[:, 3 * a + b] + (full[:, 3 * b + a] if a != b else 0.0)
                 if plain and 1 in (a, b):
                     continue  # no velocity: its coefficients are zero
-                if bool((col != 0).any()):
-                    upper.append(col)
+                col = full[:, 3 * a + b] + (full[:, 3 * b + a] if a != b else 0.0)
+                if not bool((col != 0).any()):
+                    continue
+                column = (scale * col[None]).reshape(-1)  # (pairs * terms,)
+                if a == b and split:
+                    diag[a].append(column)
+                    squares[a].append(pos)
+                else:
+                    off.append(column)
                     pairs.append((a, b))
             entries.append((frozenset(k for ab in pairs for k in ab), pairs))
-            if pairs:
-                block = self._sign[:, i].cpu()[:, None, None] * torch.stack(upper, 1)[None]
-                blocks.append(block.reshape(n_pairs * len(LEDGER_TERMS), -1) * self._weights[i])
-        if blocks:
-            matrix = torch.cat(blocks, 1)
+        columns = off + diag[0] + diag[1] + diag[2]
+        if columns:
+            matrix = torch.stack(columns, 1)
         else:
-            matrix = torch.zeros(n_pairs * len(LEDGER_TERMS), 0, dtype=torch.float64)
-        return self._to_device(matrix), entries
+            matrix = torch.zeros(n_pairs * n_terms, 0, dtype=torch.float64)
+        buffer = torch.zeros(matrix.shape[1], dtype=torch.float64, device=self.device)
+        return self._to_device(matrix), entries, squares, buffer
 
     def _to_device(self, t: Tensor) -> Tensor:
         if self.device.type == "cuda":
