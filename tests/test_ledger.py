@@ -453,3 +453,21 @@ def test_terms_match_an_independent_per_step_computation(name: str) -> None:
     assert float(ref[:, [MOM, WD, SYM, DISC]].abs().min()) > 1e-4  # every term is active
     # float64 rounding of O(100)-term inner products over 25 steps
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_multi_tensor_squares_equal_dot_products(name: str, monkeypatch: Any) -> None:
+    """Accelerators take the diagonal Gram entries of all tensors from one multi-tensor sum of
+    squares, the CPU from one dot product each: the same sums (forced here on the CPU)."""
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(BalanceLedger, "_split_squares", split)
+        net = _mlp()
+        opt = OPTIMIZERS[name](net.parameters(), 0.01)
+        ledger = _run(net, opt, 12, _data())
+        results.append(ledger.read()["sums"])
+        ledger.detach()
+    dots, squares = results
+    assert float(dots[:, DISC].abs().max()) > 1e-4
+    # float64: the two reductions sum the same products in a different order
+    torch.testing.assert_close(squares, dots, rtol=0, atol=1e-13 * float(dots.abs().max()))

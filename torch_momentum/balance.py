@@ -1071,6 +1071,10 @@ class BalanceLedger:
         >>> ledger.detach()
     """
 
+    #: sums of squares as one multi-tensor reduction (True) or dot products (False); None: by
+    #: device (multi-tensor except on the CPU). Both give the same values up to rounding.
+    _split_squares: bool | None = None
+
     def __init__(
         self,
         layers: Mapping[str, Sequence[Tensor]],
@@ -1486,7 +1490,7 @@ class BalanceLedger:
         n_pairs, n_terms = len(self.pairs), len(LEDGER_TERMS)
         # On an accelerator the squares of all tensors take one multi-tensor reduction per row;
         # on the CPU that reduction loops over the tensors and costs more than a dot product each
-        split = self.device.type != "cpu"
+        split = self.device.type != "cpu" if self._split_squares is None else self._split_squares
         off, entries = [], []
         diag: list[list[Tensor]] = [[], [], []]
         squares: list[list[int]] = [[], [], []]
