@@ -13,6 +13,14 @@ from torch_momentum import NesterovSGD, PolyakSGD
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# One intra-op thread for the whole test process (each xdist worker is one process, so `-n 2`
+# uses two cores, not four). The suite's models are tiny: a second OpenMP thread only adds a
+# barrier per op, and when the other core is busy that barrier waits for a time slice. Measured
+# on the 2-core development machine while another process was running: the 60-step
+# test_polyak_equals_builtin_sgd took 7.7 s with 2 threads and 0.1 s with 1. Tests that start
+# subprocesses set OMP_NUM_THREADS themselves; the `one_thread` fixture below restores this value.
+torch.set_num_threads(1)
+
 # float64 tolerance for "the same arithmetic up to rounding": each step does O(1) roundings of
 # relative size 2**-53 ≈ 1.1e-16; after ~100 steps on a well-conditioned problem the accumulated
 # relative difference stays far below 1e-12 (we measure ~1e-15), so 1e-12 fails on any real bug

@@ -35,6 +35,12 @@ from balance_common import BalanceModel, make_data, make_loader, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# A full Trainer.fit with a real TensorBoardLogger that renders, logs and decodes the monitor's PNG
+# figure: ~1.5 s per test on an idle 2-core machine (a third of the fast loop's logger time).
+# These four run in `make test` (CI); the cheaper stationarity test below keeps a real
+# TensorBoardLogger in `make test-fast`.
+SLOW_FIT = pytest.mark.slow
+
 STEPS, EVERY = 6, 2
 LAYERS = ["net.0", "net.2", "net.4"]  # make_net(): Linear, ReLU, Linear, ReLU, Linear
 PAIRS = [("net.0", "net.2"), ("net.2", "net.4")]
@@ -143,6 +149,7 @@ def _check_tensorboard(log_dir: str, monitor: LayerBalanceMonitor, options: dict
     assert imread(io.BytesIO(png), format="png").shape[:2] == (image.height, image.width)
 
 
+@SLOW_FIT
 def test_tensorboard_logger_receives_scalars_and_figure(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitor = _fit([logger])
@@ -153,12 +160,14 @@ def test_tensorboard_logger_receives_scalars_and_figure(tmp_path: Path) -> None:
     assert os.path.getsize(monitor.figure_path) > 0
 
 
+@SLOW_FIT
 def test_tensorboard_without_grad_norms(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitor = _fit([logger], track_grad_norm=False)
     _check_tensorboard(logger.log_dir, monitor, {"track_grad_norm": False})
 
 
+@SLOW_FIT
 def test_tensorboard_ledger_and_unit_keys(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     options = {"ledger": True, "neurons": True}
@@ -166,6 +175,7 @@ def test_tensorboard_ledger_and_unit_keys(tmp_path: Path) -> None:
     _check_tensorboard(logger.log_dir, monitor, options)
 
 
+@SLOW_FIT
 def test_csv_and_tensorboard_at_once(tmp_path: Path) -> None:
     csv_logger = CSVLogger(tmp_path, name="csv")
     tb_logger = TensorBoardLogger(tmp_path, name="tb")

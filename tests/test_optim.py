@@ -538,10 +538,14 @@ def beale(x: torch.Tensor) -> torch.Tensor:
     return (1.5 - a + a * b) ** 2 + (2.25 - a + a * b**2) ** 2 + (2.625 - a + a * b**3) ** 2
 
 
+# Steps: measured (float64, deterministic) the distance to the minimum falls below 1e-3 for good
+# after ~1600 steps on Rosenbrock and ~490 on Beale, for both classes; at the step counts below it
+# is 1.9e-4 (Rosenbrock, 5x under the bound) and 6.6e-6 (Beale, 150x under), while at 3000 steps
+# (what this test ran before) it was 3e-6 and 2e-14, i.e. the extra steps only cost time.
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize(
     ("fn", "minimum", "lr", "steps"),
-    [(rosenbrock, (1.0, 1.0), 1e-3, 3000), (beale, (3.0, 0.5), 3e-3, 3000)],
+    [(rosenbrock, (1.0, 1.0), 1e-3, 2000), (beale, (3.0, 0.5), 3e-3, 1000)],
 )
 def test_convergence(cls, fn, minimum, lr, steps):
     x = torch.tensor([1.5, 1.5], dtype=torch.float64, requires_grad=True)
