@@ -485,15 +485,29 @@ class LayerBalanceMonitor(Callback):
     def _unit_metrics(self, pl_module: LightningModule, with_grads: bool) -> dict[str, float]:
         values = self._unit_values()
         assert self._unit_d0 is not None
-        drift = {k: (v.cpu() - self._unit_d0[k]) for k, v in values.items()}
-        self.unit_drift = drift
-        metrics: dict[str, float] = {}
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
-        for name, d in drift.items():
-            metrics[f"balance/unit_drift_max/{name}"] = float(d.abs().max())
-            metrics[f"balance/unit_drift_mean/{name}"] = float(d.abs().mean())
+        names = list(values)
+        # one host transfer for every layer's D_i and R_i; the statistics over units in Python
+        parts = [values[k] for k in names] + [symmetry[k] for k in names if k in symmetry]
+        device = parts[0].device
+        host = torch.cat([t.to(device) for t in parts]).cpu()
+        metrics: dict[str, float] = {}
+        self.unit_drift = {}
+        offset = 0
+        for name in names:
+            n = values[name].numel()
+            drift = host[offset : offset + n] - self._unit_d0[name]
+            offset += n
+            self.unit_drift[name] = drift
+            magnitudes = [abs(v) for v in drift.tolist()]
+            metrics[f"balance/unit_drift_max/{name}"] = max(magnitudes)
+            metrics[f"balance/unit_drift_mean/{name}"] = sum(magnitudes) / n
+        for name in names:
             if name in symmetry:
-                metrics[f"balance/unit_symmetry_max/{name}"] = float(symmetry[name].abs().max())
+                n = symmetry[name].numel()
+                r = host[offset : offset + n].tolist()
+                offset += n
+                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r)
         return metrics
 
     def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -823,16 +823,36 @@ def _unit_parts(
 
 
 def _unit_sq(t: Tensor, kind: str, n: int, other: Tensor | None = None) -> Tensor:
-    """Per-unit sums of ``t * other`` (``other`` defaults to ``t``), float64, length ``n``."""
+    """Per-unit sums of ``t * other`` (``other`` defaults to ``t``), float64, length ``n``.
+
+    Few kernels (this runs at logging steps on every hidden layer): a float64-accumulated norm
+    for the squares, one product and one float64-accumulated sum otherwise."""
     t = _full(t).detach()
-    o = t if other is None else _full(other).detach()
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    prod = (t.to(acc) * o.to(acc)) if t.is_floating_point() else (t * o).real
+    o = None if other is None else _full(other).detach()
     if kind == "entries":
-        return prod.reshape(n).to(torch.float64)
-    if kind == "rows":
-        return prod.reshape(n, -1).sum(1, dtype=torch.float64)
-    return prod.reshape(prod.shape[0], n, -1).sum((0, 2), dtype=torch.float64)
+        t, dims = t.reshape(n, 1), (1,)
+    elif kind == "rows":
+        t, dims = t.reshape(n, -1), (1,)
+    else:
+        t, dims = t.reshape(t.shape[0], n, -1), (0, 2)
+    if o is None:
+        if t.is_complex():
+            return torch.linalg.vector_norm(t, dim=dims, dtype=torch.complex128).square()
+        return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float64).square()
+    o = o.reshape(t.shape)
+    # complex tensors as real vectors: <t, o> = Re(conj(t) o)
+    prod = (t.conj() * o).real if t.is_complex() else t * o
+    return prod.sum(dims, dtype=torch.float64)
+
+
+def _signed_sum(values: list[tuple[float, Tensor]]) -> Tensor:
+    """``sum(sign * value)`` for signs +-1, one kernel per term after the first."""
+    (sign, total), rest = values[0], values[1:]
+    if sign != 1.0:
+        total = -total
+    for sign, value in rest:
+        total = torch.add(total, value.to(total.device), alpha=sign)
+    return total
 
 
 def _getter(module: nn.Module, tensors: Callable[[str, Tensor], Tensor] | None):
@@ -877,13 +897,12 @@ def unit_balance(
     get = _getter(module, tensors)
     out = {}
     for unit in units:
-        total = None
-        for t, kind, sign in _unit_parts(unit, get):
-            if t is None:
-                continue
-            value = sign * _unit_sq(t, kind, unit.units)
-            total = value if total is None else total + value
-        out[unit.name] = total
+        values = [
+            (sign, _unit_sq(t, kind, unit.units))
+            for t, kind, sign in _unit_parts(unit, get)
+            if t is not None
+        ]
+        out[unit.name] = _signed_sum(values)
     return out
 
 
@@ -911,7 +930,7 @@ def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Te
     params = dict(module.named_parameters(remove_duplicate=False))
     out = {}
     for unit in units:
-        total = torch.zeros(unit.units, dtype=torch.float64)
+        values = []
         for name, kind, sign in (
             (unit.weight, "rows", 1.0),
             (unit.bias, "entries", 1.0),
@@ -920,11 +939,12 @@ def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Te
             if name is None:
                 continue
             p = params[name]
-            if p.grad is None:
-                continue
-            value = sign * _unit_sq(p, kind, unit.units, p.grad)
-            total = total.to(value.device) + value
-        out[unit.name] = total
+            if p.grad is not None:
+                values.append((sign, _unit_sq(p, kind, unit.units, p.grad)))
+        if values:
+            out[unit.name] = _signed_sum(values)
+        else:
+            out[unit.name] = torch.zeros(unit.units, dtype=torch.float64)
     return out
 
 
@@ -1469,7 +1489,8 @@ class BalanceLedger:
         ]
         m = torch.stack(present)
         if m.is_complex():
-            m = torch.view_as_real(m).movedim(-1, 1).to(acc)
+            # real and imaginary parts as a trailing axis: a unit's entries stay together
+            m = torch.view_as_real(m).to(acc)
         return m, (plain_map if plain else with_v), rows
 
     def _step_matrix(self, used: list[int], rules: list[Any], keys: list[Any]) -> tuple[Any, ...]:
@@ -1542,7 +1563,7 @@ class BalanceLedger:
                 m, cmap, rows = unit_rows[i]
                 r = m.shape[0]
                 if kind == "entries":
-                    per_unit = m.reshape(r, n, 1).transpose(0, 1)
+                    per_unit = m.reshape(r, n, -1).transpose(0, 1)
                 elif kind == "rows":
                     per_unit = m.reshape(r, n, -1).transpose(0, 1)
                 else:
@@ -1590,9 +1611,8 @@ class BalanceLedger:
                 v = self._velocity(opt, self._tracked[i])
                 if v is None or mu == 0.0:
                     continue
-                vf = _local(v).reshape(-1).to(acc)
-                if vf.is_complex():
-                    vf = torch.view_as_real(_local(v)).reshape(-1).to(acc)
+                vt = _local(v)
+                vf = (torch.view_as_real(vt) if vt.is_complex() else vt).reshape(-1).to(acc)
                 eta = _float(group["lr"])
                 qk[i] = (xf @ vf).to(torch.float64) * self._weights[i] * (2 * eta * mu / (1 - mu))
             local = torch.cat([self._local_sums.reshape(-1), self._sign @ xx, self._sign @ qk])
