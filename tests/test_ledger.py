@@ -500,4 +500,8 @@ def test_complex_parameters_per_unit_balance_and_closure() -> None:
     # float64 round-off over 15 steps, as for real networks
     assert check.worst < 1e-10
     assert float(ledger.read_units()["0"]["sums"][:, DISC].abs().max()) > 1e-6
+    # R_i = <in_i, g_in_i> - <out_i, g_out_i> with the real inner product Re(conj(w) g)
+    (w1, g1), (w2, g2) = [(m.weight.detach(), m.weight.grad) for m in net]
+    r = (w1.conj() * g1).real.sum(1) - (w2.conj() * g2).real.sum(0)
+    torch.testing.assert_close(unit_symmetry(net, pair_units(net))["0"], r, rtol=1e-12, atol=1e-14)
     ledger.detach()
