@@ -38,9 +38,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The inner loop: everything except tests marked slow (DDP, torch.compile, example and benchmark
-# subprocesses); no lint, docs or wheel.
+# subprocesses, TensorBoard fits); no lint, docs or wheel. Two pytest-xdist workers, each on one
+# torch thread (tests/conftest.py); make test stays serial (its DDP tests open ports).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
