@@ -128,10 +128,14 @@ class LayerBalanceMonitor(Callback):
             ``log_every_n_steps``.
         track_grad_norm: also log ``grad_norm/{L}`` and ``grad_norm/total``.
         save_figure: at the end of training, rank zero saves ``balance.png`` (see
-            :func:`~torch_momentum.callbacks.plot_balance`) in the first logger's directory, or,
-            without a logger or when the logger has no directory, in
-            ``trainer.default_root_dir`` (with a warning naming the path), and logs the figure
-            to loggers that take figures. Default ``True``.
+            :func:`~torch_momentum.callbacks.plot_balance`), with ``ledger=True`` also
+            ``ledger.png`` (:func:`~torch_momentum.callbacks.plot_ledger`) and with
+            ``neurons=True`` ``unit_drift.png``
+            (:func:`~torch_momentum.callbacks.plot_unit_drift`), in the first logger's
+            directory, or, without a logger or when the logger has no directory, in
+            ``trainer.default_root_dir`` (with a warning naming the paths), and logs the
+            figures (tags ``balance``, ``ledger``, ``unit_drift``) to loggers that take figures.
+            Default ``True``.
         neurons: also log the per-unit balance keys above. Default ``False``.
         ledger: also accumulate and log the balance ledger. Default ``False``.
 
@@ -192,6 +196,8 @@ class LayerBalanceMonitor(Callback):
         self.history: list[dict[str, float]] = []
         #: where ``balance.png`` was written (rank zero), once training ended
         self.figure_path: str | None = None
+        #: every figure written: ``{"balance": path, "ledger": path, "unit_drift": path}``
+        self.figure_paths: dict[str, str] = {}
         self._names: list[str] = []
         self._refs: list[list[tuple[nn.Module, str]]] = []
         self._sharded = False
@@ -273,6 +279,7 @@ class LayerBalanceMonitor(Callback):
         self._restored = None
         self._last_step = -1
         self.figure_path = None
+        self.figure_paths = {}
         self.unit_drift = {}
         self.unit_ledger = {}
 
@@ -383,9 +390,7 @@ class LayerBalanceMonitor(Callback):
         if not trainer.is_global_zero or not self.history:
             return
         try:
-            from torch_momentum.callbacks.plotting import plot_balance
-
-            figure = plot_balance(self.history)
+            figures = self._figures()
         except ImportError as err:
             rank_zero_warn(
                 f"`LayerBalanceMonitor(save_figure=True)` needs matplotlib ({err}); install"
@@ -398,17 +403,33 @@ class LayerBalanceMonitor(Callback):
             directory = trainer.default_root_dir
             reason = "has no logger" if not trainer.loggers else "has a logger without log_dir"
         os.makedirs(directory, exist_ok=True)
-        self.figure_path = os.path.join(directory, "balance.png")
-        figure.savefig(self.figure_path, dpi=120)
+        self.figure_paths = {}
+        for name, figure in figures.items():
+            self.figure_paths[name] = os.path.join(directory, f"{name}.png")
+            figure.savefig(self.figure_paths[name], dpi=120)
+        self.figure_path = self.figure_paths["balance"]
         if directory != log_dir or not trainer.loggers:
             rank_zero_warn(
-                f"`LayerBalanceMonitor`: the Trainer {reason}; the balance figure was saved to"
-                f" {self.figure_path} (trainer.default_root_dir).",
+                f"`LayerBalanceMonitor`: the Trainer {reason}; the figures were saved to"
+                f" {', '.join(self.figure_paths.values())} (trainer.default_root_dir).",
                 category=RuntimeWarning,
             )
         step = int(self.history[-1]["step"])
         for logger in trainer.loggers:
-            _log_figure(logger, figure, step)
+            for name, figure in figures.items():
+                _log_figure(logger, figure, step, name)
+
+    def _figures(self) -> dict[str, Any]:
+        """The figures saved at the end of training: the balance, and the ledger and per-unit
+        drift when they were tracked."""
+        from torch_momentum.callbacks.plotting import plot_balance, plot_ledger, plot_unit_drift
+
+        figures = {"balance": plot_balance(self.history)}
+        if self.ledger and any(k.startswith("ledger/") for k in self.history[-1]):
+            figures["ledger"] = plot_ledger(self.history)
+        if self.neurons and self.unit_drift:
+            figures["unit_drift"] = plot_unit_drift(self.unit_drift)
+        return figures
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._ledger is not None:
@@ -588,13 +609,13 @@ def _logging_step(trainer: Trainer) -> int:
     return int(trainer.global_step if step is None else step)
 
 
-def _log_figure(logger: Any, figure: Any, step: int) -> None:
+def _log_figure(logger: Any, figure: Any, step: int, name: str = "balance") -> None:
     """Log a matplotlib figure to loggers that take figures (TensorBoard, MLflow); skip others."""
     try:
         experiment = logger.experiment
     except Exception:  # a logger whose experiment cannot be created here
         return
     if callable(getattr(experiment, "add_figure", None)):  # TensorBoard (and tensorboardX)
-        experiment.add_figure("balance", figure, global_step=step, close=False)
+        experiment.add_figure(name, figure, global_step=step, close=False)
     elif callable(getattr(experiment, "log_figure", None)) and hasattr(logger, "run_id"):
-        experiment.log_figure(logger.run_id, figure, "balance.png")  # MLflow
+        experiment.log_figure(logger.run_id, figure, f"{name}.png")  # MLflow

@@ -161,3 +161,39 @@ def test_ledger_checkpoint_holds_the_sums(tmp_path: Path) -> None:
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     state = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"][monitor.state_key]
     assert state["ledger"]["pairs"] == PAIRS and len(state["ledger"]["sums"]) == 2
+
+
+@pytest.mark.slow  # TensorBoard import and event file: ~3 s
+def test_ledger_and_unit_drift_figures_saved_and_logged(tmp_path: Path) -> None:
+    """With ledger=True and neurons=True the monitor also writes ledger.png and unit_drift.png
+    next to balance.png and sends all three to TensorBoard (tags balance, ledger, unit_drift)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import (
+        IMAGES,
+        EventAccumulator,
+    )
+
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = LayerBalanceMonitor(ledger=True, neurons=True, log_every_n_steps=2)
+    model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
+    _fit(monitor, model, max_steps=6, logger=logger)
+    names = ("balance", "ledger", "unit_drift")
+    assert monitor.figure_paths == {n: os.path.join(logger.log_dir, f"{n}.png") for n in names}
+    assert monitor.figure_path == monitor.figure_paths["balance"]
+    for path in monitor.figure_paths.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    (events_file,) = [f for f in os.listdir(logger.log_dir) if f.startswith("events.out")]
+    events = EventAccumulator(os.path.join(logger.log_dir, events_file), size_guidance={IMAGES: 0})
+    events.Reload()
+    assert set(names) <= set(events.Tags()["images"])
+
+
+def test_no_ledger_figure_without_the_ledger(tmp_path: Path) -> None:
+    monitor = LayerBalanceMonitor(log_every_n_steps=2)
+    model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
+    with pytest.warns(RuntimeWarning, match="figures were saved to .*balance.png"):
+        _fit(monitor, model, max_steps=4, default_root_dir=str(tmp_path))
+    assert monitor.figure_paths == {"balance": str(tmp_path / "balance.png")}
+    assert not (tmp_path / "ledger.png").exists()
