@@ -38,7 +38,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The inner loop: everything except tests marked slow (DDP, torch.compile, example and benchmark
-# subprocesses, TensorBoard fits); no lint, docs or wheel. Two pytest-xdist workers, each on one
+# subprocesses, fits that render figures); no lint, docs or wheel. Two pytest-xdist workers, each on one
 # torch thread (tests/conftest.py); make test stays serial (its DDP tests open ports).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"

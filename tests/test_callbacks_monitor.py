@@ -32,6 +32,10 @@ from balance_common import (
 LAYERS = ["net.0", "net.2", "net.4"]
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 
+# a Trainer fit that renders and saves the balance figure (matplotlib: 0.6-1.2 s each): run by
+# `make test`, left out of `make test-fast`
+FIGURE_FIT = pytest.mark.slow
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -425,6 +429,7 @@ def test_checkpoint_resume_continues_the_same_series(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@FIGURE_FIT
 def test_no_logger_warns_keeps_history_and_saves_figure_in_root_dir(tmp_path: Path) -> None:
     """Regression (figures without a logger directory): the figure used to be silently dropped."""
     torch.manual_seed(0)
@@ -446,6 +451,7 @@ def test_no_logger_warns_keeps_history_and_saves_figure_in_root_dir(tmp_path: Pa
     assert any(expected in m and "default_root_dir" in m for m in messages)
 
 
+@FIGURE_FIT
 def test_logger_without_log_dir_saves_figure_in_root_dir(tmp_path: Path) -> None:
     torch.manual_seed(0)
     figures = _FigureLogger()  # a logger whose log_dir is None
@@ -534,6 +540,7 @@ class _FigureLogger(Logger):
         pass
 
 
+@FIGURE_FIT
 def test_figure_saved_and_logged_and_plot_sources(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -619,6 +626,7 @@ def test_resume_with_another_layer_set_warns(tmp_path: Path) -> None:
     assert other.history[0]["balance/drift"] == 0.0  # a new series from the resumed weights
 
 
+@FIGURE_FIT
 @pytest.mark.parametrize("every", [None, 50])
 def test_short_run_records_first_and_last_step(tmp_path: Path, every: int | None) -> None:
     """Regression: a run shorter than log_every_n_steps logged nothing and saved no figure."""

@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
+from optim_table import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
 from torch import nn
 
 from torch_momentum import NesterovSGD

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
+from optim_table import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
 from torch import nn
 
 from torch_momentum import NesterovSGD

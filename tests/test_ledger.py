@@ -148,7 +148,7 @@ def test_closure_every_step_sgd_family(name: str, schedule: bool, weight_decay: 
     scheduler = (
         # OneCycleLR also cycles the momentum, which would turn GD into heavy ball
         torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=0.1, total_steps=40, cycle_momentum=not plain
+            opt, max_lr=0.1, total_steps=20, cycle_momentum=not plain
         )
         if schedule
         else None
@@ -156,12 +156,12 @@ def test_closure_every_step_sgd_family(name: str, schedule: bool, weight_decay: 
     check = _Closure()
     # the dict grouping pairs each hidden unit's bias with its incoming weights
     layers = {"a": ["0.weight", "0.bias"], "b": ["2.weight", "2.bias"], "c": ["4.weight"]}
-    ledger = _run(net, opt, 30, _data(), layers=layers, scheduler=scheduler, each=check)
+    ledger = _run(net, opt, 20, _data(), layers=layers, scheduler=scheduler, each=check)
     CLOSURE_ERRORS[f"{name} schedule={schedule} wd={weight_decay}"] = check.worst
     OTHER_ERRORS[f"{name} schedule={schedule} wd={weight_decay}"] = check.worst_other
     # The ledger recovers x_t from the state after each step with the optimiser's rule, so a wrong
     # rule leaves an O(1) closure error. float64: D and the terms are sums of O(100) products,
-    # each step adds ~1e-16 relative rounding; 30 steps stay far below 1e-10 (measured ~1e-15)
+    # each step adds ~1e-16 relative rounding; 20 steps stay far below 1e-10 (measured ~1e-15)
     assert check.worst < 1e-10
     # the SGD family has no unexplained first-order part: round-off only, relative to the size
     # of D and the terms (measured <= 1e-12); the split itself is checked against an independent

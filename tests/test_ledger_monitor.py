@@ -190,6 +190,7 @@ def test_ledger_and_unit_drift_figures_saved_and_logged(tmp_path: Path) -> None:
     assert set(names) <= set(events.Tags()["images"])
 
 
+@pytest.mark.slow  # a fit that renders and saves the balance figure: ~0.8 s
 def test_no_ledger_figure_without_the_ledger(tmp_path: Path) -> None:
     monitor = LayerBalanceMonitor(log_every_n_steps=2)
     model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import CLASSES, F64_RTOL, PATHS, max_rel_diff
+from optim_table import CLASSES, F64_RTOL, PATHS, max_rel_diff
 from torch import nn
 
 from torch_momentum import NesterovSGD, PolyakSGD

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import F64_RTOL, OPTIMIZERS, PATHS, info_of, max_rel_diff
+from optim_table import F64_RTOL, OPTIMIZERS, PATHS, info_of, max_rel_diff
 from torch import nn
 
 import torch_momentum.functional as F
