@@ -98,6 +98,10 @@ def test_fsdp2_model_parallel_matches_single_process(
 ) -> None:
     assert distributed["fsdp_sharded"] is True  # the parameters really were DTensors
     _assert_same(distributed["fsdp"], single)
+    # the per-unit ledger needs unsharded parameters: empty under FSDP2, with a warning; DDP
+    # (replicated parameters) keeps it for both hidden layers, silently
+    assert distributed["unit_ledger_warned"] == {"ddp": False, "fsdp": True}
+    assert distributed["unit_ledger_sizes"] == {"ddp": 2, "fsdp": 0}
 
 
 def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,9 @@ STEPS = 4
 MOMENTUM = 0.9
 
 
-def fit(strategy: object, fsdp: bool, workdir: str, name: str) -> tuple[LayerBalanceMonitor, bool]:
+def fit(
+    strategy: object, fsdp: bool, workdir: str, name: str
+) -> tuple[LayerBalanceMonitor, bool, bool]:
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
@@ -49,8 +52,11 @@ def fit(strategy: object, fsdp: bool, workdir: str, name: str) -> tuple[LayerBal
             callbacks=[monitor],
         )
     )
-    trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
-    return monitor, monitor._sharded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
+    warned = any("unit_ledger" in str(w.message) for w in caught)
+    return monitor, monitor._sharded, warned
 
 
 def dtensor_checks() -> dict[str, list[float]]:
@@ -82,9 +88,9 @@ def dtensor_checks() -> dict[str, list[float]]:
 
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
-    ddp, ddp_sharded = fit("ddp", False, workdir, "ddp")
+    ddp, ddp_sharded, ddp_warned = fit("ddp", False, workdir, "ddp")
     figure = ddp.figure_path
-    fsdp, fsdp_sharded = fit(
+    fsdp, fsdp_sharded, fsdp_warned = fit(
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
     )
     checks = dtensor_checks()
@@ -98,6 +104,11 @@ def main() -> None:
                     "ddp_figure": figure,
                     "fsdp": fsdp.history,
                     "fsdp_sharded": fsdp_sharded,
+                    "unit_ledger_warned": {"ddp": ddp_warned, "fsdp": fsdp_warned},
+                    "unit_ledger_sizes": {
+                        "ddp": len(ddp.unit_ledger),
+                        "fsdp": len(fsdp.unit_ledger),
+                    },
                     "dtensor": checks,
                 },
                 f,
