@@ -103,9 +103,8 @@ class LayerBalanceMonitor(Callback):
     with :math:`D = \|W_L\|^2 - \|W_M\|^2` at the iterate (for look-ahead optimisers not the
     parameters). For heavy-ball optimisers also ``balance/corrected_diff/{L}-{M}``
     :math:`= Q_t = D_t + \tfrac{2\eta\mu}{1-\mu} K_t`, which heavy ball keeps up to
-    discretisation. With ``neurons=True`` too, ``unit_ledger`` holds the per-unit ledger
-    (unsharded parameters only: with FSDP2/DTensor it stays empty, with a warning, while the
-    per-unit keys are logged).
+    discretisation. With ``neurons=True`` too, ``unit_ledger`` holds the per-unit ledger (on
+    every rank with FSDP2/DTensor: its sums over shards are one collective at logging steps).
 
     Layers: see :func:`~torch_momentum.callbacks.discover_layers`. By default every submodule
     that directly owns trainable parameters, in registration order; a frozen module is not a
@@ -544,18 +543,10 @@ class LayerBalanceMonitor(Callback):
         if not (self.ledger or self.neurons):
             return
         layers = {name: self._layer_params(k) for k, name in enumerate(self._names)}
-        if self.ledger and self._units and self._sharded:
-            rank_zero_warn(
-                "`LayerBalanceMonitor(ledger=True, neurons=True)` with sharded (DTensor)"
-                " parameters: the per-unit ledger needs unsharded parameters, so"
-                " `monitor.unit_ledger` stays empty; the per-pair ledger and the per-unit keys"
-                " are logged as usual.",
-                category=RuntimeWarning,
-            )
         ledger = BalanceLedger(
             layers,
             list(trainer.optimizers),
-            units=self._units if self.ledger and not self._sharded else None,
+            units=self._units if self.ledger else None,
             module=pl_module,
         )
         ledger.active = self._sharded or trainer.is_global_zero

@@ -59,7 +59,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+def single_monitor() -> LayerBalanceMonitor:
     from balance_distributed import MOMENTUM, STEPS
 
     torch.manual_seed(0)
@@ -67,7 +67,20 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
     monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
     trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=False, callbacks=[monitor]))
     trainer.fit(model, make_loader(*make_data(), repeat=STEPS))
-    return monitor.history
+    return monitor
+
+
+@pytest.fixture(scope="module")
+def single(single_monitor: LayerBalanceMonitor) -> list[dict[str, float]]:
+    return single_monitor.history
+
+
+@pytest.fixture(scope="module")
+def single_unit_ledger(single_monitor: LayerBalanceMonitor) -> dict[str, dict[str, list]]:
+    return {
+        name: {key: value.tolist() for key, value in entry.items()}
+        for name, entry in single_monitor.unit_ledger.items()
+    }
 
 
 def _assert_same(history: list[dict[str, float]], reference: list[dict[str, float]]) -> None:
@@ -98,10 +111,26 @@ def test_fsdp2_model_parallel_matches_single_process(
 ) -> None:
     assert distributed["fsdp_sharded"] is True  # the parameters really were DTensors
     _assert_same(distributed["fsdp"], single)
-    # the per-unit ledger needs unsharded parameters: empty under FSDP2, with a warning; DDP
-    # (replicated parameters) keeps it for both hidden layers, silently
-    assert distributed["unit_ledger_warned"] == {"ddp": False, "fsdp": True}
-    assert distributed["unit_ledger_sizes"] == {"ddp": 2, "fsdp": 0}
+    assert distributed["warned"] == {"ddp": False, "fsdp": False}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_per_unit_ledger_matches_single_process(
+    distributed: dict[str, Any], single_unit_ledger: dict[str, dict[str, list]], strategy: str
+) -> None:
+    """FSDP2 shards each layer's rows: every rank accumulates the units it holds and its part of
+    the next layer's columns, summed by one all_reduce; DDP keeps whole parameters."""
+    got = distributed["unit_ledger"][strategy]
+    assert set(got) == set(single_unit_ledger) == {"net.0", "net.2"}
+    for name, entry in single_unit_ledger.items():
+        for key in ("D", "D0", "sums", "closure"):
+            a = torch.tensor(got[name][key], dtype=torch.float64)
+            b = torch.tensor(entry[key], dtype=torch.float64)
+            scale = max(float(torch.tensor(entry["D0"]).abs().max()), 1.0)
+            # float64; only the order of summation differs (shards summed by all_reduce, two
+            # half-batch means averaged): ~1e-16 relative per operation
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale, msg=(name, key))
+        assert float(torch.tensor(entry["sums"]).abs().max()) > 1e-6  # the terms are active
 
 
 def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:

@@ -1025,6 +1025,37 @@ def _local(t: Tensor) -> Tensor:
 _KINDS: dict[type, str] = {}
 
 
+def _unit_slice(p: Tensor, kind: str, n: int, name: str) -> tuple[int, int]:
+    """``(first unit, number of units)`` of this rank's shard of a unit part: all ``n`` units
+    unless the unit axis (rows and bias entries: dim 0) is sharded. The column axis of the next
+    layer's weight must not be sharded (a unit's columns would span ranks at unknown offsets).
+
+    Raises:
+        ValueError: the next layer's weight sharded along its columns.
+    """
+    if not _is_dtensor(p):
+        return 0, n
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sharded = {pl.dim for pl in p.placements if pl.is_shard()}  # type: ignore[attr-defined]
+    if kind == "cols":
+        if 1 in sharded:
+            raise ValueError(
+                f"per-unit ledger terms need the next layer's weight {name!r} (shape"
+                f" {tuple(p.shape)}) unsharded along its columns; got placements"
+                f" {p.placements}"  # type: ignore[attr-defined]
+            )
+        return 0, n
+    if 0 not in sharded:
+        return 0, n
+    shape, offset = compute_local_shape_and_global_offset(
+        p.shape,
+        p.device_mesh,  # type: ignore[attr-defined]
+        p.placements,  # type: ignore[attr-defined]
+    )
+    return int(offset[0]), int(shape[0])
+
+
 class BalanceLedger:
     r"""The balance ledger: where :math:`D = \|W_L\|^2 - \|W_M\|^2` of adjacent layers goes.
 
@@ -1055,10 +1086,12 @@ class BalanceLedger:
     before the step. Clipping, AMP unscaling and gradient accumulation are thus seen as applied,
     and a step skipped by a GradScaler is not counted.
 
-    The terms are accumulated on the device without host synchronisation (the Gram matrix of
-    the parameters, velocity and gradient per tensor, six dot products). With sharded (DTensor)
-    parameters every rank accumulates its shards and :meth:`read` sums them with one
-    ``all_reduce`` (every rank must call it); per-unit terms need unsharded parameters.
+    The terms are accumulated on the device without host synchronisation: per tensor, the
+    entries of the Gram matrix of the parameters, velocity and gradient that the terms need (at
+    most six dot products; four for heavy ball), mapped to the sums by one cached matrix. With
+    sharded (DTensor) parameters every rank accumulates its shards and :meth:`read` sums them
+    with one ``all_reduce`` (every rank must call it); per-unit sums likewise, each rank adding
+    the units of its row shard (the next layer's weight must not be sharded along its columns).
 
     Args:
         layers: ``{layer name: [parameters]}`` in adjacency order (e.g. from
@@ -1160,6 +1193,19 @@ class BalanceLedger:
             torch.zeros(u.units, len(LEDGER_TERMS), dtype=torch.float64).to(self.device)
             for u in self.units
         ]
+        self._unit_offset = [torch.zeros_like(t) for t in self._unit_sums]
+        # per unit part: (first unit, number of units) of this rank's shard (all units unless
+        # the unit axis itself is sharded)
+        self._unit_slices = {
+            (u, i): _unit_slice(
+                self._tracked[i],
+                kind,
+                unit.units,
+                {"rows": unit.weight, "entries": unit.bias, "cols": unit.next_weight}[kind] or "",
+            )
+            for u, (unit, parts) in enumerate(zip(self.units, self._unit_parts, strict=True))
+            for i, kind, _ in parts
+        }
         self.D0: Tensor | None = None
         self.unit_D0: list[Tensor] | None = None
         self.steps = 0  # optimiser steps accumulated by this process (since start/restore)
@@ -1264,19 +1310,9 @@ class BalanceLedger:
     # ------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Register step pre/post hooks on the optimisers (idempotent).
-
-        Raises:
-            ValueError: per-unit terms (``units``) with sharded (DTensor) parameters.
-        """
+        """Register step pre/post hooks on the optimisers (idempotent)."""
         if self._handles:
             return
-        if self._sharded and self.units:
-            raise ValueError(
-                "per-unit ledger terms with sharded (DTensor) parameters are not supported: a unit"
-                " spans shards; accumulate the ledger without units (per-unit balance and"
-                " symmetry at logging steps, unit_balance/unit_symmetry, work with shards)"
-            )
         for opt in self.optimizers:
             if self._kind(opt) == "heavy":
                 # heavy ball needs nothing from before the step: the post-step state determines
@@ -1561,11 +1597,12 @@ class BalanceLedger:
                 if i not in unit_rows:
                     continue
                 m, cmap, rows = unit_rows[i]
+                first, count = self._unit_slices[(u, i)]
                 r = m.shape[0]
                 if kind == "entries":
-                    per_unit = m.reshape(r, n, -1).transpose(0, 1)
+                    per_unit = m.reshape(r, count, -1).transpose(0, 1)
                 elif kind == "rows":
-                    per_unit = m.reshape(r, n, -1).transpose(0, 1)
+                    per_unit = m.reshape(r, count, -1).transpose(0, 1)
                 else:
                     per_unit = m.reshape(r, m.shape[1], n, -1).permute(2, 0, 1, 3).reshape(n, r, -1)
                 gram = (per_unit @ per_unit.transpose(1, 2)).to(torch.float64)
@@ -1575,9 +1612,23 @@ class BalanceLedger:
                     ]
                 c = torch.tensor(cmap, dtype=torch.float64).to(gram.device)
                 gram4 = c @ gram @ c.T
-                q = gram4.reshape(n, 16)[:, list(_GRAM_ENTRIES)]
+                q = gram4.reshape(count, 16)[:, list(_GRAM_ENTRIES)]
                 coef = torch.tensor(rows, dtype=torch.float64).to(q.device)
-                self._unit_sums[u] += (sign * (q @ coef.T)).to(self.device)
+                value = (sign * self._weights[i]) * (q @ coef.T)
+                self._unit_sums[u][first : first + count] += value.to(self.device)
+
+    def _unit_sums_now(self) -> list[Tensor]:
+        """The per-unit sums over all ranks (one all_reduce when sharded: every rank calls it)."""
+        sums = self._unit_sums
+        if self._sharded and sums:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flat = torch.cat([t.reshape(-1) for t in sums])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                sums = list(flat.split([t.numel() for t in sums]))
+                sums = [t.reshape(-1, len(LEDGER_TERMS)) for t in sums]
+        return [off + t for off, t in zip(self._unit_offset, sums, strict=True)]
 
     # ------------------------------------------------------------------------------------------
     # reading, state
@@ -1635,6 +1686,8 @@ class BalanceLedger:
         self._offset.zero_()
         for sums in self._unit_sums:
             sums.zero_()
+        for sums in self._unit_offset:
+            sums.zero_()
         self.steps = 0
         self.D0 = self._pair_values(False)[0].clone()
         self.unit_D0 = self._unit_d() if self.units else None
@@ -1679,7 +1732,7 @@ class BalanceLedger:
             self.start()
         out = {}
         for unit, d, d0, sums in zip(
-            self.units, self._unit_d(), self.unit_D0, self._unit_sums, strict=True
+            self.units, self._unit_d(), self.unit_D0, self._unit_sums_now(), strict=True
         ):
             out[unit.name] = {"D": d, "D0": d0, "sums": sums, "closure": (d - d0) - sums.sum(1)}
         return out
@@ -1694,7 +1747,7 @@ class BalanceLedger:
             "sums": sums.tolist(),
             "units": [u.name for u in self.units],
             "unit_D0": None if self.unit_D0 is None else [t.tolist() for t in self.unit_D0],
-            "unit_sums": [t.tolist() for t in self._unit_sums],
+            "unit_sums": [t.tolist() for t in self._unit_sums_now()],
             "sgd_lookahead": [[self._plan_index(key), value] for key, value in self._sgd_c.items()],
         }
 
@@ -1722,7 +1775,13 @@ class BalanceLedger:
         self.unit_D0 = (
             None if state["unit_D0"] is None else [as_tensor(v) for v in state["unit_D0"]]
         )
-        self._unit_sums = [as_tensor(v).reshape(-1, len(LEDGER_TERMS)) for v in state["unit_sums"]]
+        saved = [as_tensor(v).reshape(-1, len(LEDGER_TERMS)) for v in state["unit_sums"]]
+        if self._sharded:  # the saved totals are added once, after the sum over ranks
+            self._unit_offset = saved
+            self._unit_sums = [torch.zeros_like(t) for t in saved]
+        else:  # continue the same sums in the same order
+            self._unit_offset = [torch.zeros_like(t) for t in saved]
+            self._unit_sums = saved
         self._sgd_c = {
             (id(self.optimizers[o]), g): float(value) for (o, g), value in state["sgd_lookahead"]
         }

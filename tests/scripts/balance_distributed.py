@@ -55,8 +55,15 @@ def fit(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
-    warned = any("unit_ledger" in str(w.message) for w in caught)
+    warned = any("ledger" in str(w.message) for w in caught)
     return monitor, monitor._sharded, warned
+
+
+def _unit_ledger(monitor: LayerBalanceMonitor) -> dict[str, dict[str, list]]:
+    return {
+        name: {key: value.tolist() for key, value in entry.items()}
+        for name, entry in monitor.unit_ledger.items()
+    }
 
 
 def dtensor_checks() -> dict[str, list[float]]:
@@ -104,11 +111,8 @@ def main() -> None:
                     "ddp_figure": figure,
                     "fsdp": fsdp.history,
                     "fsdp_sharded": fsdp_sharded,
-                    "unit_ledger_warned": {"ddp": ddp_warned, "fsdp": fsdp_warned},
-                    "unit_ledger_sizes": {
-                        "ddp": len(ddp.unit_ledger),
-                        "fsdp": len(fsdp.unit_ledger),
-                    },
+                    "warned": {"ddp": ddp_warned, "fsdp": fsdp_warned},
+                    "unit_ledger": {"ddp": _unit_ledger(ddp), "fsdp": _unit_ledger(fsdp)},
                     "dtensor": checks,
                 },
                 f,
