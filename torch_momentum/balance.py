@@ -1517,7 +1517,7 @@ class BalanceLedger:
         first, second, grad = parts
         if negate and second is not None:
             second = torch.neg(second)  # the built-in's buffer is -v
-        acc = torch.float64 if first.dtype in (torch.float64, torch.complex128) else torch.float32  # type: ignore[union-attr]
+        acc = _acc(first)  # type: ignore[arg-type]
         present = [
             t.detach().to(acc) if not t.is_complex() else t.detach()
             for t in (first, second, grad)
@@ -1645,7 +1645,7 @@ class BalanceLedger:
                 x = self._iterate(i)
                 if x.is_complex():
                     x = torch.view_as_real(x)
-                acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+                acc = _acc(x)
                 xf = x.reshape(-1).to(acc)
                 xx[i] = (xf @ xf).to(torch.float64) * self._weights[i]
                 owner = self._owner.get(i)
