@@ -353,7 +353,7 @@ def _bucket(
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = ([], [], [])
-                bucket[0].append(t.detach())
+                bucket[0].append(t)  # read under no_grad by both callers: no detach needed
                 bucket[1].append(index)
                 bucket[2].append(weight)
     return buckets, offsets, any_sharded, first_device
