@@ -1,6 +1,7 @@
 r"""Figures of the layer-balance series.
 
-- :func:`plot_balance`: the four panels of Du, Hu & Lee (2018), figures (a)-(d).
+- :func:`plot_balance`: the four panels of Du, Hu & Lee (2018), figures (a)-(d); with
+  ``view="ledger"`` or ``view="units"`` the two figures below.
 - :func:`plot_ledger`: the balance ledger, where each adjacent pair's drift
   :math:`D(t) - D(0)` comes from, term by term, with the measured drift on top.
 - :func:`plot_unit_drift`: the distribution over hidden units of :math:`|D_i(t) - D_i(0)|`.
@@ -134,25 +135,35 @@ def _draw(ax: Axes, series: dict[str, tuple[list, list]], title: str, ylabel: st
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_balance(source: Any, *, title: str | None = None) -> Figure:
-    r"""Plot the layer-balance series in four panels and return the figure.
+def plot_balance(source: Any, *, view: str = "balance", title: str | None = None) -> Figure:
+    r"""Plot the layer-balance series in four panels (or the ledger or per-unit view) and return
+    the figure.
 
-    (a) :math:`\|W_L\|^2 - \|W_M\|^2` for adjacent layers, (b) their ratios
-    :math:`\|W_L\|^2 / \|W_M\|^2` (log scale when they and 1 span a decade or more), (c)
+    ``view="balance"`` (default): (a) :math:`\|W_L\|^2 - \|W_M\|^2` for adjacent layers,
+    (b) their ratios :math:`\|W_L\|^2 / \|W_M\|^2` (log scale when they and 1 span a decade or
+    more), (c)
     :math:`\|W_L(t)\|^2 - \|W_L(0)\|^2` per layer (equal for all layers under gradient flow for a
     layer-wise 1-homogeneous network), (d) :math:`\|\nabla_{W_L}\ell\|` per layer (log scale when
     spanning decades). The x axis is the optimizer step.
 
+    ``view="ledger"``: :func:`plot_ledger`, the cumulative ledger terms of every adjacent pair
+    against the step with the measured :math:`D(t) - D(0)` on top (``source`` as there, also a
+    dict of runs). ``view="units"``: :func:`plot_unit_drift`, the distribution over hidden units
+    of :math:`|D_i(t) - D_i(0)|` per hidden layer at the end of training (``source`` a monitor
+    that ran with ``neurons=True``, its ``unit_drift``, or a dict of either per run).
+
     Args:
         source: a :class:`~torch_momentum.callbacks.LayerBalanceMonitor`, its ``history``, or
-            the path of a CSVLogger ``metrics.csv``.
+            the path of a CSVLogger ``metrics.csv`` (for the other views see above).
+        view: ``"balance"`` (default), ``"ledger"`` or ``"units"``.
         title: figure title.
 
     Returns:
-        The figure; ``fig.axes`` are the panels (a)-(d).
+        The figure; for the default view ``fig.axes`` are the panels (a)-(d).
 
     Raises:
-        ValueError: ``source`` holds no balance metrics.
+        ValueError: ``source`` holds no balance metrics (no ledger metrics, no per-unit drift for
+            the other views), or an unknown ``view``.
 
     Example:
 
@@ -162,7 +173,16 @@ def plot_balance(source: Any, *, title: str | None = None) -> Figure:
         >>> fig = plot_balance(rows)
         >>> [float(y) for y in fig.axes[0].lines[0].get_ydata()]
         [0.5, 0.5, 0.5]
+        >>> fig = plot_balance({"h1": [1e-3, -2e-3, 5e-4]}, view="units")  # per-unit drift
+        >>> [float(y) for y in fig.axes[0].lines[0].get_ydata()]  # |values|, largest first
+        [0.002, 0.001, 0.0005]
     """
+    if view == "ledger":
+        return plot_ledger(source, title=title)
+    if view == "units":
+        return plot_unit_drift(_unit_drift_of(source), title=title)
+    if view != "balance":
+        raise ValueError(f"`view` must be 'balance', 'ledger' or 'units', got {view!r}")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -196,6 +216,24 @@ def plot_balance(source: Any, *, title: str | None = None) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title or "Layer balance (Du, Hu & Lee 2018)")
     return fig
+
+
+def _unit_drift_of(source: Any) -> Any:
+    """The per-unit drift of a monitor (its ``unit_drift``), of a dict of monitors per run, or
+    ``source`` itself (already ``{layer: values}`` or ``{run: {layer: values}}``)."""
+
+    def drift(item: Any) -> Any:
+        if hasattr(item, "unit_drift") and hasattr(item, "history"):  # a LayerBalanceMonitor
+            if not item.unit_drift:
+                raise ValueError(
+                    "the monitor holds no per-unit drift: run it with neurons=True and train"
+                )
+            return item.unit_drift
+        return item
+
+    if isinstance(source, Mapping):
+        return {key: drift(value) for key, value in source.items()}
+    return drift(source)
 
 
 def _is_run_mapping(source: Any) -> bool:

@@ -198,3 +198,39 @@ def test_no_ledger_figure_without_the_ledger(tmp_path: Path) -> None:
         _fit(monitor, model, max_steps=4, default_root_dir=str(tmp_path))
     assert monitor.figure_paths == {"balance": str(tmp_path / "balance.png")}
     assert not (tmp_path / "ledger.png").exists()
+
+
+def test_plot_balance_ledger_and_units_views_of_a_monitor() -> None:
+    """plot_balance(monitor, view=...) draws the monitor's own ledger and per-unit drift: the
+    same lines as plot_ledger and plot_unit_drift, and the per-unit curves are the sorted
+    |D_i(T) - D_i(0)| the monitor holds (drawn as floats: exact)."""
+    import numpy as np
+
+    from torch_momentum.callbacks import plot_balance, plot_ledger
+
+    monitor = LayerBalanceMonitor(ledger=True, neurons=True, log_every_n_steps=2, save_figure=False)
+    model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
+    _fit(monitor, model, max_steps=4)
+
+    ledger_view, direct = plot_balance(monitor, view="ledger"), plot_ledger(monitor)
+    assert [ax.get_title() for ax in ledger_view.axes] == PAIRS
+    for ax, ref in zip(ledger_view.axes, direct.axes, strict=True):
+        assert [line.get_label() for line in ax.lines] == [line.get_label() for line in ref.lines]
+        for line, ref_line in zip(ax.lines, ref.lines, strict=True):
+            np.testing.assert_array_equal(line.get_ydata(), ref_line.get_ydata())
+
+    units = plot_balance(monitor, view="units")
+    assert len(units.axes) == len(monitor.unit_drift) == 2  # two hidden layers
+    for ax, values in zip(units.axes, monitor.unit_drift.values(), strict=True):
+        expected = np.sort(values.abs().double().numpy())[::-1]
+        np.testing.assert_array_equal(ax.lines[0].get_ydata(), expected)
+    # several runs overlaid: one curve per run in every panel
+    both = plot_balance({"a": monitor, "b": monitor}, view="units")
+    assert [len(ax.lines) for ax in both.axes] == [2, 2]
+
+    plain = LayerBalanceMonitor(log_every_n_steps=2, save_figure=False)
+    _fit(plain, BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak"), max_steps=2)
+    with pytest.raises(ValueError, match="neurons=True"):
+        plot_balance(plain, view="units")
+    with pytest.raises(ValueError, match="no ledger metrics"):
+        plot_balance(plain, view="ledger")

@@ -209,3 +209,14 @@ def test_plot_balance_ignores_ledger_keys() -> None:
     fig = plot_balance(rows)
     line = fig.axes[0].lines[0]
     np.testing.assert_array_equal(line.get_ydata(), [0.5, 10.5, 20.5])
+
+
+def test_plot_balance_views_dispatch_and_reject_unknown_views() -> None:
+    rows, _ = synthetic_ledger()
+    ledger_view = plot_balance(rows, view="ledger", title="t")
+    assert [ax.get_title() for ax in ledger_view.axes] == list(PAIRS)
+    assert ledger_view.get_suptitle() == "t"
+    units = plot_balance({"GD": {"h1": [1e-3, -4e-3]}, "HB": {"h1": [0.5, 0.25]}}, view="units")
+    np.testing.assert_array_equal(units.axes[0].lines[1].get_ydata(), [0.5, 0.25])
+    with pytest.raises(ValueError, match="`view` must be 'balance', 'ledger' or 'units', got 'x'"):
+        plot_balance(rows, view="x")
