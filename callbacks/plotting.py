@@ -141,10 +141,9 @@ def plot_balance(source: Any, *, view: str = "balance", title: str | None = None
 
     ``view="balance"`` (default): (a) :math:`\|W_L\|^2 - \|W_M\|^2` for adjacent layers,
     (b) their ratios :math:`\|W_L\|^2 / \|W_M\|^2` (log scale when they and 1 span a decade or
-    more), (c)
-    :math:`\|W_L(t)\|^2 - \|W_L(0)\|^2` per layer (equal for all layers under gradient flow for a
-    layer-wise 1-homogeneous network), (d) :math:`\|\nabla_{W_L}\ell\|` per layer (log scale when
-    spanning decades). The x axis is the optimizer step.
+    more), (c) :math:`\|W_L(t)\|^2 - \|W_L(0)\|^2` per layer (equal for all layers under
+    gradient flow for a layer-wise 1-homogeneous network), (d) :math:`\|\nabla_{W_L}\ell\|` per
+    layer (log scale when spanning decades). The x axis is the optimizer step.
 
     ``view="ledger"``: :func:`plot_ledger`, the cumulative ledger terms of every adjacent pair
     against the step with the measured :math:`D(t) - D(0)` on top (``source`` as there, also a
