@@ -218,9 +218,10 @@ def _run(
 
 def _on_off_ratio(starts: list[float], on: list[bool], warmup: int, block: int) -> float:
     """median(step time | on) / median(step time | off): step ``i`` lasts from batch start ``i``
-    to batch start ``i + 1``; warm-up steps and the first step of every block are dropped."""
+    to batch start ``i + 1``; warm-up steps, the first step of every block and the last step
+    (it runs to the end of training, epoch-end work included) are dropped."""
     times: dict[bool, list[float]] = {True: [], False: []}
-    for i, state in enumerate(on[: len(starts) - 1]):
+    for i, state in enumerate(on[: len(starts) - 2]):
         if i >= warmup and i % block != 0:
             times[state].append(starts[i + 1] - starts[i])
     if not times[True] or not times[False]:
@@ -266,7 +267,8 @@ def main() -> None:
                 for name in order:
                     if name == "ledger on/off":
                         config, block = CONFIGS["ledger, every 50"], 2 if args.quick else BLOCK
-                        on_off.append(_run(make, config, args.warmup, args.steps, logdir, block)[0])
+                        steps = max(args.steps, 3 * block)  # both states after the drops
+                        on_off.append(_run(make, config, args.warmup, steps, logdir, block)[0])
                         continue
                     step, hook = _run(make, CONFIGS[name], args.warmup, args.steps, logdir)
                     times[name].append(step)

@@ -185,6 +185,11 @@ def plot_balance(source: Any, *, view: str = "balance", title: str | None = None
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    if isinstance(source, Mapping):
+        raise TypeError(
+            "the balance view draws one run: pass a LayerBalanceMonitor, its history or a"
+            " metrics.csv path (a dict of runs works with view='ledger' or view='units')"
+        )
     history = load_history(source)
     if not any(k.startswith("balance/") for row in history for k in row):
         raise ValueError("`source` holds no balance metrics (keys 'balance/...')")
@@ -219,27 +224,54 @@ def plot_balance(source: Any, *, view: str = "balance", title: str | None = None
 
 def _unit_drift_of(source: Any) -> Any:
     """The per-unit drift of a monitor (its ``unit_drift``), of a dict of monitors per run, or
-    ``source`` itself (already ``{layer: values}`` or ``{run: {layer: values}}``)."""
+    ``source`` itself (already ``{layer: values}`` or ``{run: {layer: values}}``).
 
-    def drift(item: Any) -> Any:
+    Histories and ``metrics.csv`` files hold only the per-layer summaries
+    (``balance/unit_drift_max/...``), and ``monitor.unit_ledger`` holds ledger terms per unit, not
+    the drift: all three are refused with an error that names where the value came from."""
+
+    def drift(item: Any, where: str) -> Any:
         if hasattr(item, "unit_drift") and hasattr(item, "history"):  # a LayerBalanceMonitor
             if not item.unit_drift:
                 raise ValueError(
-                    "the monitor holds no per-unit drift: run it with neurons=True and train"
+                    f"{where} holds no per-unit drift: run the monitor with neurons=True and train"
+                    " (its unit_drift is not kept in checkpoints)"
                 )
             return item.unit_drift
+        if isinstance(item, (str, os.PathLike)) or (
+            isinstance(item, Sequence) and item and all(isinstance(r, Mapping) for r in item)
+        ):
+            raise TypeError(
+                f"{where} is a history or a metrics.csv path: they hold only the per-layer"
+                " summaries balance/unit_drift_max and _mean; the units view needs a"
+                " LayerBalanceMonitor trained with neurons=True or its unit_drift {layer: values}"
+            )
+        if isinstance(item, Mapping) and any(
+            isinstance(v, Mapping) and set(v) & set(LEDGER_TERMS) for v in item.values()
+        ):
+            raise ValueError(
+                f"{where} holds per-unit ledger terms (monitor.unit_ledger), not the drift: pass"
+                " the monitor or its unit_drift"
+            )
         return item
 
     if isinstance(source, Mapping):
-        return {key: drift(value) for key, value in source.items()}
-    return drift(source)
+        checked = drift(source, "`source`")  # refuses unit_ledger at the top level
+        return {key: drift(value, f"`source[{key!r}]`") for key, value in checked.items()}
+    return drift(source, "`source`")
 
 
 def _is_run_mapping(source: Any) -> bool:
-    """Whether ``source`` is ``{label: source}`` (several runs) rather than one run's source."""
-    return isinstance(source, Mapping) and not any(
-        isinstance(k, str) and ("/" in k or k == "step") for k in source
-    )
+    """Whether ``source`` is ``{label: source}`` (several runs; labels may contain "/"); one
+    history row (numbers as values) is refused with a clear error instead."""
+    if not isinstance(source, Mapping):
+        return False
+    if source and all(isinstance(v, (int, float)) for v in source.values()):
+        raise TypeError(
+            "`source` is a single history row: pass the whole history (a list of dicts), the"
+            " monitor, a metrics.csv path, or a dict {label: run} of several runs"
+        )
+    return True
 
 
 def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:

@@ -220,3 +220,28 @@ def test_plot_balance_views_dispatch_and_reject_unknown_views() -> None:
     np.testing.assert_array_equal(units.axes[0].lines[1].get_ydata(), [0.5, 0.25])
     with pytest.raises(ValueError, match="`view` must be 'balance', 'ledger' or 'units', got 'x'"):
         plot_balance(rows, view="x")
+
+
+def test_plot_views_refuse_sources_that_cannot_hold_what_they_draw(tmp_path: Path) -> None:
+    """Each wrong source is refused with an error naming it, never drawn as something else."""
+    rows, _ = synthetic_ledger()
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("step,balance/drift\n0,0.0\n")
+    # histories and metrics.csv hold only per-layer summaries of the per-unit drift
+    cases = [(rows, r"`source`"), (str(csv_path), r"`source`"), ({"r": rows}, r"`source\['r'\]`")]
+    for source, where in cases:
+        with pytest.raises(TypeError, match=f"{where} is a history or a metrics.csv path"):
+            plot_balance(source, view="units")
+    # monitor.unit_ledger ({layer: {term: values}}) is not the drift: refused, not misdrawn
+    unit_ledger = {"h1": {"momentum": torch.ones(3), "symmetry": torch.zeros(3)}}
+    for source in (unit_ledger, {"GD": unit_ledger}):
+        with pytest.raises(ValueError, match="per-unit ledger terms"):
+            plot_balance(source, view="units")
+    # the balance view draws one run; the ledger view takes labels with "/" as run labels
+    with pytest.raises(TypeError, match="the balance view draws one run"):
+        plot_balance({"GD": rows})
+    fig = plot_balance({"lr=0.1/m=0.9": rows}, view="ledger")
+    assert fig.axes[0].get_title() == "lr=0.1/m=0.9: W1-W2"
+    # a single history row is not a dict of runs
+    with pytest.raises(TypeError, match="single history row"):
+        plot_ledger(rows[0])
