@@ -431,10 +431,15 @@ def layer_sq_norms_host(
         ...                                                                  [torch.ones(3)]]])]
         [[4.0, 3.0]]
     """
-    buckets, offsets, any_sharded, _ = _bucket(groups)
-    if any_sharded or reduce:
+    sharded = any(_is_dtensor(t) for group in groups for layer in group for t in layer)
+    if sharded or reduce:
+        # the device path buckets the tensors itself: bucketing here too would resolve Partial
+        # placements (a collective) twice
         flat = torch.cat(layer_sq_norms_many(groups, reduce=reduce)).tolist()
-        return [flat[offsets[k] : offsets[k + 1]] for k in range(len(groups))]
+        counts = [len(group) for group in groups]
+        starts = [sum(counts[:k]) for k in range(len(groups))]
+        return [flat[a : a + n] for a, n in zip(starts, counts, strict=True)]
+    buckets, offsets, _, _ = _bucket(groups)
     sums = [0.0] * offsets[-1]
     if buckets:
         with torch.no_grad():
