@@ -126,7 +126,10 @@ class StationarityMonitor(Callback):
     ====================================== =====================================================
 
     ``history`` keeps one dict ``{"epoch": e, "step": s, key: value}`` per evaluation (on every
-    rank: under DDP every rank computes the same certificate). The certificate is one-sided:
+    rank: under DDP every rank computes the same certificate); it is part of the callback's
+    checkpoint state, so a fit resumed with ``ckpt_path=`` continues it. Under manual
+    optimisation pass ``loss_fn`` (the default loss is ``training_step``, which would step the
+    optimiser). The certificate is one-sided:
     a small :math:`\hat\varepsilon` proves stationarity of the stated loss at scale
     :math:`\delta`; a large one proves nothing.
 
@@ -223,9 +226,27 @@ class StationarityMonitor(Callback):
     # hooks
     # ------------------------------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(radii=list(self.radii), seed=self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history: a resumed fit continues the same series (the subset is drawn again from
+        ``seed``, the same examples for the same dataset)."""
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if not pl_module.automatic_optimization and self.loss_fn is training_step_loss:
+            raise MisconfigurationException(
+                "`StationarityMonitor` with manual optimisation needs `loss_fn=`: the default"
+                " loss is the module's training_step, which here also steps the optimiser."
+                " Pass `loss_fn=lambda module, batch: ...` returning the scalar loss."
+            )
         strategy = type(trainer.strategy).__name__
         if strategy in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
             raise MisconfigurationException(

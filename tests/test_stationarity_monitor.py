@@ -188,3 +188,62 @@ def test_argument_checks() -> None:
         StationarityMonitor(radii=[0.1], dataset=iter([1, 2]))
     with pytest.raises(TypeError, match="`vectorize` must be a bool"):
         StationarityMonitor(radii=[0.1], vectorize=1)  # type: ignore[arg-type]
+
+
+def test_resume_continues_the_history(tmp_path: Path) -> None:
+    """A fit resumed from a checkpoint (ckpt_path=) keeps the evaluations made before it and
+    continues the series: equal to the uninterrupted run (same parameters, same seeded subset
+    and samples: bit for bit)."""
+    full = _monitor()
+    _fit(full)  # EPOCHS = 3
+
+    first = _monitor()
+    torch.manual_seed(0)
+    model = BalanceModel(make_net(bias=True), lr=0.05, momentum=0.9, optimizer="polyak")
+    loader = make_loader(*make_data(), batch_size=16)
+    kwargs = dict(max_steps=-1, logger=False, callbacks=[first])
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=EPOCHS - 1, **kwargs))
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+
+    resumed = _monitor()
+    model = BalanceModel(make_net(bias=True), lr=0.05, momentum=0.9, optimizer="polyak")
+    kwargs["callbacks"] = [resumed]
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=EPOCHS, **kwargs))
+    trainer.fit(model, loader, ckpt_path=tmp_path / "two.ckpt")
+    assert len(resumed.history) == EPOCHS
+    assert resumed.history == full.history
+
+
+class _ManualModel(BalanceModel):
+    def __init__(self) -> None:
+        super().__init__(make_net(bias=True), lr=0.05, momentum=0.9, optimizer="polyak")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        opt = self.optimizers()
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimisation_needs_a_loss_fn() -> None:
+    """The default loss is training_step, which under manual optimisation also steps the
+    optimiser: refused with a message saying what to pass (it crashed inside autograd before)."""
+    loader = make_loader(*make_data(), batch_size=16)
+    kwargs = dict(max_steps=-1, max_epochs=1, logger=False)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[_monitor()], **kwargs))
+    with pytest.raises(pl.utilities.exceptions.MisconfigurationException, match="`loss_fn=`"):
+        trainer.fit(_ManualModel(), loader)
+
+    def mse(module, batch):
+        x, y = batch
+        return ((module(x) - y) ** 2).mean()
+
+    monitor = _monitor(loss_fn=mse)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], **kwargs))
+    trainer.fit(_ManualModel(), loader)
+    assert len(monitor.history) == 1 and monitor.history[0]["stationarity/grad_norm"] > 0
