@@ -435,10 +435,10 @@ def layer_sq_norms_host(
     if sharded or reduce:
         # the device path buckets the tensors itself: bucketing here too would resolve Partial
         # placements (a collective) twice
-        flat = torch.cat(layer_sq_norms_many(groups, reduce=reduce)).tolist()
-        counts = [len(group) for group in groups]
-        starts = [sum(counts[:k]) for k in range(len(groups))]
-        return [flat[a : a + n] for a, n in zip(starts, counts, strict=True)]
+        parts = layer_sq_norms_many(groups, reduce=reduce)
+        flat = torch.cat(parts).tolist()  # one host transfer
+        bounds = list(itertools.accumulate((len(p) for p in parts), initial=0))
+        return [flat[a:b] for a, b in itertools.pairwise(bounds)]
     buckets, offsets, _, _ = _bucket(groups)
     sums = [0.0] * offsets[-1]
     if buckets:
