@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = ["OptimizerModeSwitch", "has_train_eval"]
 
@@ -82,6 +83,10 @@ class OptimizerModeSwitch(Callback):
     - standalone ``validate`` / ``test`` / ``predict``: the previous mode is restored at the end;
     - ``on_train_end``: ``eval()``, so after ``trainer.fit`` the model holds the iterate
       :math:`x_T` (what one evaluates or exports). The next ``fit`` switches back.
+
+    Checkpoints saved during training outside validation hold :math:`y_t` (training mode), which
+    ``fit`` resumes exactly; ``validate``/``test``/``predict`` with ``ckpt_path=`` restore no
+    optimiser state and so evaluate them at :math:`y_t`: this callback warns when they load one.
 
     Optimisers without ``train``/``eval`` are left alone. A checkpoint saved in eval mode must be
     resumed with this callback (or a manual ``optimizer.train()``): ``NesterovSGD.step()`` refuses
@@ -174,6 +179,29 @@ class OptimizerModeSwitch(Callback):
             # docstring); a new list: Lightning is iterating over the old one while calling setup
             callbacks.insert(first, callbacks.pop(mine))
             trainer.callbacks = callbacks
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Warn when ``validate``/``test``/``predict`` with ``ckpt_path=`` loads weights saved in
+        training mode: they are the look-ahead point, and these stages restore no optimiser
+        state to move them to the iterate (``fit`` does, and resumes exactly)."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
+        lookahead = any(
+            state.get("state")
+            and any(g.get("train_mode") and g.get("lookahead") for g in state["param_groups"])
+            for state in checkpoint.get("optimizer_states") or []
+        )
+        if lookahead:
+            rank_zero_warn(
+                f"`OptimizerModeSwitch`: `{trainer.state.fn.value}` loads a checkpoint saved with"
+                " the optimiser in training mode (not after validation), so its weights are the"
+                " look-ahead point y_t, and they are evaluated there, not at the iterate x_t:"
+                " this stage restores no optimiser state to move them. Evaluate the model that"
+                " `fit` returns, or a checkpoint saved after validation.",
+                category=RuntimeWarning,
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_all(trainer)

@@ -211,3 +211,37 @@ def test_ema_weight_averaging_in_either_order(tmp_path: Path, switch_first: bool
     opt = trainer.optimizers[0]
     for p, x_now, x_prev in zip(model.parameters(), xs[STEPS], xs[STEPS - 1], strict=True):
         assert torch.allclose(LR * opt.state[p]["velocity"], x_now - x_prev, rtol=0, atol=1e-12)
+
+
+class _SaveDuringTraining(pl.Callback):
+    """Saves a checkpoint after training batch ``at`` (optimiser in training mode: y_t)."""
+
+    def __init__(self, path: Path, at: int) -> None:
+        self.path, self.at = path, at
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            trainer.save_checkpoint(self.path)
+
+
+def test_test_from_a_checkpoint_saved_in_training_mode_warns(tmp_path: Path) -> None:
+    """trainer.validate/test(ckpt_path=...) restore weights only: from a checkpoint saved in
+    training mode they evaluate the look-ahead point y_t. That is said with a warning, never
+    silently; a checkpoint saved after fit (eval mode: x_T) loads without one."""
+    import warnings
+
+    xs, ys = _reference()
+    during, after = tmp_path / "during.ckpt", tmp_path / "after.ckpt"
+    model, trainer = _fit(tmp_path, [OptimizerModeSwitch(), _SaveDuringTraining(during, 3)])
+    trainer.save_checkpoint(after)  # after fit: eval mode, the weights are x_T
+    ckpt = torch.load(during, weights_only=False)
+    assert all(g["train_mode"] is True for g in ckpt["optimizer_states"][0]["param_groups"])
+    assert _close(list(ckpt["state_dict"].values()), ys[3])  # y_3 = x_3 + lr*momentum*v_3
+    x, y = make_data()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*OptimizerModeSwitch.*")
+        trainer.validate(model, make_loader(x, y), ckpt_path=after)
+    assert _close(model.val_records[-1]["params"], xs[STEPS])
+    with pytest.warns(RuntimeWarning, match="look-ahead point y_t, and they are evaluated there"):
+        trainer.validate(model, make_loader(x, y), ckpt_path=during)
+    assert _close(model.val_records[-1]["params"], ys[3])  # what the warning says
