@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from torch_momentum.balance import (
     LEDGER_TERMS,
     BalanceLedger,
-    _is_dtensor,
     balance_metrics,
     check_layers_spec,
     discover_layers,
@@ -35,6 +34,7 @@ from torch_momentum.balance import (
     unit_balance,
     unit_symmetry,
 )
+from torch_momentum.balance._dtensor import is_dtensor
 
 __all__ = ["LayerBalanceMonitor"]
 
@@ -496,11 +496,9 @@ class LayerBalanceMonitor(Callback):
     def _unit_values(self) -> dict[str, Tensor]:
         ledger = self._ledger
         assert ledger is not None
-        ids = {id(p): i for i, p in enumerate(ledger._tracked)}
 
         def iterate(name: str, p: Tensor) -> Tensor:
-            i = ids.get(id(p))
-            return p if i is None else ledger._iterate(i, local=False)
+            return ledger.iterate(p) if ledger.tracks(p) else p
 
         return unit_balance(self._module, self._units, iterate)
 
@@ -577,7 +575,7 @@ class LayerBalanceMonitor(Callback):
         self._refs = [
             [_owner(pl_module, p_name) for p_name, _ in params] for params in found.values()
         ]
-        self._sharded = any(_is_dtensor(p) for params in found.values() for _, p in params)
+        self._sharded = any(is_dtensor(p) for params in found.values() for _, p in params)
 
     def _params(self) -> list[list[Tensor]]:
         return [[mod._parameters[attr] for mod, attr in layer] for layer in self._refs]

@@ -20,6 +20,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torch_momentum.balance.rules import LEDGER_TERMS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -35,9 +37,6 @@ __all__ = [
 ]
 
 _PREFIXES = ("balance/", "grad_norm/", "ledger/")
-
-#: The ledger's terms, in the order they are drawn: ``ledger/{term}/{L}-{M}``.
-LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 
 
 def load_history(source: Any) -> list[dict[str, float]]:

@@ -1,0 +1,511 @@
+r"""Update rules: how one optimiser family's step splits into the balance ledger's terms.
+
+For any update :math:`x_{t+1} = x_t + \Delta x` and a signed inner product
+:math:`\langle a, b\rangle_\pm` (over the tensors of a pair of layers, or of a unit),
+:math:`D = \langle x, x\rangle_\pm` changes by exactly
+
+.. math::
+    D_{t+1} - D_t = 2\langle x_t, \Delta x\rangle_\pm + \|\Delta x\|^2_\pm .
+
+A *rule* knows how its optimiser's step is built from the iterate :math:`x_t`, the velocity
+:math:`v_t` and the gradient :math:`g_t` (learning rate :math:`\eta`, momentum :math:`\mu`,
+weight decay :math:`\lambda`, :math:`s = -1` when maximising), so it can split the first-order
+part into terms. Heavy ball (:math:`d_t = s g_t + \lambda x_t`, :math:`v_{t+1} = \mu v_t - d_t`,
+:math:`\Delta x = \eta v_{t+1}`), with :math:`K_t = \langle x_t, v_t\rangle_\pm` and
+:math:`R_t = \langle x_t, g_t\rangle_\pm`:
+
+.. math::
+    D_{t+1} - D_t = \underbrace{2\eta\mu K_t}_{\text{momentum}}
+    \underbrace{- 2\eta\lambda D_t}_{\text{weight decay}}
+    \underbrace{- 2\eta s R_t}_{\text{symmetry}}
+    + \underbrace{\eta^2\|v_{t+1}\|^2_\pm}_{\text{discretisation}} .
+
+Nesterov (gradient at :math:`y_t = x_t + c\,v_t`, :math:`D` on the iterate :math:`x`) adds
+:math:`2\eta s c\langle v_t, g_t\rangle_\pm` to momentum, :math:`-2\eta\lambda cK_t` to weight
+decay and :math:`-2\eta s c\langle v_t, g_t\rangle_\pm` to symmetry. Any other optimiser gets the
+generic split: symmetry :math:`-2\eta s R_t` (the gradient's share, :math:`\eta` the group's
+``lr``) and the rest of the first-order part in ``other``.
+
+Each term is a linear combination of six entries of the Gram matrix of
+:math:`(x_t, v_t, g_t, \Delta x)` (:data:`GRAM_ENTRIES`); :func:`term_coefficients` gives the
+combination. The ledger reads each tensor's rows after the step (parameter, velocity, gradient:
+no copies for the known rules) and a rule's :class:`Maps` recover :math:`(x_t, v_t, g_t, \Delta
+x)` from them exactly.
+
+One small object per family (:class:`HeavyBall` for :class:`~torch_momentum.PolyakSGD`,
+:class:`Nesterov` for :class:`~torch_momentum.NesterovSGD`, :class:`TorchSGD` for
+``torch.optim.SGD``, :class:`Generic` for everything else), looked up once per optimiser by
+:func:`rule_for`; :func:`register_rule` adds a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from torch_momentum.optim import NesterovSGD, PolyakSGD
+
+__all__ = [
+    "GRAM_ENTRIES",
+    "LEDGER_TERMS",
+    "Generic",
+    "HeavyBall",
+    "Hyper",
+    "Maps",
+    "Nesterov",
+    "Rule",
+    "TorchSGD",
+    "register_rule",
+    "rule_for",
+    "term_coefficients",
+]
+
+#: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``.
+LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
+
+#: The entries of the 4x4 Gram matrix of :math:`(x_t, v_t, g_t, \Delta x)` (row-major index) that
+#: the terms use: :math:`D = \langle x, x\rangle`, :math:`K = \langle x, v\rangle`,
+#: :math:`\langle x, g\rangle`, :math:`\langle v, g\rangle`, :math:`\langle x, \Delta x\rangle`,
+#: :math:`\langle \Delta x, \Delta x\rangle`.
+GRAM_ENTRIES = (0, 1, 2, 6, 3, 15)
+
+# Rows mapping a tensor's post-step rows (first, second, gradient) to (x_t, v_t, g_t, dx).
+MapRows = list[list[float]]
+
+
+class Hyper(NamedTuple):
+    """A param group's hyper-parameters as the ledger reads them.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance.rules import rule_for
+        >>> opt = PolyakSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, maximize=True)
+        >>> rule_for(opt).hyper(opt.param_groups[0])
+        Hyper(lr=0.1, momentum=0.9, weight_decay=0.0, sign=-1.0)
+    """
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    sign: float  # -1.0 when maximising, else 1.0
+
+
+class Maps(NamedTuple):
+    """How one step of one param group splits into terms (cached by ``key``).
+
+    ``terms`` (5 x 6): the terms as combinations of :data:`GRAM_ENTRIES`. ``with_velocity`` and
+    ``plain`` (4 x 3): the post-step rows ``(first, second, gradient)`` of a tensor to
+    :math:`(x_t, v_t, g_t, \\Delta x)`, with a velocity as ``second``, or without one (plain
+    gradient descent: ``second`` absent). ``negate_velocity``: the rows hold the optimiser's
+    buffer, which is :math:`-v`.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance.rules import rule_for
+        >>> opt = PolyakSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5, momentum=0.5)
+        >>> key, build = rule_for(opt).maps(opt, 0, opt.param_groups[0], 0.0, {})
+        >>> build().with_velocity  # rows (p, v1, g) -> x_t, v_t, g_t, dx
+        [[1.0, -0.5, 0.0], [0.0, 2.0, 2.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.0]]
+    """
+
+    key: tuple[Any, ...]
+    terms: list[list[float]]
+    with_velocity: MapRows
+    plain: MapRows
+    negate_velocity: bool
+
+
+def as_float(value: Any) -> float:
+    """A float or a one-element tensor (a host read; a CPU tensor lr costs nothing) as a float."""
+    if isinstance(value, Tensor):
+        return float(value.detach().reshape(()))
+    return float(value)
+
+
+def term_coefficients(
+    eta: float, mu: float, lam: float, c: float, s: float, delta: float
+) -> list[list[float]]:
+    """The five terms as linear combinations of the Gram entries :data:`GRAM_ENTRIES`.
+
+    ``c``: the look-ahead coefficient the gradient was taken with (0 for heavy ball);
+    ``delta``: a move of the implied iterate by ``delta * v_t`` counted as momentum (the built-in
+    Nesterov SGD under a changing :math:`\\eta\\mu`).
+
+    Example:
+
+        >>> from torch_momentum.balance.rules import term_coefficients
+        >>> term_coefficients(0.1, 0.9, 0.0, 0.0, 1.0, 0.0)[0]  # momentum: 2 eta mu K
+        [0.0, 0.18000000000000002, 0.0, 0.0, 0.0, 0.0]
+    """
+    a = 2.0 * (eta * mu + delta)
+    return [
+        [0.0, a, 0.0, 2.0 * eta * s * c, 0.0, 0.0],  # momentum
+        [-2.0 * eta * lam, -2.0 * eta * lam * c, 0.0, 0.0, 0.0, 0.0],  # weight decay
+        [0.0, 0.0, -2.0 * eta * s, -2.0 * eta * s * c, 0.0, 0.0],  # symmetry
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # discretisation
+        [2.0 * eta * lam, -a + 2.0 * eta * lam * c, 2.0 * eta * s, 0.0, 2.0, 0.0],  # other
+    ]
+
+
+def _momentum_maps(
+    builtin_nesterov: bool,
+    eta: float,
+    mu: float,
+    lam: float,
+    s: float,
+    c0: float,
+    c1: float,
+) -> tuple[MapRows, MapRows]:
+    """``(with_velocity, plain)`` for a momentum step whose rows are ``(p, v_{t+1}, g_t)``.
+
+    ``c0``/``c1``: the look-ahead coefficients before/after the step (parameters
+    ``p = x + c v``). ``builtin_nesterov``: the parameters follow ``torch.optim.SGD(nesterov=True)``
+    (``p_{t+1} = p_t - eta (d_t - mu v_{t+1})``, ``d_t`` at ``p_t``) rather than the slide form."""
+    # without a velocity: p1 = p0 - eta (s g + lam p0)
+    k = 1.0 / (1.0 - eta * lam) if eta * lam != 1.0 else 0.0
+    plain = [[k, 0.0, k * eta * s], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0 - k, 0.0, -k * eta * s]]
+    if mu == 0.0:
+        with_v = [[1.0, -c1 - eta, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, eta, 0.0]]
+        return with_v, plain
+    x1 = [1.0, -c1, 0.0]
+    if builtin_nesterov:
+        # p0 = (p1 + eta s g - eta mu v1) / (1 - eta lam); mu v0 = v1 + s g + lam p0
+        p0 = [k, -k * eta * mu, k * eta * s]
+        v0 = [(lam * p0[0]) / mu, (1.0 + lam * p0[1]) / mu, (s + lam * p0[2]) / mu]
+        xs = [p0[j] - c0 * v0[j] for j in range(3)]
+        dx = [x1[j] - xs[j] for j in range(3)]
+    else:
+        # dx = eta v1; mu v0 = v1 + s g + lam (x0 + c0 v0)
+        xs = [x1[0], x1[1] - eta, x1[2]]
+        dx = [0.0, eta, 0.0]
+        den = mu - lam * c0
+        v0 = [lam * xs[0] / den, (1.0 + lam * xs[1]) / den, (s + lam * xs[2]) / den]
+    return [xs, v0, [0.0, 0.0, 1.0], dx], plain
+
+
+class Rule:
+    """How one optimiser family's step splits into ledger terms; subclasses override.
+
+    The base class is the generic split (any optimiser): the ledger copies the parameters before
+    each step (rows ``(x_t, p, g_t)``, :math:`\\Delta x = p - x_t`), symmetry is the gradient's
+    share :math:`-2\\eta s R_t` and the rest of the first-order part is ``other``.
+
+    Attributes:
+        velocity_key: the optimiser-state key of the velocity (``None``: no velocity).
+        velocity_sign: ``v = velocity_sign * state[velocity_key]`` in the slide sign convention
+            (:math:`v_{t+1} = \\mu v_t - d_t`).
+        pre_step: whether the ledger must look at the optimiser before each step (a look-ahead
+            coefficient or a copy of the parameters).
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance.rules import Rule, rule_for
+        >>> opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+        >>> type(rule_for(opt)) is Rule, rule_for(opt).known(opt.param_groups[0])
+        (True, False)
+    """
+
+    velocity_key: str | None = None
+    velocity_sign: float = 1.0
+    pre_step: bool = True
+
+    def known(self, group: dict[str, Any]) -> bool:
+        """Whether this rule explains the group's update (else the generic split is used)."""
+        return False
+
+    def hyper(self, group: dict[str, Any]) -> Hyper:
+        """The group's hyper-parameters (momentum and weight decay 0 for the generic split)."""
+        s = -1.0 if group.get("maximize", False) else 1.0
+        lr = as_float(group.get("lr", 0.0))
+        if not self.known(group):
+            return Hyper(lr, 0.0, 0.0, s)
+        return Hyper(lr, float(group["momentum"]), float(group["weight_decay"]), s)
+
+    def nesterov(self, group: dict[str, Any]) -> bool:
+        """Whether the group's gradient is taken at a look-ahead point."""
+        return False
+
+    def lookahead(
+        self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
+    ) -> float:
+        """The coefficient ``c`` with parameters ``= x + c v`` now (0 without a look-ahead).
+
+        ``memory`` is the ledger's per-optimiser record (saved in its state), for rules whose
+        optimiser does not keep the coefficient itself."""
+        return 0.0
+
+    def velocity(self, opt: torch.optim.Optimizer, p: Tensor) -> Tensor | None:
+        """The velocity of ``p`` in the slide sign convention, or ``None``."""
+        if self.velocity_key is None:
+            return None
+        v = opt.state.get(p, {}).get(self.velocity_key)
+        if v is None or self.velocity_sign == 1.0:
+            return v
+        return v * self.velocity_sign
+
+    def iterate(
+        self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
+    ) -> Tensor:
+        """The iterate :math:`x_t` of ``p`` (``p`` itself, detached, when it is the iterate)."""
+        c = self.lookahead(opt, index, memory)
+        v = self.velocity(opt, p) if c != 0.0 else None
+        return p.detach() if v is None else p.detach() - c * v
+
+    def maps(
+        self,
+        opt: torch.optim.Optimizer,
+        index: int,
+        group: dict[str, Any],
+        c0: float,
+        memory: MutableMapping[Any, float],
+    ) -> tuple[tuple[Any, ...], Any]:
+        """After the step: ``(key, build)``, ``build()`` giving the :class:`Maps` of the key (the
+        ledger caches them by key; a scheduler changes the key every step)."""
+        h = self.hyper(group)
+        key = ("generic", h.lr, h.sign)
+        cmap = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]]
+
+        def build() -> Maps:
+            terms = term_coefficients(h.lr, 0.0, 0.0, 0.0, h.sign, 0.0)
+            return Maps(key, terms, cmap, cmap, False)
+
+        return key, build
+
+    def corrected(self, group: dict[str, Any]) -> bool:
+        """Whether the momentum-corrected balance :math:`Q_t` applies (heavy ball)."""
+        return False
+
+
+#: The generic split, for optimisers without a rule of their own.
+Generic = Rule
+
+
+class HeavyBall(Rule):
+    """Heavy ball with the velocity in the optimiser's state (:class:`~torch_momentum.PolyakSGD`).
+
+    The post-step parameter, velocity and gradient determine the pre-step iterate and velocity
+    exactly, so the ledger needs nothing before the step.
+
+    Args:
+        velocity_key: the state key of the velocity (default ``"velocity"``).
+        velocity_sign: ``v = velocity_sign * state[velocity_key]`` (``-1`` for a buffer holding
+            :math:`-v`, as ``torch.optim.SGD``'s ``momentum_buffer``).
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance.rules import HeavyBall, rule_for
+        >>> p = torch.nn.Parameter(torch.ones(1))
+        >>> opt = PolyakSGD([p], lr=0.1, momentum=0.9)
+        >>> p.grad = torch.ones(1); _ = opt.step()
+        >>> isinstance(rule_for(opt), HeavyBall), rule_for(opt).velocity(opt, p)
+        (True, tensor([-1.]))
+    """
+
+    pre_step = False
+
+    def __init__(self, velocity_key: str = "velocity", velocity_sign: float = 1.0) -> None:
+        if velocity_sign not in (1.0, -1.0):
+            raise ValueError(f"`velocity_sign` must be 1 or -1, got {velocity_sign!r}")
+        self.velocity_key = velocity_key
+        self.velocity_sign = float(velocity_sign)
+
+    def known(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def maps(
+        self,
+        opt: torch.optim.Optimizer,
+        index: int,
+        group: dict[str, Any],
+        c0: float,
+        memory: MutableMapping[Any, float],
+    ) -> tuple[tuple[Any, ...], Any]:
+        h = self.hyper(group)
+        return self._maps(h, False, 0.0, 0.0, 0.0)
+
+    def _maps(
+        self, h: Hyper, builtin: bool, c0: float, c1: float, delta: float
+    ) -> tuple[tuple[Any, ...], Any]:
+        negate = self.velocity_sign == -1.0
+        key = (type(self), negate, builtin, *h, c0, c1, delta)
+
+        def build() -> Maps:
+            terms = term_coefficients(h.lr, h.momentum, h.weight_decay, c0, h.sign, delta)
+            with_v, plain = _momentum_maps(
+                builtin, h.lr, h.momentum, h.weight_decay, h.sign, c0, c1
+            )
+            return Maps(key, terms, with_v, plain, negate)
+
+        return key, build
+
+    def corrected(self, group: dict[str, Any]) -> bool:
+        return not self.nesterov(group)
+
+
+class Nesterov(HeavyBall):
+    """Slide-form Nesterov (:class:`~torch_momentum.NesterovSGD`): the parameters hold the
+    look-ahead :math:`y = x + c\\,v` with the coefficient the optimiser reports.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD
+        >>> from torch_momentum.balance.rules import rule_for
+        >>> p = torch.nn.Parameter(torch.ones(1))
+        >>> opt = NesterovSGD([p], lr=0.5, momentum=0.5)
+        >>> p.grad = torch.ones(1); _ = opt.step()
+        >>> rule = rule_for(opt)
+        >>> rule.lookahead(opt, 0, {}), rule.iterate(opt, 0, p, {})  # x_1 = 1 - 0.5
+        (0.25, tensor([0.5000]))
+    """
+
+    pre_step = True
+
+    def nesterov(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def lookahead(
+        self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
+    ) -> float:
+        group = opt.param_groups[index]
+        return as_float(opt._lookahead_coefficient(group))  # type: ignore[attr-defined]
+
+    def iterate(
+        self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
+    ) -> Tensor:
+        return opt.iterate(p)  # type: ignore[attr-defined]
+
+    def maps(
+        self,
+        opt: torch.optim.Optimizer,
+        index: int,
+        group: dict[str, Any],
+        c0: float,
+        memory: MutableMapping[Any, float],
+    ) -> tuple[tuple[Any, ...], Any]:
+        c1 = self.lookahead(opt, index, memory)
+        return self._maps(self.hyper(group), False, c0, c1, 0.0)
+
+
+class TorchSGD(HeavyBall):
+    """``torch.optim.SGD`` (momentum, nesterov, weight decay, maximize; ``dampening=0``).
+
+    Its buffer is :math:`-v`. With ``nesterov=True`` its parameters are the look-ahead
+    :math:`y = x + \\eta\\mu v` built with the :math:`\\eta\\mu` of the previous step (remembered in
+    the ledger's ``memory``); when :math:`\\eta\\mu` changes, its implied iterate moves by
+    :math:`(c_t - \\eta\\mu)v_t`, counted as momentum.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance.rules import rule_for
+        >>> p = torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        >>> p.grad = torch.ones(1); _ = opt.step()
+        >>> rule_for(opt).velocity(opt, p)  # v = -momentum_buffer
+        tensor([-1.])
+    """
+
+    pre_step = True
+
+    def __init__(self) -> None:
+        super().__init__("momentum_buffer", -1.0)
+
+    def known(self, group: dict[str, Any]) -> bool:
+        return group.get("dampening", 0) == 0
+
+    def nesterov(self, group: dict[str, Any]) -> bool:
+        return bool(group.get("nesterov", False))
+
+    def lookahead(
+        self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
+    ) -> float:
+        group = opt.param_groups[index]
+        if not self.nesterov(group):
+            return 0.0
+        key = (id(opt), index)
+        if key not in memory:
+            memory[key] = as_float(group["lr"]) * float(group["momentum"])
+        return memory[key]
+
+    def maps(
+        self,
+        opt: torch.optim.Optimizer,
+        index: int,
+        group: dict[str, Any],
+        c0: float,
+        memory: MutableMapping[Any, float],
+    ) -> tuple[tuple[Any, ...], Any]:
+        h = self.hyper(group)
+        if not self.nesterov(group):
+            return self._maps(h, False, 0.0, 0.0, 0.0)
+        c1 = h.lr * h.momentum
+        memory[(id(opt), index)] = c1
+        return self._maps(h, True, c0, c1, c0 - c1)
+
+
+_REGISTRY: dict[type, tuple[Rule, bool]] = {}
+
+
+def register_rule(
+    optimizer_type: type[torch.optim.Optimizer], rule: Rule, *, subclasses: bool = True
+) -> None:
+    """Use ``rule`` for optimisers of ``optimizer_type`` (and its subclasses unless
+    ``subclasses=False``: a subclass may change the update).
+
+    Raises:
+        TypeError: ``optimizer_type`` is not an Optimizer class or ``rule`` not a :class:`Rule`.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance.rules import HeavyBall, register_rule, rule_for
+        >>> class MySGD(torch.optim.SGD):  # keeps torch.optim.SGD's momentum_buffer = -v
+        ...     pass
+        >>> register_rule(MySGD, HeavyBall("momentum_buffer", velocity_sign=-1.0))
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> type(rule_for(MySGD([p], lr=0.1, momentum=0.9))).__name__
+        'HeavyBall'
+    """
+    if not (isinstance(optimizer_type, type) and issubclass(optimizer_type, torch.optim.Optimizer)):
+        raise TypeError(f"`optimizer_type` must be an Optimizer class, got {optimizer_type!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"`rule` must be a torch_momentum.balance.rules.Rule, got {rule!r}")
+    _REGISTRY[optimizer_type] = (rule, subclasses)
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> Rule:
+    """The rule of ``optimizer``: the registered rule of its class, or of the nearest base class
+    registered with ``subclasses=True``; the generic split otherwise.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum import NesterovSGD
+        >>> from torch_momentum.balance.rules import rule_for
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> [type(rule_for(o)).__name__ for o in (NesterovSGD([p]), torch.optim.Adam([p]))]
+        ['Nesterov', 'Rule']
+    """
+    cls = type(optimizer)
+    for base in cls.__mro__:
+        entry = _REGISTRY.get(base)
+        if entry is not None and (base is cls or entry[1]):
+            return entry[0]
+    return _GENERIC
+
+
+_GENERIC = Rule()
+register_rule(PolyakSGD, HeavyBall())
+register_rule(NesterovSGD, Nesterov())
+register_rule(torch.optim.SGD, TorchSGD(), subclasses=False)
