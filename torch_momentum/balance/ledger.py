@@ -304,9 +304,12 @@ class BalanceLedger:
     # ------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Register step pre/post hooks on the optimisers (idempotent)."""
+        """Register step pre/post hooks on the optimisers (idempotent); records :math:`D(0)`
+        first (:meth:`start`) unless a series was started or restored."""
         if self._handles:
             return
+        if self.D0 is None:
+            self.start()
         for opt in self.optimizers:
             if not self._rule_of[id(opt)].pre_step:
                 # heavy ball needs nothing from before the step: the post-step state determines
