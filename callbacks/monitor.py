@@ -12,7 +12,6 @@ logs these quantities so that the law (and how far an optimiser departs from it)
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from torch_momentum.balance import (
     LEDGER_TERMS,
@@ -35,6 +35,13 @@ from torch_momentum.balance import (
     unit_symmetry,
 )
 from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.callbacks.plotting import (
+    log_figure,
+    plot_balance,
+    plot_ledger,
+    plot_unit_drift,
+    save_figures,
+)
 
 __all__ = ["LayerBalanceMonitor"]
 
@@ -211,6 +218,7 @@ class LayerBalanceMonitor(Callback):
     # ------------------------------------------------------------------------------------------
 
     @property
+    @override
     def state_key(self) -> str:
         # The cadence is not part of the key: a resume with another log_every_n_steps continues
         # the same series.
@@ -223,6 +231,7 @@ class LayerBalanceMonitor(Callback):
         """The monitored layers, in adjacency order (known once training started)."""
         return list(self._names)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
         history (rank zero's; other ranks hold an empty list), the per-unit ``D_i(0)`` and the
@@ -243,11 +252,13 @@ class LayerBalanceMonitor(Callback):
             state["ledger"] = self._ledger.state_dict()  # a collective when sharded
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``W(0)``, the history and the ledger; applied when training starts."""
         self._restored = dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
+    @override
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -288,6 +299,7 @@ class LayerBalanceMonitor(Callback):
     # hooks
     # ------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -307,12 +319,24 @@ class LayerBalanceMonitor(Callback):
                 category=RuntimeWarning,
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resolve(pl_module)
         step = _logging_step(trainer)
         self._first_step = step
         restored, self._restored = self._restored, None
         self._build_ledger(trainer, pl_module)
+        fresh = self._restore(restored, step)
+        if self._ledger is not None:
+            self._start_ledger(None if fresh or restored is None else restored.get("ledger"), step)
+        # a resumed run continues the series after the checkpoint's step
+        self.history = [row for row in self.history if row.get("step", -1) < step]
+        self._last_step = step - 1
+
+    def _restore(self, restored: dict[str, Any] | None, step: int) -> bool:
+        """Set ``W(0)`` and the per-unit ``D_i(0)``: from the checkpoint's state when it was
+        saved for these layers, else from the weights now (a collective when sharded). Returns
+        whether the series starts afresh."""
         fresh = True
         if restored is not None and restored.get("sq_norms0") is not None:
             if list(restored.get("layer_names", [])) == self._names:
@@ -339,25 +363,26 @@ class LayerBalanceMonitor(Callback):
                 self._unit_d0 = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
         if self._units and self._unit_d0 is None:
             self._unit_d0 = {k: v.cpu() for k, v in self._unit_values().items()}
-        if self._ledger is not None:
-            state = None if fresh or restored is None else restored.get("ledger")
-            if state is not None:
-                try:
-                    self._ledger.load_state_dict(state)
-                except ValueError as err:
-                    rank_zero_warn(
-                        f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
-                        category=RuntimeWarning,
-                    )
-                    state = None
-            if state is None:
-                self._ledger.start()
-            if self.ledger:
-                self._ledger.attach()
-        # a resumed run continues the series after the checkpoint's step
-        self.history = [row for row in self.history if row.get("step", -1) < step]
-        self._last_step = step - 1
+        return fresh
 
+    def _start_ledger(self, state: dict[str, Any] | None, step: int) -> None:
+        """Continue the ledger from a checkpoint's ``state`` (or start it), then attach it."""
+        assert self._ledger is not None
+        if state is not None:
+            try:
+                self._ledger.load_state_dict(state)
+            except ValueError as err:
+                rank_zero_warn(
+                    f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
+                    category=RuntimeWarning,
+                )
+                state = None
+        if state is None:
+            self._ledger.start()
+        if self.ledger:
+            self._ledger.attach()
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -376,6 +401,7 @@ class LayerBalanceMonitor(Callback):
         self._last_step = step
         self._log(trainer, pl_module, step, with_grads=True)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = _logging_step(trainer)
         if self._refs and self._last_step < step - 1:
@@ -403,11 +429,7 @@ class LayerBalanceMonitor(Callback):
         if directory is None:
             directory = trainer.default_root_dir
             reason = "has no logger" if not trainer.loggers else "has a logger without log_dir"
-        os.makedirs(directory, exist_ok=True)
-        self.figure_paths = {}
-        for name, figure in figures.items():
-            self.figure_paths[name] = os.path.join(directory, f"{name}.png")
-            figure.savefig(self.figure_paths[name], dpi=120)
+        self.figure_paths = save_figures(figures, directory)
         self.figure_path = self.figure_paths["balance"]
         if directory != log_dir or not trainer.loggers:
             rank_zero_warn(
@@ -418,12 +440,11 @@ class LayerBalanceMonitor(Callback):
         step = int(self.history[-1]["step"])
         for logger in trainer.loggers:
             for name, figure in figures.items():
-                _log_figure(logger, figure, step, name)
+                log_figure(logger, figure, step, name)
 
     def _figures(self) -> dict[str, Any]:
         """The figures saved at the end of training: the balance, and the ledger and per-unit
         drift when they were tracked."""
-        from torch_momentum.callbacks.plotting import plot_balance, plot_ledger, plot_unit_drift
 
         figures = {"balance": plot_balance(self.history)}
         if self.ledger and any(k.startswith("ledger/") for k in self.history[-1]):
@@ -432,6 +453,7 @@ class LayerBalanceMonitor(Callback):
             figures["unit_drift"] = plot_unit_drift(self.unit_drift)
         return figures
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._ledger is not None:
             self._ledger.detach()
@@ -606,15 +628,3 @@ def _logging_step(trainer: Trainer) -> int:
     epoch_loop = getattr(loop, "epoch_loop", None)
     step = getattr(epoch_loop, "_batches_that_stepped", None)
     return int(trainer.global_step if step is None else step)
-
-
-def _log_figure(logger: Any, figure: Any, step: int, name: str = "balance") -> None:
-    """Log a matplotlib figure to loggers that take figures (TensorBoard, MLflow); skip others."""
-    try:
-        experiment = logger.experiment
-    except Exception:  # a logger whose experiment cannot be created here
-        return
-    if callable(getattr(experiment, "add_figure", None)):  # TensorBoard (and tensorboardX)
-        experiment.add_figure(name, figure, global_step=step, close=False)
-    elif callable(getattr(experiment, "log_figure", None)) and hasattr(logger, "run_id"):
-        experiment.log_figure(logger.run_id, figure, f"{name}.png")  # MLflow
