@@ -172,7 +172,7 @@ class OptimizerModeSwitch(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
-        callbacks = list(trainer.callbacks)
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by a connector
         averaging = _averaging_callback_types()
         first = next((i for i, c in enumerate(callbacks) if isinstance(c, averaging)), None)
         mine = next((i for i, c in enumerate(callbacks) if c is self), None)
@@ -180,7 +180,7 @@ class OptimizerModeSwitch(Callback):
             # run on_train_end before the averaging callback copies its average in (see the class
             # docstring); a new list: Lightning is iterating over the old one while calling setup
             callbacks.insert(first, callbacks.pop(mine))
-            trainer.callbacks = callbacks
+            trainer.callbacks = callbacks  # type: ignore[attr-defined]
 
     @override
     def on_load_checkpoint(
@@ -198,7 +198,7 @@ class OptimizerModeSwitch(Callback):
         )
         if lookahead:
             rank_zero_warn(
-                f"`OptimizerModeSwitch`: `{trainer.state.fn.value}` loads a checkpoint saved with"
+                f"`OptimizerModeSwitch`: `{trainer.state.fn and trainer.state.fn.value}` loads a checkpoint saved with"
                 " the optimiser in training mode (not after validation), so its weights are the"
                 " look-ahead point y_t, and they are evaluated there, not at the iterate x_t:"
                 " this stage restores no optimiser state to move them. Evaluate the model that"

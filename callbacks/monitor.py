@@ -389,7 +389,7 @@ class LayerBalanceMonitor(Callback):
         step = _logging_step(trainer)
         if step == self._last_step:  # several optimizers step on one batch: log once
             return
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         on_cadence = every != 0 and (step + 1) % every == 0
         if not (
             on_cadence
@@ -579,7 +579,7 @@ class LayerBalanceMonitor(Callback):
         return [name if name != "root" else "" for name in self._names]
 
     def _layer_params(self, k: int) -> list[Tensor]:
-        return [mod._parameters[attr] for mod, attr in self._refs[k]]
+        return [_param(mod, attr) for mod, attr in self._refs[k]]
 
     def _resolve(self, pl_module: nn.Module) -> None:
         found = discover_layers(pl_module, self.layers)
@@ -600,7 +600,14 @@ class LayerBalanceMonitor(Callback):
         self._sharded = any(is_dtensor(p) for params in found.values() for _, p in params)
 
     def _params(self) -> list[list[Tensor]]:
-        return [[mod._parameters[attr] for mod, attr in layer] for layer in self._refs]
+        return [[_param(mod, attr) for mod, attr in layer] for layer in self._refs]
+
+
+def _param(module: nn.Module, attr: str) -> Tensor:
+    """The parameter registered as ``attr`` now (wrappers such as FSDP2 re-register them)."""
+    p = module._parameters[attr]
+    assert p is not None
+    return p
 
 
 def _is_last_step(trainer: Trainer, step: int) -> bool:

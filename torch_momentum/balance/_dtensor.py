@@ -21,26 +21,26 @@ _DTENSOR: list[type | None] = []
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a DTensor (``torch.distributed.tensor`` imported lazily, once)."""
     if not _DTENSOR:
+        cls: type | None
         try:
-            from torch.distributed.tensor import DTensor
+            from torch.distributed.tensor import DTensor as cls
         except ImportError:  # torch built without distributed support
-            DTensor = None
-        _DTENSOR.append(DTensor)
-    cls = _DTENSOR[0]
-    return cls is not None and isinstance(t, cls)
+            cls = None
+        _DTENSOR.append(cls)
+    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
-def local(t: Tensor) -> Tensor:
+def local(t: Any) -> Tensor:
     """This rank's shard of a DTensor; a plain tensor itself."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    return t.to_local() if is_dtensor(t) else t
 
 
-def full(t: Tensor) -> Tensor:
+def full(t: Any) -> Tensor:
     """The whole tensor (a DTensor gathered: a collective every rank joins)."""
-    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    return t.full_tensor() if is_dtensor(t) else t
 
 
-def local_and_weight(t: Tensor) -> tuple[Tensor, float]:
+def local_and_weight(t: Any) -> tuple[Tensor, float]:
     """The tensor whose values this rank contributes, and its weight in the sum over ranks.
 
     Plain tensors: themselves, weight 1, not reduced. DTensors: the local shard, weighted by
@@ -53,20 +53,19 @@ def local_and_weight(t: Tensor) -> tuple[Tensor, float]:
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate
 
-    placements = list(t.placements)  # type: ignore[attr-defined]
+    placements = list(t.placements)
     if any(p.is_partial() for p in placements):
-        t = t.redistribute(  # type: ignore[attr-defined]
-            t.device_mesh,  # type: ignore[attr-defined]
-            [Replicate() if p.is_partial() else p for p in placements],
+        t = t.redistribute(
+            t.device_mesh, [Replicate() if p.is_partial() else p for p in placements]
         )
-        placements = list(t.placements)  # type: ignore[attr-defined]
-    mesh = t.device_mesh  # type: ignore[attr-defined]
+        placements = list(t.placements)
+    mesh = t.device_mesh
     shards = 1
     for dim, placement in enumerate(placements):
         if placement.is_shard():
             shards *= mesh.size(dim)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return t.to_local(), shards / world  # type: ignore[attr-defined]
+    return t.to_local(), shards / world
 
 
 def weight(t: Tensor) -> float:
@@ -83,24 +82,17 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def sharded_along(p: Tensor, dim: int) -> bool:
+def sharded_along(p: Any, dim: int) -> bool:
     """Whether ``p`` is a DTensor sharded along ``dim``."""
-    return is_dtensor(p) and any(
-        pl.is_shard() and pl.dim == dim
-        for pl in p.placements  # type: ignore[attr-defined]
-    )
+    return is_dtensor(p) and any(pl.is_shard() and pl.dim == dim for pl in p.placements)
 
 
-def shard_range(p: Tensor, dim: int, n: int) -> tuple[int, int]:
+def shard_range(p: Any, dim: int, n: int) -> tuple[int, int]:
     """``(first index, count)`` along ``dim`` (of size ``n``) of this rank's shard of ``p``: all
     ``n`` unless ``p`` is a DTensor sharded along ``dim``."""
     if not sharded_along(p, dim):
         return 0, n
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(
-        p.shape,
-        p.device_mesh,  # type: ignore[attr-defined]
-        p.placements,  # type: ignore[attr-defined]
-    )
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return int(offset[dim]), int(shape[dim])

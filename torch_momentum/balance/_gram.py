@@ -54,7 +54,7 @@ class Row(NamedTuple):
     """One updated tensor of a step: its post-step rows and how they split into terms."""
 
     tracked: int
-    parts: tuple[Tensor | None, ...]  # (first, second, gradient); second None: no velocity
+    parts: tuple[Tensor, Tensor | None, Tensor]  # (first, second, gradient); second None: no v
     maps: Maps
     plain: bool  # no velocity (plain gradient descent)
 

@@ -10,7 +10,7 @@ of the terms up to round-off: a ledger that closes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ _GENERIC = Rule()
 class _Plan(NamedTuple):
     """One param group of an optimiser that updates tracked tensors."""
 
-    index: int  # the group's index in ``opt.param_groups``
+    group_index: int  # the group's index in ``opt.param_groups``
     group: dict[str, Any]
     tracked: list[int]  # the tracked tensors it updates
 
@@ -198,7 +198,8 @@ class BalanceLedger:
         out: list[list[_UnitPart]] = []
         if not self.units:
             return out
-        named = dict(module.named_parameters(remove_duplicate=False))  # type: ignore[union-attr]
+        assert module is not None  # checked in __init__
+        named = dict(module.named_parameters(remove_duplicate=False))
         for unit in self.units:
             parts = [_UnitPart(self._track(named[unit.weight]), "rows", 1.0)]
             if unit.bias is not None:
@@ -244,13 +245,13 @@ class BalanceLedger:
         Raises:
             ValueError: the next layer's weight sharded along its columns.
         """
-        p = self._tracked[part.tracked]
+        p: Any = self._tracked[part.tracked]
         if part.kind == "cols":
             if sharded_along(p, 1):
                 raise ValueError(
                     f"per-unit ledger terms need the next layer's weight {unit.next_weight!r}"
                     f" (shape {tuple(p.shape)}) unsharded along its columns; got placements"
-                    f" {p.placements}"  # type: ignore[attr-defined]
+                    f" {p.placements}"
                 )
             return 0, unit.units
         return shard_range(p, 0, unit.units)
@@ -278,7 +279,7 @@ class BalanceLedger:
             x = p.detach()
         else:
             opt, plan = owner
-            x = self._rule_of[id(opt)].iterate(opt, plan.index, p, self._sgd_c)
+            x = self._rule_of[id(opt)].iterate(opt, plan.group_index, p, self._sgd_c)
         return _dtensor.local(x) if local else x
 
     def tracks(self, p: Tensor) -> bool:
@@ -341,7 +342,9 @@ class BalanceLedger:
         pending = []
         for plan in self._plans.get(id(opt), []):
             if rule.known(plan.group):
-                pending.append(_Pending(plan, None, rule.lookahead(opt, plan.index, self._sgd_c)))
+                pending.append(
+                    _Pending(plan, None, rule.lookahead(opt, plan.group_index, self._sgd_c))
+                )
             else:
                 copies = [local(self._tracked[i].detach()).clone() for i in plan.tracked]
                 pending.append(_Pending(plan, copies, 0.0))
@@ -351,7 +354,7 @@ class BalanceLedger:
         """The (cached) maps of this step of one param group."""
         if entry.copies is not None:
             rule = _GENERIC
-        key, build = rule.maps(opt, entry.plan.index, entry.plan.group, entry.c0, self._sgd_c)
+        key, build = rule.maps(opt, entry.plan.group_index, entry.plan.group, entry.c0, self._sgd_c)
         maps = self._maps.get(key)
         if maps is None:
             if len(self._maps) > 256:  # a scheduler changes lr every step
@@ -397,14 +400,15 @@ class BalanceLedger:
                 if grad is None:
                     continue  # not updated by this step
                 if entry.copies is not None:
-                    parts: tuple[Tensor | None, ...] = (entry.copies[k], p, grad)
+                    parts: tuple[Tensor, Tensor | None, Tensor] = (entry.copies[k], p, grad)
                     plain = False
                 else:
                     st = state.get(p)
                     v = st.get(vkey) if st and vkey is not None else None
                     parts, plain = (p, v, grad), v is None
                 if sharded:
-                    parts = tuple(None if t is None else local(t) for t in parts)
+                    first, second, g = parts
+                    parts = (local(first), None if second is None else local(second), local(g))
                 rows.append(Row(i, parts, maps, plain))
         return rows
 
@@ -422,11 +426,11 @@ class BalanceLedger:
         for row, (needed, pairs) in zip(rows, cached.entries, strict=True):
             vecs = self._vectors(row, needed)
             for a, b in pairs:
-                dots.append(dot(vecs[a], vecs[b]))  # type: ignore[arg-type]
+                dots.append(dot(vecs[a], vecs[b]))
         for k, positions in enumerate(cached.squares):
             if positions:
-                squares = [rows[pos].parts[k] for pos in positions]
-                dots.extend(sums_of_squares(squares))  # type: ignore[arg-type]
+                squares = [cast(Tensor, rows[pos].parts[k]) for pos in positions]
+                dots.extend(sums_of_squares(squares))
         if dots:
             if self._multi_device:
                 dots = [d.to(self.device) for d in dots]
@@ -434,15 +438,14 @@ class BalanceLedger:
             flat = cached.buffer.copy_(torch.stack(dots))
             self._local_sums.view(-1).addmv_(cached.matrix, flat)
 
-    def _vectors(self, row: Row, needed: frozenset[int]) -> list[Tensor | None]:
+    def _vectors(self, row: Row, needed: frozenset[int]) -> dict[int, Tensor]:
         """The row's tensors as flat vectors of the accumulation dtype, for the rows ``needed``."""
         i, parts = row.tracked, row.parts
-        acc = acc_dtype(parts[0])  # type: ignore[arg-type]
+        acc = acc_dtype(parts[0])
         views = self._views
-        vecs: list[Tensor | None] = [None, None, None]
+        vecs: dict[int, Tensor] = {}
         for k in needed:
-            t = parts[k]
-            assert t is not None
+            t = cast(Tensor, parts[k])  # needed rows are present
             if k == 2 or (k == 0 and not isinstance(t, nn.Parameter)):
                 vecs[k] = as_vector(t, acc)
                 continue
@@ -462,7 +465,7 @@ class BalanceLedger:
         first, second, grad = row.parts
         if row.maps.negate_velocity and second is not None:
             second = torch.neg(second)  # the built-in's buffer is -v
-        acc = acc_dtype(first)  # type: ignore[arg-type]
+        acc = acc_dtype(first)
         present = [
             t.detach().to(acc) if not t.is_complex() else t.detach()
             for t in (first, second, grad)

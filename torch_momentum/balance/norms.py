@@ -262,7 +262,9 @@ def balance_metrics(
             f"balance metrics need at least two layers (differences and ratios of adjacent layers);"
             f" got {n} ({names}), so there are no adjacent pairs"
         )
-    sq, sq0, g = _floats([sq_norms, sq_norms0, grad_sq])
+    sq_, sq0_, g = _floats([sq_norms, sq_norms0, grad_sq])
+    assert sq_ is not None and sq0_ is not None
+    sq, sq0 = sq_, sq0_
     if len(sq) != n or len(sq0) != n or (g is not None and len(g) != n):
         raise ValueError(
             f"got {n} names but vectors of sizes {len(sq)}, {len(sq0)},"

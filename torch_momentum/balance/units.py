@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -241,8 +242,8 @@ def _check_between(between: list[tuple[str, nn.Module]], a: str, b: str) -> bool
 
 def _check_shapes(ma: nn.Module, mb: nn.Module, a: str, b: str, flattened: bool) -> int:
     """The number of units of ``a``, checked to map channel by channel onto ``b``'s inputs."""
-    n = ma.weight.shape[0]
-    fan_in = mb.weight.shape[1]
+    n = cast(Tensor, ma.weight).shape[0]
+    fan_in = cast(Tensor, mb.weight).shape[1]
     a_conv = not isinstance(ma, nn.Linear)
     b_conv = not isinstance(mb, nn.Linear)
     ok = fan_in == n
@@ -276,6 +277,7 @@ def unit_sq(t: Tensor, kind: str, n: int, other: Tensor | None = None) -> Tensor
     for the squares, one product and one float64-accumulated sum otherwise."""
     t = full(t).detach()
     o = None if other is None else full(other).detach()
+    dims: tuple[int, ...]
     if kind == "entries":
         t, dims = t.reshape(n, 1), (1,)
     elif kind == "rows":
