@@ -197,9 +197,10 @@ class OptimizerModeSwitch(Callback):
             for state in checkpoint.get("optimizer_states") or []
         )
         if lookahead:
+            stage = trainer.state.fn.value if trainer.state.fn is not None else "evaluation"
             rank_zero_warn(
-                f"`OptimizerModeSwitch`: `{trainer.state.fn and trainer.state.fn.value}` loads a checkpoint saved with"
-                " the optimiser in training mode (not after validation), so its weights are the"
+                f"`OptimizerModeSwitch`: `{stage}` loads a checkpoint saved with the"
+                " optimiser in training mode (not after validation), so its weights are the"
                 " look-ahead point y_t, and they are evaluated there, not at the iterate x_t:"
                 " this stage restores no optimiser state to move them. Evaluate the model that"
                 " `fit` returns, or a checkpoint saved after validation.",

@@ -44,6 +44,7 @@ Layout, one topic a module (every public name is also importable from here):
   step.
 """
 
+from torch_momentum.balance._charges import SymmetryPart
 from torch_momentum.balance.layers import (
     ROOT_LAYER_NAME,
     adjacent_pairs,
@@ -65,6 +66,7 @@ __all__ = [
     "LEDGER_TERMS",
     "ROOT_LAYER_NAME",
     "BalanceLedger",
+    "SymmetryPart",
     "UnitLayer",
     "adjacent_pairs",
     "balance_metrics",

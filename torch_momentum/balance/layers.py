@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "ROOT_LAYER_NAME",
@@ -24,7 +24,7 @@ __all__ = [
 #: Name used for parameters owned directly by the root module (whose module name is ``""``).
 ROOT_LAYER_NAME = "root"
 
-LayerParams = dict[str, list[tuple[str, nn.Parameter]]]
+LayerParams = dict[str, list[tuple[str, Tensor]]]
 
 
 def discover_layers(
@@ -177,7 +177,7 @@ def _layers_from_mapping(module: nn.Module, spec: Mapping[str, Sequence[str]]) -
     params = dict(module.named_parameters(remove_duplicate=False))
     found: LayerParams = {}
     for layer, p_names in spec.items():
-        entries = []
+        entries: list[tuple[str, Tensor]] = []
         for p_name in p_names:
             if p_name not in params:
                 raise ValueError(

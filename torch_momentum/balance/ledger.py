@@ -1,10 +1,11 @@
-r"""The balance ledger: where the balance of adjacent layers (and of hidden units) goes, exactly.
+r"""The balance ledger: where every conserved quantity of training goes, exactly.
 
 :class:`BalanceLedger` reads every optimiser step from step hooks and accumulates, per adjacent
-pair of layers (and per hidden unit), the terms of the exact identity
-:math:`D_{t+1} - D_t = 2\langle x_t, \Delta x\rangle_\pm + \|\Delta x\|^2_\pm` as split by the
-optimiser's rule (:mod:`torch_momentum.balance.rules`), so that :math:`D(t) - D(0)` equals the sum
-of the terms up to round-off: a ledger that closes.
+pair of layers, per hidden unit and per unit of every symmetry's charge, the terms of the exact
+identity :math:`D_{t+1} - D_t = 2\langle x_t, \Delta x\rangle_\pm + \|\Delta x\|^2_\pm` (for a
+linear charge :math:`\langle 1, \Delta x\rangle`) as split by the optimiser's rule
+(:mod:`torch_momentum.balance.rules`), so that :math:`D(t) - D(0)` equals the sum of the terms
+up to round-off: a ledger that closes.
 """
 
 from __future__ import annotations
@@ -16,28 +17,27 @@ import torch
 from torch import Tensor, nn
 
 from torch_momentum.balance import _dtensor
-from torch_momentum.balance._dtensor import is_dtensor, local, shard_range, sharded_along
+from torch_momentum.balance._charges import Charge, ChargeBook, Part
+from torch_momentum.balance._dtensor import is_dtensor, local
 from torch_momentum.balance._gram import (
+    GRAD_SLOT,
     Row,
+    Slots,
     StepMatrix,
     acc_dtype,
     as_vector,
+    is_low_precision,
     step_matrix,
     sums_of_squares,
 )
-from torch_momentum.balance.layers import adjacent_pairs
-from torch_momentum.balance.rules import (
-    GRAM_ENTRIES,
-    LEDGER_TERMS,
-    Maps,
-    Rule,
-    rule_for,
-)
-from torch_momentum.balance.units import UnitLayer, unit_sq
+from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
+from torch_momentum.balance.rules import LEDGER_TERMS, Maps, Rule, rule_for
+from torch_momentum.balance.units import UnitLayer, unit_parts
 
 __all__ = ["BalanceLedger"]
 
 _GENERIC = Rule()
+_N_TERMS = len(LEDGER_TERMS)
 
 
 class _Plan(NamedTuple):
@@ -54,18 +54,29 @@ class _Pending(NamedTuple):
     plan: _Plan
     copies: list[Tensor] | None  # x_t of each tracked tensor (the generic split), else None
     c0: float  # the look-ahead coefficient in force before the step
+    low: dict[int, tuple[Tensor, Tensor | None]]  # low-precision tensors: (p_t, v_t) copies
+    fresh: frozenset[int]  # tensors without a velocity before the step (rule.fresh groups)
 
 
-class _UnitPart(NamedTuple):
-    """A tensor's share in the units of one hidden layer."""
+def _dense(t: Tensor) -> Tensor:
+    """This rank's shard, densely (sparse gradients and the buffers built from them)."""
+    t = local(t)
+    return t.to_dense() if t.is_sparse else t
 
-    tracked: int
-    kind: str  # "rows" (incoming weight), "entries" (incoming bias), "cols" (outgoing weight)
-    sign: float
+
+def _terms(t: Tensor) -> Tensor:
+    """Saved sums as ``(n, terms)``: states saved before the ``rounding`` term get a zero
+    column."""
+    if t.dim() != 2:  # no rows
+        t = t.reshape(-1, _N_TERMS)
+    if t.shape[1] < _N_TERMS:
+        t = torch.nn.functional.pad(t, (0, _N_TERMS - t.shape[1]))
+    return t
 
 
 class BalanceLedger:
-    r"""The balance ledger: where :math:`D = \|W_L\|^2 - \|W_M\|^2` of adjacent layers goes.
+    r"""The balance ledger: where :math:`D = \|W_L\|^2 - \|W_M\|^2` of adjacent layers, each
+    hidden unit's :math:`D_i`, and each symmetry's charge go, term by term, exactly.
 
     For any update :math:`x_{t+1} = x_t + \Delta x`, exactly,
     :math:`D_{t+1} - D_t = 2\langle x_t, \Delta x\rangle_\pm + \|\Delta x\|^2_\pm` with
@@ -85,28 +96,41 @@ class BalanceLedger:
     ``y``: momentum :math:`2\eta\mu K_t + 2\eta c\langle v_t, g_t\rangle_\pm`, weight decay
     :math:`-2\eta\lambda(D_t + cK_t)`, symmetry :math:`-2\eta\langle y_t, g_t\rangle_\pm` (for the
     built-in under a changing :math:`\eta\mu` its implied iterate also moves by
-    :math:`(c_t - \eta\mu)v_t`, counted as momentum). Any other optimiser gets the generic split:
-    symmetry :math:`-2\eta R_t` (the gradient's share, :math:`\eta` the group's ``lr``), the rest
-    of the first-order part in ``other``. For the SGD family ``other`` is round-off. Every
-    update that is applied is read, from optimiser step hooks: for the known rules the
-    pre-step iterate and velocity are recovered exactly from the parameters, velocity and
-    gradient after the step (no copies); any other optimiser gets a copy of the parameters
-    before the step. Clipping, AMP unscaling and gradient accumulation are thus seen as applied,
-    and a step skipped by a GradScaler is not counted.
+    :math:`(c_t - \eta\mu)v_t`, counted as momentum). ``torch.optim.SGD`` with dampening
+    :math:`\tau` scales the gradient and decay terms by :math:`1 - \tau` (not at a tensor's first
+    step, as the built-in). Any other optimiser gets the generic split: symmetry
+    :math:`-2\eta R_t` (the gradient's share, :math:`\eta` the group's ``lr``), the rest of the
+    first-order part in ``other``. For the SGD family ``other`` is round-off. The rules are
+    objects (:mod:`torch_momentum.balance.rules`); ``register_rule`` adds one.
+
+    Linear charges (translation symmetries, :math:`Q = \langle 1, x_A\rangle`) have no
+    discretisation term; heavy ball splits :math:`Q_{t+1} - Q_t = \eta\mu\langle 1, v_t\rangle
+    - \eta\lambda Q_t - \eta\langle 1, g_t\rangle`. For bfloat16/float16 parameters of a known
+    rule the ledger copies parameter and velocity before each step and books the rounding of the
+    applied update (applied minus exact) as ``rounding``, so that closure stays the round-off of
+    the float64 accumulation; this costs a copy of those tensors per step. Every update that is
+    applied is read, from optimiser step hooks: clipping, AMP unscaling and gradient accumulation
+    are seen as applied; a step a GradScaler skips is not counted, also when the optimiser
+    unscales and skips itself (fused kernels: ``grad_scale`` and ``found_inf``).
 
     The terms are accumulated on the device without host synchronisation: per tensor, the
-    entries of the Gram matrix of the parameters, velocity and gradient that the terms need (at
-    most six dot products; four for heavy ball), mapped to the sums by one cached matrix. With
-    sharded (DTensor) parameters every rank accumulates its shards and :meth:`read` sums them
-    with one ``all_reduce`` (every rank must call it); per-unit sums likewise, each rank adding
-    the units of its row shard (the next layer's weight must not be sharded along its columns).
+    entries of the Gram matrix of its slots (parameter, velocity, gradient) that the terms need,
+    mapped to the per-pair sums by one cached matrix; per unit, batched Gram matrices of the
+    unit's slices. With sharded (DTensor) parameters every rank accumulates its shards and
+    the reads sum them with one ``all_reduce`` (every rank must call them).
 
     Args:
         layers: ``{layer name: [parameters]}`` in adjacency order (e.g. from
-            :func:`discover_layers`, values as tensors).
+            :func:`discover_layers`, values as tensors): 0 or at least 2 layers, disjoint.
         optimizers: the optimiser (or optimisers) that update them.
         units: optional :class:`UnitLayer` list (from :func:`pair_units`) for per-unit terms.
-        module: the model; required with ``units`` (to find the unit parameters by name).
+        module: the model; required with ``units`` or ``symmetries`` (parameters by name).
+        symmetries: optional symmetries (from
+            :func:`~torch_momentum.balance.find_symmetries`): a ledger per unit of each charge.
+
+    Raises:
+        ValueError: one layer, nothing to track, a parameter in two layers, ``units`` or
+            ``symmetries`` without ``module``.
 
     Example:
 
@@ -138,40 +162,54 @@ class BalanceLedger:
 
     def __init__(
         self,
-        layers: Mapping[str, Sequence[Tensor]],
+        layers: Mapping[str, Sequence[Tensor]] | None,
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
         units: Sequence[UnitLayer] | None = None,
         module: nn.Module | None = None,
+        symmetries: Sequence[Any] | None = None,
     ) -> None:
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
+        layers = dict(layers or {})
         self.names = list(layers)
-        if len(self.names) < 2:
-            raise ValueError(f"the ledger needs at least two layers, got {self.names}")
+        self.units = list(units or [])
+        self.symmetries = list(symmetries or [])
+        self._check(layers, module)
         self.pairs = [f"{a}-{b}" for a, b in adjacent_pairs(self.names)]
         self.optimizers = list(optimizers)
-        self.units = list(units or [])
-        if self.units and module is None:
-            raise ValueError("`units` needs `module` to find the unit parameters by name")
         self._tracked: list[Tensor] = []
+        self._tensor_names: list[str] = []
         self._index: dict[int, int] = {}
         layer_of = [
-            (self._track(p), layer) for layer, params in enumerate(layers.values()) for p in params
+            (self._track(p, f"{layer}[{k}]"), j)
+            for j, (layer, params) in enumerate(layers.items())
+            for k, p in enumerate(params)
         ]
-        self._unit_parts = self._track_units(module)
+        charges = self._charges(module)
         self._sharded = any(is_dtensor(p) for p in self._tracked)
         self.device = local(self._tracked[0]).device
         self._multi_device = any(local(p).device != self.device for p in self._tracked)
-        self._unit_set = {part.tracked for parts in self._unit_parts for part in parts}
         self._sign = self._pair_signs(layer_of).to(self.device)
+        self._in_pairs = sorted({i for i, _ in layer_of})
         self._weights = [_dtensor.weight(p) for p in self._tracked]
-        self._allocate_sums()
+        self._local_sums = torch.zeros(len(self.pairs), _N_TERMS, dtype=torch.float64).to(
+            self.device
+        )
+        self._offset = torch.zeros_like(self._local_sums)
+        self._book = ChargeBook(
+            charges, self._tracked, self._tensor_names, self._weights, self.device
+        )
         self.D0: Tensor | None = None
         self.unit_D0: list[Tensor] | None = None
-        self.steps = 0  # optimiser steps accumulated by this process (since start/restore)
+        self._charge0: list[Tensor] | None = None
+        self.steps = 0  # optimiser steps whose hooks ran (since start/restore)
         #: whether this process accumulates (replicated data parallel: rank zero only)
         self.active = True
+        self._init_hooks()
+
+    def _init_hooks(self) -> None:
+        """The state of the step hooks: rules, plans, caches."""
         self._sgd_c: dict[tuple[int, int], float] = {}  # the rules' memory (look-ahead records)
         self._pending: dict[int, list[_Pending]] = {}
         self._maps: dict[tuple[Any, ...], Maps] = {}
@@ -188,25 +226,51 @@ class BalanceLedger:
     # set-up
     # ------------------------------------------------------------------------------------------
 
-    def _track(self, p: Tensor) -> int:
+    def _check(self, layers: dict[str, Sequence[Tensor]], module: nn.Module | None) -> None:
+        if len(self.names) == 1 or not (self.names or self.units or self.symmetries):
+            raise ValueError(
+                f"the ledger needs at least two layers (or units or symmetries), got {self.names}"
+            )
+        if (self.units or self.symmetries) and module is None:
+            raise ValueError("`units` and `symmetries` need `module` to find parameters by name")
+        check_disjoint(
+            {
+                layer: [(f"{layer}[{k}] (shape {tuple(p.shape)})", p) for k, p in enumerate(ps)]
+                for layer, ps in layers.items()
+            }
+        )
+
+    def _charges(self, module: nn.Module | None) -> list[Charge]:
+        """The charges of the units and the symmetries (their tensors tracked)."""
+        named = dict(module.named_parameters(remove_duplicate=False)) if module else {}
+        charges = [
+            self._charge(
+                u.name, "units", u.units, unit_parts(u, named[u.next_weight].shape[1]), named
+            )
+            for u in self.units
+        ]
+        return charges + [
+            self._charge(s.name, s.kind, s.units, s.parts, named) for s in self.symmetries
+        ]
+
+    def _track(self, p: Tensor, name: str) -> int:
         if id(p) not in self._index:
             self._index[id(p)] = len(self._tracked)
             self._tracked.append(p)
+            self._tensor_names.append(name)
         return self._index[id(p)]
 
-    def _track_units(self, module: nn.Module | None) -> list[list[_UnitPart]]:
-        out: list[list[_UnitPart]] = []
-        if not self.units:
-            return out
-        assert module is not None  # checked in __init__
-        named = dict(module.named_parameters(remove_duplicate=False))
-        for unit in self.units:
-            parts = [_UnitPart(self._track(named[unit.weight]), "rows", 1.0)]
-            if unit.bias is not None:
-                parts.append(_UnitPart(self._track(named[unit.bias]), "entries", 1.0))
-            parts.append(_UnitPart(self._track(named[unit.next_weight]), "cols", -1.0))
-            out.append(parts)
-        return out
+    def _charge(self, name: str, kind: str, units: int, specs: Any, named: Any) -> Charge:
+        """A charge whose parts name parameters of the module (tracked here)."""
+        parts = []
+        for spec in specs:
+            if spec.param not in named:
+                raise ValueError(
+                    f"{kind} {name!r} names the parameter {spec.param!r}, which the module does"
+                    " not have"
+                )
+            parts.append(Part(self._track(named[spec.param], spec.param), *spec[1:]))
+        return Charge(name, kind, units, parts)
 
     def _pair_signs(self, layer_of: list[tuple[int, int]]) -> Tensor:
         """``sign[pair, tensor]``: +1 for layer L, -1 for layer M of pair L-M."""
@@ -218,43 +282,6 @@ class BalanceLedger:
             if layer > 0:
                 sign[layer - 1, t] -= 1.0
         return sign
-
-    def _allocate_sums(self) -> None:
-        n_terms = len(LEDGER_TERMS)
-        self._local_sums = torch.zeros(len(self.pairs), n_terms, dtype=torch.float64).to(
-            self.device
-        )
-        self._offset = torch.zeros_like(self._local_sums)
-        self._unit_sums = [
-            torch.zeros(u.units, n_terms, dtype=torch.float64).to(self.device) for u in self.units
-        ]
-        self._unit_offset = [torch.zeros_like(t) for t in self._unit_sums]
-        # per unit part: (first unit, number of units) of this rank's shard (all units unless
-        # the unit axis itself is sharded)
-        self._unit_slices = {
-            (u, part.tracked): self._unit_slice(unit, part)
-            for u, (unit, parts) in enumerate(zip(self.units, self._unit_parts, strict=True))
-            for part in parts
-        }
-
-    def _unit_slice(self, unit: UnitLayer, part: _UnitPart) -> tuple[int, int]:
-        """``(first unit, number of units)`` of this rank's shard of a unit part. The column
-        axis of the next layer's weight must not be sharded (a unit's columns would span ranks at
-        unknown offsets).
-
-        Raises:
-            ValueError: the next layer's weight sharded along its columns.
-        """
-        p: Any = self._tracked[part.tracked]
-        if part.kind == "cols":
-            if sharded_along(p, 1):
-                raise ValueError(
-                    f"per-unit ledger terms need the next layer's weight {unit.next_weight!r}"
-                    f" (shape {tuple(p.shape)}) unsharded along its columns; got placements"
-                    f" {p.placements}"
-                )
-            return 0, unit.units
-        return shard_range(p, 0, unit.units)
 
     def _locate(self) -> None:
         ids = {id(p): i for i, p in enumerate(self._tracked)}
@@ -283,7 +310,7 @@ class BalanceLedger:
         return _dtensor.local(x) if local else x
 
     def tracks(self, p: Tensor) -> bool:
-        """Whether the ledger tracks the tensor ``p`` (a layer's or a unit's parameter)."""
+        """Whether the ledger tracks the tensor ``p`` (a layer's, a unit's or a charge's)."""
         return id(p) in self._index
 
     def iterate(self, p: Tensor) -> Tensor:
@@ -305,21 +332,22 @@ class BalanceLedger:
     # ------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Register step pre/post hooks on the optimisers (idempotent); records :math:`D(0)`
+        """Register step pre/post hooks on the optimisers (idempotent); records the origin
         first (:meth:`start`) unless a series was started or restored."""
         if self._handles:
             return
         if self.D0 is None:
             self.start()
         for opt in self.optimizers:
-            if not self._rule_of[id(opt)].pre_step:
+            rule = self._rule_of[id(opt)]
+            plans = self._plans.get(id(opt), [])
+            low = any(is_low_precision(self._tracked[i]) for pl in plans for i in pl.tracked)
+            if rule.pre_step or low or any(rule.fresh(pl.group) for pl in plans):
+                self._handles.append(opt.register_step_pre_hook(self._before))
+            else:
                 # heavy ball needs nothing from before the step: the post-step state determines
                 # the pre-step iterate and velocity
-                self._static[id(opt)] = [
-                    _Pending(plan, None, 0.0) for plan in self._plans.get(id(opt), [])
-                ]
-            else:
-                self._handles.append(opt.register_step_pre_hook(self._before))
+                self._static[id(opt)] = [_Pending(pl, None, 0.0, {}, frozenset()) for pl in plans]
             self._handles.append(opt.register_step_post_hook(self._after))
 
     def detach(self) -> None:
@@ -334,27 +362,44 @@ class BalanceLedger:
     @torch.no_grad()
     def _before(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
         # Known rules need only the look-ahead coefficient in force now (the pre-step iterate and
-        # velocity are recovered exactly from the state after the step); other optimisers get a
-        # copy of the parameters.
+        # velocity are recovered exactly from the state after the step), and copies of the
+        # low-precision tensors whose rounding they measure; other optimisers get a copy of the
+        # parameters.
         if not self.active:
             return
         rule = self._rule_of[id(opt)]
         pending = []
         for plan in self._plans.get(id(opt), []):
-            if rule.known(plan.group):
-                pending.append(
-                    _Pending(plan, None, rule.lookahead(opt, plan.group_index, self._sgd_c))
+            tensors = [self._tracked[i] for i in plan.tracked]
+            if not rule.known(plan.group):
+                copies = [local(p.detach()).clone() for p in tensors]
+                pending.append(_Pending(plan, copies, 0.0, {}, frozenset()))
+                continue
+            c0 = rule.lookahead(opt, plan.group_index, self._sgd_c)
+            low = {}
+            for i, p in zip(plan.tracked, tensors, strict=True):
+                if is_low_precision(p):
+                    v = opt.state.get(p, {}).get(rule.velocity_key) if rule.velocity_key else None
+                    low[i] = (local(p.detach()).clone(), None if v is None else local(v).clone())
+            fresh: frozenset[int] = frozenset()
+            if rule.fresh(plan.group):
+                key = rule.velocity_key
+                fresh = frozenset(
+                    i
+                    for i, p in zip(plan.tracked, tensors, strict=True)
+                    if key not in opt.state.get(p, {})
                 )
-            else:
-                copies = [local(self._tracked[i].detach()).clone() for i in plan.tracked]
-                pending.append(_Pending(plan, copies, 0.0))
+            pending.append(_Pending(plan, None, c0, low, fresh))
         self._pending[id(opt)] = pending
 
-    def _maps_of(self, rule: Rule, opt: torch.optim.Optimizer, entry: _Pending) -> Maps:
+    def _maps_of(
+        self, rule: Rule, opt: torch.optim.Optimizer, entry: _Pending, first_step: bool = False
+    ) -> Maps:
         """The (cached) maps of this step of one param group."""
         if entry.copies is not None:
             rule = _GENERIC
-        key, build = rule.maps(opt, entry.plan.group_index, entry.plan.group, entry.c0, self._sgd_c)
+        plan = entry.plan
+        key, build = rule.maps(opt, plan.group_index, plan.group, entry.c0, self._sgd_c, first_step)
         maps = self._maps.get(key)
         if maps is None:
             if len(self._maps) > 256:  # a scheduler changes lr every step
@@ -364,12 +409,10 @@ class BalanceLedger:
 
     @torch.no_grad()
     def _after(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
-        # One pass collects, per updated tensor, its post-step rows (first, second, gradient):
-        # (p, v_{t+1}, g_t) for a known rule (v_{t+1} absent for plain gradient descent; the
-        # built-in's momentum_buffer read as is, its sign folded into the map), (x_t, p, g_t) for
-        # the generic split. The terms are linear in the rows' Gram entries; only the entries
-        # with a non-zero coefficient are computed (one dot product each), and one cached matrix
-        # maps them to the per-pair sums (one matrix-vector product).
+        # One pass collects, per updated tensor, its slots; the terms are linear in the slots'
+        # Gram entries; only the entries with a non-zero coefficient are computed (one dot
+        # product each), and one cached matrix maps them to the per-pair sums (one
+        # matrix-vector product). The charges take batched per-unit Gram matrices.
         pending = self._pending.pop(id(opt), None)
         if pending is None:
             pending = self._static.get(id(opt))
@@ -379,47 +422,65 @@ class BalanceLedger:
         if not rows:
             return
         self.steps += 1
-        self._accumulate_pairs(rows)
-        unit_rows = {
-            row.tracked: self._unit_row(row) for row in rows if row.tracked in self._unit_set
-        }
-        if unit_rows:
-            self._accumulate_units(unit_rows)
+        # a GradScaler lets optimisers with `_step_supports_amp_scaling` unscale and skip
+        # themselves: the gradients read here are scaled, and a step with found_inf did nothing
+        grad_scale = getattr(opt, "grad_scale", None)
+        found_inf = getattr(opt, "found_inf", None)
+        inv = None if grad_scale is None else torch.reciprocal(grad_scale.to(torch.float64))
+        if self.pairs:
+            self._accumulate_pairs(rows, inv, found_inf)
+        charge_rows = {row.tracked: row for row in rows if row.tracked in self._book.needs}
+        if charge_rows:
+            self._book.accumulate(charge_rows, inv, found_inf)
 
     def _collect(self, opt: torch.optim.Optimizer, pending: list[_Pending]) -> list[Row]:
         rule = self._rule_of[id(opt)]
         vkey = rule.velocity_key
         state = opt.state
-        tracked, sharded = self._tracked, self._sharded
         rows: list[Row] = []
         for entry in pending:
             maps = self._maps_of(rule, opt, entry)
+            first = self._maps_of(rule, opt, entry, True) if entry.fresh else maps
             for k, i in enumerate(entry.plan.tracked):
-                p = tracked[i]
+                p = self._tracked[i]
                 grad = p.grad
                 if grad is None:
                     continue  # not updated by this step
+                slots: Slots
+                v = None
+                low = False
                 if entry.copies is not None:
-                    parts: tuple[Tensor, Tensor | None, Tensor] = (entry.copies[k], p, grad)
-                    plain = False
+                    slots, plain = (entry.copies[k], p, grad, None, None), False
                 else:
                     st = state.get(p)
                     v = st.get(vkey) if st and vkey is not None else None
-                    parts, plain = (p, v, grad), v is None
-                if sharded:
-                    first, second, g = parts
-                    parts = (local(first), None if second is None else local(second), local(g))
-                rows.append(Row(i, parts, maps, plain))
+                    plain = v is None
+                    if i in entry.low:
+                        p0, v0 = entry.low[i]
+                        slots, low = (p0, v0, grad, p, v), True
+                    else:
+                        slots = (p, v, grad, None, None)
+                if self._sharded or grad.is_sparse or (v is not None and v.is_sparse):
+                    slots = cast(Slots, tuple(None if t is None else _dense(t) for t in slots))
+                rows.append(Row(i, slots, first if i in entry.fresh else maps, plain, low))
         return rows
 
-    def _accumulate_pairs(self, rows: list[Row]) -> None:
-        key = tuple((row.tracked, row.maps.key, row.plain) for row in rows)
+    def _accumulate_pairs(
+        self, rows: list[Row], inv_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
+        key = tuple((row.tracked, row.maps.key, row.plain, row.low) for row in rows)
         cached = self._matrices.get(key)
         if cached is None:
             if len(self._matrices) > 64:  # a scheduler changes lr every step
                 self._matrices.clear()
+            split = (
+                self.device.type != "cpu" if self._split_squares is None else self._split_squares
+            )
+            # on an accelerator the squares of all tensors take one multi-tensor reduction per
+            # slot; on the CPU that reduction loops over the tensors and costs more than a dot
+            # product each
             cached = self._matrices[key] = step_matrix(
-                rows, self._sign, self._weights, self.device, self._split_squares_here()
+                rows, self._sign, self._weights, self.device, split
             )
         dots = []
         dot = torch.dot
@@ -429,24 +490,29 @@ class BalanceLedger:
                 dots.append(dot(vecs[a], vecs[b]))
         for k, positions in enumerate(cached.squares):
             if positions:
-                squares = [cast(Tensor, rows[pos].parts[k]) for pos in positions]
+                squares = [cast(Tensor, rows[pos].slots[k]) for pos in positions]
                 dots.extend(sums_of_squares(squares))
-        if dots:
-            if self._multi_device:
-                dots = [d.to(self.device) for d in dots]
-            # stack, then cast into the float64 buffer: stack(out=) across dtypes is ~4x slower
-            flat = cached.buffer.copy_(torch.stack(dots))
-            self._local_sums.view(-1).addmv_(cached.matrix, flat)
+        if not dots:
+            return
+        if self._multi_device:
+            dots = [d.to(self.device) for d in dots]
+        # stack, then cast into the float64 buffer: stack(out=) across dtypes is ~4x slower
+        flat = cached.buffer.copy_(torch.stack(dots))
+        if inv_scale is not None:
+            flat.mul_(inv_scale.to(flat.device).pow(cached.grad_powers))
+        if found_inf is not None:  # a step the optimiser skipped: nothing happened
+            flat = torch.where(found_inf.to(flat.device) > 0, 0.0, flat)
+        self._local_sums.view(-1).addmv_(cached.matrix, flat)
 
     def _vectors(self, row: Row, needed: frozenset[int]) -> dict[int, Tensor]:
-        """The row's tensors as flat vectors of the accumulation dtype, for the rows ``needed``."""
-        i, parts = row.tracked, row.parts
-        acc = acc_dtype(parts[0])
+        """The row's slots as flat vectors of the accumulation dtype, for the slots ``needed``."""
+        i, slots = row.tracked, row.slots
+        acc = acc_dtype(cast(Tensor, slots[0]))
         views = self._views
         vecs: dict[int, Tensor] = {}
         for k in needed:
-            t = cast(Tensor, parts[k])  # needed rows are present
-            if k == 2 or (k == 0 and not isinstance(t, nn.Parameter)):
+            t = cast(Tensor, slots[k])  # needed slots are present
+            if k == GRAD_SLOT or (k == 0 and not isinstance(t, nn.Parameter)):
                 vecs[k] = as_vector(t, acc)
                 continue
             # parameters and velocities persist across steps: reuse their flat views while
@@ -459,65 +525,6 @@ class BalanceLedger:
             vecs[k] = hit[2]
         return vecs
 
-    def _unit_row(self, row: Row) -> tuple[Tensor, list[list[float]], list[list[float]]]:
-        """The stacked rows of one tensor for the per-unit Gram matrices (velocity in the slide
-        sign), the map of those rows and the term coefficients."""
-        first, second, grad = row.parts
-        if row.maps.negate_velocity and second is not None:
-            second = torch.neg(second)  # the built-in's buffer is -v
-        acc = acc_dtype(first)
-        present = [
-            t.detach().to(acc) if not t.is_complex() else t.detach()
-            for t in (first, second, grad)
-            if t is not None
-        ]
-        m = torch.stack(present)
-        if m.is_complex():
-            # real and imaginary parts as a trailing axis: a unit's entries stay together
-            m = torch.view_as_real(m).to(acc)
-        cmap = row.maps.plain if row.plain else row.maps.with_velocity
-        return m, cmap, row.maps.terms
-
-    def _split_squares_here(self) -> bool:
-        # On an accelerator the squares of all tensors take one multi-tensor reduction per row;
-        # on the CPU that reduction loops over the tensors and costs more than a dot product each
-        return self.device.type != "cpu" if self._split_squares is None else self._split_squares
-
-    def _accumulate_units(
-        self, unit_rows: dict[int, tuple[Tensor, list[list[float]], list[list[float]]]]
-    ) -> None:
-        for u, (unit, parts) in enumerate(zip(self.units, self._unit_parts, strict=True)):
-            for part in parts:
-                if part.tracked not in unit_rows:
-                    continue
-                m, cmap, terms = unit_rows[part.tracked]
-                first, count = self._unit_slices[(u, part.tracked)]
-                r = m.shape[0]
-                if part.kind == "cols":
-                    n = unit.units
-                    per_unit = m.reshape(r, m.shape[1], n, -1).permute(2, 0, 1, 3).reshape(n, r, -1)
-                else:  # rows and bias entries: the unit axis leads
-                    per_unit = m.reshape(r, count, -1).transpose(0, 1)
-                gram = (per_unit @ per_unit.transpose(1, 2)).to(torch.float64)
-                if r == 2:  # no velocity: put a zero row in its place
-                    gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))[:, [0, 2, 1]][
-                        :, :, [0, 2, 1]
-                    ]
-                c = torch.tensor(cmap, dtype=torch.float64).to(gram.device)
-                gram4 = c @ gram @ c.T
-                q = gram4.reshape(count, 16)[:, list(GRAM_ENTRIES)]
-                coef = torch.tensor(terms, dtype=torch.float64).to(q.device)
-                value = (part.sign * self._weights[part.tracked]) * (q @ coef.T)
-                self._unit_sums[u][first : first + count] += value.to(self.device)
-
-    def _unit_sums_now(self) -> list[Tensor]:
-        """The per-unit sums over all ranks (one all_reduce when sharded: every rank calls it)."""
-        sums = self._unit_sums
-        if self._sharded and sums:
-            flat = _dtensor.all_reduce_sum(torch.cat([t.reshape(-1) for t in sums]))
-            sums = [t.reshape(-1, len(LEDGER_TERMS)) for t in flat.split([t.numel() for t in sums])]
-        return [off + t for off, t in zip(self._unit_offset, sums, strict=True)]
-
     # ------------------------------------------------------------------------------------------
     # reading, state
     # ------------------------------------------------------------------------------------------
@@ -529,26 +536,24 @@ class BalanceLedger:
         qk = torch.zeros(n, dtype=torch.float64, device=self.device)
         heavy = corrected
         with torch.no_grad():
-            for i in range(n):
+            for i in self._in_pairs:
                 xf = as_vector(self._iterate(i), acc_dtype(self._tracked[i]))
                 xx[i] = (xf @ xf).to(torch.float64) * self._weights[i]
                 if heavy:
                     heavy = self._add_k(i, xf, qk)
-            local_values = torch.cat(
-                [self._local_sums.reshape(-1), self._sign @ xx, self._sign @ qk]
-            )
+            values = torch.cat([self._local_sums.reshape(-1), self._sign @ xx, self._sign @ qk])
             if self._sharded:
-                _dtensor.all_reduce_sum(local_values)
+                _dtensor.all_reduce_sum(values)
         k = self._local_sums.numel()
         p = len(self.pairs)
-        sums = self._offset + local_values[:k].reshape(self._local_sums.shape)
-        d = local_values[k : k + p]
-        q = d + local_values[k + p :] if heavy else None
+        sums = self._offset + values[:k].reshape(self._local_sums.shape)
+        d = values[k : k + p]
+        q = d + values[k + p :] if heavy else None
         return d, q, sums
 
     def _add_k(self, i: int, xf: Tensor, qk: Tensor) -> bool:
         """Add tensor ``i``'s share of :math:`\\tfrac{2\\eta\\mu}{1-\\mu} K` to ``qk``; False where
-        :math:`Q_t` does not apply (a look-ahead optimiser or the generic split)."""
+        :math:`Q_t` does not apply (a look-ahead optimiser, dampening or the generic split)."""
         owner = self._owner.get(i)
         if owner is None:
             return True
@@ -560,41 +565,31 @@ class BalanceLedger:
         v = rule.velocity(opt, self._tracked[i])
         if v is None or h.momentum == 0.0:
             return True
-        vf = as_vector(local(v), xf.dtype)
+        vf = as_vector(_dense(v), xf.dtype)
         coef = 2 * h.lr * h.momentum / (1 - h.momentum)
         qk[i] = (xf @ vf).to(torch.float64) * self._weights[i] * coef
         return True
 
+    def _charge_values(self, first: int = 0, stop: int | None = None) -> list[Tensor]:
+        return self._book.values(lambda i: self._iterate(i, local=False), first, stop)
+
     def start(self) -> None:
-        """Record :math:`D(0)` (and per-unit :math:`D_i(0)`) at the current iterate and zero the
-        sums: a new series. Every rank calls it when sharded."""
+        """Record :math:`D(0)` (per pair, per unit, per charge) at the current iterate and zero
+        the sums: a new series. Every rank calls it when sharded."""
         self._local_sums.zero_()
         self._offset.zero_()
-        for sums in self._unit_sums:
-            sums.zero_()
-        for sums in self._unit_offset:
-            sums.zero_()
+        self._book.zero()
         self.steps = 0
         self.D0 = self._pair_values(False)[0].clone()
-        self.unit_D0 = self._unit_d() if self.units else None
-
-    def _unit_d(self) -> list[Tensor]:
-        out = []
-        for unit, parts in zip(self.units, self._unit_parts, strict=True):
-            total: Tensor | None = None
-            for part in parts:
-                x = self._iterate(part.tracked, local=False)
-                value = part.sign * unit_sq(x, part.kind, unit.units)
-                total = value if total is None else total + value
-            assert total is not None
-            out.append(total.to(self.device))
-        return out
+        values = self._charge_values()
+        self.unit_D0 = values[: len(self.units)] if self.units else None
+        self._charge0 = values[len(self.units) :]
 
     def read(self) -> dict[str, Any]:
-        r"""The ledger now (at step t, before it is taken).
+        r"""The ledger of the layer pairs now (at step t, before it is taken).
 
         Returns:
-            ``{"pairs": [...], "D": D(t), "D0": D(0), "sums": (pairs, 5) cumulative terms in
+            ``{"pairs": [...], "D": D(t), "D0": D(0), "sums": (pairs, 6) cumulative terms in
             the order of :data:`LEDGER_TERMS`, "closure": (D(t) - D(0)) - sums.sum(1), "Q":
             Q_t or None}`` as float64 tensors; ``Q_t = D_t + 2\eta\mu/(1-\mu) K_t`` is given
             for heavy-ball optimisers only. Every rank calls it when sharded.
@@ -612,32 +607,64 @@ class BalanceLedger:
             "Q": q,
         }
 
+    def _read_charges(self, first: int, stop: int, origin: list[Tensor]) -> list[dict[str, Any]]:
+        values = self._charge_values(first, stop)
+        sums = self._book.reduced(self._sharded)
+        out = []
+        for k in range(first, stop):
+            d, d0, s = values[k - first], origin[k - first], sums[k]
+            out.append({"D": d, "D0": d0, "sums": s, "closure": (d - d0) - s.sum(1)})
+        return out
+
     def read_units(self) -> dict[str, dict[str, Tensor]]:
-        """Per hidden layer: ``{"D": D_i(t), "D0": D_i(0), "sums": (units, 5), "closure":
+        """Per hidden layer: ``{"D": D_i(t), "D0": D_i(0), "sums": (units, 6), "closure":
         (D_i(t) - D_i(0)) - sums.sum(1)}`` (float64); empty without ``units``."""
         if not self.units:
             return {}
         if self.unit_D0 is None:
             self.start()
         assert self.unit_D0 is not None
-        out = {}
-        for unit, d, d0, sums in zip(
-            self.units, self._unit_d(), self.unit_D0, self._unit_sums_now(), strict=True
-        ):
-            out[unit.name] = {"D": d, "D0": d0, "sums": sums, "closure": (d - d0) - sums.sum(1)}
-        return out
+        rows = self._read_charges(0, len(self.units), self.unit_D0)
+        return {unit.name: row for unit, row in zip(self.units, rows, strict=True)}
+
+    def read_charges(self) -> dict[str, dict[str, Any]]:
+        """Per symmetry: ``{"kind": ..., "D": Q(t), "D0": Q(0), "sums": (units, 6),
+        "closure": (Q(t) - Q(0)) - sums.sum(1)}`` (float64, one entry per unit of the charge);
+        empty without ``symmetries``. Every rank calls it when sharded."""
+        if not self.symmetries:
+            return {}
+        if self._charge0 is None:
+            self.start()
+        assert self._charge0 is not None
+        n = len(self.units)
+        rows = self._read_charges(n, n + len(self.symmetries), self._charge0)
+        return {
+            s.name: {"kind": s.kind, **row} for s, row in zip(self.symmetries, rows, strict=True)
+        }
+
+    def read_angles(self) -> dict[str, Tensor]:
+        """Per scale symmetry, the angle between :math:`x_t` and :math:`x_{t+1}` (all its units
+        together) of every step since the last call (steps a GradScaler skipped are NaN)."""
+        names = [c.name for c in self._book.charges if c.kind == "scale"]
+        angles = self._book.angles(self._sharded)
+        return {name: angles[:, k] for k, name in enumerate(names)}
 
     def state_dict(self) -> dict[str, Any]:
-        """``D(0)``, the cumulative sums (summed over ranks: every rank calls it when
-        sharded), the per-unit values and the look-ahead coefficients of the built-in SGD."""
+        """The origins, the cumulative sums (summed over ranks: every rank calls it when
+        sharded), per unit and per charge, and the look-ahead records of the built-in SGD."""
         _, _, sums = self._pair_values(False)
+        book = self._book.reduced(self._sharded)
+        n = len(self.units)
         return {
             "pairs": list(self.pairs),
             "D0": None if self.D0 is None else self.D0.tolist(),
             "sums": sums.tolist(),
             "units": [u.name for u in self.units],
             "unit_D0": None if self.unit_D0 is None else [t.tolist() for t in self.unit_D0],
-            "unit_sums": [t.tolist() for t in self._unit_sums_now()],
+            "unit_sums": [t.tolist() for t in book[:n]],
+            "charges": [s.name for s in self.symmetries],
+            "charge_D0": None if self._charge0 is None else [t.tolist() for t in self._charge0],
+            "charge_sums": [t.tolist() for t in book[n:]],
             "sgd_lookahead": [[self._plan_index(key), value] for key, value in self._sgd_c.items()],
         }
 
@@ -646,35 +673,33 @@ class BalanceLedger:
         return [next(k for k, o in enumerate(self.optimizers) if id(o) == opt_id), g]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue a series: restore ``D(0)`` and the sums (see :meth:`state_dict`).
+        """Continue a series: restore the origins and the sums (see :meth:`state_dict`).
 
         Raises:
-            ValueError: the state was saved for other pairs or units.
+            ValueError: the state was saved for other pairs, units or charges.
         """
-        if list(state["pairs"]) != self.pairs or list(state["units"]) != [
-            u.name for u in self.units
-        ]:
+        charges = list(state.get("charges", []))
+        mine = ([u.name for u in self.units], [s.name for s in self.symmetries])
+        if list(state["pairs"]) != self.pairs or (list(state["units"]), charges) != mine:
             raise ValueError(
-                f"ledger state for pairs {state['pairs']} / units {state['units']} does not match"
-                f" pairs {self.pairs} / units {[u.name for u in self.units]}"
+                f"ledger state for pairs {state['pairs']} / units {state['units']} / charges"
+                f" {charges} does not match pairs {self.pairs} / units {mine[0]} / charges"
+                f" {mine[1]}"
             )
 
         def as_tensor(v: Any) -> Tensor:
             return torch.tensor(v, dtype=torch.float64).to(self.device)
 
         self.D0 = None if state["D0"] is None else as_tensor(state["D0"])
-        self._offset = as_tensor(state["sums"]).reshape(self._local_sums.shape)
+        self._offset = _terms(as_tensor(state["sums"])).reshape(self._local_sums.shape)
         self._local_sums.zero_()
         self.unit_D0 = (
             None if state["unit_D0"] is None else [as_tensor(v) for v in state["unit_D0"]]
         )
-        saved = [as_tensor(v).reshape(-1, len(LEDGER_TERMS)) for v in state["unit_sums"]]
-        if self._sharded:  # the saved totals are added once, after the sum over ranks
-            self._unit_offset = saved
-            self._unit_sums = [torch.zeros_like(t) for t in saved]
-        else:  # continue the same sums in the same order
-            self._unit_offset = [torch.zeros_like(t) for t in saved]
-            self._unit_sums = saved
+        charge0 = state.get("charge_D0")
+        self._charge0 = [] if not charges else [as_tensor(v) for v in charge0 or []]
+        saved = [*state["unit_sums"], *state.get("charge_sums", [])]
+        self._book.restore([_terms(as_tensor(v)) for v in saved], self._sharded)
         self._sgd_c = {
             (id(self.optimizers[o]), g): float(value) for (o, g), value in state["sgd_lookahead"]
         }

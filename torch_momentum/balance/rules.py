@@ -40,7 +40,7 @@ One small object per family (:class:`HeavyBall` for :class:`~torch_momentum.Poly
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +51,7 @@ from torch_momentum.optim import NesterovSGD, PolyakSGD
 __all__ = [
     "GRAM_ENTRIES",
     "LEDGER_TERMS",
+    "SLOTS",
     "Generic",
     "HeavyBall",
     "Hyper",
@@ -58,21 +59,38 @@ __all__ = [
     "Nesterov",
     "Rule",
     "TorchSGD",
+    "linear_coefficients",
     "register_rule",
     "rule_for",
     "term_coefficients",
 ]
 
-#: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``.
-LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
+#: The ledger's terms, in order: ``ledger/{term}/{L}-{M}``. ``rounding`` is the part of the
+#: drift that the rounding of a low-precision (bfloat16/float16) update causes: the applied
+#: update minus the exact one (0 in float32/float64, where rounding stays in the closure).
+LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other", "rounding")
 
-#: The entries of the 4x4 Gram matrix of :math:`(x_t, v_t, g_t, \Delta x)` (row-major index) that
-#: the terms use: :math:`D = \langle x, x\rangle`, :math:`K = \langle x, v\rangle`,
-#: :math:`\langle x, g\rangle`, :math:`\langle v, g\rangle`, :math:`\langle x, \Delta x\rangle`,
-#: :math:`\langle \Delta x, \Delta x\rangle`.
-GRAM_ENTRIES = (0, 1, 2, 6, 3, 15)
+# The canonical vectors of one step: the iterate x_t, the velocity v_t (slide sign), the
+# gradient g_t, the exact update dx of the rule from them, and the rounding error e (the applied
+# update minus dx; 0 unless the parameters are in low precision).
+X, V, G, DX, E = range(5)
+CANONICAL = 5
 
-# Rows mapping a tensor's post-step rows (first, second, gradient) to (x_t, v_t, g_t, dx).
+#: The Gram entries :math:`\langle a, b\rangle` of the canonical vectors
+#: :math:`(x_t, v_t, g_t, \Delta x, e)` that the quadratic terms use, as index pairs:
+#: :math:`D = \langle x, x\rangle`, :math:`K = \langle x, v\rangle`, :math:`\langle x, g\rangle`,
+#: :math:`\langle v, g\rangle`, :math:`\langle x, \Delta x\rangle`,
+#: :math:`\langle \Delta x, \Delta x\rangle`, :math:`\langle x, e\rangle`,
+#: :math:`\langle \Delta x, e\rangle`, :math:`\langle e, e\rangle`.
+GRAM_ENTRIES = ((X, X), (X, V), (X, G), (V, G), (X, DX), (DX, DX), (X, E), (DX, E), (E, E))
+
+#: The ledger reads each updated tensor as up to five *slots*: after the step
+#: ``(p_{t+1}, v_{t+1}, g_t)``, or, for the generic split, ``(x_t, p_{t+1}, g_t)``; for a
+#: low-precision tensor of a known rule ``(p_t, v_t, g_t, p_{t+1}, v_{t+1})`` (the first two from
+#: a copy before the step). A map (5 x 5) takes the slots to the canonical vectors; an absent
+#: slot (no velocity) has a zero column.
+SLOTS = 5
+
 MapRows = list[list[float]]
 
 
@@ -86,23 +104,25 @@ class Hyper(NamedTuple):
         >>> from torch_momentum.balance.rules import rule_for
         >>> opt = PolyakSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, maximize=True)
         >>> rule_for(opt).hyper(opt.param_groups[0])
-        Hyper(lr=0.1, momentum=0.9, weight_decay=0.0, sign=-1.0)
+        Hyper(lr=0.1, momentum=0.9, weight_decay=0.0, sign=-1.0, dampening=0.0)
     """
 
     lr: float
     momentum: float
     weight_decay: float
     sign: float  # -1.0 when maximising, else 1.0
+    dampening: float = 0.0
 
 
 class Maps(NamedTuple):
-    """How one step of one param group splits into terms (cached by ``key``).
+    r"""How one step of one param group splits into terms (cached by ``key``).
 
-    ``terms`` (5 x 6): the terms as combinations of :data:`GRAM_ENTRIES`. ``with_velocity`` and
-    ``plain`` (4 x 3): the post-step rows ``(first, second, gradient)`` of a tensor to
-    :math:`(x_t, v_t, g_t, \\Delta x)`, with a velocity as ``second``, or without one (plain
-    gradient descent: ``second`` absent). ``negate_velocity``: the rows hold the optimiser's
-    buffer, which is :math:`-v`.
+    ``terms`` (6 x 9): the terms (:data:`LEDGER_TERMS`) of a quadratic charge as combinations of
+    the Gram entries :data:`GRAM_ENTRIES`; ``linear`` (6 x 5): the terms of a linear charge
+    :math:`\langle 1, x\rangle` as combinations of the sums of the canonical vectors.
+    ``velocity``, ``plain``, ``low_velocity``, ``low_plain`` (5 x 5): the slots (see
+    :data:`SLOTS`) to the canonical vectors, with or without a velocity, at full or low
+    precision. ``negate_velocity``: the velocity slots hold the optimiser's buffer, :math:`-v`.
 
     Example:
 
@@ -111,15 +131,24 @@ class Maps(NamedTuple):
         >>> from torch_momentum.balance.rules import rule_for
         >>> opt = PolyakSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5, momentum=0.5)
         >>> key, build = rule_for(opt).maps(opt, 0, opt.param_groups[0], 0.0, {})
-        >>> build().with_velocity  # rows (p, v1, g) -> x_t, v_t, g_t, dx
+        >>> [row[:3] for row in build().velocity[:4]]  # slots (p1, v1, g) -> x_t, v_t, g_t, dx
         [[1.0, -0.5, 0.0], [0.0, 2.0, 2.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.0]]
     """
 
     key: tuple[Any, ...]
     terms: list[list[float]]
-    with_velocity: MapRows
+    linear: list[list[float]]
+    velocity: MapRows
     plain: MapRows
+    low_velocity: MapRows
+    low_plain: MapRows
     negate_velocity: bool
+
+    def slots(self, plain: bool, low: bool) -> MapRows:
+        """The slot map for a tensor without a velocity (``plain``) and/or in low precision."""
+        if low:
+            return self.low_plain if plain else self.low_velocity
+        return self.plain if plain else self.velocity
 
 
 def as_float(value: Any) -> float:
@@ -132,48 +161,85 @@ def as_float(value: Any) -> float:
 def term_coefficients(
     eta: float, mu: float, lam: float, c: float, s: float, delta: float
 ) -> list[list[float]]:
-    """The five terms as linear combinations of the Gram entries :data:`GRAM_ENTRIES`.
+    r"""The six terms of a quadratic charge as combinations of :data:`GRAM_ENTRIES`.
 
-    ``c``: the look-ahead coefficient the gradient was taken with (0 for heavy ball);
-    ``delta``: a move of the implied iterate by ``delta * v_t`` counted as momentum (the built-in
-    Nesterov SGD under a changing :math:`\\eta\\mu`).
+    For the update :math:`\Delta x = \eta\big((\mu - \lambda c) v - s g - \lambda x\big)
+    + \delta v` (heavy ball: ``c = delta = 0``; slide-form Nesterov: ``c`` the look-ahead
+    coefficient the gradient was taken with; ``delta``: a move of the implied iterate by
+    ``delta * v_t``, counted as momentum, as the built-in Nesterov SGD makes under a changing
+    :math:`\eta\mu`). The first-order part :math:`2\langle x, \Delta x\rangle` is split into
+    momentum, weight decay and symmetry, with ``other`` the rest (round-off for these rules);
+    discretisation is :math:`\langle \Delta x, \Delta x\rangle`; rounding is
+    :math:`2\langle x, e\rangle + 2\langle \Delta x, e\rangle + \langle e, e\rangle`.
 
     Example:
 
         >>> from torch_momentum.balance.rules import term_coefficients
         >>> term_coefficients(0.1, 0.9, 0.0, 0.0, 1.0, 0.0)[0]  # momentum: 2 eta mu K
-        [0.0, 0.18000000000000002, 0.0, 0.0, 0.0, 0.0]
+        [0.0, 0.18000000000000002, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     """
     a = 2.0 * (eta * mu + delta)
+    z = [0.0, 0.0, 0.0]
     return [
-        [0.0, a, 0.0, 2.0 * eta * s * c, 0.0, 0.0],  # momentum
-        [-2.0 * eta * lam, -2.0 * eta * lam * c, 0.0, 0.0, 0.0, 0.0],  # weight decay
-        [0.0, 0.0, -2.0 * eta * s, -2.0 * eta * s * c, 0.0, 0.0],  # symmetry
-        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # discretisation
-        [2.0 * eta * lam, -a + 2.0 * eta * lam * c, 2.0 * eta * s, 0.0, 2.0, 0.0],  # other
+        [0.0, a, 0.0, 2.0 * eta * s * c, 0.0, 0.0, *z],  # momentum
+        [-2.0 * eta * lam, -2.0 * eta * lam * c, 0.0, 0.0, 0.0, 0.0, *z],  # weight decay
+        [0.0, 0.0, -2.0 * eta * s, -2.0 * eta * s * c, 0.0, 0.0, *z],  # symmetry
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, *z],  # discretisation
+        [2.0 * eta * lam, -a + 2.0 * eta * lam * c, 2.0 * eta * s, 0.0, 2.0, 0.0, *z],  # other
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.0],  # rounding
     ]
+
+
+def linear_coefficients(
+    eta: float, mu: float, lam: float, c: float, s: float, delta: float
+) -> list[list[float]]:
+    r"""The six terms of a linear charge :math:`\langle 1, x\rangle` as combinations of the sums
+    :math:`\langle 1, \cdot\rangle` of :math:`(x_t, v_t, g_t, \Delta x, e)`, for the update of
+    :func:`term_coefficients`. A linear charge has no discretisation term: for any update
+    :math:`\langle 1, x + \Delta x\rangle - \langle 1, x\rangle = \langle 1, \Delta x\rangle`.
+
+    Example:
+
+        >>> from torch_momentum.balance.rules import linear_coefficients
+        >>> linear_coefficients(0.1, 0.9, 0.0, 0.0, 1.0, 0.0)[2]  # symmetry: -eta <1, g>
+        [0.0, 0.0, -0.1, 0.0, 0.0]
+    """
+    a = eta * mu + delta
+    return [
+        [0.0, a, 0.0, 0.0, 0.0],  # momentum
+        [-eta * lam, -eta * lam * c, 0.0, 0.0, 0.0],  # weight decay
+        [0.0, 0.0, -eta * s, 0.0, 0.0],  # symmetry
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # discretisation
+        [eta * lam, -a + eta * lam * c, eta * s, 1.0, 0.0],  # other
+        [0.0, 0.0, 0.0, 0.0, 1.0],  # rounding
+    ]
+
+
+def _pad(rows: MapRows) -> MapRows:
+    """Canonical rows over the first slots, padded to :data:`CANONICAL` x :data:`SLOTS`."""
+    out = [list(r) + [0.0] * (SLOTS - len(r)) for r in rows]
+    return out + [[0.0] * SLOTS for _ in range(CANONICAL - len(out))]
 
 
 def _momentum_maps(
     builtin_nesterov: bool,
-    eta: float,
-    mu: float,
-    lam: float,
-    s: float,
+    h: Hyper,
     c0: float,
     c1: float,
 ) -> tuple[MapRows, MapRows]:
-    """``(with_velocity, plain)`` for a momentum step whose rows are ``(p, v_{t+1}, g_t)``.
+    """``(velocity, plain)`` slot maps of a momentum step, slots ``(p, v_{t+1}, g_t)``.
 
     ``c0``/``c1``: the look-ahead coefficients before/after the step (parameters
     ``p = x + c v``). ``builtin_nesterov``: the parameters follow ``torch.optim.SGD(nesterov=True)``
-    (``p_{t+1} = p_t - eta (d_t - mu v_{t+1})``, ``d_t`` at ``p_t``) rather than the slide form."""
+    (``p_{t+1} = p_t - eta (d_t - mu v_{t+1})``, ``d_t`` at ``p_t``) rather than the slide form.
+    With dampening ``tau`` (heavy ball only): ``v_{t+1} = mu v_t - (1 - tau) d_t``."""
+    eta, mu, lam, s = h.lr, h.momentum, h.weight_decay, h.sign
     # without a velocity: p1 = p0 - eta (s g + lam p0)
     k = 1.0 / (1.0 - eta * lam) if eta * lam != 1.0 else 0.0
     plain = [[k, 0.0, k * eta * s], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0 - k, 0.0, -k * eta * s]]
     if mu == 0.0:
         with_v = [[1.0, -c1 - eta, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, eta, 0.0]]
-        return with_v, plain
+        return _pad(with_v), _pad(plain)
     x1 = [1.0, -c1, 0.0]
     if builtin_nesterov:
         # p0 = (p1 + eta s g - eta mu v1) / (1 - eta lam); mu v0 = v1 + s g + lam p0
@@ -182,27 +248,47 @@ def _momentum_maps(
         xs = [p0[j] - c0 * v0[j] for j in range(3)]
         dx = [x1[j] - xs[j] for j in range(3)]
     else:
-        # dx = eta v1; mu v0 = v1 + s g + lam (x0 + c0 v0)
+        # dx = eta v1; mu v0 = v1 + (1 - tau) (s g + lam (x0 + c0 v0))
         xs = [x1[0], x1[1] - eta, x1[2]]
         dx = [0.0, eta, 0.0]
-        den = mu - lam * c0
-        v0 = [lam * xs[0] / den, (1.0 + lam * xs[1]) / den, (s + lam * xs[2]) / den]
-    return [xs, v0, [0.0, 0.0, 1.0], dx], plain
+        lam_d, s_d = (1.0 - h.dampening) * lam, (1.0 - h.dampening) * s
+        den = mu - lam_d * c0
+        v0 = [lam_d * xs[0] / den, (1.0 + lam_d * xs[1]) / den, (s_d + lam_d * xs[2]) / den]
+    return _pad([xs, v0, [0.0, 0.0, 1.0], dx]), _pad(plain)
+
+
+def _low_maps(h: Hyper, c0: float, c1: float, delta: float) -> tuple[MapRows, MapRows]:
+    r"""``(velocity, plain)`` slot maps at low precision, slots ``(p_t, v_t, g_t, p_{t+1},
+    v_{t+1})``: :math:`x_t = p_t - c_0 v_t`, :math:`\Delta x` the exact update of the rule from
+    :math:`(x_t, v_t, g_t)`, :math:`e = (p_{t+1} - c_1 v_{t+1}) - x_t - \Delta x`."""
+    eta_d = h.lr * (1.0 - h.dampening)
+    a_x, a_g = -eta_d * h.weight_decay, -eta_d * h.sign
+    a_v = h.lr * h.momentum - eta_d * h.weight_decay * c0 + delta
+    x = [1.0, -c0, 0.0, 0.0, 0.0]
+    dx = [a_x, a_v - a_x * c0, a_g, 0.0, 0.0]
+    e = [-1.0 - dx[0], c0 - dx[1], -dx[2], 1.0, -c1]
+    velocity = [x, [0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], dx, e]
+    # without a velocity (no momentum, so no dampening either): p1 = p0 - eta (s g + lam p0)
+    px = [1.0, 0.0, 0.0, 0.0, 0.0]
+    pdx = [-h.lr * h.weight_decay, 0.0, -h.lr * h.sign, 0.0, 0.0]
+    pe = [-1.0 - pdx[0], 0.0, -pdx[2], 1.0, 0.0]
+    plain = [px, [0.0] * SLOTS, [0.0, 0.0, 1.0, 0.0, 0.0], pdx, pe]
+    return velocity, plain
 
 
 class Rule:
-    """How one optimiser family's step splits into ledger terms; subclasses override.
+    r"""How one optimiser family's step splits into ledger terms; subclasses override.
 
     The base class is the generic split (any optimiser): the ledger copies the parameters before
-    each step (rows ``(x_t, p, g_t)``, :math:`\\Delta x = p - x_t`), symmetry is the gradient's
-    share :math:`-2\\eta s R_t` and the rest of the first-order part is ``other``.
+    each step (slots ``(x_t, p_{t+1}, g_t)``, :math:`\Delta x = p_{t+1} - x_t`), symmetry is the
+    gradient's share :math:`-2\eta s R_t` and the rest of the first-order part is ``other``.
 
     Attributes:
         velocity_key: the optimiser-state key of the velocity (``None``: no velocity).
         velocity_sign: ``v = velocity_sign * state[velocity_key]`` in the slide sign convention
-            (:math:`v_{t+1} = \\mu v_t - d_t`).
+            (:math:`v_{t+1} = \mu v_t - d_t`).
         pre_step: whether the ledger must look at the optimiser before each step (a look-ahead
-            coefficient or a copy of the parameters).
+            coefficient or a copy of the parameters) even at full precision.
 
     Example:
 
@@ -227,7 +313,8 @@ class Rule:
         lr = as_float(group.get("lr", 0.0))
         if not self.known(group):
             return Hyper(lr, 0.0, 0.0, s)
-        return Hyper(lr, float(group["momentum"]), float(group["weight_decay"]), s)
+        damp = float(group.get("dampening", 0.0))
+        return Hyper(lr, float(group["momentum"]), float(group["weight_decay"]), s, damp)
 
     def nesterov(self, group: dict[str, Any]) -> bool:
         """Whether the group's gradient is taken at a look-ahead point."""
@@ -259,6 +346,11 @@ class Rule:
         v = self.velocity(opt, p) if c != 0.0 else None
         return p.detach() if v is None else p.detach() - c * v
 
+    def fresh(self, group: dict[str, Any]) -> bool:
+        """Whether a tensor's first step (no velocity before it) needs maps of its own
+        (``first_step=True`` in :meth:`maps`)."""
+        return False
+
     def maps(
         self,
         opt: torch.optim.Optimizer,
@@ -266,21 +358,26 @@ class Rule:
         group: dict[str, Any],
         c0: float,
         memory: MutableMapping[Any, float],
-    ) -> tuple[tuple[Any, ...], Any]:
+        first_step: bool = False,
+    ) -> tuple[tuple[Any, ...], Callable[[], Maps]]:
         """After the step: ``(key, build)``, ``build()`` giving the :class:`Maps` of the key (the
-        ledger caches them by key; a scheduler changes the key every step)."""
+        ledger caches them by key; a scheduler changes the key every step). ``c0``: the
+        look-ahead coefficient before the step; ``first_step``: the tensor had no velocity
+        before this step (asked only where :meth:`fresh` says it matters)."""
         h = self.hyper(group)
         key = ("generic", h.lr, h.sign)
-        cmap = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]]
 
         def build() -> Maps:
+            cmap = _pad([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 1.0, 0.0]])
             terms = term_coefficients(h.lr, 0.0, 0.0, 0.0, h.sign, 0.0)
-            return Maps(key, terms, cmap, cmap, False)
+            linear = linear_coefficients(h.lr, 0.0, 0.0, 0.0, h.sign, 0.0)
+            return Maps(key, terms, linear, cmap, cmap, cmap, cmap, False)
 
         return key, build
 
     def corrected(self, group: dict[str, Any]) -> bool:
-        """Whether the momentum-corrected balance :math:`Q_t` applies (heavy ball)."""
+        """Whether the momentum-corrected balance :math:`Q_t` applies (heavy ball, constant
+        hyper-parameters, no dampening)."""
         return False
 
 
@@ -292,7 +389,8 @@ class HeavyBall(Rule):
     """Heavy ball with the velocity in the optimiser's state (:class:`~torch_momentum.PolyakSGD`).
 
     The post-step parameter, velocity and gradient determine the pre-step iterate and velocity
-    exactly, so the ledger needs nothing before the step.
+    exactly, so the ledger needs nothing before the step (except copies of low-precision
+    tensors, whose rounding it measures).
 
     Args:
         velocity_key: the state key of the velocity (default ``"velocity"``).
@@ -329,32 +427,44 @@ class HeavyBall(Rule):
         group: dict[str, Any],
         c0: float,
         memory: MutableMapping[Any, float],
-    ) -> tuple[tuple[Any, ...], Any]:
-        h = self.hyper(group)
-        return self._maps(h, False, 0.0, 0.0, 0.0)
+        first_step: bool = False,
+    ) -> tuple[tuple[Any, ...], Callable[[], Maps]]:
+        return self._maps(self.hyper(group), False, 0.0, 0.0, 0.0)
 
     def _maps(
         self, h: Hyper, builtin: bool, c0: float, c1: float, delta: float
-    ) -> tuple[tuple[Any, ...], Any]:
+    ) -> tuple[tuple[Any, ...], Callable[[], Maps]]:
         negate = self.velocity_sign == -1.0
         key = (type(self), negate, builtin, *h, c0, c1, delta)
 
         def build() -> Maps:
-            terms = term_coefficients(h.lr, h.momentum, h.weight_decay, c0, h.sign, delta)
-            with_v, plain = _momentum_maps(
-                builtin, h.lr, h.momentum, h.weight_decay, h.sign, c0, c1
+            # dampening tau scales the gradient and decay terms by (1 - tau); the momentum
+            # coefficient eta mu is carried by delta (no division by 1 - tau)
+            eta_d = h.lr * (1.0 - h.dampening)
+            extra = delta + h.lr * h.momentum - eta_d * h.momentum
+            coef = (eta_d, h.momentum, h.weight_decay, c0, h.sign, extra)
+            velocity, plain = _momentum_maps(builtin, h, c0, c1)
+            low_velocity, low_plain = _low_maps(h, c0, c1, delta)
+            return Maps(
+                key,
+                term_coefficients(*coef),
+                linear_coefficients(*coef),
+                velocity,
+                plain,
+                low_velocity,
+                low_plain,
+                negate,
             )
-            return Maps(key, terms, with_v, plain, negate)
 
         return key, build
 
     def corrected(self, group: dict[str, Any]) -> bool:
-        return not self.nesterov(group)
+        return not self.nesterov(group) and float(group.get("dampening", 0.0)) == 0.0
 
 
 class Nesterov(HeavyBall):
-    """Slide-form Nesterov (:class:`~torch_momentum.NesterovSGD`): the parameters hold the
-    look-ahead :math:`y = x + c\\,v` with the coefficient the optimiser reports.
+    r"""Slide-form Nesterov (:class:`~torch_momentum.NesterovSGD`): the parameters hold the
+    look-ahead :math:`y = x + c\,v` with the coefficient the optimiser reports.
 
     Example:
 
@@ -392,18 +502,21 @@ class Nesterov(HeavyBall):
         group: dict[str, Any],
         c0: float,
         memory: MutableMapping[Any, float],
-    ) -> tuple[tuple[Any, ...], Any]:
+        first_step: bool = False,
+    ) -> tuple[tuple[Any, ...], Callable[[], Maps]]:
         c1 = self.lookahead(opt, index, memory)
         return self._maps(self.hyper(group), False, c0, c1, 0.0)
 
 
 class TorchSGD(HeavyBall):
-    """``torch.optim.SGD`` (momentum, nesterov, weight decay, maximize; ``dampening=0``).
+    r"""``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize).
 
     Its buffer is :math:`-v`. With ``nesterov=True`` its parameters are the look-ahead
-    :math:`y = x + \\eta\\mu v` built with the :math:`\\eta\\mu` of the previous step (remembered in
-    the ledger's ``memory``); when :math:`\\eta\\mu` changes, its implied iterate moves by
-    :math:`(c_t - \\eta\\mu)v_t`, counted as momentum.
+    :math:`y = x + \eta\mu v` built with the :math:`\eta\mu` of the previous step (remembered in
+    the ledger's ``memory``); when :math:`\eta\mu` changes, its implied iterate moves by
+    :math:`(c_t - \eta\mu)v_t`, counted as momentum. With dampening :math:`\tau`,
+    :math:`v_{t+1} = \mu v_t - (1 - \tau) d_t`, except at a tensor's first step, where the
+    built-in sets :math:`v_1 = -d_0`.
 
     Example:
 
@@ -421,11 +534,11 @@ class TorchSGD(HeavyBall):
     def __init__(self) -> None:
         super().__init__("momentum_buffer", -1.0)
 
-    def known(self, group: dict[str, Any]) -> bool:
-        return group.get("dampening", 0) == 0
-
     def nesterov(self, group: dict[str, Any]) -> bool:
         return bool(group.get("nesterov", False))
+
+    def fresh(self, group: dict[str, Any]) -> bool:
+        return float(group.get("dampening", 0.0)) != 0.0
 
     def lookahead(
         self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
@@ -445,8 +558,11 @@ class TorchSGD(HeavyBall):
         group: dict[str, Any],
         c0: float,
         memory: MutableMapping[Any, float],
-    ) -> tuple[tuple[Any, ...], Any]:
+        first_step: bool = False,
+    ) -> tuple[tuple[Any, ...], Callable[[], Maps]]:
         h = self.hyper(group)
+        if first_step:  # v_1 = -d_0: gradient descent from v_0 = 0, no dampening
+            h = h._replace(momentum=0.0, dampening=0.0)
         if not self.nesterov(group):
             return self._maps(h, False, 0.0, 0.0, 0.0)
         c1 = h.lr * h.momentum

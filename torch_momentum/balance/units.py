@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from torch_momentum.balance._dtensor import full
+from torch_momentum.balance._charges import SymmetryPart, part_values
 from torch_momentum.balance.layers import check_layers_spec
 
 __all__ = ["UnitLayer", "pair_units", "unit_balance", "unit_symmetry"]
@@ -260,58 +260,45 @@ def _check_shapes(ma: nn.Module, mb: nn.Module, a: str, b: str, flattened: bool)
     return int(n)
 
 
-def unit_parts(
-    unit: UnitLayer, get: Callable[[str], Tensor | None]
-) -> list[tuple[Tensor | None, str, float]]:
-    return [
-        (get(unit.weight), "rows", 1.0),
-        (get(unit.bias) if unit.bias is not None else None, "entries", 1.0),
-        (get(unit.next_weight), "cols", -1.0),
-    ]
+def unit_parts(unit: UnitLayer, fan_in: int) -> list[SymmetryPart]:
+    """The unit's charge :math:`D_i` as parts: the rows and bias entries of ``unit.weight`` and
+    ``unit.bias`` (+), the columns of ``unit.next_weight`` (-), whose ``fan_in`` inputs come in
+    blocks of ``fan_in / units`` per unit (after a ``Flatten``: a channel's positions).
+
+    Example:
+
+        >>> from torch import nn
+        >>> from torch_momentum.balance import pair_units
+        >>> from torch_momentum.balance.units import unit_parts
+        >>> unit = pair_units(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))[0]
+        >>> [(p.param, p.dim, p.sign) for p in unit_parts(unit, 4)]
+        [('0.weight', 0, 1.0), ('0.bias', 0, 1.0), ('2.weight', 1, -1.0)]
+    """
+    n = unit.units
+    parts = [SymmetryPart(unit.weight, 0, 0, n, 1, 1.0, 0)]
+    if unit.bias is not None:
+        parts.append(SymmetryPart(unit.bias, 0, 0, n, 1, 1.0, 0))
+    parts.append(SymmetryPart(unit.next_weight, 1, 0, fan_in, fan_in // n, -1.0, 0))
+    return parts
 
 
-def unit_sq(t: Tensor, kind: str, n: int, other: Tensor | None = None) -> Tensor:
-    """Per-unit sums of ``t * other`` (``other`` defaults to ``t``), float64, length ``n``.
-
-    Few kernels (this runs at logging steps on every hidden layer): a float64-accumulated norm
-    for the squares, one product and one float64-accumulated sum otherwise."""
-    t = full(t).detach()
-    o = None if other is None else full(other).detach()
-    dims: tuple[int, ...]
-    if kind == "entries":
-        t, dims = t.reshape(n, 1), (1,)
-    elif kind == "rows":
-        t, dims = t.reshape(n, -1), (1,)
-    else:
-        t, dims = t.reshape(t.shape[0], n, -1), (0, 2)
-    if o is None:
-        if t.is_complex():
-            return torch.linalg.vector_norm(t, dim=dims, dtype=torch.complex128).square()
-        return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float64).square()
-    o = o.reshape(t.shape)
-    # complex tensors as real vectors: <t, o> = Re(conj(t) o)
-    prod = (t.conj() * o).real if t.is_complex() else t * o
-    return prod.sum(dims, dtype=torch.float64)
-
-
-def _signed_sum(values: list[tuple[float, Tensor]]) -> Tensor:
-    """``sum(sign * value)`` for signs +-1, one kernel per term after the first."""
-    (sign, total), rest = values[0], values[1:]
-    if sign != 1.0:
-        total = -total
-    for sign, value in rest:
-        total = torch.add(total, value.to(total.device), alpha=sign)
-    return total
-
-
-def _getter(module: nn.Module, tensors: Callable[[str, Tensor], Tensor] | None):
+def _per_unit(
+    module: nn.Module,
+    units: Sequence[UnitLayer],
+    value: Callable[[str, Tensor, SymmetryPart], Tensor | None],
+) -> dict[str, Tensor]:
+    """``{hidden layer: sum over the unit's parts of sign * value(name, parameter, part)}``
+    (``None`` values count 0)."""
     params = dict(module.named_parameters(remove_duplicate=False))
-
-    def get(name: str) -> Tensor:
-        p = params[name]
-        return tensors(name, p) if tensors is not None else p
-
-    return get
+    out = {}
+    for unit in units:
+        total = torch.zeros(unit.units, dtype=torch.float64)
+        for part in unit_parts(unit, params[unit.next_weight].shape[1]):
+            v = value(part.param, params[part.param], part)
+            if v is not None:
+                total = torch.add(total.to(v.device), v, alpha=part.sign)
+        out[unit.name] = total
+    return out
 
 
 def unit_balance(
@@ -343,16 +330,11 @@ def unit_balance(
         >>> unit_balance(net, pair_units(net))["0"].tolist()
         [0.0, 3.0]
     """
-    get = _getter(module, tensors)
-    out = {}
-    for unit in units:
-        values = [
-            (sign, unit_sq(t, kind, unit.units))
-            for t, kind, sign in unit_parts(unit, get)
-            if t is not None
-        ]
-        out[unit.name] = _signed_sum(values)
-    return out
+
+    def value(name: str, p: Tensor, part: SymmetryPart) -> Tensor:
+        return part_values(tensors(name, p) if tensors is not None else p, part, False)
+
+    return _per_unit(module, units, value)
 
 
 def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Tensor]:
@@ -376,22 +358,8 @@ def unit_symmetry(module: nn.Module, units: Sequence[UnitLayer]) -> dict[str, Te
         >>> bool(unit_symmetry(net, pair_units(net))["0"].abs().max() < 1e-12)
         True
     """
-    params = dict(module.named_parameters(remove_duplicate=False))
-    out = {}
-    for unit in units:
-        values = []
-        for name, kind, sign in (
-            (unit.weight, "rows", 1.0),
-            (unit.bias, "entries", 1.0),
-            (unit.next_weight, "cols", -1.0),
-        ):
-            if name is None:
-                continue
-            p = params[name]
-            if p.grad is not None:
-                values.append((sign, unit_sq(p, kind, unit.units, p.grad)))
-        if values:
-            out[unit.name] = _signed_sum(values)
-        else:
-            out[unit.name] = torch.zeros(unit.units, dtype=torch.float64)
-    return out
+
+    def value(name: str, p: Tensor, part: SymmetryPart) -> Tensor | None:
+        return None if p.grad is None else part_values(p, part, False, p.grad)
+
+    return _per_unit(module, units, value)
