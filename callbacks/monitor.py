@@ -73,15 +73,19 @@ class LayerBalanceMonitor(Callback):
     The cadence is Lightning's: the values are logged at the same steps and with the same step
     value as ``self.log(...)`` metrics of ``training_step`` (step ``t`` is logged when
     ``(t + 1) % log_every_n_steps == 0`` or the trainer is stopping), and always at the first
-    step and the last optimiser step of ``fit`` (when the end cannot be foreseen, e.g. early
-    stopping or ``max_time``, a last row at the step after the last update holds the weights and
-    the ledger but no gradient norms). Norms are computed only on those steps, all layers in one
-    multi-tensor pass; other steps cost a few integer operations and never synchronise with the
-    device. ``history`` holds one dict ``{"step": t, key: value}`` per logging step on rank zero.
-    ``W(0)`` is recorded when training starts at step 0 (a new series), or restored from a
-    checkpoint together with the history and the ledger's sums, so that ``ckpt_path=`` resume
-    continues the same series whatever the cadence; a checkpoint saved for another layer set is
-    ignored with a warning.
+    step of a new series and the last optimiser step of ``fit`` (when the end cannot be
+    foreseen, e.g. early stopping or ``max_time``, a last row at the step after the last update
+    holds the weights and the ledger but no gradient norms). Norms are computed only on those
+    steps, all layers in one multi-tensor pass; other steps cost a few integer operations and
+    never synchronise with the device. ``history`` holds one dict ``{"step": t, key: value}``
+    per logging step on rank zero. ``W(0)`` is recorded when training starts at step 0 (a new
+    series), or restored from a checkpoint together with the history and the ledger's sums, so
+    that ``ckpt_path=`` resume (also from a mid-epoch checkpoint) continues the same series,
+    row for row, whatever the cadence; a checkpoint saved for another layer set is ignored with
+    a warning. A second ``fit`` on the same Trainer continues the series of the first (one
+    origin for the layer series, the ledger and the per-unit balance); :meth:`reset` starts a
+    new one. Under mixed precision with an optimiser that unscales its gradients itself (fused
+    kernels), the loss scale is divided out of the gradient norms.
 
     ``neurons=True`` pairs every hidden unit (output channel of a conv layer) of each monitored
     layer but the last with its incoming weights (row and bias) and outgoing weights (column;
@@ -212,6 +216,8 @@ class LayerBalanceMonitor(Callback):
         self._sq0: list[float] | None = None
         self._restored: dict[str, Any] | None = None
         self._last_step = -1
+        self._started = True
+        self._new_series = True
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -321,27 +327,52 @@ class LayerBalanceMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        previous = self._names, self._ledger_state()
         self._resolve(pl_module)
         step = _logging_step(trainer)
-        self._first_step = step
         restored, self._restored = self._restored, None
         self._build_ledger(trainer, pl_module)
-        fresh = self._restore(restored, step)
+        origin = self._restore(restored, step, previous[0])
         if self._ledger is not None:
-            self._start_ledger(None if fresh or restored is None else restored.get("ledger"), step)
-        # a resumed run continues the series after the checkpoint's step
-        self.history = [row for row in self.history if row.get("step", -1) < step]
+            state = {"restored": (restored or {}).get("ledger"), "continued": previous[1]}
+            self._start_ledger(state.get(origin), step)
+        # the step counter is final at the first batch (a mid-epoch checkpoint's counter is
+        # incremented after this hook): the series' bookkeeping waits for it
+        self._started = False
+        self._new_series = origin == "new"
+        self._first_step = step
         self._last_step = step - 1
 
-    def _restore(self, restored: dict[str, Any] | None, step: int) -> bool:
-        """Set ``W(0)`` and the per-unit ``D_i(0)``: from the checkpoint's state when it was
-        saved for these layers, else from the weights now (a collective when sharded). Returns
-        whether the series starts afresh."""
-        fresh = True
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._started:
+            return
+        self._started = True
+        step = _logging_step(trainer)
+        # a new series logs its first step; a resumed or continued one keeps the cadence
+        self._first_step = step if self._new_series else -1
+        self._last_step = step - 1
+        # a resumed run continues the series after the checkpoint's step
+        self.history = [row for row in self.history if row.get("step", -1) < step]
+
+    def _ledger_state(self) -> dict[str, Any] | None:
+        """The state of the ledger of a previous ``fit`` (a second fit continues its series)."""
+        if self._ledger is None or self._ledger.D0 is None or not self.ledger:
+            return None
+        return self._ledger.state_dict()
+
+    def _restore(self, restored: dict[str, Any] | None, step: int, names: list[str]) -> str:
+        """Set ``W(0)`` and the per-unit ``D_i(0)``. ``"restored"``: from the checkpoint's state
+        saved for these layers; ``"continued"``: a later ``fit`` of the same model keeps the
+        series of the previous one (one origin for every series); ``"new"``: from the weights now
+        (a collective when sharded)."""
+        origin = "new"
         if restored is not None and restored.get("sq_norms0") is not None:
             if list(restored.get("layer_names", [])) == self._names:
                 self._sq0 = [float(v) for v in restored["sq_norms0"]]
-                fresh = False
+                origin = "restored"
             else:
                 rank_zero_warn(
                     "`LayerBalanceMonitor`: the checkpoint's layers"
@@ -349,21 +380,26 @@ class LayerBalanceMonitor(Callback):
                     f" W(0) is recorded afresh from the weights at step {step}.",
                     category=RuntimeWarning,
                 )
-                self._sq0 = None
                 self.history = []
-        elif step == 0:
-            self._sq0 = None  # a new run from step 0: a new series
-        if self._sq0 is None:
+        elif step != 0 and self._sq0 is not None and names == self._names:
+            origin = "continued"
+        if origin == "new":
             # every rank joins (the sum over shards is a collective)
             self._sq0 = layer_sq_norms_host([self._params()], reduce=self._sharded)[0]
-        self._unit_d0 = None
-        if not fresh and restored is not None and restored.get("unit_d0") is not None:
-            saved = restored["unit_d0"]
+        if origin == "restored":
+            saved = (restored or {}).get("unit_d0") or {}
+            self._unit_d0 = None
             if self._units and set(saved) == {u.name for u in self._units}:
                 self._unit_d0 = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
+        elif (
+            origin == "new"
+            or not self._units
+            or set(self._unit_d0 or {}) != {u.name for u in self._units}
+        ):
+            self._unit_d0 = None
         if self._units and self._unit_d0 is None:
             self._unit_d0 = {k: v.cpu() for k, v in self._unit_values().items()}
-        return fresh
+        return origin
 
     def _start_ledger(self, state: dict[str, Any] | None, step: int) -> None:
         """Continue the ledger from a checkpoint's ``state`` (or start it), then attach it."""
@@ -399,7 +435,7 @@ class LayerBalanceMonitor(Callback):
         ):
             return
         self._last_step = step
-        self._log(trainer, pl_module, step, with_grads=True)
+        self._log(trainer, pl_module, step, with_grads=True, scale=_loss_scale(trainer, optimizer))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -463,8 +499,15 @@ class LayerBalanceMonitor(Callback):
     # ------------------------------------------------------------------------------------------
 
     def _log(
-        self, trainer: Trainer, pl_module: LightningModule, step: int, with_grads: bool
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        with_grads: bool,
+        scale: float = 1.0,
     ) -> None:
+        """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
+        gradients (divided out of gradient norms and per-unit symmetries)."""
         if not self._sharded and not trainer.is_global_zero:
             return  # replicated: rank zero alone computes and logs
         if not self._refs:
@@ -475,13 +518,15 @@ class LayerBalanceMonitor(Callback):
         if self.track_grad_norm and with_grads:
             grads = [[p.grad for p in layer] for layer in params]
             sq, grad_sq = layer_sq_norms_host([params, grads], reduce=self._sharded)
+            if scale != 1.0:
+                grad_sq = [g / (scale * scale) for g in grad_sq]
         else:
             (sq,), grad_sq = layer_sq_norms_host([params], reduce=self._sharded), None
         extra: dict[str, float] = {}
         if self._ledger is not None and self.ledger:
             extra.update(self._ledger_metrics())  # every rank joins (sharded)
         if self._units:
-            extra.update(self._unit_metrics(pl_module, with_grads))
+            extra.update(self._unit_metrics(pl_module, with_grads, scale))
         if not trainer.is_global_zero:
             return
         metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
@@ -524,7 +569,9 @@ class LayerBalanceMonitor(Callback):
 
         return unit_balance(self._module, self._units, iterate)
 
-    def _unit_metrics(self, pl_module: LightningModule, with_grads: bool) -> dict[str, float]:
+    def _unit_metrics(
+        self, pl_module: LightningModule, with_grads: bool, scale: float
+    ) -> dict[str, float]:
         values = self._unit_values()
         assert self._unit_d0 is not None
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
@@ -549,7 +596,7 @@ class LayerBalanceMonitor(Callback):
                 n = symmetry[name].numel()
                 r = host[offset : offset + n].tolist()
                 offset += n
-                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r)
+                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r) / scale
         return metrics
 
     def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -608,6 +655,18 @@ def _param(module: nn.Module, attr: str) -> Tensor:
     p = module._parameters[attr]
     assert p is not None
     return p
+
+
+def _loss_scale(trainer: Trainer, optimizer: Any) -> float:
+    """The loss scale still in the gradients at ``on_before_optimizer_step``: Lightning's
+    mixed-precision plugin leaves them scaled for optimisers that unscale themselves
+    (``_step_supports_amp_scaling``: fused SGD, Adam); 1 otherwise (a host read when > 1)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _is_last_step(trainer: Trainer, step: int) -> bool:
