@@ -53,6 +53,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -136,7 +138,7 @@ def loop_grads(f: Callable, points) -> torch.Tensor:
 INNER = 5  # back-to-back calls per job and round
 
 
-def measure(cases: dict[str, tuple[Callable, object]], reps: int) -> dict[str, dict[str, float]]:
+def measure(cases: dict[str, tuple[Callable, Any]], reps: int) -> dict[str, dict[str, float]]:
     jobs: dict[tuple[str, str], Callable[[], object]] = {}
     for name, (f, x) in cases.items():
         res = clarke_subgradient(f, x, num_samples=K, generator=torch.Generator().manual_seed(0))
@@ -159,23 +161,17 @@ def measure(cases: dict[str, tuple[Callable, object]], reps: int) -> dict[str, d
             gen.manual_seed(0)
             return clarke_subgradient(f, x, num_samples=K, generator=gen, vectorize=vectorize)
 
-        jobs[name, "sampling vmap"] = lambda f_scalar=f_scalar, p=flat_points, spec=spec: (
-            _grads_vmap(f_scalar, p, spec)
-        )
-        jobs[name, "sampling loop"] = lambda f=f, p=points: loop_grads(f, p)
-        jobs[name, "min-norm"] = lambda s=samples: min_norm_element(s)
+        jobs[name, "sampling vmap"] = partial(_grads_vmap, f_scalar, flat_points, spec)
+        jobs[name, "sampling loop"] = partial(loop_grads, f, points)
+        jobs[name, "min-norm"] = partial(min_norm_element, samples)
         jobs[name, "e2e vmap"] = e2e
-        jobs[name, "e2e loop"] = lambda e2e=e2e: e2e(vectorize=False)
-        jobs[name, "active"] = None  # type: ignore[assignment]
-    times: dict[tuple[str, str], list[float]] = {key: [] for key, job in jobs.items() if job}
+        jobs[name, "e2e loop"] = partial(e2e, vectorize=False)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     for job in jobs.values():  # warm up
-        if job:
-            job()
-            job()
+        job()
+        job()
     for _ in range(reps):
         for key, job in jobs.items():
-            if job is None:
-                continue
             # INNER back-to-back calls per round (as timeit does), the same for every job: a
             # single sub-millisecond call right after a different job measures cache misses
             t0 = time.perf_counter()

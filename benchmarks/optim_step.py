@@ -161,7 +161,7 @@ def candidates() -> list[Candidate]:
     return out
 
 
-def _flags(path: str) -> dict[str, bool | None]:
+def _flags(path: str) -> dict[str, bool]:
     return {
         "default": {},
         "fused": {"fused": True},
@@ -173,10 +173,13 @@ def _flags(path: str) -> dict[str, bool | None]:
 
 def build(cand: Candidate, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     flags = _flags(cand.path)
+    foreach, fused = flags.get("foreach"), flags.get("fused")
     if cand.family == "SGD":
-        return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=cand.nesterov, **flags)
+        return torch.optim.SGD(
+            params, lr=LR, momentum=MOMENTUM, nesterov=cand.nesterov, foreach=foreach, fused=fused
+        )
     cls = PolyakSGD if cand.family == "PolyakSGD" else NesterovSGD
-    return cls(params, lr=LR, momentum=MOMENTUM, **flags)
+    return cls(params, lr=LR, momentum=MOMENTUM, foreach=foreach, fused=fused)
 
 
 def resolved_default(cand: Candidate, params: list[torch.Tensor]) -> str:
@@ -238,7 +241,7 @@ def run_case(case: Case, device: torch.device, seed: int, clock: str = "wall") -
             p.grad = g.clone() if writes_grads else g
         opts[cand.key] = build(cand, params)
         if cand.path == "default":
-            default_paths[cand.key] = resolved_default(cand, params)
+            default_paths[cand.key] = resolved_default(cand, list(params))
     fns: dict[str, Callable[[], object]] = {key: opt.step for key, opt in opts.items()}
     fns.update(_stream_ops(case.numel, device))
 
@@ -480,7 +483,7 @@ def run_fsdp(
         opts: dict[str, torch.optim.Optimizer] = {}
         paths: dict[str, str] = {}
         for key, make in makers.items():
-            params = list(_fsdp_model(device, seed, layers).parameters())
+            params: list[torch.Tensor] = list(_fsdp_model(device, seed, layers).parameters())
             opts[key] = make(params)
             if key.endswith("default"):
                 if key.startswith("SGD"):
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     # (rounds, time budget in seconds or None); an explicit --reps runs exactly that many rounds.
+    big: tuple[int, float | None]
+    small: tuple[int, float | None]
     if args.quick:
         big, small = (2, 2.0), (3, 2.0)
     else:
@@ -563,13 +568,13 @@ def main(argv: list[str] | None = None) -> int:
         big, small = (args.reps, None), (3 * args.reps, None)
     if args.quick:
         cases = [
-            Case("resnet50/8", resnet50_shapes(8, 10), *big, large=True, max_inner=2, memory=False),
-            Case("small/4", resnet50_shapes(4, 10), *small, large=False, max_inner=2, memory=False),
+            Case("resnet50/8", resnet50_shapes(8, 10), big[0], big[1], True, 2, False),
+            Case("small/4", resnet50_shapes(4, 10), small[0], small[1], False, 2, False),
         ]
     else:
         cases = [
-            Case("resnet50", resnet50_shapes(64, 1000), *big, large=True),
-            Case("small", resnet50_shapes(13, 100), *small, large=False),
+            Case("resnet50", resnet50_shapes(64, 1000), big[0], big[1], large=True),
+            Case("small", resnet50_shapes(13, 100), small[0], small[1], large=False),
         ]
     print(
         f"torch {torch.__version__}, device {args.device}"
