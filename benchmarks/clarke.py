@@ -469,6 +469,56 @@ def lstm_vmap_vs_loop(task: tuple) -> None:
     )
 
 
+def report_clarke(reps: int) -> None:
+    """The clarke_subgradient table: sampling, min-norm and end to end, vmap against the loop."""
+    cases = {
+        "pl10 kink": pl10_kink(),
+        "pl10 stationary": pl10_stationary(),
+        "mlp small": mlp(10, 32, 64),
+        "mlp wide": mlp(20, 64, 128),
+    }
+    table = measure(cases, reps)
+
+    print(
+        f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s), median of {reps} interleaved rounds of {INNER} back-to-back calls, "
+        "times in ms"
+    )
+    head = (
+        f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
+        f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, row in table.items():
+        print(
+            f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
+            f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
+            f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
+            f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
+            f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
+        )
+    print()
+    print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
+    print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
+    print("e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False.")
+    kink, mlp_row = table["pl10 kink"], table["mlp small"]
+    checks = [
+        ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
+        (
+            "sampling >= 3x loop, mlp small",
+            mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
+        ),
+        ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
+        (
+            "end to end >= 4x vectorize=False, pl10 kink",
+            kink["e2e loop"] / kink["e2e vmap"] >= 4,
+        ),
+    ]
+    for label, ok in checks:
+        print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved repetitions")
@@ -488,54 +538,7 @@ def main() -> None:
     if args.quick:
         args.reps, args.profile_reps = 1, 1
     if "clarke" in parts:
-        cases = {
-            "pl10 kink": pl10_kink(),
-            "pl10 stationary": pl10_stationary(),
-            "mlp small": mlp(10, 32, 64),
-            "mlp wide": mlp(20, 64, 128),
-        }
-        table = measure(cases, args.reps)
-
-        print(
-            f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
-            f"thread(s), median of {args.reps} interleaved rounds of {INNER} back-to-back calls, "
-            "times in ms"
-        )
-        head = (
-            f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
-            f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
-        )
-        print(head)
-        print("-" * len(head))
-        for name, row in table.items():
-            print(
-                f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
-                f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
-                f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
-                f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
-                f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
-            )
-        print()
-        print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
-        print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
-        print(
-            "e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False."
-        )
-        kink, mlp_row = table["pl10 kink"], table["mlp small"]
-        checks = [
-            ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
-            (
-                "sampling >= 3x loop, mlp small",
-                mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
-            ),
-            ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
-            (
-                "end to end >= 4x vectorize=False, pl10 kink",
-                kink["e2e loop"] / kink["e2e vmap"] >= 4,
-            ),
-        ]
-        for label, ok in checks:
-            print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+        report_clarke(args.reps)
     if "profile" in parts:
         prof = measure_profile(args.quick, args.profile_reps)
         print(

@@ -329,6 +329,11 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
             f"{'':>9}{'':>11}{bw / 1e9:8.1f}{100 * bw / copy_bw:7.0f}%"
         )
 
+    _print_memory(res)
+    return _targets(res, copy_bw)
+
+
+def _print_memory(res: CaseResult) -> None:
     unit = "CUDA allocator" if res.device.type == "cuda" else "profiler allocator events"
     if res.memory:
         print(f"\nTemporary memory of one step ({unit}); ours vs the built-in path of that kind:")
@@ -340,7 +345,6 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
         print("-" * len(mheader))
     else:
         print("\nTemporary memory: not measured with --quick")
-    targets: list[tuple[str, bool | None, str]] = []
     for cand in candidates():
         if cand.family == "SGD" or not res.memory:
             continue
@@ -354,6 +358,12 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
             f"{theirs.allocated / 1e6:10.2f}{theirs.peak / 1e6:9.2f}  {_verdict(ok)}"
         )
 
+
+def _targets(res: CaseResult, copy_bw: float) -> list[tuple[str, bool | None, str]]:
+    """The target lines of one case: (text, verdict or None, detail)."""
+    case, times = res.case, res.times
+    step_bytes = 20 * case.numel
+    targets: list[tuple[str, bool | None, str]] = []
     # Targets. The default path is the built-in's default (bit for bit, so the same work): it
     # must cost what the built-in's default costs. The speed is on request: fused=True.
     is_cpu = res.device.type == "cpu"

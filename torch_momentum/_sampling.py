@@ -306,6 +306,9 @@ _NO_BATCHING_RULE = re.compile(r"not yet implemented the batching rule for ([\w:
 # The loop replaces vmap only when it is faster by this factor (timings on a shared machine are
 # noisy; a wrong choice costs speed, never correctness).
 _LOOP_MARGIN = 1.5
+# Below this many seconds for the first block vectorised, the loop could save little: no timing
+# (a certificate that samples a few dozen gradients would otherwise pay 4-12 extra ones).
+_MIN_SECONDS_TO_COMPARE = 0.05
 # Points of the first block timed in the loop (and again vectorised: the first vmap call of a
 # process carries a one-time cost of about a second).
 _TIMED_POINTS = 4
@@ -325,7 +328,8 @@ class GradientSampler:
     fails with an error that is not out-of-memory, when torch warns that it has no batching rule
     for an operation of ``f`` (vmap then runs that operation one sample at a time, slower than the
     loop), or when the loop is faster by ``_LOOP_MARGIN`` both on the whole first block (estimated
-    from its first points) and on those points vectorised again.
+    from its first points) and on those points vectorised again (timed only when the first block
+    took at least ``_MIN_SECONDS_TO_COMPARE`` seconds).
     """
 
     def __init__(
@@ -385,7 +389,7 @@ class GradientSampler:
     def _compare_with_loop(self, points: Tensor, t_vmap: float) -> None:
         n = points.shape[0]
         m = min(_TIMED_POINTS, n)
-        if n < 2 * m:  # too few points to tell the two apart
+        if n < 2 * m or t_vmap < _MIN_SECONDS_TO_COMPARE:  # too few points, or too little time
             return
         few = points[:m]
         _, t_loop = _timed(lambda: grads_loop(self.f_scalar, few, self.spec))

@@ -311,7 +311,8 @@ def stationarity_profile(
             slower than the loop: see ``benchmarks/clarke.py``), or when the loop is faster
             by 1.5x (the loop timed on the block's first 4 points against the whole block
             vectorised, and, to discount vmap's one-time start-up cost, those 4 points again
-            both ways). The two ways give the same gradients up to floating-point rounding.
+            both ways; only when the first block took 50 ms or more). The two ways give the
+            same gradients up to floating-point rounding.
         memory: where the ``k x d`` sample matrix lives. ``"device"`` (default): on ``x``'s
             device, one radius at a time (peak ``k d`` numbers). ``"host"``: gradients are
             computed ``chunk_size`` samples at a time and kept in host memory; the Gram matrix

@@ -127,12 +127,14 @@ def test_lstm_uses_the_loop_with_one_warning():
         # (first block vectorised, loop on 4 points, 4 points vectorised) in seconds
         ((1.0, 0.01, 0.002), True),  # vmap's start-up cost, then vmap faster: keep vmap
         ((1.0, 0.01, 0.1), False),  # the loop is faster both ways: switch
-        ((0.03, 0.01, 0.1), True),  # whole block: the loop is not 1.5x faster, keep vmap
+        ((0.3, 0.1, 1.0), True),  # whole block: the loop is not 1.5x faster, keep vmap
+        ((0.04, 0.001, 1.0), True),  # under 50 ms: not worth timing the loop, keep vmap
     ],
 )
 def test_the_timing_rule(monkeypatch, times, vectorized):
-    """The rule itself, with the clock replaced: the loop replaces vmap only when it is 1.5x
-    faster both on the whole first block (estimated from 4 points) and on 4 points again."""
+    """The rule itself, with the clock replaced: the loop replaces vmap only when the first
+    block took 50 ms or more and the loop is 1.5x faster both on the whole first block
+    (estimated from 4 points) and on 4 points again."""
     first, loop4, vmap4 = times
     clock = iter([first, loop4, vmap4, vmap4, loop4])
 
