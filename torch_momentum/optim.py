@@ -365,10 +365,6 @@ class _MomentumSGD(Optimizer):
         self._param_group(group)
         return 0.0
 
-    def _lookahead_coefficient(self, group: dict[str, Any]) -> float | Tensor:
-        # For the ledger (torch_momentum/balance.py) until it calls lookahead_coefficient().
-        return self.lookahead_coefficient(group)
-
     @torch.no_grad()
     def iterate(self, p: Tensor) -> Tensor:
         r"""The iterate :math:`x_t` of parameter ``p`` as a new tensor; nothing is moved.
