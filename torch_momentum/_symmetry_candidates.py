@@ -409,7 +409,8 @@ def _sibling_sides(
         label, module = leaf.rpartition(".")[2], ctx.modules[leaf]
         out, inp = _output_units(ctx.names, module), _input_units(ctx.names, module)
         if out is not None and out.parts and leaf not in produced:
-            packed = _thirds(out)
+            # a packed q/k/v projection maps E features to 3E
+            packed = _thirds(out) if inp is not None and 3 * inp.n == out.n else []
             outs += [(leaf, label, out)] + [(leaf, third, units) for third, units in packed]
             packed_all += packed
         if inp is not None and inp.parts and leaf not in consumed:

@@ -286,6 +286,8 @@ class Verifier:
         """Fold in one gradient (at ``point``); ``tiny_eps``: evaluated with the norms' eps ~ 0."""
         self._zero_slices(grads)
         layout = self.layout
+        if not layout.candidates:
+            return
         if layout.device is None:
             layout.to(next(iter(grads.values())).device)
         if id(point) not in self._xx:

@@ -187,6 +187,21 @@ class Symmetry:
         assert out is not None  # a Symmetry has at least one part
         return out
 
+    def sq_norms(self, a: Mapping[str, Tensor]) -> Tensor:
+        """Per-unit squared norms :math:`\\|a_u\\|^2` over all the unit's entries (both sides).
+
+        E.g. ``sq_norms(grads)`` is :math:`\\|\\nabla\\ell_{A_u}\\|^2` of the verification and
+        ``sq_norms(generator(params))`` is :math:`\\|\\xi_u\\|^2`. Float64, shape ``(units,)``.
+        """
+        out: Tensor | None = None
+        for part in self.parts:
+            entries = part.entries(_lookup(a, part.param, self.name, "a")).to(torch.float64)
+            if out is None:
+                out = torch.zeros(self.units, dtype=torch.float64, device=entries.device)
+            out[part.unit_offset : part.unit_offset + part.units] += entries.pow(2).sum(1)
+        assert out is not None  # a Symmetry has at least one part
+        return out
+
     def charge(self, named_params: Mapping[str, Tensor]) -> Tensor:
         """The conserved charge per unit, float64, shape ``(units,)``.
 
