@@ -192,46 +192,49 @@ class _Layout:
 
     def __init__(self, proposals: list[Proposal], shapes: Mapping[str, torch.Size]) -> None:
         self.bases: dict[tuple[str, int | None], int] = {}  # (param, dim) -> offset
-        counts: list[float] = []
+        counts: list[Tensor] = []
         src, dst, sign, quad, owner = [], [], [], [], []
-        first_unit = 0
+        first_unit, size = 0, 0
         for c, proposal in enumerate(proposals):
             for part in proposal.parts:
                 shape = shapes[part.param]
-                size = 1 if part.dim is None else shape[part.dim]
+                length = 1 if part.dim is None else shape[part.dim]
                 if (part.param, part.dim) not in self.bases:
-                    self.bases[(part.param, part.dim)] = len(counts)
-                    counts += [math.prod(shape) / size] * size
-                offset = self.bases[(part.param, part.dim)]
+                    self.bases[(part.param, part.dim)] = size
+                    counts.append(torch.full((length,), math.prod(shape) / length))
+                    size += length
                 block = 1 if part.dim is None else part.block
-                for u in range(1 if part.dim is None else part.length // part.block):
-                    for i in range(part.start + u * block, part.start + (u + 1) * block):
-                        src.append(offset + i)
-                        dst.append(first_unit + part.unit_offset + u)
-                        sign.append(part.sign)
-                        quad.append(proposal.kind in QUADRATIC)
-            owner += [c] * proposal.units
+                n = 1 if part.dim is None else part.length
+                index = torch.arange(n) + self.bases[(part.param, part.dim)] + part.start
+                src.append(index)
+                dst.append(first_unit + part.unit_offset + torch.arange(n) // block)
+                sign.append(torch.full((n,), part.sign))
+                quad.append(torch.full((n,), proposal.kind in QUADRATIC))
+            owner.append(torch.full((proposal.units,), c))
             first_unit += proposal.units
         self.units, self.candidates = first_unit, len(proposals)
-        self.lists = (counts, src, dst, sign, quad, owner)
+
+        def cat(pieces: list[Tensor]) -> Tensor:
+            return torch.cat(pieces) if pieces else torch.zeros(0)
+
+        self.host = (cat(counts), cat(src), cat(dst), cat(sign), cat(quad), cat(owner))
         self.device: torch.device | None = None
 
     def to(self, device: torch.device) -> None:
-        counts, src, dst, sign, quad, owner = self.lists
-        f64, i64 = torch.float64, torch.int64
-        self.src = torch.tensor(src, dtype=i64, device=device)
-        self.count = torch.tensor(counts, dtype=f64, device=device)[self.src]
-        self.dst = torch.tensor(dst, dtype=i64, device=device)
-        self.sign = torch.tensor(sign, dtype=f64, device=device)
-        self.quad = torch.tensor(quad, dtype=torch.bool, device=device)
-        self.owner = torch.tensor(owner, dtype=i64, device=device)
+        counts, src, dst, sign, quad, owner = (t.to(device) for t in self.host)
+        self.src, self.dst, self.owner = src.long(), dst.long(), owner.long()
+        self.count = counts.double()[self.src]
+        self.sign, self.quad = sign.double(), quad.bool()
         self.device = device
 
     def sums(self, fn: Callable[[str], Tensor]) -> Tensor:
         """``fn(param)`` (shape ``(k, *param.shape)``) summed per index, all bases concatenated."""
         pieces = []
+        values: dict[str, Tensor] = {}
         for param, dim in self.bases:
-            t = fn(param).to(torch.float64)
+            t = values.get(param)
+            if t is None:
+                t = values[param] = fn(param).to(torch.float64)
             if dim is None:
                 pieces.append(t.flatten(1).sum(1, keepdim=True))
             else:
@@ -312,7 +315,7 @@ class Verifier:
         for i, s in enumerate(self.slices):
             g = grads[s.param]
             part = g if s.dim is None else g.narrow(s.dim, s.start, s.length)
-            own = float(part.double().pow(2).sum())
+            own = squares[s.param] if s.dim is None else float(part.double().pow(2).sum())
             layer = sum(squares[n] for n in self.owners.get(s.param, [s.param]))
             rest = layer - own if layer - own > 1e-12 * layer else total - own
             ratio = 0.0 if own == 0.0 else (math.sqrt(own / rest) if rest > 0 else math.inf)
