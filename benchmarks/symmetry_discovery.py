@@ -97,11 +97,11 @@ def jobs(
         loss_fn(model, batch).backward()
         optimizer.step()
 
+    def discovery(options: dict[str, Any]) -> Callable[[], object]:
+        return lambda: find_symmetries(model, loss_fn, [batch] * count, **options)
+
     out: dict[str, Callable[[], object]] = {"step": step}
-    for name, options in VARIANTS.items():
-        out[name] = lambda options=options: find_symmetries(
-            model, loss_fn, [batch] * count, **options
-        )
+    out |= {name: discovery(options) for name, options in VARIANTS.items()}
     return out
 
 

@@ -42,7 +42,6 @@ _PER_CHANNEL_NORM = (
     nn.InstanceNorm3d,
 )
 _LAYER_NORM = (nn.LayerNorm, nn.RMSNorm)
-_RNN = (nn.RNN, nn.LSTM, nn.GRU)
 _WRAPPERS = ("model.", "module.", "_orig_mod.")
 
 
@@ -158,6 +157,11 @@ def _is_conv1d_gpt(module: nn.Module) -> bool:
     )
 
 
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    weight = module._parameters.get("weight")
+    return () if weight is None else tuple(weight.shape)
+
+
 def _affine_norm(module: nn.Module) -> bool:
     weight = module._parameters.get("weight")
     is_norm = isinstance(module, (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm))
@@ -173,7 +177,7 @@ def _output_units(names: _Names, module: nn.Module) -> _Units | None:
     if isinstance(module, _CONV):
         return _parts(names, module, [("weight", 0), ("bias", 0)], module.out_channels)
     if _is_conv1d_gpt(module):
-        return _parts(names, module, [("weight", 1), ("bias", 0)], int(module.nf))
+        return _parts(names, module, [("weight", 1), ("bias", 0)], _weight_shape(module)[1])
     if isinstance(module, nn.Embedding):
         return _parts(names, module, [("weight", 1)], module.embedding_dim)
     if isinstance(module, nn.MultiheadAttention):
@@ -192,8 +196,8 @@ def _input_units(names: _Names, module: nn.Module) -> _Units | None:
     if isinstance(module, _CONV) and module.groups == 1:
         return _parts(names, module, [("weight", 1)], module.in_channels)
     if _is_conv1d_gpt(module):
-        return _parts(names, module, [("weight", 0)], int(module.nx))
-    if isinstance(module, _RNN):
+        return _parts(names, module, [("weight", 0)], _weight_shape(module)[0])
+    if isinstance(module, nn.RNNBase):
         spec: list[tuple[str, int | None]] = [("weight_ih_l0", 1), ("weight_ih_l0_reverse", 1)]
         return _parts(names, module, spec, module.input_size)
     if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
@@ -493,23 +497,25 @@ def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
         return (
             [Proposal("translation", f"{short} (rows)", rows.parts, rows.n)] if rows.parts else []
         )
-    if isinstance(module, _RNN):
+    if isinstance(module, nn.RNNBase):
         return _rnn_biases(ctx, short, module)
-    units = _input_units(ctx.names, module) if not isinstance(module, _RNN) else None
+    units = _input_units(ctx.names, module)
     if units is None or isinstance(module, nn.MultiheadAttention):
         return []
     parts, n = units.parts, units.n if units.parts else 0
     bias = ctx.names.of(module, "bias")
     if bias is not None:
         parts += (PartSpec(bias, None, 0, 0, unit_offset=n),)
-    what = {nn.Linear: "columns"}.get(type(module), "rows" if _is_conv1d_gpt(module) else "inputs")
+    what = "columns" if isinstance(module, nn.Linear) else "input channels"
+    what = "rows" if _is_conv1d_gpt(module) else what
     label = f"{short} ({what}{' + bias' if bias is not None else ''})"
     return [Proposal("translation", label, parts, n + (bias is not None))] if parts else []
 
 
-def _rnn_biases(ctx: _Context, short: str, module: nn.Module) -> list[Proposal]:
+def _rnn_biases(ctx: _Context, short: str, module: nn.RNNBase) -> list[Proposal]:
     """``bias_ih`` against ``bias_hh``: only their sum enters the gates they share."""
-    gates = {nn.LSTM: 4, nn.GRU: 2, nn.RNN: 1}[type(module)]  # GRU: r, z (not n: r * b_hn)
+    # LSTM: all four gates; GRU: r and z (not n, where b_hn is multiplied by r); RNN: one
+    gates = 4 if isinstance(module, nn.LSTM) else 2 if isinstance(module, nn.GRU) else 1
     found = []
     for attr in module._parameters:
         if not attr.startswith("bias_ih_l"):

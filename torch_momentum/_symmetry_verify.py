@@ -66,7 +66,7 @@ def cast(obj: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(obj, Mapping):
         items = {k: cast(v, dtype) for k, v in obj.items()}
         try:
-            return type(obj)(items)
+            return type(obj)(items)  # type: ignore[call-arg]
         except TypeError:
             return items
     return obj

@@ -162,7 +162,7 @@ def _normalised_drifts(
     model = copy.deepcopy(model).double()
     for module in model.modules():  # verified with eps ~ 0: run with it (eps: see test_eps_*)
         if isinstance(getattr(module, "eps", None), float):
-            module.eps = 1e-30
+            setattr(module, "eps", 1e-30)  # noqa: B010 (a float attribute of some modules)
     params = dict(model.named_parameters())
     batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def _normalised_drifts(
                     c = 2.0 if s.quadratic else 1.0
                     first_order[i] += every * c * lr * s.sq_norms(named).sqrt() * xi
             for name, p in params.items():
-                p -= lr * named[name]
+                p.sub_(lr * named[name])
     with torch.no_grad():
         return [
             float(((s.charge(params) - q).abs() / f.clamp_min(1e-300)).max())
@@ -190,7 +190,9 @@ def _normalised_drifts(
         ]
 
 
-CONSERVATION = {
+CONSERVATION: dict[
+    str, tuple[Callable[[], nn.Module], Callable[..., Tensor], Callable[[], list[Any]]]
+] = {
     "relu_mlp": (ReluMLP, ce, vectors),
     "batchnorm_mlp": (BatchNormMLP, ce, vectors),
     "resnet": (lambda: ResNetCNN(conv_bias=True), ce, images),
@@ -226,9 +228,11 @@ def test_a_symmetry_of_a_special_point_only_is_rejected() -> None:
     # layer gets no gradient and the first layer's xi is 0, so <g, xi> = 0 at this point for
     # the rescale candidate 0/2; at the perturbed point it is not
     model = GeluMLP()
+    first = model[0]
+    assert isinstance(first, nn.Linear)
     with torch.no_grad():
-        model[0].weight.zero_()
-        model[0].bias.zero_()
+        first.weight.zero_()
+        first.bias.zero_()
     batches = vectors()
     found = find_symmetries(model, ce, batches)
     assert described(found) == [("translation", "2 (columns + bias)", 33)]
@@ -352,7 +356,7 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
 def test_the_model_is_unchanged(mode: str) -> None:
     model = ResNetCNN(conv_bias=True)
     model.train(mode == "train")
-    model.layer1[0].bn1.eval()  # mixed modes are kept as they are
+    model.get_submodule("layer1.0.bn1").eval()  # mixed modes are kept as they are
     batches = images()
     before, rng = _snapshot(model), torch.get_rng_state()
     find_symmetries(model, ce, batches)
@@ -383,6 +387,7 @@ def test_names_leave_out_wrapper_prefixes() -> None:
 
 def test_compiled_model_is_verified_through_the_original_module() -> None:
     compiled = torch.compile(ReluMLP())  # lazy: nothing compiles unless the compiled one runs
+    assert isinstance(compiled, nn.Module)
     found = find_symmetries(compiled, ce, vectors())
     assert described(found)[0] == ("rescale", "0/2", 32)
     assert found[0].params[0] == "_orig_mod.0.weight"
