@@ -329,3 +329,26 @@ def test_weight_norm_direction() -> None:
         ("scale", "0.weight (weight-norm direction)", 16),
         ("translation", "2 (columns + bias)", 17),
     ]
+
+
+class _MyLSTM(nn.LSTM):
+    """A subclass, as libraries write them (the gate count was once looked up by exact type)."""
+
+
+class _RecurrentLM(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(32, 8)
+        self.rnn = cell(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embedding(ids))[0])
+
+
+@pytest.mark.parametrize(("cell", "units"), [(_MyLSTM, 64), (nn.GRU, 32)])
+def test_recurrent_bias_pairs(cell: type[nn.RNNBase], units: int) -> None:
+    # LSTM: all 4 gates see bias_ih + bias_hh; GRU: only r and z (the n gate multiplies b_hn
+    # by r), so the pair covers the first 2 * hidden entries
+    found, _ = found_and_rejected(_RecurrentLM(cell), lm, tokens(32))
+    assert ("translation", "rnn bias_ih_l0/bias_hh_l0", units) in found
