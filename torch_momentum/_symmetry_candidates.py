@@ -128,6 +128,11 @@ def norm_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
+def _own(module: nn.Module, attr: str) -> nn.Parameter | None:
+    """``module``'s own parameter ``attr`` (not a submodule's), or None."""
+    return dict(module.named_parameters(recurse=False)).get(attr)
+
+
 class _Names:
     """Canonical (first-registered) names of the trainable parameters, by module attribute."""
 
@@ -135,7 +140,7 @@ class _Names:
         self.by_id = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
 
     def of(self, module: nn.Module, attr: str) -> str | None:
-        value = module._parameters.get(attr) if attr in module._parameters else None
+        value = _own(module, attr)
         return None if value is None else self.by_id.get(id(value))
 
 
@@ -149,7 +154,7 @@ def _parts(names: _Names, module: nn.Module, spec: list[tuple[str, int | None]],
 
 
 def _is_conv1d_gpt(module: nn.Module) -> bool:
-    weight = module._parameters.get("weight")
+    weight = _own(module, "weight")
     return (
         type(module).__name__ == "Conv1D"
         and weight is not None
@@ -158,12 +163,12 @@ def _is_conv1d_gpt(module: nn.Module) -> bool:
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    weight = module._parameters.get("weight")
+    weight = _own(module, "weight")
     return () if weight is None else tuple(weight.shape)
 
 
 def _affine_norm(module: nn.Module) -> bool:
-    weight = module._parameters.get("weight")
+    weight = _own(module, "weight")
     is_norm = isinstance(module, (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm))
     return (is_norm or type(module).__name__.endswith("Norm")) and (
         weight is not None and weight.dim() == 1
@@ -184,7 +189,7 @@ def _output_units(names: _Names, module: nn.Module) -> _Units | None:
         out = module.out_proj
         return _parts(names, out, [("weight", 0), ("bias", 0)], out.out_features)
     if _affine_norm(module):
-        n = module._parameters["weight"].shape[0]  # type: ignore[union-attr]
+        n = _weight_shape(module)[0]
         return _parts(names, module, [("weight", 0), ("bias", 0)], n)
     return None
 
@@ -200,7 +205,7 @@ def _input_units(names: _Names, module: nn.Module) -> _Units | None:
     if isinstance(module, nn.RNNBase):
         spec: list[tuple[str, int | None]] = [("weight_ih_l0", 1), ("weight_ih_l0_reverse", 1)]
         return _parts(names, module, spec, module.input_size)
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return _parts(names, module, [("in_proj_weight", 1)], module.embed_dim)
     return None
 
@@ -287,7 +292,7 @@ def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: _Units) ->
         parts = tuple(p._replace(block=block) for p in units.parts)
         return Proposal("scale", f"{name} (per group)", parts, norm.num_groups)
     shape = getattr(norm, "normalized_shape", None)
-    weight = norm._parameters.get("weight")
+    weight = _own(norm, "weight")
     last_dim = (
         tuple(shape) == (units.n,)
         if shape is not None
@@ -472,7 +477,7 @@ def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
     found: list[Proposal] = []
     thirds: list[ZeroSlice] = []
     for name, m in ctx.modules.items():
-        if not isinstance(m, nn.MultiheadAttention) or not m._qkv_same_embed_dim:
+        if not isinstance(m, nn.MultiheadAttention) or m.in_proj_weight is None:
             continue
         packed = _parts(ctx.names, m, [("in_proj_weight", 0), ("in_proj_bias", 0)], 3 * m.embed_dim)
         qkv = dict(_thirds(packed))
@@ -517,7 +522,7 @@ def _rnn_biases(ctx: _Context, short: str, module: nn.RNNBase) -> list[Proposal]
     # LSTM: all four gates; GRU: r and z (not n, where b_hn is multiplied by r); RNN: one
     gates = 4 if isinstance(module, nn.LSTM) else 2 if isinstance(module, nn.GRU) else 1
     found = []
-    for attr in module._parameters:
+    for attr, _ in module.named_parameters(recurse=False):
         if not attr.startswith("bias_ih_l"):
             continue
         ih, hh = ctx.names.of(module, attr), ctx.names.of(module, attr.replace("_ih_", "_hh_"))

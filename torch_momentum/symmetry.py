@@ -60,7 +60,7 @@ from torch_momentum._symmetry_verify import (
     perturbed,
 )
 
-__all__ = ["KINDS", "Symmetry", "SymmetryList", "SymmetryPart", "find_symmetries"]
+__all__ = ["KINDS", "ZERO_GRADIENT", "Symmetry", "SymmetryList", "SymmetryPart", "find_symmetries"]
 
 #: The kinds :func:`find_symmetries` looks for (its ``kinds`` argument is a subset).
 KINDS = ("scale", "rescale", "translation")
@@ -396,8 +396,9 @@ def _batch_error(exc: BaseException, index: int) -> Exception:
 
 def _unwrap_compiled(model: nn.Module) -> tuple[nn.Module, str]:
     """``torch.compile(model)`` holds the original module as ``_orig_mod``: verify that one."""
-    inner = dict(model.named_children()).get("_orig_mod")
-    return (inner, "_orig_mod.") if inner is not None and len(model._modules) == 1 else (model, "")
+    children = dict(model.named_children())
+    inner = children.get("_orig_mod")
+    return (inner, "_orig_mod.") if inner is not None and len(children) == 1 else (model, "")
 
 
 def _grad(
@@ -527,8 +528,9 @@ def find_symmetries(
         model: the model; its trainable parameters are searched.
         loss_fn: ``loss_fn(model, batch)`` returns a scalar loss tensor. Compute it in the
             parameters' dtype: a loss that upcasts to float32 loses the float64 precision.
-        batches: an iterable of batches (each is passed to ``loss_fn`` with its floating tensors
-            cast to ``dtype``; tuples, lists and mappings are walked).
+        batches: an iterable of batches, all of which are used (each is passed to ``loss_fn``
+            with its floating tensors cast to ``dtype``; tuples, lists and mappings are walked).
+            A few are enough: pass e.g. ``itertools.islice(loader, 4)``, not a whole loader.
         kinds: a subset of ``("scale", "rescale", "translation")``.
         rtol: the relative tolerance of the verification, in (0, 1).
         perturbation: relative size of the random perturbation, in (0, 1).
