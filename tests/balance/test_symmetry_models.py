@@ -229,6 +229,17 @@ def test_gpt2_tiny() -> None:
     assert (key_bias.parts[0].dim, key_bias.parts[0].start, key_bias.parts[0].length) == (0, 32, 32)
 
 
+def test_gpt2_tiny_dropout_breaks_the_translations() -> None:
+    # in training mode dropout multiplies a shift of the stream entrywise by its mask / (1 - p):
+    # no longer a multiple of 1, so the LayerNorms do not remove it. Scales and rescales stay.
+    model = gpt2_tiny(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    found, rejected = found_and_rejected(model, lm, tokens(64))
+    assert found == [
+        (k, n.format(i=i), u) for i in range(2) for k, n, u in GPT2_BLOCK if k != "translation"
+    ]
+    assert {"transformer.wpe (rows)", "transformer.h.1.mlp.c_proj (rows + bias)"} <= rejected
+
+
 def test_gpt2_tiny_untied_head() -> None:
     # untying the head brings back what the tied embedding killed
     found, _ = found_and_rejected(gpt2_tiny(tie_word_embeddings=False), lm, tokens(64))
