@@ -24,7 +24,7 @@ column of a classifier...), each with its own generator :math:`\xi_u` and charge
 Quadratic charges (scale, rescale) change under one step :math:`x \to x - \eta g` by
 :math:`-2\eta\langle g, \xi_u\rangle + \eta^2(\|g_{A_u}\|^2 - \|g_{B_u}\|^2)`, i.e. by the
 second-order term only while the symmetry holds; linear charges (translation) change by
-:math:`-\eta\langle g, \xi_u\rangle`, i.e. not at all.
+:math:`-\eta\langle g, \xi_u\rangle`, i.e. not at all under gradient descent.
 
 :func:`find_symmetries` proposes candidates from the module structure (see
 ``torch_momentum._symmetry_candidates``) and reports only those that pass the verification: for
