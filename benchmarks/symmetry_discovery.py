@@ -30,12 +30,12 @@ checks) is measured separately as the difference to the gradient evaluations.
 Measured on the 2-core development machine (shared, ``--clock cpu``, 1 thread), median ratio
 [25-75 %], B = 4 / B = 16:
 
-=========  ===========================  ===========================  =======================
-model      float64 (default)            float64, perturbed_batches=1  float32, rtol=1e-4, pb=1
-=========  ===========================  ===========================  =======================
-resnet     7.0x [6.5, 7.1] / 4.9x       4.7x [4.2, 4.8] / 2.6x       1.9x [1.7, 2.0] / 1.1x
-gpt2       4.7x [4.2, 4.8] / 4.1x       3.2x [3.1, 3.6] / 2.3x       2.5x [2.4, 2.8] / 1.7x
-=========  ===========================  ===========================  =======================
+=========  ==========================  ============================  ========================
+model      float64 (default)           float64, perturbed_batches=1  float32, rtol=1e-4, pb=1
+=========  ==========================  ============================  ========================
+resnet     7.0x [6.5, 7.1] / 4.9x      4.7x [4.2, 4.8] / 2.6x        1.9x [1.7, 2.0] / 1.1x
+gpt2       4.7x [4.2, 4.8] / 4.1x      3.2x [3.1, 3.6] / 2.3x        2.5x [2.4, 2.8] / 1.7x
+=========  ==========================  ============================  ========================
 
 The default (every batch at both points, float64) does not reach 3x on a CPU: it runs two
 float64 passes per batch. The target is met with ``perturbed_batches=1`` from about 16 batches
