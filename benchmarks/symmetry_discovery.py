@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_momentum.balance.symmetry import find_symmetries
 from torch_momentum.demos import ResNetCNN, gpt2_tiny
-from torch_momentum.symmetry import find_symmetries
 
 try:
     from ._timing import interleave, paired_ratio, quantile

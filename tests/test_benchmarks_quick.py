@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["optim_step.py", "callback_overhead.py", "clarke.py"]
+BENCHMARKS = ["optim_step.py", "callback_overhead.py", "clarke.py", "symmetry_discovery.py"]
 
 
 def test_every_benchmark_is_smoke_tested() -> None:

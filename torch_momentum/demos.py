@@ -4,7 +4,7 @@ Plain :class:`torch.nn.Module` classes (like Lightning's ``lightning.pytorch.dem
 in well under a second per step on a 2-core CPU. They are written the way the networks people
 train are written (module names and structure follow torchvision's ResNet and GPT-style
 transformers), because their purpose is to exercise code that walks real model structure: the
-symmetry discovery of :mod:`torch_momentum.symmetry`, the balance monitor and its ledger.
+symmetry discovery of :mod:`torch_momentum.balance.symmetry`, the balance monitor and its ledger.
 
 * :class:`ReluMLP`: ``Linear -> ReLU -> ... -> Linear`` with biases.
 * :class:`GeluMLP`: ``Linear -> GELU -> Linear``, the negative control of :class:`ReluMLP` (GELU is

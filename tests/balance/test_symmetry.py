@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_momentum.balance.symmetry import (
+    KINDS,
+    Symmetry,
+    SymmetryList,
+    SymmetryPart,
+    find_symmetries,
+)
 from torch_momentum.demos import (
     BatchNormMLP,
     GeluMLP,
@@ -25,7 +32,6 @@ from torch_momentum.demos import (
     ResNetCNN,
     gpt2_tiny,
 )
-from torch_momentum.symmetry import KINDS, Symmetry, SymmetryList, SymmetryPart, find_symmetries
 
 
 def ce(model: nn.Module, batch: Any) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_momentum.balance.symmetry import find_symmetries
 from torch_momentum.demos import (
     BatchNormMLP,
     GeluMLP,
@@ -28,7 +29,6 @@ from torch_momentum.demos import (
     ResNetCNN,
     gpt2_tiny,
 )
-from torch_momentum.symmetry import find_symmetries
 
 ROUND_OFF = 1e-12
 

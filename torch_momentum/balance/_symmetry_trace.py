@@ -1,8 +1,8 @@
 """Which module consumes which module's output: one forward pass with hooks, and its autograd graph.
 
-Private helper of :mod:`torch_momentum.symmetry`. :class:`CallRecorder` records every leaf module
-call with its input and output tensors; :class:`DataFlow` then links each module input to the
-module that produced it:
+Private helper of :mod:`torch_momentum.balance.symmetry`. :class:`CallRecorder` records every
+leaf module call with its input and output tensors; :class:`DataFlow` then links each module
+input to the module that produced it:
 
 * by tensor identity, looking through modules that commute with a positive per-channel scale
   (ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, Flatten, whose ``block`` is the number of
@@ -106,7 +106,7 @@ class CallRecorder:
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_trace import CallRecorder
+        >>> from torch_momentum.balance._symmetry_trace import CallRecorder
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
         >>> with CallRecorder(model) as rec:
         ...     _ = model(torch.randn(2, 3))
@@ -175,7 +175,7 @@ class DataFlow:
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_trace import CallRecorder, DataFlow
+        >>> from torch_momentum.balance._symmetry_trace import CallRecorder, DataFlow
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
         ...     torch.nn.Linear(8, 3))

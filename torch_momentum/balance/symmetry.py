@@ -27,10 +27,10 @@ second-order term only while the symmetry holds; linear charges (translation) ch
 :math:`-\eta\langle g, \xi_u\rangle`, i.e. not at all under gradient descent.
 
 :func:`find_symmetries` proposes candidates from the module structure (see
-``torch_momentum._symmetry_candidates``) and reports only those that pass the verification: for
-every unit :math:`u`, :math:`|\langle \nabla\ell, \xi_u\rangle| \le \mathrm{rtol}\,
-\|\nabla\ell_{A_u}\|\,\|\xi_u\|` on every batch given, at the current parameters and at a random
-perturbation of them, with gradients computed in float64.
+``torch_momentum.balance._symmetry_candidates``) and reports only those that pass the
+verification: for every unit :math:`u`, :math:`|\langle \nabla\ell, \xi_u\rangle| \le
+\mathrm{rtol}\, \|\nabla\ell_{A_u}\|\,\|\xi_u\|` on every batch given, at the current
+parameters and at a random perturbation of them, with gradients computed in float64.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_momentum._symmetry_candidates import (
+from torch_momentum.balance._parts import SymmetryPart, part_values, signed_sum
+from torch_momentum.balance._symmetry_candidates import (
     PartSpec,
     Proposal,
     ZeroSlice,
     display_prefix,
     propose,
 )
-from torch_momentum._symmetry_trace import CallRecorder
-from torch_momentum._symmetry_verify import (
+from torch_momentum.balance._symmetry_trace import CallRecorder
+from torch_momentum.balance._symmetry_verify import (
     QUADRATIC,
     CallFailedError,
     Evaluator,
@@ -60,56 +61,12 @@ from torch_momentum._symmetry_verify import (
     perturbed,
 )
 
-__all__ = ["KINDS", "ZERO_GRADIENT", "Symmetry", "SymmetryList", "SymmetryPart", "find_symmetries"]
+__all__ = ["KINDS", "ZERO_GRADIENT", "Symmetry", "SymmetryList", "find_symmetries"]
 
 #: The kinds :func:`find_symmetries` looks for (its ``kinds`` argument is a subset).
 KINDS = ("scale", "rescale", "translation")
 #: The kind of a parameter, or slice of one, whose gradient is zero on every evaluation.
 ZERO_GRADIENT = "zero_gradient"
-
-
-@dataclass(frozen=True)
-class SymmetryPart:
-    """Which entries of one parameter belong to which unit of a :class:`Symmetry`.
-
-    Take parameter ``param``. If ``dim`` is None the whole tensor is one unit, index
-    ``unit_offset``. Otherwise narrow it along ``dim`` to ``[start, start + length)`` and view that
-    axis as ``(length // block, block)``: unit ``u`` of this part (``0 <= u < length // block``) is
-    every entry whose index along ``dim`` falls in block ``u`` (all other dimensions included),
-    and it is unit ``unit_offset + u`` of the symmetry. ``sign`` is ``+1`` for the A side and
-    ``-1`` for the B side of a rescale (and of the ``bias_ih``/``bias_hh`` translation of a
-    recurrent layer).
-
-    Example:
-        >>> import torch
-        >>> from torch_momentum.symmetry import SymmetryPart
-        >>> # the columns of a (3, 4) classifier, one unit per column
-        >>> part = SymmetryPart("fc.weight", 1, 0, 4, 1, 1.0, 0)
-        >>> part.units
-        4
-        >>> part.entries(torch.arange(12.0).reshape(3, 4)).sum(1)
-        tensor([12., 15., 18., 21.])
-    """
-
-    param: str
-    dim: int | None
-    start: int
-    length: int
-    block: int
-    sign: float
-    unit_offset: int
-
-    @property
-    def units(self) -> int:
-        """How many units this part contributes to."""
-        return 1 if self.dim is None else self.length // self.block
-
-    def entries(self, tensor: Tensor) -> Tensor:
-        """The part's entries of ``tensor`` (shaped like the parameter) as ``(units, -1)``."""
-        if self.dim is None:
-            return tensor.reshape(1, -1)
-        narrow = tensor.narrow(self.dim, self.start, self.length).movedim(self.dim, 0)
-        return narrow.reshape(self.units, -1)
 
 
 @dataclass(frozen=True)
@@ -136,7 +93,7 @@ class Symmetry:
 
     Example:
         >>> import torch
-        >>> from torch_momentum.symmetry import Symmetry, SymmetryPart
+        >>> from torch_momentum.balance.symmetry import Symmetry, SymmetryPart
         >>> head = torch.nn.Linear(4, 3)
         >>> translation = Symmetry(
         ...     kind="translation", name="head (columns + bias)", params=("weight", "bias"),
@@ -173,19 +130,13 @@ class Symmetry:
         """
         if b is not None and not self.quadratic:
             raise ValueError(f"b: the {self.kind} charge of {self.name!r} is linear: pass b=None")
-        out: Tensor | None = None
-        for part in self.parts:
-            ea = part.entries(_lookup(a, part.param, self.name, "a")).to(torch.float64)
-            if self.quadratic:
-                eb = ea if b is None else part.entries(_lookup(b, part.param, self.name, "b"))
-                value = (ea * eb.to(torch.float64)).sum(1)
-            else:
-                value = ea.sum(1)
-            if out is None:
-                out = torch.zeros(self.units, dtype=torch.float64, device=value.device)
-            out[part.unit_offset : part.unit_offset + part.units] += part.sign * value
-        assert out is not None  # a Symmetry has at least one part
-        return out
+
+        def value(part: SymmetryPart) -> Tensor:
+            ea = _lookup(a, part.param, self.name, "a")
+            eb = None if b is None else _lookup(b, part.param, self.name, "b")
+            return part_values(ea, part, not self.quadratic, eb)
+
+        return signed_sum(self.parts, self.units, value)
 
     def sq_norms(self, a: Mapping[str, Tensor]) -> Tensor:
         """Per-unit squared norms :math:`\\|a_u\\|^2` over all the unit's entries (both sides).
@@ -193,14 +144,12 @@ class Symmetry:
         E.g. ``sq_norms(grads)`` is :math:`\\|\\nabla\\ell_{A_u}\\|^2` of the verification and
         ``sq_norms(generator(params))`` is :math:`\\|\\xi_u\\|^2`. Float64, shape ``(units,)``.
         """
-        out: Tensor | None = None
-        for part in self.parts:
-            entries = part.entries(_lookup(a, part.param, self.name, "a")).to(torch.float64)
-            if out is None:
-                out = torch.zeros(self.units, dtype=torch.float64, device=entries.device)
-            out[part.unit_offset : part.unit_offset + part.units] += entries.pow(2).sum(1)
-        assert out is not None  # a Symmetry has at least one part
-        return out
+        return signed_sum(
+            self.parts,
+            self.units,
+            lambda part: part_values(_lookup(a, part.param, self.name, "a"), part, False),
+            signed=False,
+        )
 
     def charge(self, named_params: Mapping[str, Tensor]) -> Tensor:
         """The conserved charge per unit, float64, shape ``(units,)``.
@@ -242,7 +191,7 @@ class SymmetryList(list[Symmetry]):
     (useful to see why a layer has no symmetry: a BatchNorm after it, a residual add, GELU).
 
     Example:
-        >>> from torch_momentum.symmetry import SymmetryList
+        >>> from torch_momentum.balance.symmetry import SymmetryList
         >>> found = SymmetryList([], rejected=())
         >>> found, found.rejected
         ([], ())
@@ -559,7 +508,7 @@ def find_symmetries(
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from torch_momentum.demos import ReluMLP
-        >>> from torch_momentum.symmetry import find_symmetries
+        >>> from torch_momentum.balance.symmetry import find_symmetries
         >>> model = ReluMLP(8, (6,), 3)
         >>> batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(2)]
         >>> def loss_fn(model, batch):

@@ -1,6 +1,6 @@
 """Float64 gradients of a loss at given parameters, and the residuals of candidate symmetries.
 
-Private helper of :mod:`torch_momentum.symmetry`. :class:`Evaluator` computes
+Private helper of :mod:`torch_momentum.balance.symmetry`. :class:`Evaluator` computes
 ``grad loss_fn(model, batch)`` at any parameter values without touching the model (the
 parameters are swapped by :func:`torch.func.functional_call`, the buffers are copies, the norm
 layers' eps is set for the call and restored). :class:`Verifier` folds each gradient into the
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_momentum._symmetry_candidates import Proposal, ZeroSlice, norm_modules
+from torch_momentum.balance._symmetry_candidates import Proposal, ZeroSlice, norm_modules
 
 QUADRATIC = ("scale", "rescale")
 # The norm layers' eps during verification: far below any variance met in float64 (so the scale
@@ -50,7 +50,7 @@ def cast(obj: Any, dtype: torch.dtype | None) -> Any:
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_verify import cast
+        >>> from torch_momentum.balance._symmetry_verify import cast
         >>> x, y = cast((torch.ones(2), torch.ones(2, dtype=torch.long)), torch.float64)
         >>> x.dtype, y.dtype
         (torch.float64, torch.int64)
@@ -164,7 +164,7 @@ def perturbed(point: Mapping[str, Tensor], scale: float, seed: int) -> dict[str,
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_verify import perturbed
+        >>> from torch_momentum.balance._symmetry_verify import perturbed
         >>> moved = perturbed({"b": torch.zeros(3, dtype=torch.float64)}, 0.1, seed=0)
         >>> bool(moved["b"].abs().min() > 0)  # a zero bias is moved too (by 0.1 * 1)
         True

@@ -1,7 +1,8 @@
 """Candidate symmetries of a model, from its module structure and one recorded forward pass.
 
-Private helper of :mod:`torch_momentum.symmetry`: everything proposed here is only a *candidate*;
-:func:`torch_momentum.symmetry.find_symmetries` keeps a candidate only if the gradients verify it.
+Private helper of :mod:`torch_momentum.balance.symmetry`: everything proposed here is only a
+*candidate*; :func:`~torch_momentum.balance.symmetry.find_symmetries` keeps a candidate only if
+the gradients verify it.
 Candidates are therefore generated liberally (every pair of equal unit count inside one parent
 module, every Linear as a classifier...): a wrong candidate costs a few inner products.
 
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from torch_momentum._symmetry_trace import Call, DataFlow
+from torch_momentum.balance._symmetry_trace import Call, DataFlow
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_CHANNEL_NORM = (
@@ -46,7 +47,7 @@ _WRAPPERS = ("model.", "module.", "_orig_mod.")
 
 
 class PartSpec(NamedTuple):
-    """The fields of :class:`torch_momentum.symmetry.SymmetryPart` (see there)."""
+    """The fields of :class:`torch_momentum.balance.symmetry.SymmetryPart` (see there)."""
 
     param: str
     dim: int | None
@@ -85,7 +86,7 @@ def display_prefix(names: list[str]) -> str:
     """The wrapper prefix (``model.``, ``module.``, ``_orig_mod.``, repeated) shared by all names.
 
     Example:
-        >>> from torch_momentum._symmetry_candidates import display_prefix
+        >>> from torch_momentum.balance._symmetry_candidates import display_prefix
         >>> display_prefix(["module.model.fc.weight", "module.model.fc.bias"])
         'module.model.'
         >>> display_prefix(["model.weight", "head.weight"])
@@ -110,7 +111,7 @@ def norm_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_candidates import norm_modules
+        >>> from torch_momentum.balance._symmetry_candidates import norm_modules
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
         >>> [(type(m).__name__, attr) for m, attr in norm_modules(model)]
         [('LayerNorm', 'eps')]
@@ -556,8 +557,8 @@ def propose(
 
     Example:
         >>> import torch
-        >>> from torch_momentum._symmetry_candidates import propose
-        >>> from torch_momentum._symmetry_trace import CallRecorder
+        >>> from torch_momentum.balance._symmetry_candidates import propose
+        >>> from torch_momentum.balance._symmetry_trace import CallRecorder
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> with CallRecorder(model) as rec:
