@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from torch_momentum.balance import (
-    LEDGER_TERMS,
     BalanceLedger,
     balance_metrics,
     check_layers_spec,
@@ -35,7 +34,11 @@ from torch_momentum.balance import (
     unit_symmetry,
 )
 from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.balance.symmetry import Symmetry
+from torch_momentum.balance.watch import pair_ledger_metrics, unit_metrics
+from torch_momentum.callbacks._network import LossFn, NetworkMode
 from torch_momentum.callbacks._trainer import is_last_step, logging_step, loss_scale
+from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
 from torch_momentum.callbacks.plotting import (
     log_figure,
     plot_balance,
@@ -173,6 +176,9 @@ class LayerBalanceMonitor(Callback):
         save_figure: bool = True,
         neurons: bool = False,
         ledger: bool = False,
+        *,
+        per_layer: bool = False,
+        loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
         self.layers = check_layers_spec(layers)
@@ -188,6 +194,7 @@ class LayerBalanceMonitor(Callback):
             ("save_figure", save_figure),
             ("neurons", neurons),
             ("ledger", ledger),
+            ("per_layer", per_layer),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{arg}` must be a bool, got {value!r}")
@@ -196,6 +203,14 @@ class LayerBalanceMonitor(Callback):
         self.save_figure = save_figure
         self.neurons = neurons
         self.ledger = ledger
+        self.per_layer = per_layer
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable or None, got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        # the default mode (no `layers=`): the model's symmetries, found at the first batch
+        self._network = (
+            None if self.layers is not None else NetworkMode(per_layer, neurons, ledger, loss_fn)
+        )
         #: per hidden layer, :math:`D_i(t) - D_i(0)` at the last logging step (``neurons=True``)
         self.unit_drift: dict[str, Tensor] = {}
         #: per hidden layer, the per-unit ledger at the last logging step (both flags)
@@ -219,6 +234,7 @@ class LayerBalanceMonitor(Callback):
         self._last_step = -1
         self._started = True
         self._new_series = True
+        self._angle_step: int | None = None
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -234,6 +250,20 @@ class LayerBalanceMonitor(Callback):
         )
 
     @property
+    def details(self) -> list[dict[str, Any]]:
+        """Default mode: per logging step, each weight matrix's relative change of its squared
+        norm, each symmetry's largest change of a unit's charge, and (``ledger=True``) each
+        symmetry's ledger summed over units; for :func:`plot_network` (not logged)."""
+        return [] if self._network is None else list(self._network.details)
+
+    @property
+    def symmetries(self) -> list[Symmetry]:
+        """The model's symmetries the default mode tracks (known after the first batch)."""
+        if self._network is None or self._network.symmetries is None:
+            return []
+        return list(self._network.symmetries)
+
+    @property
     def layer_names(self) -> list[str]:
         """The monitored layers, in adjacency order (known once training started)."""
         return list(self._names)
@@ -243,6 +273,12 @@ class LayerBalanceMonitor(Callback):
         """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
         history (rank zero's; other ranks hold an empty list), the per-unit ``D_i(0)`` and the
         ledger's cumulative sums."""
+        if self._network is not None:
+            return {
+                "version": _STATE_VERSION,
+                "history": [dict(row) for row in self.history],
+                "network": self._network.state_dict(),
+            }
         sq0 = None if self._sq0 is None else list(self._sq0)
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -264,6 +300,8 @@ class LayerBalanceMonitor(Callback):
         """Restore ``W(0)``, the history and the ledger; applied when training starts."""
         self._restored = dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        if self._network is not None:
+            self._network.restored = state_dict.get("network")
 
     @override
     def on_load_checkpoint(
@@ -301,6 +339,9 @@ class LayerBalanceMonitor(Callback):
         self.figure_paths = {}
         self.unit_drift = {}
         self.unit_ledger = {}
+        if self._network is not None:
+            self._network.close()
+            self._network = NetworkMode(self.per_layer, self.neurons, self.ledger, self.loss_fn)
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -328,6 +369,13 @@ class LayerBalanceMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._network is not None:
+            step = logging_step(trainer)
+            origin = self._network.start(trainer, pl_module, step)
+            if origin == "new" and self._restored is None:
+                self.history = [] if step == 0 else self.history
+            self._begin(origin, step)
+            return
         previous = self._names, self._ledger_state()
         self._resolve(pl_module)
         step = logging_step(trainer)
@@ -337,6 +385,9 @@ class LayerBalanceMonitor(Callback):
         if self._ledger is not None:
             state = {"restored": (restored or {}).get("ledger"), "continued": previous[1]}
             self._start_ledger(state.get(origin), step)
+        self._begin(origin, step)
+
+    def _begin(self, origin: str, step: int) -> None:
         # the step counter is final at the first batch (a mid-epoch checkpoint's counter is
         # incremented after this hook): the series' bookkeeping waits for it
         self._started = False
@@ -351,6 +402,8 @@ class LayerBalanceMonitor(Callback):
         if self._started:
             return
         self._started = True
+        if self._network is not None:
+            self._network.first_batch(trainer, pl_module, batch)
         step = logging_step(trainer)
         # a new series logs its first step; a resumed or continued one keeps the cadence
         self._first_step = step if self._new_series else -1
@@ -437,17 +490,35 @@ class LayerBalanceMonitor(Callback):
             return
         self._last_step = step
         self._log(trainer, pl_module, step, with_grads=True, scale=loss_scale(trainer, optimizer))
+        if self._network is not None and self._network.watch is not None:
+            self._network.watch.before_step()
+            self._angle_step = step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, self._angle_step = self._angle_step, None
+        if step is None or self._network is None or self._network.watch is None:
+            return
+        extra = self._network.watch.after_step()  # the angle of the step just taken
+        if extra and trainer.is_global_zero and self.history and self.history[-1]["step"] == step:
+            self.history[-1].update(extra)
+            for logger in trainer.loggers:
+                logger.log_metrics(extra, step=step)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = logging_step(trainer)
-        if self._refs and self._last_step < step - 1:
+        if (self._refs or self._network is not None) and self._last_step < step - 1:
             # the last update was not foreseen (early stopping, max_time): record the weights
             # after it, at the next step's index (every rank joins the collectives)
             self._last_step = step
             self._log(trainer, pl_module, step, with_grads=False)
         if self._ledger is not None:
             self._ledger.detach()
+        if self._network is not None:
+            self._network.close()
         if not self.save_figure:
             return
         log_dir = trainer.log_dir  # a broadcast: every rank calls it
@@ -482,7 +553,11 @@ class LayerBalanceMonitor(Callback):
     def _figures(self) -> dict[str, Any]:
         """The figures saved at the end of training: the balance, and the ledger and per-unit
         drift when they were tracked."""
-
+        if self._network is not None:
+            figures = {"balance": plot_network(self)}
+            if self.ledger and any(d.get("ledger") for d in self.details):
+                figures["ledger"] = plot_network_ledger(self)
+            return figures
         figures = {"balance": plot_balance(self.history)}
         if self.ledger and any(k.startswith("ledger/") for k in self.history[-1]):
             figures["ledger"] = plot_ledger(self.history)
@@ -494,6 +569,8 @@ class LayerBalanceMonitor(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._ledger is not None:
             self._ledger.detach()
+        if self._network is not None:
+            self._network.close()
 
     # ------------------------------------------------------------------------------------------
     # internals
@@ -509,6 +586,11 @@ class LayerBalanceMonitor(Callback):
     ) -> None:
         """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
         gradients (divided out of gradient norms and per-unit symmetries)."""
+        if self._network is not None:
+            found = self._network.metrics(trainer, step, with_grads and self.track_grad_norm, scale)
+            if found is not None:
+                self._emit(trainer, step, found)
+            return
         if not self._sharded and not trainer.is_global_zero:
             return  # replicated: rank zero alone computes and logs
         if not self._refs:
@@ -532,28 +614,16 @@ class LayerBalanceMonitor(Callback):
             return
         metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
         metrics.update(extra)
+        self._emit(trainer, step, metrics)
+
+    def _emit(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     def _ledger_metrics(self) -> dict[str, float]:
         assert self._ledger is not None
-        out = self._ledger.read()
-        values = torch.cat(
-            [out["sums"].reshape(-1), out["closure"]] + ([out["Q"]] if out["Q"] is not None else [])
-        ).tolist()
-        pairs = out["pairs"]
-        n_terms = len(LEDGER_TERMS)
-        metrics: dict[str, float] = {}
-        for k, pair in enumerate(pairs):
-            for j, term in enumerate(LEDGER_TERMS):
-                metrics[f"ledger/{term}/{pair}"] = values[k * n_terms + j]
-        base = len(pairs) * n_terms
-        for k, pair in enumerate(pairs):
-            metrics[f"ledger/closure/{pair}"] = values[base + k]
-        if out["Q"] is not None:
-            for k, pair in enumerate(pairs):
-                metrics[f"balance/corrected_diff/{pair}"] = values[base + len(pairs) + k]
+        metrics = pair_ledger_metrics(self._ledger)
         if self._units:
             self.unit_ledger = {
                 name: {key: value.cpu() for key, value in entry.items()}
@@ -576,28 +646,7 @@ class LayerBalanceMonitor(Callback):
         values = self._unit_values()
         assert self._unit_d0 is not None
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
-        names = list(values)
-        # one host transfer for every layer's D_i and R_i; the statistics over units in Python
-        parts = [values[k] for k in names] + [symmetry[k] for k in names if k in symmetry]
-        device = parts[0].device
-        host = torch.cat([t.to(device) for t in parts]).cpu()
-        metrics: dict[str, float] = {}
-        self.unit_drift = {}
-        offset = 0
-        for name in names:
-            n = values[name].numel()
-            drift = host[offset : offset + n] - self._unit_d0[name]
-            offset += n
-            self.unit_drift[name] = drift
-            magnitudes = [abs(v) for v in drift.tolist()]
-            metrics[f"balance/unit_drift_max/{name}"] = max(magnitudes)
-            metrics[f"balance/unit_drift_mean/{name}"] = sum(magnitudes) / n
-        for name in names:
-            if name in symmetry:
-                n = symmetry[name].numel()
-                r = host[offset : offset + n].tolist()
-                offset += n
-                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r) / scale
+        metrics, self.unit_drift = unit_metrics(values, self._unit_d0, symmetry, scale)
         return metrics
 
     def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:

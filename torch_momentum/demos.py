@@ -16,6 +16,8 @@ symmetry discovery of :mod:`torch_momentum.balance.symmetry`, the balance monito
   q/k/v/o projections and a ReLU MLP.
 * :func:`gpt2_tiny`: GPT-2 from a tiny ``transformers.GPT2Config`` (packed ``c_attn``, GELU, tied
   embeddings); needs the ``transformers`` package.
+* :class:`TinyViT`: a Vision Transformer (patch embedding, class token, learned positions, pre-LN
+  blocks with a GELU MLP) for 8x8 images.
 * :class:`LSTMLanguageModel`: embedding, LSTM, linear head.
 
 All classifiers return logits; the language models return logits of shape ``(batch, time,
@@ -41,6 +43,7 @@ __all__ = [
     "PreLNTransformer",
     "ReluMLP",
     "ResNetCNN",
+    "TinyViT",
     "TransformerBlock",
     "gpt2_tiny",
 ]
@@ -253,13 +256,15 @@ class ResNetCNN(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Causal multi-head self-attention with separate ``q, k, v, o`` Linear projections."""
+    """Multi-head self-attention with separate ``q, k, v, o`` Linear projections (causal unless
+    ``causal=False``)."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not a multiple of n_heads={n_heads}")
         self.n_heads = n_heads
+        self.causal = causal
         self.q = nn.Linear(d_model, d_model)
         self.k = nn.Linear(d_model, d_model)
         self.v = nn.Linear(d_model, d_model)
@@ -274,16 +279,18 @@ class _Attention(nn.Module):
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         scores = q @ k.transpose(-2, -1) / math.sqrt(e // h)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        attn = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        if self.causal:
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        attn = scores.softmax(-1)
         return self.o((attn @ v).transpose(1, 2).reshape(b, t, e))
 
 
-class _ReluFeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int) -> None:
+class _FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
-        self.act = nn.ReLU()
+        self.act = activation()
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -293,8 +300,8 @@ class _ReluFeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``.
 
-    ``attn`` has separate ``q, k, v, o`` Linear projections (causal, ``n_heads`` heads); ``mlp`` is
-    ``fc1 -> ReLU (act) -> fc2``.
+    ``attn`` has separate ``q, k, v, o`` Linear projections (``n_heads`` heads; causal unless
+    ``causal=False``); ``mlp`` is ``fc1 -> act -> fc2`` with ``activation`` (default ReLU).
 
     Example:
         >>> import torch
@@ -303,12 +310,20 @@ class TransformerBlock(nn.Module):
         torch.Size([3, 5, 16])
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        causal: bool = True,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = _Attention(d_model, n_heads)
+        self.attn = _Attention(d_model, n_heads, causal)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = _ReluFeedForward(d_model, d_ff)
+        self.mlp = _FeedForward(d_model, d_ff, activation)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -361,6 +376,55 @@ class PreLNTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+class TinyViT(nn.Module):
+    """A Vision Transformer (Dosovitskiy et al. 2021) at a small size, for 8x8 digits.
+
+    timm/torchvision's layout: a patch embedding ``patch_embed`` (a strided Conv2d), a class token
+    ``cls_token`` and learned positions ``pos_embed`` (raw parameters of the root), ``depth``
+    pre-LN :class:`TransformerBlock` s (bidirectional attention, GELU MLP) in ``blocks``, a final
+    LayerNorm ``norm`` and a linear ``head`` on the class token.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.demos import TinyViT
+        >>> model = TinyViT(depth=2)
+        >>> model(torch.randn(3, 1, 8, 8)).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 8,
+        patch_size: int = 2,
+        dim: int = 32,
+        depth: int = 12,
+        heads: int = 4,
+        mlp_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch {patch_size}")
+        tokens = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, mlp_dim, causal=False, activation=nn.GELU)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
 
 
 class LSTMLanguageModel(nn.Module):

@@ -35,6 +35,7 @@ parameters and at a random perturbation of them, with gradients computed in floa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -150,6 +151,29 @@ class Symmetry:
             lambda part: part_values(_lookup(a, part.param, self.name, "a"), part, False),
             signed=False,
         )
+
+    def to_state(self) -> dict[str, Any]:
+        """The symmetry as plain Python data (for checkpoints); :meth:`from_state` rebuilds it.
+
+        Example:
+            >>> from torch_momentum.balance.symmetry import Symmetry, SymmetryPart
+            >>> s = Symmetry("scale", "fc", ("fc.weight",), 1,
+            ...              (SymmetryPart("fc.weight", None, 0, 0, 1, 1.0, 0),), 0.0)
+            >>> Symmetry.from_state(s.to_state()) == s
+            True
+        """
+        state = dataclasses.asdict(self)
+        state["params"] = list(self.params)
+        state["parts"] = [dataclasses.asdict(p) for p in self.parts]
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Symmetry:
+        """The symmetry saved by :meth:`to_state`."""
+        fields = dict(state)
+        fields["params"] = tuple(fields["params"])
+        fields["parts"] = tuple(SymmetryPart(**p) for p in fields["parts"])
+        return cls(**fields)
 
     def charge(self, named_params: Mapping[str, Tensor]) -> Tensor:
         """The conserved charge per unit, float64, shape ``(units,)``.

@@ -1,0 +1,378 @@
+r"""Watching a real network train: its symmetries' charges, their ledger and angular updates.
+
+:class:`NetworkWatch` is what :class:`~torch_momentum.callbacks.LayerBalanceMonitor` does by
+default, in plain torch: given a model, its optimisers and its symmetries (from
+:func:`~torch_momentum.balance.find_symmetries`), it records the origin, and at any step reports
+the fixed summary of :class:`~torch_momentum.balance.summary.BalanceSummary`, and optionally
+
+* the ledger of every charge (``ledger=True``): the terms summed over the quadratic charges
+  (``ledger/{term}``) and the largest relative closure over all charges (``ledger/closure``);
+* the angular update of the scale-invariant groups: the angle between :math:`x_t` and
+  :math:`x_{t+1}` (``angle/mean``, averaged over the scale symmetries and the steps since the
+  last report), its equilibrium under heavy ball with weight decay,
+  :math:`\sqrt{2\eta\lambda/(1+\mu)}` (``angle/prediction``; Wan, Zhu, Zhang & Sun 2021), and
+  the effective learning rate :math:`\eta/\|x_A\|^2` (``effective_lr/median``);
+* per-unit detail of the rescale symmetries (``neurons=True``): ``balance/unit_drift_max``
+  (:math:`\max_u |D_u(t) - D_u(0)|`) and ``balance/unit_symmetry_max``
+  (:math:`\max_u |\langle x, g\rangle_{\pm,u}|`, 0 while the symmetry holds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_momentum.balance._parts import part_values, signed_sum
+from torch_momentum.balance.groups import clean_names
+from torch_momentum.balance.ledger import BalanceLedger
+from torch_momentum.balance.rules import LEDGER_TERMS, HeavyBall, rule_for
+from torch_momentum.balance.summary import BalanceSummary
+from torch_momentum.balance.symmetry import Symmetry
+
+__all__ = ["NetworkWatch", "pair_ledger_metrics", "unit_metrics"]
+
+
+class NetworkWatch:
+    """The default balance metrics of a network (see the module docstring).
+
+    Args:
+        module: the model.
+        optimizers: the optimisers that update it.
+        symmetries: its symmetries.
+        per_layer: per-group and per-symmetry keys too.
+        ledger: keep the ledger of every charge (step hooks on the optimisers).
+        neurons: per-unit detail of the rescale symmetries.
+
+    Example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance import find_symmetries
+        >>> from torch_momentum.balance.watch import NetworkWatch
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> opt = PolyakSGD(net.parameters(), lr=0.1)
+        >>> watch = NetworkWatch(net, [opt], find_symmetries(net, loss, [(x, y)]), ledger=True)
+        >>> watch.start()
+        >>> for _ in range(3):
+        ...     opt.zero_grad(); loss(net, (x, y)).backward(); _ = opt.step()
+        >>> m = watch.metrics()
+        >>> m["charge/translation/max"] < 1e-6, m["ledger/closure"] < 1e-5
+        (True, True)
+        >>> watch.close()
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        symmetries: Sequence[Symmetry],
+        *,
+        per_layer: bool = False,
+        ledger: bool = False,
+        neurons: bool = False,
+    ) -> None:
+        self.module = module
+        self.optimizers = list(optimizers)
+        self.symmetries = list(symmetries)
+        self.summary = BalanceSummary(module, self.symmetries, per_layer=per_layer)
+        self.neurons = neurons
+        self.ledger = (
+            BalanceLedger(None, self.optimizers, module=module, symmetries=self.symmetries)
+            if ledger and self.symmetries
+            else None
+        )
+        self._owner = {
+            id(p): (opt, g)
+            for opt in self.optimizers
+            for g, group in enumerate(opt.param_groups)
+            for p in group["params"]
+        }
+        self._scale = [s for s in self.symmetries if s.kind == "scale"]
+        self._rescale = [s for s in self.symmetries if s.kind == "rescale"]
+        self._snapshot: dict[str, Tensor] | None = None
+        #: after :meth:`metrics` with the ledger: per symmetry, the change of its charge summed
+        #: over units (``"change"``) and each term summed over units
+        self.last_ledger: dict[str, dict[str, float]] = {}
+
+    def _labels(self) -> list[str]:
+        """Readable names of all symmetries (the summary's labels, extended by zero-gradient
+        entries)."""
+        clean = clean_names(s.name for s in self.symmetries)
+        return [clean[s.name] for s in self.symmetries]
+
+    # ------------------------------------------------------------------------------------------
+    # points
+    # ------------------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Tensor]:
+        """The trainable parameters by name."""
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def iterate(self) -> dict[str, Tensor]:
+        """The iterate :math:`x_t` of every trainable parameter (the parameters themselves unless
+        an optimiser keeps a look-ahead point)."""
+        out = {}
+        for name, p in self.params().items():
+            owner = self._owner.get(id(p))
+            if self.ledger is not None and self.ledger.tracks(p):
+                out[name] = self.ledger.iterate(p)
+            elif owner is None:
+                out[name] = p.detach()
+            else:
+                opt, g = owner
+                out[name] = rule_for(opt).iterate(opt, g, p, {})
+        return out
+
+    def start(self) -> None:
+        """Record the origin (and attach the ledger)."""
+        self.summary.start(self.iterate())
+        if self.ledger is not None:
+            self.ledger.start()
+            self.ledger.attach()
+
+    def close(self) -> None:
+        """Remove the ledger's hooks."""
+        if self.ledger is not None:
+            self.ledger.detach()
+
+    # ------------------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------------------
+
+    def metrics(self, with_grads: bool = True, grad_scale: float = 1.0) -> dict[str, float]:
+        """The metrics now (gradient norms and per-unit symmetries from ``.grad`` when
+        ``with_grads``, divided by ``grad_scale``)."""
+        point = self.iterate()
+        params = self.params() if with_grads else None
+        out = self.summary.metrics(point, params, grad_scale)
+        if self._scale:
+            out.update(self._angle_metrics(point))
+        if self.ledger is not None:
+            out.update(self._ledger_metrics())
+        if self.neurons and self._rescale:
+            out.update(self._unit_metrics(point, params, grad_scale))
+        return out
+
+    def _ledger_metrics(self) -> dict[str, float]:
+        assert self.ledger is not None
+        charges = self.ledger.read_charges()
+        terms = torch.zeros(len(LEDGER_TERMS), dtype=torch.float64)
+        closure = 0.0
+        labels = dict(zip((s.name for s in self.symmetries), self._labels(), strict=True))
+        self.last_ledger = {
+            labels[name]: {
+                "change": float((row["D"] - row["D0"]).sum()),
+                **dict(zip(LEDGER_TERMS, row["sums"].sum(0).tolist(), strict=True)),
+            }
+            for name, row in charges.items()
+        }
+        for row in charges.values():
+            if row["kind"] in ("scale", "rescale"):
+                terms += row["sums"].sum(0).cpu()
+            scale = max(float(row["D"].abs().max()), float(row["D0"].abs().max()), 1e-300)
+            closure = max(closure, float(row["closure"].abs().max()) / scale)
+        out = {f"ledger/{t}": float(v) for t, v in zip(LEDGER_TERMS, terms.tolist(), strict=True)}
+        out["ledger/closure"] = closure
+        return out
+
+    def before_step(self) -> None:
+        """Snapshot the scale-invariant groups before an optimiser step (for the angle of that
+        step when there is no ledger to give every step's)."""
+        if self._scale and self.ledger is None:
+            point = self.iterate()
+            names = {part.param for s in self._scale for part in s.parts}
+            self._snapshot = {n: point[n].detach().clone() for n in names}
+
+    def after_step(self) -> dict[str, float]:
+        """After the step :meth:`before_step` prepared: ``{"angle/mean": ...}`` of that step."""
+        if self._snapshot is None:
+            return {}
+        before, self._snapshot = self._snapshot, None
+        now = self.iterate()
+        angles = [_angle(s, before, now) for s in self._scale]
+        return {"angle/mean": statistics.fmean(angles)}
+
+    def _angle_metrics(self, point: dict[str, Tensor]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.ledger is not None:
+            per_step = self.ledger.read_angles()
+            values = torch.cat([a[~torch.isnan(a)] for a in per_step.values()])
+            if values.numel():
+                out["angle/mean"] = float(values.mean())
+        predictions, lrs = [], []
+        for s in self._scale:
+            hyper = self._hyper(s)
+            if hyper is None:
+                continue
+            lr, momentum, decay = hyper
+            norm = float(
+                signed_sum(s.parts, s.units, lambda p: part_values(point[p.param], p, False)).sum()
+            )
+            lrs.append(lr / norm if norm > 0 else math.inf)
+            if decay > 0:
+                predictions.append(math.sqrt(2 * lr * decay / (1 + momentum)))
+        if predictions:
+            out["angle/prediction"] = statistics.median(predictions)
+        if lrs:
+            out["effective_lr/median"] = statistics.median(lrs)
+        return out
+
+    def _hyper(self, s: Symmetry) -> tuple[float, float, float] | None:
+        """``(lr, momentum, weight decay)`` of the heavy-ball group updating the symmetry's first
+        parameter (None for other rules: the equilibrium is a heavy-ball result)."""
+        p = dict(self.module.named_parameters()).get(s.parts[0].param)
+        owner = None if p is None else self._owner.get(id(p))
+        if owner is None:
+            return None
+        opt, g = owner
+        rule, group = rule_for(opt), opt.param_groups[g]
+        if not (isinstance(rule, HeavyBall) and rule.known(group) and not rule.nesterov(group)):
+            return None
+        h = rule.hyper(group)
+        return h.lr, h.momentum, h.weight_decay
+
+    def _unit_metrics(
+        self, point: dict[str, Tensor], params: dict[str, Tensor] | None, grad_scale: float
+    ) -> dict[str, float]:
+        index = [self.summary.symmetries.index(s) for s in self._rescale]
+        deltas = self.summary.changes(self.summary.charges(point))
+        out = {"balance/unit_drift_max": max(float(deltas[k].abs().max()) for k in index)}
+        if params is not None:
+            grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+            sym = [
+                s.inner({n: g for n, g in grads.items()}, point)
+                for s in self._rescale
+                if all(part.param in grads for part in s.parts)
+            ]
+            if sym:
+                out["balance/unit_symmetry_max"] = (
+                    max(float(r.abs().max()) for r in sym) / grad_scale
+                )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The origin and the ledger's sums."""
+        ledger = None if self.ledger is None or self.ledger.D0 is None else self.ledger.state_dict()
+        return {"summary": self.summary.state_dict(), "ledger": ledger}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a series (see :meth:`state_dict`); call instead of :meth:`start`.
+
+        Raises:
+            ValueError: the state was saved for other groups or symmetries.
+        """
+        self.summary.load_state_dict(state["summary"])
+        if self.ledger is not None:
+            if state.get("ledger") is not None:
+                self.ledger.load_state_dict(state["ledger"])
+            else:
+                self.ledger.start()
+            self.ledger.attach()
+
+
+def _angle(s: Symmetry, before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
+    """The angle between the symmetry's entries at two points (all units together)."""
+
+    def dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+        return float(
+            signed_sum(
+                s.parts,
+                s.units,
+                lambda p: part_values(a[p.param], p, False, b[p.param]),
+                signed=False,
+            ).sum()
+        )
+
+    xx, yy, xy = dot(before, before), dot(after, after), dot(before, after)
+    return math.atan2(math.sqrt(max(xx * yy - xy * xy, 0.0)), xy)
+
+
+def pair_ledger_metrics(ledger: BalanceLedger) -> dict[str, float]:
+    """The ledger of the layer pairs as logged keys (one host transfer):
+    ``ledger/{term}/{L}-{M}``, ``ledger/closure/{L}-{M}`` and, for heavy-ball optimisers,
+    ``balance/corrected_diff/{L}-{M}`` (:math:`Q_t`). Every rank calls it when sharded.
+
+    Example:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_momentum import PolyakSGD
+        >>> from torch_momentum.balance import BalanceLedger
+        >>> from torch_momentum.balance.watch import pair_ledger_metrics
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> ledger = BalanceLedger({"a": [net[0].weight], "b": [net[2].weight]},
+        ...                        PolyakSGD(net.parameters()))
+        >>> sorted(pair_ledger_metrics(ledger))[:2]
+        ['balance/corrected_diff/a-b', 'ledger/closure/a-b']
+    """
+    out = ledger.read()
+    values = torch.cat(
+        [out["sums"].reshape(-1), out["closure"]] + ([out["Q"]] if out["Q"] is not None else [])
+    ).tolist()
+    pairs = out["pairs"]
+    n_terms = len(LEDGER_TERMS)
+    metrics: dict[str, float] = {}
+    for k, pair in enumerate(pairs):
+        for j, term in enumerate(LEDGER_TERMS):
+            metrics[f"ledger/{term}/{pair}"] = values[k * n_terms + j]
+    base = len(pairs) * n_terms
+    for k, pair in enumerate(pairs):
+        metrics[f"ledger/closure/{pair}"] = values[base + k]
+    if out["Q"] is not None:
+        for k, pair in enumerate(pairs):
+            metrics[f"balance/corrected_diff/{pair}"] = values[base + len(pairs) + k]
+    return metrics
+
+
+def unit_metrics(
+    values: dict[str, Tensor],
+    origin: dict[str, Tensor],
+    symmetry: dict[str, Tensor],
+    grad_scale: float = 1.0,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Per hidden layer ``L``: ``balance/unit_drift_max/{L}`` and ``balance/unit_drift_mean/{L}``
+    (over units, :math:`|D_i(t) - D_i(0)|`) and ``balance/unit_symmetry_max/{L}``
+    (:math:`\\max_i |R_i|`, divided by ``grad_scale``), and the drifts :math:`D_i(t) - D_i(0)`
+    per layer (CPU); ``values``: :math:`D_i(t)`, ``origin``: :math:`D_i(0)`, ``symmetry``:
+    :math:`R_i` where known. One host transfer.
+
+    Example:
+
+        >>> import torch
+        >>> from torch_momentum.balance.watch import unit_metrics
+        >>> d = {"h": torch.tensor([1.0, 3.0], dtype=torch.float64)}
+        >>> d0 = {"h": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+        >>> unit_metrics(d, d0, {})[0]
+        {'balance/unit_drift_max/h': 2.0, 'balance/unit_drift_mean/h': 1.0}
+    """
+    names = list(values)
+    parts = [values[k] for k in names] + [symmetry[k] for k in names if k in symmetry]
+    device = parts[0].device
+    host = torch.cat([t.to(device) for t in parts]).cpu()
+    metrics: dict[str, float] = {}
+    drift_of: dict[str, Tensor] = {}
+    offset = 0
+    for name in names:
+        n = values[name].numel()
+        drift = host[offset : offset + n] - origin[name]
+        offset += n
+        drift_of[name] = drift
+        magnitudes = [abs(v) for v in drift.tolist()]
+        metrics[f"balance/unit_drift_max/{name}"] = max(magnitudes)
+        metrics[f"balance/unit_drift_mean/{name}"] = sum(magnitudes) / n
+    for name in names:
+        if name in symmetry:
+            n = symmetry[name].numel()
+            r = host[offset : offset + n].tolist()
+            offset += n
+            metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r) / grad_scale
+    return metrics, drift_of
