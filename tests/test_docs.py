@@ -11,7 +11,7 @@ import importlib
 import re
 from pathlib import Path
 
-from test_doctests import _public_objects
+from tests.test_doctests import _public_objects
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 _AUTOMODULE = re.compile(r"^\.\. automodule:: ([\w.]+)\s*$", re.MULTILINE)

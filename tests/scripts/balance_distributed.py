@@ -1,7 +1,8 @@
-"""Multi-process checks of LayerBalanceMonitor, run by tests/test_callbacks_distributed.py.
+"""Multi-process checks of LayerBalanceMonitor, run by tests/callbacks/test_distributed.py.
 
-Usage: ``python balance_distributed.py OUT.json WORKDIR``. Lightning's ``strategy="ddp"`` launches
-the second rank by re-running this script; every rank runs, rank zero writes ``OUT.json``:
+Usage, from the repository root: ``python -m tests.scripts.balance_distributed OUT.json WORKDIR``.
+Lightning's ``strategy="ddp"`` launches the second rank by re-running this module (``python -m``
+with the same arguments); every rank runs, rank zero writes ``OUT.json``:
 
 The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9).
 
@@ -17,19 +18,16 @@ The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,11 +12,9 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from tests.helpers.trainer import ValidatedModel, make_data, make_loader, make_net, trainer_kwargs
 from torch_momentum import NesterovSGD
 from torch_momentum.callbacks import OptimizerModeSwitch, has_train_eval
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import ValidatedModel, make_data, make_loader, make_net, trainer_kwargs
 
 LR, MOMENTUM, STEPS, EVERY = 0.05, 0.9, 6, 2
 

@@ -7,9 +7,9 @@ import contextlib
 
 import pytest
 import torch
-from optim_table import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
 from torch import nn
 
+from tests.helpers.optim_db import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,8 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
+from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from torch_momentum.callbacks import LayerBalanceMonitor
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 TERMS = ["momentum", "weight_decay", "symmetry", "discretisation", "other"]

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from optim_table import CLASSES, F64_RTOL, PATHS, max_rel_diff
 from torch import nn
 
+from tests.helpers.optim_db import CLASSES, F64_RTOL, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.functional import default_implementation
 

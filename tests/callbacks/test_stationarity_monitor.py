@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,11 +11,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.func import functional_call
 
+from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from torch_momentum import stationarity_profile
 from torch_momentum.callbacks import StationarityMonitor, training_step_loss
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from optim_table import F64_RTOL, OPTIMIZERS, PATHS, info_of, max_rel_diff
 from torch import nn
 
 import torch_momentum.functional as F
+from tests.helpers.optim_db import F64_RTOL, OPTIMIZERS, PATHS, info_of, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD, to_sgd_state_dict
 
 ids = str

@@ -11,9 +11,9 @@ import io
 
 import pytest
 import torch
-from optim_table import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
 from torch import nn
 
+from tests.helpers.optim_db import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
 from torch_momentum import NesterovSGD
 
 

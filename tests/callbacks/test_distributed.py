@@ -2,8 +2,8 @@
 fully_shard) and DTensor parameters give the values of a single-process run, balance, per-unit
 and ledger keys alike.
 
-The distributed runs happen in one subprocess running ``tests/scripts/balance_distributed.py``
-with ``strategy="ddp"`` (Lightning re-launches that script for rank 1; plain ``ddp`` inside
+The distributed runs happen in one subprocess, ``python -m tests.scripts.balance_distributed``,
+with ``strategy="ddp"`` (Lightning re-launches that module for rank 1; plain ``ddp`` inside
 pytest would re-launch pytest). The single-process reference runs here with the same seed and
 data: each rank sees half of the full batch with a mean loss, so the averaged gradient equals the
 single-process full-batch gradient.
@@ -23,12 +23,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from torch_momentum.callbacks import LayerBalanceMonitor
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
-
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.skipif(
@@ -48,7 +46,8 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(var, None)
     proc = subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, "balance_distributed.py"), str(out), str(workdir)],
+        [sys.executable, "-m", "tests.scripts.balance_distributed", str(out), str(workdir)],
+        cwd=ROOT,  # `python -m tests.scripts...` imports the tests package from the repository root
         env=env,
         capture_output=True,
         text=True,
@@ -60,7 +59,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def single_monitor() -> LayerBalanceMonitor:
-    from balance_distributed import MOMENTUM, STEPS
+    from tests.scripts.balance_distributed import MOMENTUM, STEPS
 
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM)

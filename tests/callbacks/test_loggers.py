@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
+from tests.helpers.trainer import BalanceModel, make_data, make_loader, trainer_kwargs
 from torch_momentum.callbacks import LayerBalanceMonitor
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,7 @@
 """StationarityMonitor with 2 CPU processes (gloo, ``strategy="ddp"``) equals a single process.
 
-The distributed run happens in a subprocess running ``tests/scripts/stationarity_distributed.py``
+The distributed run happens in a subprocess running
+``python -m tests.scripts.stationarity_distributed``
 (Lightning re-launches that script for rank 1). The single-process reference runs here with the
 same seed, model and data: full batches, so both runs take the same steps, and the monitor's
 loss is the mean over the same 41-example subset, split 21 / 20 across the ranks there.
@@ -18,11 +19,10 @@ import lightning.pytorch as pl
 import pytest
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import make_data, make_loader, trainer_kwargs
-from stationarity_distributed import EPOCHS, SUBSET, make_model, make_monitor
+from tests.helpers.trainer import make_data, make_loader, trainer_kwargs
+from tests.scripts.stationarity_distributed import EPOCHS, SUBSET, make_model, make_monitor
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "stationarity_distributed.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.skipif(
@@ -43,7 +43,8 @@ def test_ddp_two_processes_give_every_rank_the_single_process_certificate(
         env.pop(var, None)
     prefix = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, SCRIPT, str(prefix), optimizer],
+        [sys.executable, "-m", "tests.scripts.stationarity_distributed", str(prefix), optimizer],
+        cwd=ROOT,  # `python -m tests.scripts...` imports the tests package from the repository root
         env=env,
         capture_output=True,
         text=True,

@@ -6,7 +6,6 @@ import csv
 import itertools
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,14 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import (
+from tests.helpers.trainer import (
     BalanceModel,
     make_data,
     make_loader,
     make_net,
     trainer_kwargs,
 )
+from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
 
 LAYERS = ["net.0", "net.2", "net.4"]
 PAIRS = ["net.0-net.2", "net.2-net.4"]
