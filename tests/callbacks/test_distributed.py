@@ -12,21 +12,16 @@ single-process full-batch gradient.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
+from tests.helpers.processes import run_distributed_script
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.skipif(
@@ -42,18 +37,7 @@ pytestmark = [
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("balance_distributed")
     out = workdir / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.scripts.balance_distributed", str(out), str(workdir)],
-        cwd=ROOT,  # `python -m tests.scripts...` imports the tests package from the repository root
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_distributed_script("balance_distributed", str(out), str(workdir))
     return json.loads(out.read_text())
 
 
@@ -64,8 +48,7 @@ def single_monitor() -> LayerBalanceMonitor:
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM)
     monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
-    trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=False, callbacks=[monitor]))
-    trainer.fit(model, make_loader(*make_data(), repeat=STEPS))
+    fit(model, [monitor], make_loader(*make_data(), repeat=STEPS), max_steps=STEPS)
     return monitor
 
 

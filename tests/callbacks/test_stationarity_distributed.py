@@ -10,19 +10,14 @@ loss is the mean over the same 41-example subset, split 21 / 20 across the ranks
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch.distributed as dist
 
-from tests.helpers.trainer import make_data, make_loader, trainer_kwargs
+from tests.helpers.processes import run_distributed_script
+from tests.helpers.trainer import fit, make_data, make_loader
 from tests.scripts.stationarity_distributed import EPOCHS, SUBSET, make_model, make_monitor
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.skipif(
@@ -38,19 +33,8 @@ pytestmark = [
 def test_ddp_two_processes_give_every_rank_the_single_process_certificate(
     tmp_path: Path, optimizer: str
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(var, None)
     prefix = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.scripts.stationarity_distributed", str(prefix), optimizer],
-        cwd=ROOT,  # `python -m tests.scripts...` imports the tests package from the repository root
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang guard, not a timing assertion
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_distributed_script("stationarity_distributed", str(prefix), optimizer)
     ranks = [json.loads(Path(f"{prefix}.{r}").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["indices"] == ranks[1]["indices"] and len(ranks[0]["indices"]) == SUBSET
@@ -60,11 +44,7 @@ def test_ddp_two_processes_give_every_rank_the_single_process_certificate(
 
     model = make_model(optimizer)
     monitor = make_monitor()
-    x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(max_steps=-1, max_epochs=EPOCHS, logger=False, callbacks=[monitor])
-    )
-    trainer.fit(model, make_loader(x, y))
+    fit(model, [monitor], make_loader(*make_data()), max_steps=-1, max_epochs=EPOCHS)
     single = monitor.history
     assert len(single) == len(ranks[0]["history"]) == EPOCHS
     assert monitor.subset_indices == ranks[0]["indices"]

@@ -1,12 +1,14 @@
-"""Models and data shared by the LayerBalanceMonitor tests and their multi-process scripts.
+"""Lightning models, data, Trainer settings and the one ``fit`` helper of the callback tests.
 
-Imported both by ``tests/test_callbacks_*.py`` (in the pytest process) and by
-``tests/scripts/balance_distributed.py`` (in the DDP / FSDP2 processes), so the single-process
-reference and the distributed runs build exactly the same model from the same seed.
+Imported both by ``tests/callbacks/`` (in the pytest process) and by ``tests/scripts/`` (in the
+DDP / FSDP2 processes), so the single-process reference and the distributed runs build exactly
+the same model from the same seed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -135,6 +137,29 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def fit(
+    model: pl.LightningModule,
+    callbacks: Sequence[pl.Callback] = (),
+    loader: DataLoader | None = None,
+    *,
+    val_loader: DataLoader | None = None,
+    ckpt_path: str | Path | None = None,
+    **trainer_options: Any,
+) -> pl.Trainer:
+    """``Trainer.fit`` of ``model`` with ``callbacks`` on a quiet CPU Trainer; returns the Trainer.
+
+    The Trainer takes :func:`trainer_kwargs` updated by ``trainer_options``, without a logger
+    unless ``logger=`` is given. ``loader`` defaults to the full batch of :func:`make_data`, 64
+    times per epoch; ``val_loader`` and ``ckpt_path`` go to ``Trainer.fit``.
+    """
+    trainer_options.setdefault("logger", False)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=list(callbacks), **trainer_options))
+    if loader is None:
+        loader = make_loader(*make_data(), repeat=64)
+    trainer.fit(model, loader, val_loader, ckpt_path=ckpt_path)
+    return trainer
 
 
 class ValidatedModel(BalanceModel):

@@ -21,38 +21,38 @@ import json
 import sys
 import warnings
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4
 MOMENTUM = 0.9
 
 
-def fit(
+def run(
     strategy: object, fsdp: bool, workdir: str, name: str
 ) -> tuple[LayerBalanceMonitor, bool, bool]:
+    """The monitor after STEPS steps on 2 ranks, whether it saw sharded parameters, and whether
+    it warned about the ledger."""
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
     monitor = LayerBalanceMonitor(save_figure=(name == "ddp"), ledger=True, neurons=True)
-    trainer = pl.Trainer(
-        **trainer_kwargs(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            model,
+            [monitor],
+            make_loader(x, y, batch_size=len(x) // 2),
             strategy=strategy,
             devices=2,
             max_steps=STEPS,
             logger=CSVLogger(workdir, name=name),
-            callbacks=[monitor],
         )
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
     warned = any("ledger" in str(w.message) for w in caught)
     return monitor, monitor._sharded, warned
 
@@ -93,9 +93,9 @@ def dtensor_checks() -> dict[str, list[float]]:
 
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
-    ddp, ddp_sharded, ddp_warned = fit("ddp", False, workdir, "ddp")
+    ddp, ddp_sharded, ddp_warned = run("ddp", False, workdir, "ddp")
     figure = ddp.figure_path
-    fsdp, fsdp_sharded, fsdp_warned = fit(
+    fsdp, fsdp_sharded, fsdp_warned = run(
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
     )
     checks = dtensor_checks()

@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import sys
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from tests.helpers.trainer import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import StationarityMonitor
 
 RADII = (1e-3, 1e-2, 1e-1)
@@ -40,17 +39,8 @@ def main() -> None:
     model = make_model(optimizer)
     monitor = make_monitor()
     x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            strategy="ddp",
-            devices=2,
-            max_steps=-1,
-            max_epochs=EPOCHS,
-            logger=False,
-            callbacks=[monitor],
-        )
-    )
-    trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
+    loader = make_loader(x, y, batch_size=len(x) // 2)
+    fit(model, [monitor], loader, strategy="ddp", devices=2, max_steps=-1, max_epochs=EPOCHS)
     rank = dist.get_rank()
     with open(f"{out}.{rank}", "w") as fh:
         json.dump(
