@@ -58,6 +58,10 @@ def test_layer_sq_norms_match_naive_mixed_dtypes() -> None:
 
 
 def test_layer_sq_norms_many_is_one_pass_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both groups' float32 tensors take one multi-tensor norm call, with the naive values.
+
+    This test pins which kernel runs; it spies on a private torch API (``torch._foreach_norm``).
+    """
     calls: list[int] = []
     real = torch._foreach_norm
 

@@ -7,6 +7,7 @@ the same model from the same seed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,54 @@ def fit(
         loader = make_loader(*make_data(), repeat=64)
     trainer.fit(model, loader, val_loader, ckpt_path=ckpt_path)
     return trainer
+
+
+def reference_sgd(
+    net: nn.Module,
+    lr: float,
+    steps: int,
+    *,
+    momentum: float = 0.0,
+    clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> list[dict[str, list[float]]]:
+    """Plain-torch full-batch ``torch.optim.SGD`` on :func:`make_data` (what the monitor tests
+    fit through Lightning); per step, before the update: the squared norm of every ``Linear``
+    layer ("sq") and its gradient norm ("grad", before clipping to the total norm ``clip``,
+    unscaled: fp16 autocast with ``scaler``)."""
+    x, y = make_data(dtype=next(net.parameters()).dtype)
+    layers = [m for m in net if isinstance(m, nn.Linear)]
+    out = []
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+            loss = ((net(x) - y) ** 2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        out.append(
+            {
+                "sq": [
+                    sum(float(p.detach().double().square().sum()) for p in m.parameters())
+                    for m in layers
+                ],
+                "grad": [
+                    math.sqrt(sum(float(p.grad.double().square().sum()) for p in m.parameters()))
+                    for m in layers
+                ],
+            }
+        )
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return out
 
 
 class ValidatedModel(BalanceModel):

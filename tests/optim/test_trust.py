@@ -107,7 +107,9 @@ def test_issue_repro_sliced_parameter():
 
 
 def test_layout_check_keeps_the_matching_tensors_on_the_fused_kernel(monkeypatch):
-    """Only the mismatched tensor leaves the fused kernel; the others still take it."""
+    """Only the mismatched tensor leaves the fused kernel; the others still take it.
+
+    This test pins which kernel runs; it spies on a private torch API (``torch._fused_sgd_``)."""
     seen: list[int] = []
     real = torch._fused_sgd_
 
@@ -459,7 +461,10 @@ def test_path_cache_does_not_survive_a_dtype_change():
 
 def test_path_cache_does_not_survive_a_device_change(monkeypatch):
     """Moved to a device without fused kernels (meta), the parameter no longer goes to the fused
-    kernel; an explicit fused=True says so."""
+    kernel; an explicit fused=True says so.
+
+    This test pins which kernel runs; it spies on a private torch API (``torch._fused_sgd_``):
+    it ran once per optimiser, on the CPU, never on the meta device."""
     devices: list[str] = []
     real = torch._fused_sgd_
 
@@ -504,6 +509,12 @@ def gloo_mesh(tmp_path_factory):
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
 def test_dtensor_parameters_default_to_foreach_and_match_builtin(info, gloo_mesh, monkeypatch):
+    """DTensor parameters (no fused kernel) take the foreach kernel by default, once per step,
+    and give the built-in's for-loop results.
+
+    This test pins which kernel runs; it spies on private functions of
+    ``torch_momentum.functional`` (``_multi_tensor_momentum_sgd``, ``_single_tensor_momentum_sgd``;
+    a renamed kernel fails here, it is never skipped silently)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     calls: list[str] = []
