@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 
@@ -57,6 +58,96 @@ def test_public_names_resolve():
 
     assert issubclass(callbacks.LayerBalanceMonitor, Callback)
     assert issubclass(callbacks.OptimizerModeSwitch, Callback)
+
+
+# Every name of every public module's ``__all__`` as of the restructure of issue 17, by the module
+# path users import it from. A name that leaves one of these lists must leave on purpose (with a
+# deprecation and a CHANGELOG entry): delete it here in the same change.
+PUBLIC_NAMES: dict[str, list[str]] = {
+    "torch_momentum": [
+        "ClarkeSubgradient",
+        "NesterovSGD",
+        "PolyakSGD",
+        "StationarityProfile",
+        "clarke_subgradient",
+        "stationarity_profile",
+        "to_sgd_state_dict",
+    ],
+    "torch_momentum.optim": ["NesterovSGD", "PolyakSGD", "to_sgd_state_dict"],
+    "torch_momentum.functional": [
+        "default_implementation",
+        "lookahead_shift",
+        "momentum_sgd",
+        "resolve_implementation",
+        "run_kernel",
+    ],
+    "torch_momentum.balance": [
+        "LEDGER_TERMS",
+        "ROOT_LAYER_NAME",
+        "BalanceLedger",
+        "UnitLayer",
+        "adjacent_pairs",
+        "balance_metrics",
+        "check_layers_spec",
+        "discover_layers",
+        "layer_grad_sq_norms",
+        "layer_sq_norms",
+        "layer_sq_norms_host",
+        "layer_sq_norms_many",
+        "pair_units",
+        "unit_balance",
+        "unit_symmetry",
+    ],
+    "torch_momentum.clarke": ["ClarkeSubgradient", "clarke_subgradient", "min_norm_element"],
+    "torch_momentum.stationarity": ["StationarityProfile", "stationarity_profile"],
+    "torch_momentum.minnorm": ["min_norm_element"],
+    "torch_momentum.callbacks": [
+        "LEDGER_TERMS",
+        "LayerBalanceMonitor",
+        "OptimizerModeSwitch",
+        "StationarityMonitor",
+        "adjacent_pairs",
+        "balance_metrics",
+        "check_layers_spec",
+        "discover_layers",
+        "has_train_eval",
+        "layer_grad_sq_norms",
+        "layer_sq_norms",
+        "layer_sq_norms_host",
+        "layer_sq_norms_many",
+        "ledger_series",
+        "load_history",
+        "plot_balance",
+        "plot_ledger",
+        "plot_unit_drift",
+        "series",
+        "training_step_loss",
+    ],
+    "torch_momentum.callbacks.monitor": ["LayerBalanceMonitor"],
+    "torch_momentum.callbacks.plotting": [
+        "LEDGER_TERMS",
+        "ledger_series",
+        "load_history",
+        "plot_balance",
+        "plot_ledger",
+        "plot_unit_drift",
+        "series",
+    ],
+    "torch_momentum.callbacks.mode_switch": ["OptimizerModeSwitch", "has_train_eval"],
+    "torch_momentum.callbacks.stationarity": ["StationarityMonitor", "training_step_loss"],
+}
+
+
+@pytest.mark.parametrize("module", list(PUBLIC_NAMES))
+def test_public_import_paths(module: str) -> None:
+    """``from <module> import <name>`` works for every public name, and the module still lists
+    it in ``__all__`` (a restructure that drops or moves a name fails here, never silently)."""
+    imported = importlib.import_module(module)
+    names = PUBLIC_NAMES[module]
+    missing = [name for name in names if not hasattr(imported, name)]
+    assert not missing, f"cannot import {missing} from {module}"
+    unlisted = [name for name in names if name not in imported.__all__]
+    assert not unlisted, f"{module}.__all__ no longer lists {unlisted}"
 
 
 def _pyproject() -> dict:

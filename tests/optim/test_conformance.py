@@ -1,20 +1,67 @@
 """Generic optimiser conformance, modelled on PyTorch's ``TestOptimRenewed`` (test/test_optim.py).
 
-Every test runs for both optimisers over the configurations and paths of the table in conftest.py
-(like an ``OptimizerInfo``'s ``optim_inputs``).
+Every test runs for both optimisers over the configurations and paths of the table in
+tests/helpers/optim_db.py (like an ``OptimizerInfo``'s ``optim_inputs``); the first test checks
+the table itself.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import pkgutil
 
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers.optim_db import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
+import tests.optim
+from tests.helpers.optim_db import (
+    CLASSES,
+    CONFIGS,
+    F64_RTOL,
+    OPTIMIZERS,
+    PATHS,
+    config_id,
+    max_rel_diff,
+)
 from torch_momentum import NesterovSGD
+
+
+def _optim_test_names() -> set[str]:
+    """The names of the test functions of tests/optim/ (modules that skip at import: none)."""
+    names: set[str] = set()
+    for found in pkgutil.iter_modules(tests.optim.__path__):
+        try:
+            module = importlib.import_module(f"tests.optim.{found.name}")
+        except pytest.skip.Exception:  # e.g. test_cli.py without jsonargparse
+            continue
+        names |= {name for name in vars(module) if name.startswith("test_")}
+    return names
+
+
+def test_the_table_is_what_the_constructors_do() -> None:
+    """Every implementation the table lists is accepted, ``differentiable=True`` exactly where the
+    table says so (elsewhere a ValueError naming it), and every known skip names an existing
+    test of tests/optim/ and a supported implementation, with a reason."""
+    names = _optim_test_names()
+    assert "test_paths_agree" in names  # the scan sees the tests
+    for info in OPTIMIZERS:
+        assert set(info.supported_impls) == set(PATHS)
+        assert set(info.differentiable_impls) <= set(info.supported_impls)
+        for impl in info.supported_impls:
+            opt = info.cls([nn.Parameter(torch.zeros(2))], lr=0.1, **PATHS[impl])
+            assert all(opt.param_groups[0][flag] is on for flag, on in PATHS[impl].items())
+            params = [nn.Parameter(torch.zeros(2))]
+            if impl in info.differentiable_impls:
+                info.cls(params, lr=0.1, differentiable=True, **PATHS[impl])
+            else:
+                with pytest.raises(ValueError, match="differentiable"):
+                    info.cls(params, lr=0.1, differentiable=True, **PATHS[impl])
+        for skip in info.skips:
+            assert skip.test in names, f"{info}: known skip of a test that does not exist: {skip}"
+            assert set(skip.impls) <= set(info.supported_impls) and skip.reason, skip
 
 
 def params_with_frozen_and_scalar() -> list[torch.Tensor]:

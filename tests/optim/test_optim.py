@@ -1,8 +1,8 @@
-"""PolyakSGD and NesterovSGD: the method-specific tests (equivalences with the built-in, Nesterov
-modes and schedulers, paths on a real model, validation, convergence). Generic optimiser behaviour
-(every path agreeing with the reference path included) is in test_conformance.py, the regressions
-of the trust review in test_trust.py; all draw classes, configurations and paths from the table in
-tests/helpers/optim_db.py."""
+"""PolyakSGD and NesterovSGD: the method-specific tests (equivalences with the built-in on every
+path, Nesterov modes and schedulers, features, validation, convergence). Generic optimiser
+behaviour (every path agreeing with the reference path included) is in test_conformance.py, the
+regressions of the trust review in test_trust.py; all draw classes, configurations and paths from
+the table in tests/helpers/optim_db.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.optim_db import CLASSES, F64_RTOL, PATHS, max_rel_diff
+from tests.helpers.optim_db import CLASSES, F64_RTOL, OPTIMIZERS, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.functional import default_implementation
 
@@ -408,14 +408,18 @@ def test_grad_scaler_matches_builtin(cls):
     assert all(torch.isfinite(p).all() for p in ours_model.parameters())
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-def test_differentiable_step(cls):
-    """With differentiable=True autograd sees through the step: d p_1 / d g = -lr (first step)."""
+@pytest.mark.parametrize(
+    ("cls", "path"),
+    [(info.cls, impl) for info in OPTIMIZERS for impl in info.differentiable_impls],
+)
+def test_differentiable_step(cls, path):
+    """With differentiable=True autograd sees through the step: d p_1 / d g = -lr (first step),
+    on every implementation the table says accepts it."""
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     p = w.clone()  # a non-leaf parameter so that the in-place update is recorded
     g = torch.randn(3, dtype=torch.float64, requires_grad=True)
     p.grad = g.clone()
-    opt = cls([p], lr=0.1, momentum=0.9, differentiable=True)
+    opt = cls([p], lr=0.1, momentum=0.9, differentiable=True, **PATHS[path])
     opt.step()
     (dg,) = torch.autograd.grad(p.sum(), g)
     # Polyak: p1 = p0 - lr g.  Nesterov: y1 = y0 - lr g + lr m (-g) = y0 - lr (1 + m) g.
