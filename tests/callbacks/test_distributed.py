@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers.processes import run_distributed_script
-from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
+from tests.helpers.trainer import (
+    WITHOUT_LOGGER,
+    BalanceModel,
+    fit,
+    make_data,
+    make_loader,
+    make_net,
+)
 from torch_momentum.callbacks import LayerBalanceMonitor
 
 pytestmark = [
@@ -29,6 +36,7 @@ pytestmark = [
         reason="needs torch.distributed/gloo",
     ),
     pytest.mark.usefixtures("one_thread"),
+    WITHOUT_LOGGER,  # the single-process reference
     pytest.mark.slow,
 ]
 

@@ -176,6 +176,8 @@ def test_hook_sequence_fit_and_standalone() -> None:
     assert fresh.calls == ["eval", "train"] and nesterov.training is True
 
 
+# BalanceModel overrides configure_model (for FSDP2 in the DDP script; a no-op here), and Lightning
+# warns that WeightAveraging cannot shard such a model: nothing is sharded in this test.
 @pytest.mark.filterwarnings("ignore:You're using the WeightAveraging callback with a model")
 @pytest.mark.parametrize("switch_first", [True, False], ids=["switch-then-ema", "ema-then-switch"])
 def test_ema_weight_averaging_in_either_order(tmp_path: Path, switch_first: bool) -> None:

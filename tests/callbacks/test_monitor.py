@@ -15,7 +15,15 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net, reference_sgd
+from tests.helpers.trainer import (
+    WITHOUT_LOGGER,
+    BalanceModel,
+    fit,
+    make_data,
+    make_loader,
+    make_net,
+    reference_sgd,
+)
 from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
 
 LAYERS = ["net.0", "net.2", "net.4"]
@@ -238,7 +246,7 @@ def test_explicitly_named_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _NamedModel()
     w0 = {
-        n: float(m.weight.square().sum())
+        n: float(m.weight.detach().square().sum())
         for n, m in [("head", model.head), ("encoder", model.encoder[0])]
     }
     monitor = LayerBalanceMonitor(layers=["head", "hidden", "encoder"], save_figure=False)
@@ -484,6 +492,7 @@ class _StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
+@WITHOUT_LOGGER
 def test_unforeseen_stop_records_the_weights_after_the_last_update(tmp_path: Path) -> None:
     torch.manual_seed(0)
     monitor = LayerBalanceMonitor(log_every_n_steps=50, save_figure=False, ledger=True)

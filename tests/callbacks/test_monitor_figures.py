@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from tests.helpers.trainer import BalanceModel, fit, make_net
+from tests.helpers.trainer import WITHOUT_LOGGER, BalanceModel, fit, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
 
 LAYERS = ["net.0", "net.2", "net.4"]
@@ -157,12 +157,17 @@ def test_ledger_and_unit_drift_figures_saved_and_logged(tmp_path: Path) -> None:
 def test_no_ledger_figure_without_the_ledger(tmp_path: Path) -> None:
     monitor = LayerBalanceMonitor(log_every_n_steps=2)
     model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
-    with pytest.warns(RuntimeWarning, match="figures were saved to .*balance.png"):
+    # no logger, on purpose: the monitor says so, and where the figure went
+    with (
+        pytest.warns(RuntimeWarning, match="has no logger"),
+        pytest.warns(RuntimeWarning, match="figures were saved to .*balance.png"),
+    ):
         fit(model, [monitor], max_steps=4, default_root_dir=str(tmp_path))
     assert monitor.figure_paths == {"balance": str(tmp_path / "balance.png")}
     assert not (tmp_path / "ledger.png").exists()
 
 
+@WITHOUT_LOGGER
 def test_plot_balance_ledger_and_units_views_of_a_monitor() -> None:
     """plot_balance(monitor, view=...) draws the monitor's own ledger and per-unit drift: the
     same lines as plot_ledger and plot_unit_drift, and the per-unit curves are the sorted

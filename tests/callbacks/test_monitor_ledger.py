@@ -9,13 +9,21 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net, reference_sgd
+from tests.helpers.trainer import (
+    WITHOUT_LOGGER,
+    BalanceModel,
+    fit,
+    make_data,
+    make_loader,
+    make_net,
+    reference_sgd,
+)
 from torch_momentum.callbacks import LayerBalanceMonitor
 
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 TERMS = ["momentum", "weight_decay", "symmetry", "discretisation", "other"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), WITHOUT_LOGGER]
 
 
 def _scale(row: dict[str, float], pair: str) -> float:

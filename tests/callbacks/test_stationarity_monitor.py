@@ -112,7 +112,8 @@ def test_logs_to_the_logger(tmp_path: Path) -> None:
     monitor = _monitor(every_n_epochs=2)
     _train(monitor, logger=CSVLogger(tmp_path, name="run"))
     assert len(monitor.history) == 1  # epochs 0, 1, 2: only after epoch 1
-    rows = list(csv.DictReader((tmp_path / "run" / "version_0" / "metrics.csv").open()))
+    with (tmp_path / "run" / "version_0" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("stationarity/grad_norm")]
     assert len(logged) == 1 and logged[0]["step"] == "8"  # after 2 epochs of 4 batches
     for key, value in monitor.history[0].items():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -20,6 +21,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch_momentum import NesterovSGD, PolyakSGD
 
 D_IN, HIDDEN, D_OUT, N_POINTS = 12, 16, 3, 64
+
+# LayerBalanceMonitor warns when the Trainer has no logger (tests/callbacks/test_monitor_figures.py
+# asserts that warning). The tests that fit without a logger on purpose, to read the monitor's
+# history only, carry this mark (warnings are errors in this suite).
+WITHOUT_LOGGER = pytest.mark.filterwarnings(
+    "ignore:`LayerBalanceMonitor` is used with a `Trainer` that has no logger:RuntimeWarning"
+)
 
 
 def make_data(
