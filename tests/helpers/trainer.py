@@ -77,7 +77,7 @@ def make_net(
     ).to(dtype)
     if scales is not None:
         with torch.no_grad():
-            for layer, scale in zip(net[::2], scales, strict=True):
+            for layer, scale in zip(list(net)[::2], scales, strict=True):
                 for p in layer.parameters():
                     p.mul_(scale)
     return net
@@ -115,8 +115,9 @@ class BalanceModel(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
+        assert self.device_mesh is not None  # ModelParallelStrategy sets it
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
+        for layer in self.net.children():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
@@ -171,6 +172,15 @@ def fit(
     return trainer
 
 
+def _sq_norm(tensors: list[Tensor]) -> float:
+    return sum(float(t.double().square().sum()) for t in tensors)
+
+
+def _grad(p: Tensor) -> Tensor:
+    assert p.grad is not None, "every parameter of the reference gets a gradient"
+    return p.grad
+
+
 def reference_sgd(
     net: nn.Module,
     lr: float,
@@ -185,7 +195,7 @@ def reference_sgd(
     layer ("sq") and its gradient norm ("grad", before clipping to the total norm ``clip``,
     unscaled: fp16 autocast with ``scaler``)."""
     x, y = make_data(dtype=next(net.parameters()).dtype)
-    layers = [m for m in net if isinstance(m, nn.Linear)]
+    layers = [m for m in net.children() if isinstance(m, nn.Linear)]
     out = []
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     for _ in range(steps):
@@ -199,14 +209,8 @@ def reference_sgd(
             loss.backward()
         out.append(
             {
-                "sq": [
-                    sum(float(p.detach().double().square().sum()) for p in m.parameters())
-                    for m in layers
-                ],
-                "grad": [
-                    math.sqrt(sum(float(p.grad.double().square().sum()) for p in m.parameters()))
-                    for m in layers
-                ],
+                "sq": [_sq_norm([p.detach() for p in m.parameters()]) for m in layers],
+                "grad": [math.sqrt(_sq_norm([_grad(p) for p in m.parameters()])) for m in layers],
             }
         )
         if clip is not None:
