@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
 
 __all__ = ["OptimizerModeSwitch", "has_train_eval"]
 
@@ -167,10 +168,11 @@ class OptimizerModeSwitch(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING.value:
             return
-        callbacks = list(trainer.callbacks)
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by a connector
         averaging = _averaging_callback_types()
         first = next((i for i, c in enumerate(callbacks) if isinstance(c, averaging)), None)
         mine = next((i for i, c in enumerate(callbacks) if c is self), None)
@@ -178,8 +180,9 @@ class OptimizerModeSwitch(Callback):
             # run on_train_end before the averaging callback copies its average in (see the class
             # docstring); a new list: Lightning is iterating over the old one while calling setup
             callbacks.insert(first, callbacks.pop(mine))
-            trainer.callbacks = callbacks
+            trainer.callbacks = callbacks  # type: ignore[attr-defined]
 
+    @override
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -194,43 +197,53 @@ class OptimizerModeSwitch(Callback):
             for state in checkpoint.get("optimizer_states") or []
         )
         if lookahead:
+            stage = trainer.state.fn.value if trainer.state.fn is not None else "evaluation"
             rank_zero_warn(
-                f"`OptimizerModeSwitch`: `{trainer.state.fn.value}` loads a checkpoint saved with"
-                " the optimiser in training mode (not after validation), so its weights are the"
+                f"`OptimizerModeSwitch`: `{stage}` loads a checkpoint saved with the"
+                " optimiser in training mode (not after validation), so its weights are the"
                 " look-ahead point y_t, and they are evaluated there, not at the iterate x_t:"
                 " this stage restores no optimiser state to move them. Evaluate the model that"
                 " `fit` returns, or a checkpoint saved after validation.",
                 category=RuntimeWarning,
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train_all(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._pending_train:
             self._train_all(trainer)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for opt in self._optimizers(trainer):
             self._set(opt, False)
         self._pending_train = False
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._enter_eval(trainer)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave_eval(trainer)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._enter_eval(trainer)
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave_eval(trainer)
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._enter_eval(trainer)
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._leave_eval(trainer)

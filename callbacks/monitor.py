@@ -12,7 +12,6 @@ logs these quantities so that the law (and how far an optimiser departs from it)
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,11 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from torch_momentum.balance import (
     LEDGER_TERMS,
     BalanceLedger,
-    _is_dtensor,
     balance_metrics,
     check_layers_spec,
     discover_layers,
@@ -34,6 +33,14 @@ from torch_momentum.balance import (
     pair_units,
     unit_balance,
     unit_symmetry,
+)
+from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.callbacks.plotting import (
+    log_figure,
+    plot_balance,
+    plot_ledger,
+    plot_unit_drift,
+    save_figures,
 )
 
 __all__ = ["LayerBalanceMonitor"]
@@ -66,15 +73,19 @@ class LayerBalanceMonitor(Callback):
     The cadence is Lightning's: the values are logged at the same steps and with the same step
     value as ``self.log(...)`` metrics of ``training_step`` (step ``t`` is logged when
     ``(t + 1) % log_every_n_steps == 0`` or the trainer is stopping), and always at the first
-    step and the last optimiser step of ``fit`` (when the end cannot be foreseen, e.g. early
-    stopping or ``max_time``, a last row at the step after the last update holds the weights and
-    the ledger but no gradient norms). Norms are computed only on those steps, all layers in one
-    multi-tensor pass; other steps cost a few integer operations and never synchronise with the
-    device. ``history`` holds one dict ``{"step": t, key: value}`` per logging step on rank zero.
-    ``W(0)`` is recorded when training starts at step 0 (a new series), or restored from a
-    checkpoint together with the history and the ledger's sums, so that ``ckpt_path=`` resume
-    continues the same series whatever the cadence; a checkpoint saved for another layer set is
-    ignored with a warning.
+    step of a new series and the last optimiser step of ``fit`` (when the end cannot be
+    foreseen, e.g. early stopping or ``max_time``, a last row at the step after the last update
+    holds the weights and the ledger but no gradient norms). Norms are computed only on those
+    steps, all layers in one multi-tensor pass; other steps cost a few integer operations and
+    never synchronise with the device. ``history`` holds one dict ``{"step": t, key: value}``
+    per logging step on rank zero. ``W(0)`` is recorded when training starts at step 0 (a new
+    series), or restored from a checkpoint together with the history and the ledger's sums, so
+    that ``ckpt_path=`` resume (also from a mid-epoch checkpoint) continues the same series,
+    row for row, whatever the cadence; a checkpoint saved for another layer set is ignored with
+    a warning. A second ``fit`` on the same Trainer continues the series of the first (one
+    origin for the layer series, the ledger and the per-unit balance); :meth:`reset` starts a
+    new one. Under mixed precision with an optimiser that unscales its gradients itself (fused
+    kernels), the loss scale is divided out of the gradient norms.
 
     ``neurons=True`` pairs every hidden unit (output channel of a conv layer) of each monitored
     layer but the last with its incoming weights (row and bias) and outgoing weights (column;
@@ -205,12 +216,15 @@ class LayerBalanceMonitor(Callback):
         self._sq0: list[float] | None = None
         self._restored: dict[str, Any] | None = None
         self._last_step = -1
+        self._started = True
+        self._new_series = True
 
     # ------------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------------
 
     @property
+    @override
     def state_key(self) -> str:
         # The cadence is not part of the key: a resume with another log_every_n_steps continues
         # the same series.
@@ -223,6 +237,7 @@ class LayerBalanceMonitor(Callback):
         """The monitored layers, in adjacency order (known once training started)."""
         return list(self._names)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
         history (rank zero's; other ranks hold an empty list), the per-unit ``D_i(0)`` and the
@@ -243,11 +258,13 @@ class LayerBalanceMonitor(Callback):
             state["ledger"] = self._ledger.state_dict()  # a collective when sharded
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``W(0)``, the history and the ledger; applied when training starts."""
         self._restored = dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
+    @override
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -288,6 +305,7 @@ class LayerBalanceMonitor(Callback):
     # hooks
     # ------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -307,17 +325,54 @@ class LayerBalanceMonitor(Callback):
                 category=RuntimeWarning,
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        previous = self._names, self._ledger_state()
         self._resolve(pl_module)
         step = _logging_step(trainer)
-        self._first_step = step
         restored, self._restored = self._restored, None
         self._build_ledger(trainer, pl_module)
-        fresh = True
+        origin = self._restore(restored, step, previous[0])
+        if self._ledger is not None:
+            state = {"restored": (restored or {}).get("ledger"), "continued": previous[1]}
+            self._start_ledger(state.get(origin), step)
+        # the step counter is final at the first batch (a mid-epoch checkpoint's counter is
+        # incremented after this hook): the series' bookkeeping waits for it
+        self._started = False
+        self._new_series = origin == "new"
+        self._first_step = step
+        self._last_step = step - 1
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._started:
+            return
+        self._started = True
+        step = _logging_step(trainer)
+        # a new series logs its first step; a resumed or continued one keeps the cadence
+        self._first_step = step if self._new_series else -1
+        self._last_step = step - 1
+        # a resumed run continues the series after the checkpoint's step
+        self.history = [row for row in self.history if row.get("step", -1) < step]
+
+    def _ledger_state(self) -> dict[str, Any] | None:
+        """The state of the ledger of a previous ``fit`` (a second fit continues its series)."""
+        if self._ledger is None or self._ledger.D0 is None or not self.ledger:
+            return None
+        return self._ledger.state_dict()
+
+    def _restore(self, restored: dict[str, Any] | None, step: int, names: list[str]) -> str:
+        """Set ``W(0)`` and the per-unit ``D_i(0)``. ``"restored"``: from the checkpoint's state
+        saved for these layers; ``"continued"``: a later ``fit`` of the same model keeps the
+        series of the previous one (one origin for every series); ``"new"``: from the weights now
+        (a collective when sharded)."""
+        origin = "new"
         if restored is not None and restored.get("sq_norms0") is not None:
             if list(restored.get("layer_names", [])) == self._names:
                 self._sq0 = [float(v) for v in restored["sq_norms0"]]
-                fresh = False
+                origin = "restored"
             else:
                 rank_zero_warn(
                     "`LayerBalanceMonitor`: the checkpoint's layers"
@@ -325,46 +380,52 @@ class LayerBalanceMonitor(Callback):
                     f" W(0) is recorded afresh from the weights at step {step}.",
                     category=RuntimeWarning,
                 )
-                self._sq0 = None
                 self.history = []
-        elif step == 0:
-            self._sq0 = None  # a new run from step 0: a new series
-        if self._sq0 is None:
+        elif step != 0 and self._sq0 is not None and names == self._names:
+            origin = "continued"
+        if origin == "new":
             # every rank joins (the sum over shards is a collective)
             self._sq0 = layer_sq_norms_host([self._params()], reduce=self._sharded)[0]
-        self._unit_d0 = None
-        if not fresh and restored is not None and restored.get("unit_d0") is not None:
-            saved = restored["unit_d0"]
+        if origin == "restored":
+            saved = (restored or {}).get("unit_d0") or {}
+            self._unit_d0 = None
             if self._units and set(saved) == {u.name for u in self._units}:
                 self._unit_d0 = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
+        elif (
+            origin == "new"
+            or not self._units
+            or set(self._unit_d0 or {}) != {u.name for u in self._units}
+        ):
+            self._unit_d0 = None
         if self._units and self._unit_d0 is None:
             self._unit_d0 = {k: v.cpu() for k, v in self._unit_values().items()}
-        if self._ledger is not None:
-            state = None if fresh or restored is None else restored.get("ledger")
-            if state is not None:
-                try:
-                    self._ledger.load_state_dict(state)
-                except ValueError as err:
-                    rank_zero_warn(
-                        f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
-                        category=RuntimeWarning,
-                    )
-                    state = None
-            if state is None:
-                self._ledger.start()
-            if self.ledger:
-                self._ledger.attach()
-        # a resumed run continues the series after the checkpoint's step
-        self.history = [row for row in self.history if row.get("step", -1) < step]
-        self._last_step = step - 1
+        return origin
 
+    def _start_ledger(self, state: dict[str, Any] | None, step: int) -> None:
+        """Continue the ledger from a checkpoint's ``state`` (or start it), then attach it."""
+        assert self._ledger is not None
+        if state is not None:
+            try:
+                self._ledger.load_state_dict(state)
+            except ValueError as err:
+                rank_zero_warn(
+                    f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
+                    category=RuntimeWarning,
+                )
+                state = None
+        if state is None:
+            self._ledger.start()
+        if self.ledger:
+            self._ledger.attach()
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = _logging_step(trainer)
         if step == self._last_step:  # several optimizers step on one batch: log once
             return
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         on_cadence = every != 0 and (step + 1) % every == 0
         if not (
             on_cadence
@@ -374,8 +435,9 @@ class LayerBalanceMonitor(Callback):
         ):
             return
         self._last_step = step
-        self._log(trainer, pl_module, step, with_grads=True)
+        self._log(trainer, pl_module, step, with_grads=True, scale=_loss_scale(trainer, optimizer))
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = _logging_step(trainer)
         if self._refs and self._last_step < step - 1:
@@ -403,11 +465,7 @@ class LayerBalanceMonitor(Callback):
         if directory is None:
             directory = trainer.default_root_dir
             reason = "has no logger" if not trainer.loggers else "has a logger without log_dir"
-        os.makedirs(directory, exist_ok=True)
-        self.figure_paths = {}
-        for name, figure in figures.items():
-            self.figure_paths[name] = os.path.join(directory, f"{name}.png")
-            figure.savefig(self.figure_paths[name], dpi=120)
+        self.figure_paths = save_figures(figures, directory)
         self.figure_path = self.figure_paths["balance"]
         if directory != log_dir or not trainer.loggers:
             rank_zero_warn(
@@ -418,12 +476,11 @@ class LayerBalanceMonitor(Callback):
         step = int(self.history[-1]["step"])
         for logger in trainer.loggers:
             for name, figure in figures.items():
-                _log_figure(logger, figure, step, name)
+                log_figure(logger, figure, step, name)
 
     def _figures(self) -> dict[str, Any]:
         """The figures saved at the end of training: the balance, and the ledger and per-unit
         drift when they were tracked."""
-        from torch_momentum.callbacks.plotting import plot_balance, plot_ledger, plot_unit_drift
 
         figures = {"balance": plot_balance(self.history)}
         if self.ledger and any(k.startswith("ledger/") for k in self.history[-1]):
@@ -432,6 +489,7 @@ class LayerBalanceMonitor(Callback):
             figures["unit_drift"] = plot_unit_drift(self.unit_drift)
         return figures
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._ledger is not None:
             self._ledger.detach()
@@ -441,8 +499,15 @@ class LayerBalanceMonitor(Callback):
     # ------------------------------------------------------------------------------------------
 
     def _log(
-        self, trainer: Trainer, pl_module: LightningModule, step: int, with_grads: bool
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        with_grads: bool,
+        scale: float = 1.0,
     ) -> None:
+        """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
+        gradients (divided out of gradient norms and per-unit symmetries)."""
         if not self._sharded and not trainer.is_global_zero:
             return  # replicated: rank zero alone computes and logs
         if not self._refs:
@@ -453,13 +518,15 @@ class LayerBalanceMonitor(Callback):
         if self.track_grad_norm and with_grads:
             grads = [[p.grad for p in layer] for layer in params]
             sq, grad_sq = layer_sq_norms_host([params, grads], reduce=self._sharded)
+            if scale != 1.0:
+                grad_sq = [g / (scale * scale) for g in grad_sq]
         else:
             (sq,), grad_sq = layer_sq_norms_host([params], reduce=self._sharded), None
         extra: dict[str, float] = {}
         if self._ledger is not None and self.ledger:
             extra.update(self._ledger_metrics())  # every rank joins (sharded)
         if self._units:
-            extra.update(self._unit_metrics(pl_module, with_grads))
+            extra.update(self._unit_metrics(pl_module, with_grads, scale))
         if not trainer.is_global_zero:
             return
         metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
@@ -496,15 +563,15 @@ class LayerBalanceMonitor(Callback):
     def _unit_values(self) -> dict[str, Tensor]:
         ledger = self._ledger
         assert ledger is not None
-        ids = {id(p): i for i, p in enumerate(ledger._tracked)}
 
         def iterate(name: str, p: Tensor) -> Tensor:
-            i = ids.get(id(p))
-            return p if i is None else ledger._iterate(i, local=False)
+            return ledger.iterate(p) if ledger.tracks(p) else p
 
         return unit_balance(self._module, self._units, iterate)
 
-    def _unit_metrics(self, pl_module: LightningModule, with_grads: bool) -> dict[str, float]:
+    def _unit_metrics(
+        self, pl_module: LightningModule, with_grads: bool, scale: float
+    ) -> dict[str, float]:
         values = self._unit_values()
         assert self._unit_d0 is not None
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
@@ -529,7 +596,7 @@ class LayerBalanceMonitor(Callback):
                 n = symmetry[name].numel()
                 r = host[offset : offset + n].tolist()
                 offset += n
-                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r)
+                metrics[f"balance/unit_symmetry_max/{name}"] = max(abs(v) for v in r) / scale
         return metrics
 
     def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -559,7 +626,7 @@ class LayerBalanceMonitor(Callback):
         return [name if name != "root" else "" for name in self._names]
 
     def _layer_params(self, k: int) -> list[Tensor]:
-        return [mod._parameters[attr] for mod, attr in self._refs[k]]
+        return [_param(mod, attr) for mod, attr in self._refs[k]]
 
     def _resolve(self, pl_module: nn.Module) -> None:
         found = discover_layers(pl_module, self.layers)
@@ -577,10 +644,29 @@ class LayerBalanceMonitor(Callback):
         self._refs = [
             [_owner(pl_module, p_name) for p_name, _ in params] for params in found.values()
         ]
-        self._sharded = any(_is_dtensor(p) for params in found.values() for _, p in params)
+        self._sharded = any(is_dtensor(p) for params in found.values() for _, p in params)
 
     def _params(self) -> list[list[Tensor]]:
-        return [[mod._parameters[attr] for mod, attr in layer] for layer in self._refs]
+        return [[_param(mod, attr) for mod, attr in layer] for layer in self._refs]
+
+
+def _param(module: nn.Module, attr: str) -> Tensor:
+    """The parameter registered as ``attr`` now (wrappers such as FSDP2 re-register them)."""
+    p = module._parameters[attr]
+    assert p is not None
+    return p
+
+
+def _loss_scale(trainer: Trainer, optimizer: Any) -> float:
+    """The loss scale still in the gradients at ``on_before_optimizer_step``: Lightning's
+    mixed-precision plugin leaves them scaled for optimisers that unscale themselves
+    (``_step_supports_amp_scaling``: fused SGD, Adam); 1 otherwise (a host read when > 1)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _is_last_step(trainer: Trainer, step: int) -> bool:
@@ -608,15 +694,3 @@ def _logging_step(trainer: Trainer) -> int:
     epoch_loop = getattr(loop, "epoch_loop", None)
     step = getattr(epoch_loop, "_batches_that_stepped", None)
     return int(trainer.global_step if step is None else step)
-
-
-def _log_figure(logger: Any, figure: Any, step: int, name: str = "balance") -> None:
-    """Log a matplotlib figure to loggers that take figures (TensorBoard, MLflow); skip others."""
-    try:
-        experiment = logger.experiment
-    except Exception:  # a logger whose experiment cannot be created here
-        return
-    if callable(getattr(experiment, "add_figure", None)):  # TensorBoard (and tensorboardX)
-        experiment.add_figure(name, figure, global_step=step, close=False)
-    elif callable(getattr(experiment, "log_figure", None)) and hasattr(logger, "run_id"):
-        experiment.log_figure(logger.run_id, figure, f"{name}.png")  # MLflow

@@ -20,6 +20,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torch_momentum.balance.rules import LEDGER_TERMS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -35,9 +37,6 @@ __all__ = [
 ]
 
 _PREFIXES = ("balance/", "grad_norm/", "ledger/")
-
-#: The ledger's terms, in the order they are drawn: ``ledger/{term}/{L}-{M}``.
-LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 
 
 def load_history(source: Any) -> list[dict[str, float]]:
@@ -510,3 +509,26 @@ def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Fi
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title or "Per-unit balance drift |D_i(t) − D_i(0)|")
     return fig
+
+
+def save_figures(figures: Mapping[str, Figure], directory: str, dpi: int = 120) -> dict[str, str]:
+    """Save each figure as ``{directory}/{name}.png`` (the directory is created); returns the
+    paths by name."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for name, figure in figures.items():
+        paths[name] = os.path.join(directory, f"{name}.png")
+        figure.savefig(paths[name], dpi=dpi)
+    return paths
+
+
+def log_figure(logger: Any, figure: Any, step: int, name: str = "balance") -> None:
+    """Log a matplotlib figure to loggers that take figures (TensorBoard, MLflow); skip others."""
+    try:
+        experiment = logger.experiment
+    except Exception:  # a logger whose experiment cannot be created here
+        return
+    if callable(getattr(experiment, "add_figure", None)):  # TensorBoard (and tensorboardX)
+        experiment.add_figure(name, figure, global_step=step, close=False)
+    elif callable(getattr(experiment, "log_figure", None)) and hasattr(logger, "run_id"):
+        experiment.log_figure(logger.run_id, figure, f"{name}.png")  # MLflow

@@ -60,9 +60,9 @@ def test_public_names_resolve():
     assert issubclass(callbacks.OptimizerModeSwitch, Callback)
 
 
-# Every name of every public module's ``__all__`` as of the restructure of issue 17, by the module
-# path users import it from. A name that leaves one of these lists must leave on purpose (with a
-# deprecation and a CHANGELOG entry): delete it here in the same change.
+# Every name of every public module's ``__all__`` as of the restructure of issue 17 (main at
+# 47db41e), by the module path users import it from. A name that leaves one of these lists must
+# leave on purpose (with a deprecation and a CHANGELOG entry): delete it here in the same change.
 PUBLIC_NAMES: dict[str, list[str]] = {
     "torch_momentum": [
         "ClarkeSubgradient",
@@ -85,6 +85,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "LEDGER_TERMS",
         "ROOT_LAYER_NAME",
         "BalanceLedger",
+        "SymmetryPart",
         "UnitLayer",
         "adjacent_pairs",
         "balance_metrics",

@@ -29,7 +29,14 @@ from torch_momentum.balance import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MOM, WD, SYM, DISC, OTHER = range(5)
-assert LEDGER_TERMS == ("momentum", "weight_decay", "symmetry", "discretisation", "other")
+assert LEDGER_TERMS == (
+    "momentum",
+    "weight_decay",
+    "symmetry",
+    "discretisation",
+    "other",
+    "rounding",
+)
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "gd": lambda ps, wd: PolyakSGD(ps, lr=0.05, momentum=0.0, weight_decay=wd),
@@ -334,7 +341,7 @@ def _reference_terms(
     layer_of = [k // 2 for k in range(len(params))]  # (W, b) per Linear
     nesterov = isinstance(opt, NesterovSGD)
     x, y = regression_data()
-    sums = torch.zeros(max(layer_of), 5, dtype=torch.float64)
+    sums = torch.zeros(max(layer_of), len(LEDGER_TERMS), dtype=torch.float64)
 
     def pm(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         dots = torch.zeros(max(layer_of) + 1, dtype=torch.float64)

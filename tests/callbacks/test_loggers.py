@@ -61,6 +61,7 @@ DOCUMENTED: list[tuple[str, str, dict[str, Any]]] = [
     ("ledger/symmetry/{L}-{M}", "pair", {"ledger": True}),
     ("ledger/discretisation/{L}-{M}", "pair", {"ledger": True}),
     ("ledger/other/{L}-{M}", "pair", {"ledger": True}),
+    ("ledger/rounding/{L}-{M}", "pair", {"ledger": True}),
     ("ledger/closure/{L}-{M}", "pair", {"ledger": True}),
     ("balance/corrected_diff/{L}-{M}", "pair", {"ledger": True}),
 ]

@@ -418,7 +418,9 @@ def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> Non
         ckpt_path=ckpt,
     )
     steps = [r["step"] for r in resumed.history]
-    assert steps == [0, 1, 3, 4, 5, 7]  # before: first run (0, 1, 3); after: first, cadence, last
+    # before the checkpoint: the first run's rows (0, 1, 3); after it: the new cadence and the
+    # last step (a resumed series keeps its cadence: no extra row at the first resumed step)
+    assert steps == [0, 1, 3, 5, 7]
     reference = {r["step"]: r for r in whole.history}
     for row in resumed.history:
         ref = reference[row["step"]]

@@ -1,0 +1,201 @@
+"""One ledger for every charge: scale, rescale and translation charges close per unit for every
+optimiser, the symmetry term is round-off where the symmetry holds, translation is kept exactly
+by heavy ball and broken by Adam, and the angular update of a scale-invariant group is read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from torch_momentum import NesterovSGD, PolyakSGD
+from torch_momentum.balance import LEDGER_TERMS, BalanceLedger, SymmetryPart
+
+SYM, OTHER = LEDGER_TERMS.index("symmetry"), LEDGER_TERMS.index("other")
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "polyak": lambda ps: PolyakSGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "nesterov": lambda ps: NesterovSGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01
+    ),
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.2),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.05),
+}
+
+
+def _net() -> nn.Sequential:
+    """Linear -> BatchNorm1d -> ReLU -> Linear(classes): every kind of symmetry."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).double()
+
+
+def _symmetries() -> list[SimpleNamespace]:
+    """Written by hand as find_symmetries reports them (duck-typed: the ledger reads name, kind,
+    units and parts)."""
+    return [
+        SimpleNamespace(  # BatchNorm after the first layer: each channel's row and bias
+            name="0 (per channel)",
+            kind="scale",
+            units=8,
+            parts=(
+                SymmetryPart("0.weight", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("0.bias", 0, 0, 8, 1, 1.0, 0),
+            ),
+        ),
+        SimpleNamespace(  # ReLU between BatchNorm's affine output and the head: gain and bias
+            name="1-3",  # of channel i against column i
+            kind="rescale",
+            units=8,
+            parts=(
+                SymmetryPart("1.weight", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("1.bias", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("3.weight", 1, 0, 8, 1, -1.0, 0),
+            ),
+        ),
+        SimpleNamespace(  # softmax cross-entropy: each input column and the bias of the head
+            name="3 (softmax)",
+            kind="translation",
+            units=9,
+            parts=(
+                SymmetryPart("3.weight", 1, 0, 8, 1, 1.0, 0),
+                SymmetryPart("3.bias", None, 0, 0, 1, 1.0, 8),
+            ),
+        ),
+    ]
+
+
+def _train(name: str, steps: int = 30) -> BalanceLedger:
+    net = _net()
+    opt = OPTIMIZERS[name](net.parameters())
+    ledger = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    ledger.attach()
+    g = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(64, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 4, (64,), generator=g),
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return ledger
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_charge_closes_per_unit(name: str) -> None:
+    """(Q(t) - Q(0)) - sum of the terms, per unit of every charge: float64 round-off (30 steps
+    of O(10)-term sums: 1e-12 of the charge's scale leaves a factor ~1e3 above round-off)."""
+    charges = _train(name).read_charges()
+    assert set(charges) == {"0 (per channel)", "1-3", "3 (softmax)"}
+    for charge, row in charges.items():
+        scale = float(row["D0"].abs().max() + row["D"].abs().max()) + 1.0
+        assert float(row["closure"].abs().max()) <= 1e-12 * scale, (name, charge)
+        assert row["sums"].shape == (row["D"].numel(), len(LEDGER_TERMS))
+        if name not in ("adam", "adamw"):  # known rules: nothing unexplained
+            assert float(row["sums"][:, OTHER].abs().max()) <= 1e-12 * scale, (name, charge)
+
+
+def test_translation_is_kept_exactly_by_heavy_ball_and_broken_by_adam() -> None:
+    """Softmax cross-entropy is invariant under adding a constant to all logits: gradient
+    descent and heavy ball without weight decay keep every column sum and the bias sum exactly
+    (the gradient's sum is 0, and so is the velocity's); Adam's update is not linear in the
+    gradient and moves them (the generic split puts it in `other`)."""
+    results = {}
+    for name, make in {
+        "polyak": lambda ps: PolyakSGD(ps, lr=0.5, momentum=0.9),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    }.items():
+        OPTIMIZERS["_tmp"] = make
+        try:
+            row = _train("_tmp", steps=60).read_charges()["3 (softmax)"]
+        finally:
+            del OPTIMIZERS["_tmp"]
+        results[name] = row
+    heavy, adam = results["polyak"], results["adam"]
+    scale = float(heavy["D0"].abs().max()) + 1.0
+    assert float((heavy["D"] - heavy["D0"]).abs().max()) <= 1e-12 * scale
+    assert float(heavy["sums"].abs().max()) <= 1e-12 * scale  # every term is round-off
+    assert float((adam["D"] - adam["D0"]).abs().max()) > 1e-3  # measured ~0.1
+    moved = adam["D"] - adam["D0"]
+    torch.testing.assert_close(adam["sums"][:, OTHER], moved, rtol=0, atol=1e-12 * scale)
+
+
+def test_the_symmetry_term_is_the_verification_made_continuous() -> None:
+    """While a symmetry holds its symmetry term is round-off (rescale and translation here);
+    BatchNorm's eps breaks the scale symmetry slightly, and the term measures by how much."""
+    charges = _train("polyak").read_charges()
+    for charge in ("1-3", "3 (softmax)"):
+        row = charges[charge]
+        scale = float(row["D0"].abs().max()) + 1.0
+        assert float(row["sums"][:, SYM].abs().max()) <= 1e-12 * scale, charge
+    scale_row = charges["0 (per channel)"]
+    broken = float(scale_row["sums"][:, SYM].abs().max())
+    drift = float((scale_row["D"] - scale_row["D0"]).abs().max())
+    assert 0.0 < broken < 1e-2 * drift  # eps = 1e-5: small but not round-off
+
+
+def test_angles_of_a_scale_symmetry_are_read_per_step() -> None:
+    """The angle between x_t and x_{t+1} of the scale-invariant group, one per step, equal to
+    the angle computed from snapshots."""
+    net = _net()
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    ledger = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    ledger.attach()
+    g = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(64, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 4, (64,), generator=g),
+    )
+    expected = []
+    for _ in range(7):
+        before = torch.cat([net[0].weight.detach().reshape(-1), net[0].bias.detach()])
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        after = torch.cat([net[0].weight.detach().reshape(-1), net[0].bias.detach()])
+        cos = (before @ after) / (before.norm() * after.norm())
+        expected.append(float(torch.acos(cos.clamp(-1, 1))))
+    angles = ledger.read_angles()
+    assert list(angles) == ["0 (per channel)"]
+    torch.testing.assert_close(
+        angles["0 (per channel)"], torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-9
+    )
+    assert ledger.read_angles()["0 (per channel)"].numel() == 0  # read and cleared
+
+
+def test_charges_survive_state_dict() -> None:
+    """A ledger restored from state_dict continues the same sums and origins."""
+    net = _net()
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    ledger = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    ledger.attach()
+    g = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(64, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 4, (64,), generator=g),
+    )
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    state = ledger.state_dict()
+    ledger.detach()
+    resumed = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    resumed.load_state_dict(state)
+    resumed.attach()
+    ledger.attach()
+    for _ in range(5):
+        step()
+    a, b = ledger.read_charges(), resumed.read_charges()
+    for name in a:
+        torch.testing.assert_close(a[name]["sums"], b[name]["sums"], rtol=0, atol=1e-14)
+        torch.testing.assert_close(a[name]["D0"], b[name]["D0"], rtol=0, atol=0)
