@@ -46,6 +46,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The API reference (Sphinx) from docs/*.rst and the docstrings, into site/ (git-ignored).
 docs: $(STAMP)

@@ -28,8 +28,18 @@ Stationarity profile (stationarity_profile, k = 64 samples per radius, 4 radii):
               process's memory before the call (ru_maxrss high-water marks), against the
               in-memory mode (memory="device") on the same model.
 
+StationarityMonitor on reference models (``--parts monitor``): an MLP 10-32-1 on 256 examples,
+a CNN (two 3x3 convolutions of 8 channels with BatchNorm, 1x8x8 inputs, 10 classes) on 128
+examples and a one-layer LSTM language model (vocabulary 50, embedding 16, hidden 32) over 160
+sequences of 12 tokens, float32, batches of 32, radii (1e-3, 1e-2). Three epochs with the
+default certificate (sized to one epoch of the data: ``certificate_sizes``): per epoch the
+training time (on_train_epoch_start to the end of the epoch) and the certificate's time that
+follows it, and the same with the previous defaults (64 samples over up to 1024 examples,
+vectorised); for the LSTM also one certificate with vmap forced on every block
+(``vectorize=True`` of the first release, by calling the gradient functions directly).
+
 Run: python benchmarks/clarke.py [--reps 30] [--threads 1] [--quick]
-                                [--parts clarke,profile,chunked]
+                                [--parts clarke,profile,chunked,monitor]
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -50,6 +62,9 @@ from torch.func import functional_call
 from torch_momentum import clarke_subgradient
 from torch_momentum._sampling import (
     check_x as _check_x,
+)
+from torch_momentum._sampling import (
+    grads_loop as _grads_loop,
 )
 from torch_momentum._sampling import (
     grads_vmap as _grads_vmap,
@@ -123,7 +138,7 @@ def loop_grads(f: Callable, points) -> torch.Tensor:
 INNER = 5  # back-to-back calls per job and round
 
 
-def measure(cases: dict[str, tuple[Callable, object]], reps: int) -> dict[str, dict[str, float]]:
+def measure(cases: dict[str, tuple[Callable, Any]], reps: int) -> dict[str, dict[str, float]]:
     jobs: dict[tuple[str, str], Callable[[], object]] = {}
     for name, (f, x) in cases.items():
         res = clarke_subgradient(f, x, num_samples=K, generator=torch.Generator().manual_seed(0))
@@ -146,23 +161,17 @@ def measure(cases: dict[str, tuple[Callable, object]], reps: int) -> dict[str, d
             gen.manual_seed(0)
             return clarke_subgradient(f, x, num_samples=K, generator=gen, vectorize=vectorize)
 
-        jobs[name, "sampling vmap"] = lambda f_scalar=f_scalar, p=flat_points, spec=spec: (
-            _grads_vmap(f_scalar, p, spec)
-        )
-        jobs[name, "sampling loop"] = lambda f=f, p=points: loop_grads(f, p)
-        jobs[name, "min-norm"] = lambda s=samples: min_norm_element(s)
+        jobs[name, "sampling vmap"] = partial(_grads_vmap, f_scalar, flat_points, spec)
+        jobs[name, "sampling loop"] = partial(loop_grads, f, points)
+        jobs[name, "min-norm"] = partial(min_norm_element, samples)
         jobs[name, "e2e vmap"] = e2e
-        jobs[name, "e2e loop"] = lambda e2e=e2e: e2e(vectorize=False)
-        jobs[name, "active"] = None  # type: ignore[assignment]
-    times: dict[tuple[str, str], list[float]] = {key: [] for key, job in jobs.items() if job}
+        jobs[name, "e2e loop"] = partial(e2e, vectorize=False)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     for job in jobs.values():  # warm up
-        if job:
-            job()
-            job()
+        job()
+        job()
     for _ in range(reps):
         for key, job in jobs.items():
-            if job is None:
-                continue
             # INNER back-to-back calls per round (as timeit does), the same for every job: a
             # single sub-millisecond call right after a different job measures cache misses
             t0 = time.perf_counter()
@@ -304,13 +313,219 @@ def measure_chunked(quick: bool, threads: int, memory: str) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------------------------
+# StationarityMonitor on reference models
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_tasks(
+    quick: bool,
+) -> dict[str, tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """name -> (network, loss kind, inputs, targets)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    scale = 4 if quick else 1
+    x = torch.randn(256 // scale, 10)
+    mlp_task = (nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)), "mse", x,
+                torch.tanh(x @ torch.randn(10, 1)))  # fmt: skip
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    cnn_task = (
+        cnn,
+        "ce",
+        torch.randn(128 // scale, 1, 8, 8),
+        torch.randint(0, 10, (128 // scale,)),
+    )
+
+    class LSTMLanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lstm = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True)
+            self.out = nn.Linear(32, 50)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(self.lstm(self.emb(tokens))[0])
+
+    tokens = torch.randint(0, 50, (160 // scale, 13))
+    lstm_task = (LSTMLanguageModel(), "ce", tokens[:, :-1], tokens[:, 1:])
+    return {"MLP": mlp_task, "CNN+BatchNorm": cnn_task, "LSTM LM": lstm_task}
+
+
+def _fit_with_monitor(task: tuple, epochs: int, **monitor_kwargs: object) -> list[tuple]:
+    """Fit ``epochs`` epochs; per epoch (training s, certificate s, samples, vectorised)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torch_momentum import PolyakSGD
+    from torch_momentum.callbacks import StationarityMonitor
+
+    net, kind, inputs, targets = task
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            out = self.net(batch[0])
+            if kind == "mse":
+                return ((out - batch[1]) ** 2).mean()
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                     batch[1].reshape(-1))  # fmt: skip
+
+        def configure_optimizers(self):
+            return PolyakSGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.marks.append(time.perf_counter())
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.marks.append(time.perf_counter())
+
+    before, monitor, after = (
+        Clock(),
+        StationarityMonitor(radii=(1e-3, 1e-2), **monitor_kwargs),
+        Clock(),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=[before, monitor, after],
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=32)
+    trainer.fit(Task(), loader)
+    rows = []
+    for e, row in enumerate(monitor.history):
+        start, end = before.marks[2 * e], before.marks[2 * e + 1]
+        rows.append(
+            (end - start, after.marks[2 * e + 1] - end, int(row["stationarity/num_samples"]))
+        )
+    return rows
+
+
+def report_monitor(quick: bool) -> None:
+    import copy
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (configures its loggers on import: quieten after)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners
+
+    epochs = 2 if quick else 3
+    print(
+        f"\nStationarityMonitor(radii=(1e-3, 1e-2)) on reference models, {epochs} epochs, "
+        f"{torch.get_num_threads()} thread(s); per epoch: training s / certificate s (samples)"
+    )
+    variants = {"default": {}, "previous defaults": {"num_samples": 64, "subset_size": 1024}}
+    for name, task in reference_tasks(quick).items():
+        for label, kwargs in variants.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = _fit_with_monitor(copy.deepcopy(task), epochs, **kwargs)
+            cells = "  ".join(f"{t:.3f}/{c:.3f} ({k})" for t, c, k in rows)
+            ratio = statistics.median(c / t for t, c, _ in rows[1:] or rows)
+            print(
+                f"  {name:<14} {label:<18} {cells}   certificate/epoch after the first {ratio:.1f}x"
+            )
+    lstm_vmap_vs_loop(reference_tasks(quick)["LSTM LM"])
+
+
+def lstm_vmap_vs_loop(task: tuple) -> None:
+    """The gradients of one block of 8 samples on the LSTM LM: vmap (torch has no batching rule
+    for the oneDNN LSTM kernel and runs it sample by sample) against the loop."""
+    net, _, inputs, targets = task
+
+    def f(p):
+        logits = functional_call(net, p, (inputs,))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1))
+
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    spec, flat = _check_x(params)
+    points = flat + 1e-3 * torch.randn(8, flat.numel(), generator=torch.Generator().manual_seed(0))
+    import warnings
+
+    times: dict[str, list[float]] = {"vmap": [], "loop": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            for name, fn in (("vmap", _grads_vmap), ("loop", _grads_loop)):
+                t0 = time.perf_counter()
+                fn(f, points, spec)
+                times[name].append(time.perf_counter() - t0)
+    first = times["vmap"][0] / times["loop"][0]
+    warm = statistics.median(times["vmap"][1:]) / statistics.median(times["loop"][1:])
+    print(
+        f"  LSTM LM, 8 gradients: vmap {statistics.median(times['vmap'][1:]):.3f} s, loop "
+        f"{statistics.median(times['loop'][1:]):.3f} s ({warm:.1f}x; the first vmap call of the "
+        f"process {times['vmap'][0]:.2f} s, {first:.0f}x)"
+    )
+
+
+def report_clarke(reps: int) -> None:
+    """The clarke_subgradient table: sampling, min-norm and end to end, vmap against the loop."""
+    cases = {
+        "pl10 kink": pl10_kink(),
+        "pl10 stationary": pl10_stationary(),
+        "mlp small": mlp(10, 32, 64),
+        "mlp wide": mlp(20, 64, 128),
+    }
+    table = measure(cases, reps)
+
+    print(
+        f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s), median of {reps} interleaved rounds of {INNER} back-to-back calls, "
+        "times in ms"
+    )
+    head = (
+        f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
+        f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, row in table.items():
+        print(
+            f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
+            f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
+            f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
+            f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
+            f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
+        )
+    print()
+    print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
+    print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
+    print("e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False.")
+    kink, mlp_row = table["pl10 kink"], table["mlp small"]
+    checks = [
+        ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
+        (
+            "sampling >= 3x loop, mlp small",
+            mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
+        ),
+        ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
+        (
+            "end to end >= 4x vectorize=False, pl10 kink",
+            kink["e2e loop"] / kink["e2e vmap"] >= 4,
+        ),
+    ]
+    for label, ok in checks:
+        print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="tiny cases, one round: smoke test")
     parser.add_argument(
-        "--parts", default="clarke,profile,chunked", help="comma-separated parts to run"
+        "--parts", default="clarke,profile,chunked,monitor", help="comma-separated parts to run"
     )
     parser.add_argument("--profile-reps", type=int, default=3, help="rounds of the profile case")
     parser.add_argument("--chunked-child", default=None, help=argparse.SUPPRESS)
@@ -323,54 +538,7 @@ def main() -> None:
     if args.quick:
         args.reps, args.profile_reps = 1, 1
     if "clarke" in parts:
-        cases = {
-            "pl10 kink": pl10_kink(),
-            "pl10 stationary": pl10_stationary(),
-            "mlp small": mlp(10, 32, 64),
-            "mlp wide": mlp(20, 64, 128),
-        }
-        table = measure(cases, args.reps)
-
-        print(
-            f"clarke_subgradient, k = {K}, torch {torch.__version__}, {torch.get_num_threads()} "
-            f"thread(s), median of {args.reps} interleaved rounds of {INNER} back-to-back calls, "
-            "times in ms"
-        )
-        head = (
-            f"{'case':<16} {'sampling':>9} {'loop':>9} {'speedup':>8} {'min-norm':>9} "
-            f"{'solve/smp':>9} {'active':>6} {'e2e':>9} {'e2e loop':>9} {'speedup':>8}"
-        )
-        print(head)
-        print("-" * len(head))
-        for name, row in table.items():
-            print(
-                f"{name:<16} {row['sampling vmap']:>9.3f} {row['sampling loop']:>9.3f} "
-                f"{row['sampling loop'] / row['sampling vmap']:>7.1f}x {row['min-norm']:>9.3f} "
-                f"{row['min-norm'] / row['sampling vmap']:>9.2f} {int(row['active']):>6d} "
-                f"{row['e2e vmap']:>9.3f} {row['e2e loop']:>9.3f} "
-                f"{row['e2e loop'] / row['e2e vmap']:>7.1f}x"
-            )
-        print()
-        print("sampling = vmap(grad(f)) at the 64 points; loop = 64 torch.autograd.grad calls;")
-        print("solve/smp = min-norm time / vmapped sampling time; active = points with weight > 0;")
-        print(
-            "e2e = clarke_subgradient(f, x, num_samples=64), e2e loop = the same, vectorize=False."
-        )
-        kink, mlp_row = table["pl10 kink"], table["mlp small"]
-        checks = [
-            ("sampling >= 8x loop, pl10", kink["sampling loop"] / kink["sampling vmap"] >= 8),
-            (
-                "sampling >= 3x loop, mlp small",
-                mlp_row["sampling loop"] / mlp_row["sampling vmap"] >= 3,
-            ),
-            ("min-norm < vmapped sampling, pl10 kink", kink["min-norm"] < kink["sampling vmap"]),
-            (
-                "end to end >= 4x vectorize=False, pl10 kink",
-                kink["e2e loop"] / kink["e2e vmap"] >= 4,
-            ),
-        ]
-        for label, ok in checks:
-            print(f"target {label:<48} {'met' if ok else 'MISSED'}")
+        report_clarke(args.reps)
     if "profile" in parts:
         prof = measure_profile(args.quick, args.profile_reps)
         print(
@@ -388,6 +556,8 @@ def main() -> None:
             f"{prof['loop/profile']:.2f}x (target >= 3x: "
             f"{'met' if prof['loop/profile'] >= 3 else 'MISSED'})"
         )
+    if "monitor" in parts:
+        report_monitor(args.quick)
     if "chunked" not in parts:
         return
     results = {

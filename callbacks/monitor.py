@@ -35,6 +35,7 @@ from torch_momentum.balance import (
     unit_symmetry,
 )
 from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.callbacks._trainer import is_last_step, logging_step, loss_scale
 from torch_momentum.callbacks.plotting import (
     log_figure,
     plot_balance,
@@ -329,7 +330,7 @@ class LayerBalanceMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         previous = self._names, self._ledger_state()
         self._resolve(pl_module)
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         restored, self._restored = self._restored, None
         self._build_ledger(trainer, pl_module)
         origin = self._restore(restored, step, previous[0])
@@ -350,7 +351,7 @@ class LayerBalanceMonitor(Callback):
         if self._started:
             return
         self._started = True
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         # a new series logs its first step; a resumed or continued one keeps the cadence
         self._first_step = step if self._new_series else -1
         self._last_step = step - 1
@@ -422,7 +423,7 @@ class LayerBalanceMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         if step == self._last_step:  # several optimizers step on one batch: log once
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
@@ -431,15 +432,15 @@ class LayerBalanceMonitor(Callback):
             on_cadence
             or trainer.should_stop
             or step == self._first_step
-            or _is_last_step(trainer, step)
+            or is_last_step(trainer, step)
         ):
             return
         self._last_step = step
-        self._log(trainer, pl_module, step, with_grads=True, scale=_loss_scale(trainer, optimizer))
+        self._log(trainer, pl_module, step, with_grads=True, scale=loss_scale(trainer, optimizer))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         if self._refs and self._last_step < step - 1:
             # the last update was not foreseen (early stopping, max_time): record the weights
             # after it, at the next step's index (every rank joins the collectives)
@@ -657,40 +658,6 @@ def _param(module: nn.Module, attr: str) -> Tensor:
     return p
 
 
-def _loss_scale(trainer: Trainer, optimizer: Any) -> float:
-    """The loss scale still in the gradients at ``on_before_optimizer_step``: Lightning's
-    mixed-precision plugin leaves them scaled for optimisers that unscale themselves
-    (``_step_supports_amp_scaling``: fused SGD, Adam); 1 otherwise (a host read when > 1)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return 1.0
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
-
-
-def _is_last_step(trainer: Trainer, step: int) -> bool:
-    """Whether optimiser step ``step`` is the last of ``fit`` (as far as can be foreseen)."""
-    max_steps = getattr(trainer, "max_steps", -1)
-    if max_steps is not None and max_steps > 0 and step + 1 >= max_steps:
-        return True
-    loop = getattr(trainer, "fit_loop", None)
-    epoch_loop = getattr(loop, "epoch_loop", None)
-    progress = getattr(epoch_loop, "batch_progress", None)
-    max_epochs = getattr(trainer, "max_epochs", None)
-    if progress is None or max_epochs is None or max_epochs < 0:
-        return False
-    return bool(progress.is_last_batch) and trainer.current_epoch + 1 >= max_epochs
-
-
 def _owner(root: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = param_name.rpartition(".")
     return (root.get_submodule(module_name) if module_name else root), attr
-
-
-def _logging_step(trainer: Trainer) -> int:
-    """The step Lightning logs ``training_step`` metrics with (batches that stepped so far)."""
-    loop = getattr(trainer, "fit_loop", None)
-    epoch_loop = getattr(loop, "epoch_loop", None)
-    step = getattr(epoch_loop, "_batches_that_stepped", None)
-    return int(trainer.global_step if step is None else step)

@@ -4,13 +4,15 @@ At the end of every ``n``-th training epoch the callback computes
 :func:`~torch_momentum.stationarity_profile` of the training loss over a fixed, seeded subset of
 the training data, at the current iterate, and logs it. The arithmetic lives in
 :mod:`torch_momentum.stationarity`; this module only gathers the data, builds the loss as a
-function of the parameters and logs.
+function of the parameters, sizes the certificate, shows its progress and logs.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,21 +21,20 @@ import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
+from tqdm.auto import tqdm
+from typing_extensions import override
 
-from torch_momentum.stationarity import (
-    _MEMORY_MODES,
-    StationarityProfile,
-    _check_radii,
-    stationarity_profile,
-)
+from torch_momentum._sampling import MEMORY_MODES, check_radii
+from torch_momentum.callbacks._trainer import logging_step
+from torch_momentum.stationarity import StationarityProfile, stationarity_profile
 
-__all__ = ["StationarityMonitor", "training_step_loss"]
+__all__ = ["StationarityMonitor", "certificate_sizes", "training_step_loss"]
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -73,8 +74,8 @@ def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
 
     """
     had = {name: name in vars(module) for name in ("log", "log_dict")}
-    module.log = _no_log  # type: ignore[method-assign]
-    module.log_dict = _no_log  # type: ignore[method-assign]
+    for name in had:  # instance attributes that shadow the methods for this call
+        setattr(module, name, _no_log)
     try:
         out = module.training_step(batch, 0)
     finally:
@@ -99,13 +100,88 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 class _LossOfParameters(nn.Module):
     """``loss_fn(module, batch)`` as a module whose parameters ``functional_call`` replaces."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+    def __init__(self, module: LightningModule, loss_fn: LossFn) -> None:
         super().__init__()
         self.module = module
         self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.module, batch)  # type: ignore[arg-type]
+        return self.loss_fn(self.module, batch)
+
+
+# Sizing of a certificate when num_samples / subset_size are not given: its cost,
+# len(radii) * k gradients of the loss over m examples, is at most one epoch of the training data
+# (n example-gradients), with k in [_MIN_SAMPLES, _MAX_SAMPLES] and m <= _MAX_SUBSET (the subset
+# shrinks below that when even _MIN_SAMPLES gradients over it would cost more than an epoch).
+_MIN_SAMPLES = 8
+_MAX_SAMPLES = 64
+_MAX_SUBSET = 1024
+# Samples per block: the progress bar, a stop request (SIGTERM) and max_seconds act between blocks.
+_CHUNK = 8
+
+
+def certificate_sizes(
+    n: int, num_radii: int, num_samples: int | None, subset_size: int | None
+) -> tuple[int, int]:
+    """``(k, m)``: samples per radius and examples in the subset for a dataset of ``n`` examples.
+
+    Given values are kept; missing ones are chosen so that ``num_radii * k * m <= n`` (one epoch
+    of example-gradients) where the bounds allow: ``k = min(64, n // (num_radii * m))`` with
+    ``m = min(1024, n)``, and when that is below 8, ``k = 8`` with the largest ``m`` that fits.
+
+    Example:
+        >>> from torch_momentum.callbacks.stationarity import certificate_sizes
+        >>> certificate_sizes(50_000, 2, None, None), certificate_sizes(160, 2, None, None)
+        ((24, 1024), (8, 10))
+    """
+    if subset_size is not None:
+        m = min(subset_size, n)
+        k = num_samples or min(_MAX_SAMPLES, max(_MIN_SAMPLES, n // (num_radii * m)))
+        return k, m
+    if num_samples is not None:
+        return num_samples, max(1, min(_MAX_SUBSET, n, n // (num_radii * num_samples)))
+    m = min(_MAX_SUBSET, n)
+    k = min(_MAX_SAMPLES, n // (num_radii * m))
+    if k >= _MIN_SAMPLES:
+        return k, m
+    return _MIN_SAMPLES, max(1, n // (num_radii * _MIN_SAMPLES))
+
+
+class _Progress:
+    """``progress(done, total)`` for :func:`stationarity_profile`: a bar on rank zero (when the
+    trainer shows one), SIGTERM (Lightning's handler only sets a flag, which the training loop
+    reads between batches: a certificate must read it too, else the process runs on for its
+    whole duration) and the ``max_seconds`` budget. Under DDP the ranks agree on both flags."""
+
+    def __init__(self, trainer: Trainer, epoch: int, max_seconds: float | None, radii: int):
+        self.trainer = trainer
+        self.share = None if max_seconds is None else max_seconds / radii
+        self.start = time.perf_counter()
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        self.bar = (
+            tqdm(desc=f"Stationarity certificate (epoch {epoch})", unit="grad", leave=False)
+            if show
+            else None
+        )
+
+    def __call__(self, done: int, total: int) -> bool:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+        over = self.share is not None and time.perf_counter() - self.start > self.share
+        sigterm = bool(self.trainer.received_sigterm)
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            device = self.trainer.strategy.root_device
+            flags = torch.tensor([float(sigterm), float(over)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            sigterm, over = bool(flags[0] > 0), bool(flags[1] > 0)
+        if sigterm:
+            raise SIGTERMException()
+        return over
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StationarityMonitor(Callback):
@@ -123,6 +199,7 @@ class StationarityMonitor(Callback):
                                            :math:`(\delta, \hat\varepsilon)`-Goldstein stationary
     ``stationarity/active/{delta:g}``      samples with positive weight in the min-norm element
     ``stationarity/grad_norm``             :math:`\|\nabla f(x_t)\|` by autograd at :math:`x_t`
+    ``stationarity/num_samples``           the samples per radius this certificate drew
     ====================================== =====================================================
 
     ``history`` keeps one dict ``{"epoch": e, "step": s, key: value}`` per evaluation (on every
@@ -133,6 +210,21 @@ class StationarityMonitor(Callback):
     a small :math:`\hat\varepsilon` proves stationarity of the stated loss at scale
     :math:`\delta`; a large one proves nothing.
 
+    - **Cost.** One certificate takes ``len(radii) * num_samples`` gradients of the loss over
+      ``subset_size`` examples (plus one at :math:`x_t`). Left at ``None``, the two are sized
+      from the training data so that this is at most one epoch of example-gradients
+      (:func:`certificate_sizes`: e.g. 24 samples over 1024 examples for 50,000 examples and two
+      radii; for tiny datasets 8 samples over a smaller subset); the choice is deterministic.
+      ``max_seconds`` adds a time budget: the sampling stops at the first block of 8 past
+      ``max_seconds / len(radii)`` seconds of the first radius, and every radius uses as many
+      samples (the certificate holds with fewer samples; it is weaker, and no longer
+      reproducible, since it depends on timing). A progress bar shows while it runs (on rank
+      zero, when the trainer shows one), and SIGTERM stops it at the next block (Lightning then
+      shuts down as it does between batches).
+    - **Gradients.** Batched with ``torch.func.vmap`` unless the first block shows that a loop
+      of ``torch.autograd.grad`` calls is faster or that vmap falls back to one sample at a time
+      (torch has no batching rule for the LSTM kernel, for instance); one warning says so and
+      the later certificates use the loop directly.
     - The loss is ``loss_fn(module, batch)`` with the parameters replaced through
       ``torch.func.functional_call``; default :func:`training_step_loss` (the module's own
       ``training_step``, logging silenced). It must be the MEAN over the batch. The module is put
@@ -143,23 +235,27 @@ class StationarityMonitor(Callback):
     - Nothing of training changes: parameters, gradients, optimiser state and torch's global RNG
       state (CPU and CUDA) are left as they were; the sample points come from a private
       generator seeded with ``seed + epoch``.
-    - Data: ``dataset`` or the training dataloader's dataset (indexable, with ``len``), batched
+    - Data: ``dataset`` or the training dataloader's dataset (indexable, with ``len``; an
+      ``IterableDataset`` is refused when training starts, before the first batch), batched
       with the dataloader's ``collate_fn``. Under DDP the subset is split across ranks, each
       rank's gradients are weighted by its share and summed across ranks, so :math:`f` is the
       same mean over the same subset as in a single process.
 
     Args:
-        radii: the radii :math:`\delta > 0`.
-        num_samples: ``k`` per radius (default 64).
+        radii: the radii :math:`\delta > 0` (a sequence, a tensor or a numpy array).
+        num_samples: ``k`` per radius (default ``None``: sized, see Cost).
         every_n_epochs: evaluate after every ``n``-th training epoch (default 1).
-        subset_size: examples in the fixed subset (default 1024; the whole dataset if smaller).
+        subset_size: examples in the fixed subset (default ``None``: sized, see Cost; the whole
+            dataset if smaller).
         seed: seed of the subset and of the sample points (default 0).
         loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (default :func:`training_step_loss`).
         dataset: the data to draw the subset from (default: the training dataloader's dataset).
         memory: ``"device"``, ``"host"`` or ``"recompute"`` (see
             :func:`~torch_momentum.stationarity_profile`; default ``"device"``).
-        chunk_size: samples per block in the chunked modes (default as there).
-        vectorize: batch gradients with ``torch.func.vmap`` (default ``True``).
+        chunk_size: samples per block (default 8: the progress bar, SIGTERM and ``max_seconds``
+            act between blocks).
+        vectorize: batch gradients with ``torch.func.vmap`` where that pays (default ``True``).
+        max_seconds: time budget of one certificate in seconds (default ``None``: none).
 
     Raises:
         TypeError / ValueError: an argument of the wrong type or value (naming it).
@@ -176,68 +272,72 @@ class StationarityMonitor(Callback):
     def __init__(
         self,
         radii: Sequence[float],
-        num_samples: int = 64,
+        num_samples: int | None = None,
         every_n_epochs: int = 1,
-        subset_size: int = 1024,
+        subset_size: int | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
         dataset: Any = None,
         memory: str = "device",
         chunk_size: int | None = None,
         vectorize: bool = True,
+        max_seconds: float | None = None,
     ) -> None:
         super().__init__()
-        self.radii = _check_radii(radii)
-        self.num_samples = _positive_int("num_samples", num_samples)
-        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
-        self.subset_size = _positive_int("subset_size", subset_size)
+        self.radii: tuple[float, ...] = check_radii(radii)
+        self.num_samples: int | None = _optional_positive_int("num_samples", num_samples)
+        self.every_n_epochs: int = _positive_int("every_n_epochs", every_n_epochs)
+        self.subset_size: int | None = _optional_positive_int("subset_size", subset_size)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"`seed` must be an int, got {seed!r}")
-        self.seed = operator.index(seed)
+        self.seed: int = operator.index(seed)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable or None, got {loss_fn!r}")
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else training_step_loss
-        if dataset is not None and not (
-            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-        ):
+        if dataset is not None and not _map_style(dataset):
             raise TypeError(
                 f"`dataset` must be indexable with a length (a map-style Dataset), got {dataset!r}"
             )
-        self.dataset = dataset
-        if not isinstance(memory, str) or memory not in _MEMORY_MODES:
-            raise ValueError(f"`memory` must be one of {_MEMORY_MODES}, got {memory!r}")
-        self.memory = memory
-        if chunk_size is not None:
-            chunk_size = _positive_int("chunk_size", chunk_size)
-        self.chunk_size = chunk_size
+        self.dataset: Any = dataset
+        if not isinstance(memory, str) or memory not in MEMORY_MODES:
+            raise ValueError(f"`memory` must be one of {MEMORY_MODES}, got {memory!r}")
+        self.memory: str = memory
+        self.chunk_size: int = _optional_positive_int("chunk_size", chunk_size) or _CHUNK
         if not isinstance(vectorize, bool):
             raise TypeError(f"`vectorize` must be a bool, got {vectorize!r}")
-        self.vectorize = vectorize
+        self.vectorize: bool = vectorize
+        self.max_seconds: float | None = _optional_seconds(max_seconds)
 
         #: one dict per evaluation: ``{"epoch": e, "step": s, key: value, ...}``
         self.history: list[dict[str, float]] = []
         #: the indices of the subset in the dataset (chosen at the first evaluation)
         self.subset_indices: list[int] | None = None
+        self._data: tuple[Any, Callable[[list[Any]], Any]] | None = None
+        self._sizes: tuple[int, int] | None = None
         self._batch: Any = None
-        self._share = 1.0
-        self._warned_no_iterate = False
+        self._share: float = 1.0
+        self._warned_no_iterate: bool = False
 
     # ------------------------------------------------------------------------------------------
     # hooks
     # ------------------------------------------------------------------------------------------
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(radii=list(self.radii), seed=self.seed)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The history: a resumed fit continues the same series (the subset is drawn again from
         ``seed``, the same examples for the same dataset)."""
         return {"history": [dict(row) for row in self.history]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -254,6 +354,14 @@ class StationarityMonitor(Callback):
                 " parameters on every rank. Use a single device or `strategy='ddp'`."
             )
 
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The first hook with the training dataloader loaded (setup runs before the module's own
+        # setup, which often builds the data): an IterableDataset is refused here, before the
+        # first batch, not after the first epoch.
+        self._resolve_data(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs != 0:
@@ -263,7 +371,8 @@ class StationarityMonitor(Callback):
         for delta, eps, active in zip(profile.radii, profile.eps_hat, profile.active, strict=True):
             metrics[f"stationarity/min_norm/{delta:g}"] = eps
             metrics[f"stationarity/active/{delta:g}"] = float(active)
-        step = _logging_step(trainer)
+        metrics["stationarity/num_samples"] = float(profile.num_samples)
+        step = logging_step(trainer)
         self.history.append({"epoch": float(epoch), "step": float(step), **metrics})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -281,57 +390,68 @@ class StationarityMonitor(Callback):
         names, point = self._iterate(trainer, pl_module)
         wrapper = _LossOfParameters(pl_module, self.loss_fn)
 
-        def f(params: dict[str, Tensor]) -> Tensor:
+        def f(params: Tensor | dict[str, Tensor]) -> Tensor:
+            assert isinstance(params, dict)  # x is a dict: so are the points
             inner = {f"module.{n}": params[n] for n in names}
             return functional_call(wrapper, inner, (batch,), strict=False)
-
-        world = trainer.world_size
-        reduce = None
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            share = self._share
-
-            def reduce(g: Tensor) -> Tensor:
-                g = g * share
-                dist.all_reduce(g, op=dist.ReduceOp.SUM)
-                return g
 
         generator = torch.Generator().manual_seed(self.seed + epoch)
         modes = {m: m.training for m in pl_module.modules()}
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        assert self._sizes is not None  # set with the subset
+        progress = _Progress(trainer, epoch, self.max_seconds, len(self.radii))
         try:
             pl_module.eval()
             with torch.random.fork_rng(devices=devices):
-                return stationarity_profile(
+                result = stationarity_profile(
                     f,
                     point,
                     self.radii,
-                    num_samples=self.num_samples,
+                    num_samples=self._sizes[0],
                     generator=generator,
                     vectorize=self.vectorize,
                     memory=self.memory,
                     chunk_size=self.chunk_size,
-                    reduce_grads=reduce,
+                    reduce_grads=self._reduce(trainer),
+                    progress=progress,
                 )
         finally:
+            progress.close()
             for m, mode in modes.items():
                 m.training = mode
+        self.vectorize = result.vectorized  # the first block chose the loop: keep it (no re-check)
+        return result
+
+    def _reduce(self, trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
+        """Under DDP: each rank's gradients weighted by its share of the subset, summed."""
+        if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return None
+        share = self._share
+
+        def reduce(g: Tensor) -> Tensor:
+            g = g * share
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            return g
+
+        return reduce
 
     def _iterate(
         self, trainer: Trainer, pl_module: LightningModule
     ) -> tuple[list[str], dict[str, Tensor]]:
         """The trainable parameters at the iterate (``opt.iterate(p)`` where available)."""
         owner: dict[int, Any] = {}
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
                 for p in group["params"]:
-                    owner[id(p)] = opt
+                    owner[id(p)] = optimizer
         point: dict[str, Tensor] = {}
         for name, p in pl_module.named_parameters():
             if not p.requires_grad:
                 continue
             opt = owner.get(id(p))
-            if opt is not None and callable(getattr(opt, "iterate", None)):
-                point[name] = opt.iterate(p)
+            iterate = getattr(opt, "iterate", None)
+            if callable(iterate):
+                point[name] = iterate(p)
             else:
                 if opt is not None and callable(getattr(opt, "eval", None)):
                     if not self._warned_no_iterate:
@@ -349,22 +469,36 @@ class StationarityMonitor(Callback):
             )
         return list(point), point
 
-    def _subset_batch(self, trainer: Trainer, pl_module: LightningModule) -> Any:
-        if self._batch is not None:
-            return self._batch
+    def _resolve_data(self, trainer: Trainer) -> tuple[Any, Callable[[list[Any]], Any]]:
+        """The dataset to draw the subset from and the collate function; the sizes."""
+        if self._data is not None:
+            return self._data
         dataset, collate = self.dataset, default_collate
         loader = trainer.train_dataloader
         if isinstance(loader, DataLoader):
             collate = loader.collate_fn or default_collate
             if dataset is None:
                 dataset = loader.dataset
-        if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        if dataset is None or not _map_style(dataset):
+            kind = "no dataset" if dataset is None else f"a {type(dataset).__name__}"
             raise MisconfigurationException(
                 "`StationarityMonitor` needs a map-style training dataset (indexable, with a"
-                " length) to draw its fixed subset from; pass `dataset=` explicitly."
+                f" length) to draw its fixed subset from, and the training data is {kind}"
+                " (an IterableDataset cannot be indexed); pass `dataset=` explicitly (a"
+                " map-style dataset with examples of the training distribution)."
             )
-        n = len(dataset)
-        size = min(self.subset_size, n)
+        self._sizes = certificate_sizes(
+            len(dataset), len(self.radii), self.num_samples, self.subset_size
+        )
+        self._data = (dataset, collate)
+        return self._data
+
+    def _subset_batch(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        if self._batch is not None:
+            return self._batch
+        dataset, collate = self._resolve_data(trainer)
+        assert self._sizes is not None  # set with the data
+        n, size = len(dataset), self._sizes[1]
         g = torch.Generator().manual_seed(self.seed)
         self.subset_indices = sorted(torch.randperm(n, generator=g)[:size].tolist())
         world, rank = trainer.world_size, trainer.global_rank
@@ -379,6 +513,14 @@ class StationarityMonitor(Callback):
         return self._batch
 
 
+def _map_style(dataset: object) -> bool:
+    return (
+        not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__len__")
+        and hasattr(dataset, "__getitem__")
+    )
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {value!r}")
@@ -388,9 +530,15 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _logging_step(trainer: Trainer) -> int:
-    """The step Lightning logs ``training_step`` metrics with (batches that stepped so far)."""
-    loop = getattr(trainer, "fit_loop", None)
-    epoch_loop = getattr(loop, "epoch_loop", None)
-    step = getattr(epoch_loop, "_batches_that_stepped", None)
-    return int(trainer.global_step if step is None else step)
+def _optional_positive_int(name: str, value: object) -> int | None:
+    return None if value is None else _positive_int(name, value)
+
+
+def _optional_seconds(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`max_seconds` must be a number or None, got {value!r}")
+    if not float(value) > 0 or math.isnan(float(value)):
+        raise ValueError(f"`max_seconds` must be > 0, got {value!r}")
+    return float(value)

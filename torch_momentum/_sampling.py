@@ -1,7 +1,11 @@
-"""Gradient sampling machinery shared by :mod:`~torch_momentum.clarke` and
-:mod:`~torch_momentum.stationarity`: flattening of tensors and dicts of tensors, argument checks,
-the check that ``f`` depends on ``x`` through autograd, and gradients at many points (batched with
-``torch.func.vmap``, or a Python loop of ``torch.autograd.grad`` calls).
+"""Gradient sampling machinery shared by :mod:`~torch_momentum.clarke`,
+:mod:`~torch_momentum.stationarity` and the StationarityMonitor: flattening of tensors and dicts
+of tensors, argument checks, the check that ``f`` depends on ``x`` through autograd, and
+gradients at many points (batched with ``torch.func.vmap``, or a Python loop of
+``torch.autograd.grad`` calls).
+
+Numbers may come as Python numbers, one-element tensors or numpy scalars and arrays (numpy is
+recognised by duck typing: this package does not import it).
 """
 
 from __future__ import annotations
@@ -9,19 +13,26 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
+import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Protocol, TypeGuard, Union
 
 import torch
 from torch import Tensor
+
+from torch_momentum.minnorm import scaled_norm
 
 TensorOrDict = Union[Tensor, dict[str, Tensor]]  # noqa: UP007  (used at runtime in dataclasses)
 
 # Default number of samples: 2 (d + 1), clamped to [MIN_SAMPLES, MAX_SAMPLES].
 MIN_SAMPLES = 64
 MAX_SAMPLES = 256
+
+#: Where :func:`~torch_momentum.stationarity_profile` keeps the sampled gradients.
+MEMORY_MODES = ("device", "host", "recompute")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +81,7 @@ def check_x(x: object) -> tuple[Spec, Tensor]:
     flat = torch.cat([value.detach().reshape(-1) for _, value in items])
     if flat.numel() == 0:
         raise ValueError("x has no entries; there is nothing to differentiate")
-    names = None if isinstance(x, Tensor) else tuple(name for name, _ in items)  # type: ignore[misc]
+    names = None if isinstance(x, Tensor) else tuple(str(name) for name, _ in items)
     spec = Spec(
         names=names,
         shapes=tuple(value.shape for _, value in items),
@@ -91,9 +102,10 @@ def unflatten(flat: Tensor, spec: Spec, lead: tuple[int, ...] = ()) -> TensorOrD
 
 
 def flatten_batch(tree: TensorOrDict, spec: Spec, k: int) -> Tensor:
-    if spec.names is None:
-        return tree.reshape(k, -1)  # type: ignore[union-attr]
-    return torch.cat([tree[name].reshape(k, -1) for name in spec.names], dim=1)  # type: ignore[index]
+    if isinstance(tree, Tensor):
+        return tree.reshape(k, -1)
+    assert spec.names is not None  # a dict tree comes from a dict x
+    return torch.cat([tree[name].reshape(k, -1) for name in spec.names], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,10 +113,35 @@ def flatten_batch(tree: TensorOrDict, spec: Spec, k: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class _ArrayLike(Protocol):
+    def reshape(self, *shape: int) -> _ArrayLike: ...
+    def tolist(self) -> Any: ...
+
+
+def _is_array(value: object) -> TypeGuard[_ArrayLike]:
+    """A tensor or an array of another library (numpy, ...): has ``__array__``, ``reshape`` and
+    ``tolist``, and is not a string."""
+    return isinstance(value, Tensor) or (
+        not isinstance(value, (str, bytes))
+        and hasattr(value, "__array__")
+        and hasattr(value, "reshape")
+        and hasattr(value, "tolist")
+    )
+
+
+def plain_number(value: object) -> object:
+    """A one-element tensor or array (a numpy 0-d array, ``np.array([0.1])``) as the Python
+    number it holds; anything else unchanged (the caller's type check names it)."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value
+    if _is_array(value) and getattr(value, "size", None) == 1:
+        return value.reshape(-1).tolist()[0]
+    return value
+
+
 def check_radius(radius: object, name: str = "radius") -> float:
-    """A positive finite real number (Python, numpy or one-element tensor) as a float."""
-    if isinstance(radius, Tensor) and radius.numel() == 1 and not radius.dtype.is_complex:
-        radius = float(radius)
+    """A positive finite real number (Python, numpy, a one-element tensor or array) as a float."""
+    radius = plain_number(radius)
     if isinstance(radius, (bool,)) or not isinstance(radius, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(radius).__name__}")
     value = float(radius)
@@ -113,10 +150,26 @@ def check_radius(radius: object, name: str = "radius") -> float:
     return value
 
 
+def check_radii(radii: object) -> tuple[float, ...]:
+    """Radii: a sequence, a tensor or an array (numpy; any shape, read in order), or one number
+    (a 0-d array too), as a tuple of positive floats."""
+    if _is_array(radii):
+        radii = radii.reshape(-1).tolist()
+    elif isinstance(radii, numbers.Real) and not isinstance(radii, bool):
+        radii = [radii]
+    if isinstance(radii, (str, bytes)) or not isinstance(radii, Sequence):
+        raise TypeError(f"radii must be a sequence of positive numbers, got {type(radii).__name__}")
+    if len(radii) == 0:
+        raise ValueError("radii is empty; pass at least one radius delta > 0")
+    return tuple(check_radius(r, f"radii[{i}]") for i, r in enumerate(radii))
+
+
 def check_num_samples(num_samples: object, d: int) -> int:
-    """An integer >= 1 (Python or numpy integer), or the default ``2 (d + 1)`` in [64, 256]."""
+    """An integer >= 1 (Python or numpy integer, a 0-d integer array), or the default
+    ``2 (d + 1)`` in [64, 256]."""
     if num_samples is None:
         return max(MIN_SAMPLES, min(2 * (d + 1), MAX_SAMPLES))
+    num_samples = plain_number(num_samples)
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     k = operator.index(num_samples)
@@ -136,7 +189,7 @@ def check_common(f: object, generator: object, vectorize: object) -> None:
 
 def default_radius(flat: Tensor) -> float:
     eps = torch.finfo(flat.dtype).eps
-    return math.sqrt(eps) * max(1.0, float(flat.double().norm()))
+    return math.sqrt(eps) * max(1.0, scaled_norm(flat))  # no overflow for entries of 1e160
 
 
 def check_value(value: object) -> None:
@@ -246,34 +299,110 @@ def grads_loop(f_scalar: Callable[..., Tensor], points: Tensor, spec: Spec) -> T
     return out
 
 
-class GradientSampler:
-    """Gradients of ``f`` at batches of flat points: vmapped while ``f`` allows it, else a loop.
+# torch's warning when vmap has no batching rule for an operation and runs it one sample at a
+# time (e.g. aten::lstm in torch 2.13): "There is a performance drop because we have not yet
+# implemented the batching rule for aten::lstm.input. Please file us an issue on GitHub ..."
+_NO_BATCHING_RULE = re.compile(r"not yet implemented the batching rule for ([\w:.]*\w)")
+# The loop replaces vmap only when it is faster by this factor (timings on a shared machine are
+# noisy; a wrong choice costs speed, never correctness).
+_LOOP_MARGIN = 1.5
+# Below this many seconds for the first block vectorised, the loop could save little: no timing
+# (a certificate that samples a few dozen gradients would otherwise pay 4-12 extra ones).
+_MIN_SECONDS_TO_COMPARE = 0.05
+# Points of the first block timed in the loop (and again vectorised: the first vmap call of a
+# process carries a one-time cost of about a second).
+_TIMED_POINTS = 4
 
-    The first vmap failure that is not out-of-memory switches to the loop for good, with one
-    warning that says why (``caller`` names the public function in it).
+
+def _timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+class GradientSampler:
+    """Gradients of ``f`` at batches of flat points: vmapped while that pays, else a loop.
+
+    The first block decides (one warning when it chooses the loop; ``caller`` names the public
+    function in it): the loop of ``torch.autograd.grad`` calls replaces vmap for good when vmap
+    fails with an error that is not out-of-memory, when torch warns that it has no batching rule
+    for an operation of ``f`` (vmap then runs that operation one sample at a time, slower than the
+    loop), or when the loop is faster by ``_LOOP_MARGIN`` both on the whole first block (estimated
+    from its first points) and on those points vectorised again (timed only when the first block
+    took at least ``_MIN_SECONDS_TO_COMPARE`` seconds).
     """
 
     def __init__(
         self, f_scalar: Callable[..., Tensor], spec: Spec, vectorize: bool, caller: str
     ) -> None:
         self.f_scalar, self.spec, self.vectorize, self.caller = f_scalar, spec, vectorize, caller
+        self._decided = not vectorize
 
     def __call__(self, points: Tensor) -> Tensor:
         if self.vectorize:
             try:
+                if not self._decided:
+                    return self._first_block(points)
                 return grads_vmap(self.f_scalar, points, self.spec)
             except (RuntimeError, NotImplementedError) as err:
                 if is_oom(err):
                     raise
-                self.vectorize = False
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-                warnings.warn(
-                    f"{self.caller}: f cannot be vmapped ({type(err).__name__}: {reason}); "
-                    "falling back to a Python loop of torch.autograd.grad calls, which is "
-                    "slower. Typical causes: in-place updates of tensors that are not batched, "
-                    ".item() or data-dependent Python control flow, BatchNorm in training mode, "
-                    "random operations. Pass vectorize=False to use the loop without this warning",
-                    UserWarning,
-                    stacklevel=3,
+                self._use_loop(
+                    f"f cannot be vmapped ({type(err).__name__}: {reason}). Typical causes: "
+                    "in-place updates of tensors that are not batched, .item() or data-dependent "
+                    "Python control flow, BatchNorm in training mode, random operations"
                 )
         return grads_loop(self.f_scalar, points, self.spec)
+
+    def _use_loop(self, why: str) -> None:
+        self.vectorize, self._decided = False, True
+        warnings.warn(
+            f"{self.caller}: {why}; using a Python loop of torch.autograd.grad calls instead of "
+            "torch.func.vmap. Pass vectorize=False to use the loop without this check",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _first_block(self, points: Tensor) -> Tensor:
+        self._decided = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, t_vmap = _timed(lambda: grads_vmap(self.f_scalar, points, self.spec))
+        ops: list[str] = []
+        for w in caught:  # torch's no-batching-rule warnings are ours to explain; others pass
+            match = _NO_BATCHING_RULE.search(str(w.message))
+            if match:
+                ops.append(match.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if ops:
+            names = ", ".join(sorted(set(ops)))
+            self._use_loop(
+                f"torch.func.vmap has no batching rule for {names} and runs it one sample at a "
+                "time, slower than a loop (torch warns of a performance drop)"
+            )
+        else:
+            self._compare_with_loop(points, t_vmap)
+        return out
+
+    def _compare_with_loop(self, points: Tensor, t_vmap: float) -> None:
+        n = points.shape[0]
+        m = min(_TIMED_POINTS, n)
+        if n < 2 * m or t_vmap < _MIN_SECONDS_TO_COMPARE:  # too few points, or too little time
+            return
+        few = points[:m]
+        _, t_loop = _timed(lambda: grads_loop(self.f_scalar, few, self.spec))
+        if t_loop / m * n * _LOOP_MARGIN >= t_vmap:
+            return
+        # the first vmap call may carry one-time costs: both again on the same few points, the
+        # faster of two runs each (a descheduled run on a shared machine does not decide)
+        t_vmap_few = min(_timed(lambda: grads_vmap(self.f_scalar, few, self.spec))[1] for _ in "ab")
+        t_loop = min(t_loop, _timed(lambda: grads_loop(self.f_scalar, few, self.spec))[1])
+        if t_loop * _LOOP_MARGIN >= t_vmap_few:
+            return
+        self._use_loop(
+            f"the loop is faster here: the first {n} gradients took {t_vmap:.3g} s vectorised "
+            f"against about {t_loop / m * n:.3g} s in a loop, and {m} of them {t_vmap_few:.3g} s "
+            f"against {t_loop:.3g} s"
+        )

@@ -65,7 +65,7 @@ from torch_momentum._sampling import (
     scalar_output,
     unflatten,
 )
-from torch_momentum.minnorm import _min_norm, count_nonfinite_rows, min_norm_element
+from torch_momentum.minnorm import count_nonfinite_rows, min_norm_element, min_norm_of_rows
 
 __all__ = ["ClarkeSubgradient", "clarke_subgradient", "min_norm_element"]
 
@@ -245,7 +245,7 @@ def clarke_subgradient(
             f"locally Lipschitz and finite in the ball of radius={radius:.3g} around x"
         )
 
-    min_norm64, weights64 = _min_norm(samples)
+    min_norm64, weights64 = min_norm_of_rows(samples)
     min_norm = min_norm64.to(dtype)
     return ClarkeSubgradient(
         samples=unflatten(samples, spec, (k,)),

@@ -252,6 +252,14 @@ def scale_pow2(t: Tensor, e: int) -> Tensor:
     return t * 2.0**e1 * 2.0 ** (e - e1)
 
 
+def scaled_norm(t: Tensor) -> float:
+    """``||t||_2`` in float64 whatever its scale: the entries are divided by a power of two
+    first (exact), so that their squares neither underflow (entries of 1e-200: the plain norm is
+    0) nor overflow (1e160: the plain norm is inf). NaN or inf entries give NaN or inf."""
+    e = pow2_exponent(t)
+    return math.ldexp(float(scale_pow2(t.to(torch.float64), -e).norm()), e)
+
+
 def weights_from_gram(gram: Tensor) -> Tensor:
     """Convex weights of the min-norm point from the Gram matrix of the points (float64, CPU).
 
@@ -272,8 +280,9 @@ def weights_from_gram(gram: Tensor) -> Tensor:
     return torch.tensor(weights, dtype=torch.float64)
 
 
-def _min_norm(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """Min-norm point of the hull of the rows of ``flat`` and its convex weights, in float64.
+def min_norm_of_rows(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Min-norm point of the hull of the rows of ``flat`` and its convex weights, in float64
+    (``flat`` unchecked: :func:`min_norm_element` validates first).
 
     The rows are rescaled by a power of two (exact) BEFORE the Gram matrix is formed, so that the
     result does not depend on the scale of the points (no overflow above ~1e154, no underflow
@@ -330,5 +339,5 @@ def min_norm_element(samples: Tensor) -> tuple[Tensor, Tensor]:
 
     """
     flat = _check_samples(samples)
-    point, weights = _min_norm(flat)
+    point, weights = min_norm_of_rows(flat)
     return point.to(samples.dtype).reshape(samples.shape[1:]), weights.to(samples.dtype)

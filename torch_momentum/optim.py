@@ -6,95 +6,27 @@ Both are thin :class:`torch.optim.Optimizer` subclasses over the shared kernel
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from torch_momentum.functional import (
-    default_implementation,
-    lookahead_shift,
+from torch_momentum._hyperparameters import check_hyperparameters
+from torch_momentum._kernels import (
+    Implementation,
+    foreach_supported,
     resolve_implementation,
     run_kernel,
     scalar_lr,
+    sparse_weight_decay_error,
 )
+from torch_momentum.functional import lookahead_shift
 
 __all__ = ["NesterovSGD", "PolyakSGD", "to_sgd_state_dict"]
-
-
-def _check_real(name: str, value: Any, where: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{where}{name} must be a real number, got {type(value).__name__}: {value!r}"
-        )
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{where}Invalid {name}: {value}")
-    return value
-
-
-def _check_lr(lr: Any, where: str = "") -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"{where}Invalid lr: a Tensor lr must have exactly one element, got shape "
-                f"{tuple(lr.shape)}"
-            )
-        if lr.is_complex() or not lr.is_floating_point():
-            raise TypeError(f"{where}lr must be a real floating point Tensor, got dtype {lr.dtype}")
-        value = float(lr.detach().cpu().reshape(()))  # construction time: a sync is fine here
-    else:
-        value = _check_real("lr", lr, where)
-    if not value >= 0.0 or math.isinf(value):
-        raise ValueError(f"{where}Invalid lr: {value} (the learning rate must be finite and >= 0)")
-
-
-def _check_hyperparameters(values: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Validate the hyper-parameters present in ``values`` (constructor arguments or one param
-    group, ``where`` says which); return the numbers normalised to ``float``. Raises before
-    anything is changed."""
-    out: dict[str, Any] = {}
-    if "lr" in values:
-        _check_lr(values["lr"], where)
-    if "momentum" in values:
-        momentum = out["momentum"] = _check_real("momentum", values["momentum"], where)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"{where}Invalid momentum: {momentum} (must satisfy 0 <= momentum < 1)"
-            )
-    if "weight_decay" in values:
-        weight_decay = _check_real("weight_decay", values["weight_decay"], where)
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(
-                f"{where}Invalid weight_decay: {weight_decay} (must be finite and >= 0)"
-            )
-        out["weight_decay"] = weight_decay
-    for name in ("maximize", "differentiable"):
-        flag = values.get(name, False)
-        if not isinstance(flag, bool):
-            raise TypeError(f"{where}{name} must be a bool, got {type(flag).__name__}: {flag!r}")
-    for name in ("foreach", "fused"):
-        flag = values.get(name)
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{where}{name} must be a bool or None, got {flag!r}")
-    fused, foreach = values.get("fused"), values.get("foreach")
-    differentiable = values.get("differentiable", False)
-    if fused and foreach:
-        raise ValueError(f"{where}fused=True and foreach=True cannot be used together; choose one")
-    if fused and differentiable:
-        raise ValueError(
-            f"{where}fused=True does not support differentiable=True; use the default path"
-        )
-    if foreach and differentiable:
-        raise ValueError(
-            f"{where}foreach=True does not support differentiable=True; use the default path"
-        )
-    return out
 
 
 _SGD_ONLY_KEYS = ("nesterov", "dampening")
@@ -133,10 +65,15 @@ class _MomentumSGD(Optimizer):
             "fused": fused,
             "differentiable": differentiable,
         }
-        defaults.update(_check_hyperparameters(defaults))
+        defaults.update(check_hyperparameters(defaults))
         defaults.update(self._extra_defaults())
-        self._paths: dict[int, Any] = {}
+        self._reset_caches()
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """Forget everything derived from the param groups between steps (the resolved update
+        paths); called by the constructor and after unpickling."""
+        self._paths: dict[int, tuple[tuple[Any, ...], Implementation]] = {}
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {}
@@ -165,7 +102,7 @@ class _MomentumSGD(Optimizer):
                     f"{where}key 'nesterov' is {nesterov!r}: that state continues in {other}, "
                     f"not in {name}"
                 )
-            group.update(_check_hyperparameters(group, where))
+            group.update(check_hyperparameters(group, where))
             group.update(self._migrated_group_keys(group))
             groups.append(group)
         state = {}
@@ -221,7 +158,7 @@ class _MomentumSGD(Optimizer):
         for group in self.param_groups:  # the fused kernel wants velocities in the param layout
             for p in group["params"]:
                 v = self.state.get(p, {}).get("velocity")
-                if v is not None and v.stride() != p.stride():
+                if v is not None and v.layout is torch.strided and v.stride() != p.stride():
                     like = torch.empty_like(p, memory_format=torch.preserve_format)
                     if like.stride() != v.stride():
                         self.state[p]["velocity"] = like.copy_(v)
@@ -232,13 +169,13 @@ class _MomentumSGD(Optimizer):
         built-in does, so that parameters built on the meta device can be materialised first."""
         where = f"param group {len(self.param_groups)}: "
         merged = {**self.defaults, **param_group}
-        param_group = {**param_group, **_check_hyperparameters(merged, where)}
+        param_group = {**param_group, **check_hyperparameters(merged, where)}
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Older state dicts may lack flags added later: fill them with the defaults.
         super().__setstate__(state)
-        self._paths = {}
+        self._reset_caches()
         for group in self.param_groups:
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
@@ -250,31 +187,41 @@ class _MomentumSGD(Optimizer):
 
     def _collect_group(
         self, group: dict[str, Any], index: int
-    ) -> tuple[list[Tensor], list[Tensor]]:
+    ) -> tuple[list[Tensor], list[Tensor], bool]:
+        """The parameters with a gradient, their gradients, and whether one is sparse (sparse
+        gradients are supported as the built-in supports them: not with weight decay)."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
+        has_sparse_grad = False
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (param group "
-                    f"{index} has a parameter of shape {tuple(p.shape)} with a sparse gradient); "
-                    "use dense gradients, e.g. nn.Embedding(sparse=False)"
-                )
+                has_sparse_grad = True
             params.append(p)
             grads.append(p.grad)
-        return params, grads
+        if has_sparse_grad and group["weight_decay"] != 0:
+            raise sparse_weight_decay_error(
+                group["weight_decay"], f"{type(self).__name__}: param group {index}: "
+            )
+        return params, grads, has_sparse_grad
 
-    def _velocities_of(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """The velocities of ``params`` (created as zeros in the parameter's layout)."""
+    def _velocities_of(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> list[Tensor]:
+        """The velocities of ``params``, created as zeros in the parameter's layout (sparse zeros
+        for a sparse gradient: the velocity then stays sparse, as the built-in's buffer does)."""
         if group["momentum"] == 0:
             return []
         velocities = []
-        for p in params:
+        for p, g in zip(params, grads, strict=True):
             state = self.state[p]
             if "velocity" not in state:
-                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["velocity"] = (
+                    torch.zeros_like(g)
+                    if g.is_sparse
+                    else torch.zeros_like(p, memory_format=torch.preserve_format)
+                )
             velocities.append(state["velocity"])
         return velocities
 
@@ -285,8 +232,14 @@ class _MomentumSGD(Optimizer):
         its look-ahead here)."""
         return grads
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @_use_grad_for_differentiable
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step.
 
         Args:
@@ -296,23 +249,27 @@ class _MomentumSGD(Optimizer):
             The closure's loss, or ``None`` without a closure.
 
         Raises:
-            RuntimeError: sparse gradients; ``fused=True`` with a parameter the fused kernel
-                cannot update (checked here, before any state changes, as the built-in does).
+            RuntimeError: ``fused=True`` with a parameter the fused kernel cannot update, or a
+                sparse gradient with ``weight_decay != 0`` (both checked for every group before
+                anything changes).
         """
         self._check_can_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for index, group in enumerate(self.param_groups):
-            params, grads = self._collect_group(group, index)
-            path = self._implementation(index, group) if params else (False, False)
-            velocities = self._velocities_of(group, params)
+            params, grads, has_sparse_grad = self._collect_group(group, index)
+            path = self._implementation(index, group) if params else "forloop"
+            work.append((index, group, params, grads, has_sparse_grad, path))
+        for index, group, params, grads, has_sparse_grad, path in work:
+            velocities = self._velocities_of(group, params, grads)
             grads = self._prepare_group(index, group, params, grads)
             if not params:
                 continue
             run_kernel(
-                *path,
+                path,
                 params,
                 grads,
                 velocities,
@@ -322,6 +279,7 @@ class _MomentumSGD(Optimizer):
                 maximize=group["maximize"],
                 nesterov=self._nesterov,
                 strict=bool(group["fused"]),
+                has_sparse_grad=has_sparse_grad,
                 differentiable=group["differentiable"],
             )
             if group["differentiable"] and velocities:  # the kernel made new velocity tensors
@@ -329,21 +287,22 @@ class _MomentumSGD(Optimizer):
                     self.state[p]["velocity"] = v
         return loss
 
-    def _implementation(self, index: int, group: dict[str, Any]) -> tuple[bool, bool]:
-        """``(fused, foreach)`` for this group, from facts about its parameters that cannot change
+    def _implementation(self, index: int, group: dict[str, Any]) -> Implementation:
+        """The update path of this group, from facts about its parameters that cannot change
         while the group's parameter list and flags stay the same (tensor types), resolved once
         (checking every tensor costs ~0.5 µs each, ~15 % of a fused step on a 1M-parameter list).
         Devices, dtypes and layouts, which can change between steps (``model.to(...)``, a new
         gradient), are checked by the fused kernel at every step."""
         flags = (group["foreach"], group["fused"], group["differentiable"])
         params = group["params"]
+        where = f"{type(self).__name__}: param group {index}, "
         if torch.compiler.is_compiling():
-            return resolve_implementation(params, *flags)
+            return resolve_implementation(params, *flags, where)
         key = (params, len(params), flags)
         cached = self._paths.get(index)
         if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
             return cached[1]
-        path = resolve_implementation(params, *flags)  # raises before anything is cached
+        path = resolve_implementation(params, *flags, where)  # raises before anything is cached
         self._paths[index] = (key, path)
         return path
 
@@ -359,8 +318,51 @@ class _MomentumSGD(Optimizer):
             f"{type(self).__name__}"
         )
 
-    def _lookahead_coefficient(self, group: dict[str, Any]) -> float | Tensor:
-        """The c with ``parameters = x + c * velocity`` (0 for heavy ball)."""
+    def _param_group(self, group: dict[str, Any] | int) -> dict[str, Any]:
+        """One of this optimiser's param groups, given as the dict itself or its index."""
+        if isinstance(group, dict):
+            if any(g is group for g in self.param_groups):
+                return group
+            raise ValueError(
+                f"group: the dict given is not one of this {type(self).__name__}'s param_groups "
+                "(pass the group itself, e.g. opt.param_groups[0], or its index)"
+            )
+        if isinstance(group, bool) or not isinstance(group, numbers.Integral):
+            raise TypeError(
+                f"group must be a param group dict or its index, got {type(group).__name__}"
+            )
+        if not -len(self.param_groups) <= int(group) < len(self.param_groups):
+            raise ValueError(
+                f"group={group} is out of range: this {type(self).__name__} has "
+                f"{len(self.param_groups)} param group(s)"
+            )
+        return self.param_groups[int(group)]
+
+    def lookahead_coefficient(self, group: dict[str, Any] | int) -> float | Tensor:
+        r"""The coefficient :math:`c` with parameters :math:`= x + c\,v` in ``group`` now.
+
+        :math:`c = 0` for :class:`PolyakSGD` (the parameters are the iterate) and for
+        :class:`NesterovSGD` in eval mode; in training mode NesterovSGD's parameters hold the
+        look-ahead :math:`y = x + c\,v` with :math:`c = \eta\mu` as of the last step (or as
+        of now before the first step). :meth:`iterate` subtracts exactly :math:`c\,v`.
+
+        Args:
+            group: one of ``param_groups`` (the dict itself) or its index.
+
+        Returns:
+            A float, or a 0-dim Tensor when ``lr`` is a Tensor (not read on the host).
+
+        Raises:
+            TypeError / ValueError: ``group`` is neither an index nor one of ``param_groups``.
+
+        Example:
+            >>> import torch
+            >>> from torch_momentum import NesterovSGD
+            >>> opt = NesterovSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.5, momentum=0.5)
+            >>> opt.lookahead_coefficient(0), opt.eval().lookahead_coefficient(0)
+            (0.25, 0.0)
+        """
+        self._param_group(group)
         return 0.0
 
     @torch.no_grad()
@@ -384,7 +386,7 @@ class _MomentumSGD(Optimizer):
         """
         group = self._group_of(p)
         velocity = self.state.get(p, {}).get("velocity")
-        coefficient = self._lookahead_coefficient(group)
+        coefficient = self.lookahead_coefficient(group)
         if velocity is None or (not isinstance(coefficient, Tensor) and coefficient == 0):
             return p.detach().clone()
         if isinstance(coefficient, Tensor):
@@ -416,11 +418,14 @@ class PolyakSGD(_MomentumSGD):
         fused: use the fused single-pass kernel.
         differentiable: let autograd differentiate through the step (reference path only).
 
-    With ``foreach=None, fused=None`` the fused kernel is used for every tensor that allows it
-    (checked at each step: plain floating point or complex tensors on CPU/CUDA/... whose gradient
-    and velocity share the parameter's dense layout; not bfloat16/float16 on the CPU), the foreach
-    path for the others and for ``DTensor``, the reference path for ``differentiable=True``; see
-    :func:`torch_momentum.functional.default_implementation`. ``load_state_dict`` also takes a
+    With ``foreach=None, fused=None`` the update takes the path ``torch.optim.SGD`` takes by
+    default on the same tensors, so that the results are the built-in's bit for bit: the for-loop
+    on the CPU, ``foreach`` on CUDA and other devices with foreach kernels, the for-loop for
+    ``differentiable=True`` (see :mod:`torch_momentum.functional`). ``fused=True`` (the fastest
+    on large models, one memory pass) and ``foreach=True`` are available on request; they round
+    differently. Sparse gradients (``nn.Embedding(sparse=True)``) are supported as the built-in
+    supports them: the velocity of such a parameter is sparse like the built-in's momentum
+    buffer, and ``weight_decay`` must be 0 for it. ``load_state_dict`` also takes a
     ``torch.optim.SGD(momentum=m)`` state dict; :func:`to_sgd_state_dict` is the way back.
 
     Example:
@@ -486,29 +491,10 @@ class NesterovSGD(_MomentumSGD):
         # lookahead: the coefficient c with params = x + c * v (None: lr * momentum, no step yet).
         return {"train_mode": True, "lookahead": None}
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        differentiable: bool = False,
-    ) -> None:
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        # per group: (id, version, momentum) of a device Tensor lr at the last step
         self._lr_stamps: dict[int, tuple[int, int, float]] = {}
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            weight_decay,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            differentiable=differentiable,
-        )
 
     def _migrated_group_keys(self, group: dict[str, Any]) -> dict[str, Any]:
         # The built-in's parameters are its look-ahead, built with the current lr * momentum: no
@@ -517,10 +503,6 @@ class NesterovSGD(_MomentumSGD):
         if isinstance(coefficient, Tensor):
             coefficient = coefficient.detach().clone()
         return {"train_mode": True, "lookahead": coefficient}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._lr_stamps = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; it joins in the optimiser's current mode (its new parameters have
@@ -544,18 +526,21 @@ class NesterovSGD(_MomentumSGD):
 
     @staticmethod
     def _can_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
-        return not group["differentiable"] and default_implementation(params, False) != (
-            False,
-            False,
-        )
+        return not group["differentiable"] and all(foreach_supported(p) for p in params)
 
     def _shift(self, group: dict[str, Any], alpha: float | Tensor) -> None:
         params, velocities = self._velocities(group)
         lookahead_shift(params, velocities, alpha, foreach=self._can_foreach(group, params))
 
-    def _lookahead_coefficient(self, group: dict[str, Any]) -> float | Tensor:
+    def lookahead_coefficient(self, group: dict[str, Any] | int) -> float | Tensor:
+        group = self._param_group(group)
         if not group["train_mode"]:
             return 0.0
+        return self._built_with(group)
+
+    def _built_with(self, group: dict[str, Any]) -> float | Tensor:
+        """The coefficient the look-ahead of ``group`` is (or, in eval mode, will be) built with:
+        ``lr * momentum`` as of the last step, or as of now before the first step."""
         coefficient = group["lookahead"]
         return self._coefficient(group) if coefficient is None else coefficient
 
@@ -613,15 +598,7 @@ class NesterovSGD(_MomentumSGD):
         ``c`` is the coefficient :math:`\eta\mu` the look-ahead was built with, so this is exact
         also after a scheduler changed ``lr``. Returns ``self``.
         """
-        for group in self.param_groups:
-            if group["train_mode"]:
-                coefficient = group["lookahead"]
-                if coefficient is None:
-                    coefficient = self._coefficient(group)
-                self._shift(group, -coefficient)
-                group["lookahead"] = coefficient
-                group["train_mode"] = False
-        return self
+        return self._move(train=False)
 
     @torch.no_grad()
     def train(self, mode: bool = True) -> NesterovSGD:
@@ -629,15 +606,17 @@ class NesterovSGD(_MomentumSGD):
 
         ``train(False)`` is ``eval()``, as for :meth:`torch.nn.Module.train`. Returns ``self``.
         """
-        if not mode:
-            return self.eval()
+        return self._move(train=mode)
+
+    def _move(self, train: bool) -> NesterovSGD:
+        r"""Move every group not yet in the requested mode by :math:`\pm c\,v` (``c`` the
+        coefficient its look-ahead is built with, which is then remembered)."""
         for group in self.param_groups:
-            if not group["train_mode"]:
-                coefficient = group["lookahead"]
-                if coefficient is None:
-                    coefficient = self._coefficient(group)
-                self._shift(group, coefficient)
-                group["train_mode"] = True
+            if group["train_mode"] != train:
+                coefficient = self._built_with(group)
+                self._shift(group, coefficient if train else -coefficient)
+                group["lookahead"] = coefficient
+                group["train_mode"] = train
         return self
 
     @property

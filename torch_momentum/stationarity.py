@@ -18,7 +18,6 @@ combination.
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
@@ -28,11 +27,12 @@ import torch
 from torch import Tensor
 
 from torch_momentum._sampling import (
+    MEMORY_MODES,
     GradientSampler,
     TensorOrDict,
     check_common,
     check_num_samples,
-    check_radius,
+    check_radii,
     check_x,
     grad_at,
     scalar_output,
@@ -41,12 +41,15 @@ from torch_momentum.minnorm import (
     count_nonfinite_rows,
     pow2_exponent,
     scale_pow2,
+    scaled_norm,
     weights_from_gram,
 )
 
 __all__ = ["StationarityProfile", "stationarity_profile"]
 
-_MEMORY_MODES = ("device", "host", "recompute")
+#: ``progress(done, total)``: gradients sampled so far and in all; a true return value stops
+#: the sampling (see :func:`stationarity_profile`).
+Progress = Callable[[int, int], "bool | None"]
 # Column slice of the float64 Gram products: at most this many float64 numbers per operand.
 _GRAM_SLICE_NUMBERS = 1 << 22
 
@@ -63,7 +66,10 @@ class StationarityProfile:
         grad_norm: :math:`\|\nabla f(x)\|` as autograd computes it at ``x`` itself.
         active: per radius, the number of samples with positive weight in the minimum-norm
             element (1 at a point where ``f`` is smooth at the scale :math:`\delta_j`).
-        num_samples: ``k``.
+        num_samples: ``k``, the samples per radius actually drawn (fewer than asked for when a
+            ``progress`` callback stopped the sampling).
+        vectorized: whether the gradients were batched with ``torch.func.vmap`` to the end
+            (``False``: the loop of ``torch.autograd.grad`` calls, asked for or chosen).
 
     Example:
 
@@ -81,23 +87,12 @@ class StationarityProfile:
     grad_norm: float
     active: tuple[int, ...]
     num_samples: int
-
-
-def _check_radii(radii: object) -> tuple[float, ...]:
-    if isinstance(radii, Tensor):
-        radii = radii.reshape(-1).tolist()
-    elif isinstance(radii, numbers.Real) and not isinstance(radii, bool):
-        radii = [radii]
-    if isinstance(radii, (str, bytes)) or not isinstance(radii, Sequence):
-        raise TypeError(f"radii must be a sequence of positive numbers, got {type(radii).__name__}")
-    if len(radii) == 0:
-        raise ValueError("radii is empty; pass at least one radius delta > 0")
-    return tuple(check_radius(r, f"radii[{i}]") for i, r in enumerate(radii))
+    vectorized: bool = True
 
 
 def _check_chunk_size(chunk_size: object, memory: object, k: int) -> int:
-    if not isinstance(memory, str) or memory not in _MEMORY_MODES:
-        raise ValueError(f"memory must be one of {_MEMORY_MODES}, got memory={memory!r}")
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got memory={memory!r}")
     if chunk_size is None:
         return k if memory == "device" else min(k, 8)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
@@ -182,51 +177,89 @@ class _Sampler:
         return samples
 
 
-def _min_norm_at_radius(
-    sample: _Sampler, k: int, delta: float, chunk: int, memory: str
-) -> tuple[float, int]:
-    """``eps_hat`` and the active-set size at one radius, ``chunk`` samples at a time.
+class _Blocks:
+    """The sampled gradients of one radius, block by block, and their scaled Gram products.
 
-    Pass 1 builds the k x k Gram matrix block by block (a pair of blocks on the device at a time;
-    earlier blocks come from the device, the host, or are recomputed), the solver runs on it, and
-    pass 2 assembles the min-norm element from the blocks with positive weight.
+    Each block gets its own power-of-two scale ``2**exps[b]`` (exact, no overflow or underflow
+    whatever the scale of the gradients); block ``b`` is kept on the device, on the host, or
+    recomputed from its seeds when it is needed again (``memory``).
     """
-    blocks = [range(a, min(a + chunk, k)) for a in range(0, k, chunk)]
-    device = sample.flat.device
-    stored: list[Tensor] = []
-    exps: list[int] = []
-    grams: dict[tuple[int, int], Tensor] = {}
 
-    def block(b: int) -> Tensor:
-        if memory == "recompute":
-            return sample(blocks[b], delta)
-        return stored[b].to(device, non_blocking=True)
+    def __init__(self, sample: _Sampler, delta: float, memory: str) -> None:
+        self.sample, self.delta, self.memory = sample, delta, memory
+        self.rows: list[range] = []
+        self.stored: list[Tensor] = []
+        self.exps: list[int] = []
+        self.grams: dict[tuple[int, int], Tensor] = {}
 
-    for a, rows in enumerate(blocks):
-        s_a = sample(rows, delta)
-        exps.append(pow2_exponent(s_a))  # per-block power-of-two scale: exact, no overflow
-        grams[a, a] = _scaled_gram(s_a, s_a, exps[a], exps[a])
+    def get(self, b: int) -> Tensor:
+        if self.memory == "recompute":
+            return self.sample(self.rows[b], self.delta)
+        return self.stored[b].to(self.sample.flat.device, non_blocking=True)
+
+    def add(self, rows: range) -> None:
+        """Sample the block ``rows`` and its Gram products with every earlier block."""
+        a = len(self.rows)
+        self.rows.append(rows)
+        s_a = self.sample(rows, self.delta)
+        self.exps.append(pow2_exponent(s_a))
+        self.grams[a, a] = _scaled_gram(s_a, s_a, self.exps[a], self.exps[a])
         for b in range(a):
-            grams[a, b] = _scaled_gram(s_a, block(b), exps[a], exps[b])
-        if memory == "device":
-            stored.append(s_a)
-        elif memory == "host":
-            stored.append(s_a.to("cpu"))
-        del s_a
-    top = max(exps)
-    gram = torch.empty(k, k, dtype=torch.float64)
-    for (a, b), g in grams.items():
-        g = scale_pow2(g, exps[a] + exps[b] - 2 * top)
-        gram[blocks[a].start : blocks[a].stop, blocks[b].start : blocks[b].stop] = g
-        gram[blocks[b].start : blocks[b].stop, blocks[a].start : blocks[a].stop] = g.T
-    weights = weights_from_gram(gram)
+            self.grams[a, b] = _scaled_gram(s_a, self.get(b), self.exps[a], self.exps[b])
+        if self.memory == "device":
+            self.stored.append(s_a)
+        elif self.memory == "host":
+            self.stored.append(s_a.to("cpu"))
 
-    point = torch.zeros(sample.flat.numel(), dtype=torch.float64, device=device)
-    for b, rows in enumerate(blocks):
-        w = weights[rows.start : rows.stop]
-        if bool((w > 0).any()):
-            _weighted_sum(w, block(b), point)
-    return float(point.norm()), int((weights > 0).sum())
+    def gram(self) -> Tensor:
+        """The Gram matrix of all samples so far, scaled by ``2**(-2 max(exps))``."""
+        k = self.rows[-1].stop
+        top = max(self.exps)
+        gram = torch.empty(k, k, dtype=torch.float64)
+        for (a, b), g in self.grams.items():
+            g = scale_pow2(g, self.exps[a] + self.exps[b] - 2 * top)
+            ra, rb = self.rows[a], self.rows[b]
+            gram[ra.start : ra.stop, rb.start : rb.stop] = g
+            gram[rb.start : rb.stop, ra.start : ra.stop] = g.T
+        return gram
+
+    def min_norm(self) -> tuple[float, int]:
+        """``eps_hat`` and the number of samples with positive weight."""
+        weights = weights_from_gram(self.gram())
+        device = self.sample.flat.device
+        point = torch.zeros(self.sample.flat.numel(), dtype=torch.float64, device=device)
+        for b, rows in enumerate(self.rows):
+            w = weights[rows.start : rows.stop]
+            if bool((w > 0).any()):
+                _weighted_sum(w, self.get(b), point)
+        # the norm by a power-of-two scale: gradients of 1e-200 (1e160) do not square to 0 (inf)
+        return scaled_norm(point), int((weights > 0).sum())
+
+
+def _min_norm_at_radius(
+    sample: _Sampler,
+    k: int,
+    delta: float,
+    chunk: int,
+    memory: str,
+    after_block: Callable[[int], bool],
+) -> tuple[float, int, int]:
+    """``eps_hat``, the active-set size and the samples drawn at one radius, ``chunk`` samples
+    at a time.
+
+    Pass 1 builds the Gram matrix block by block (a pair of blocks on the device at a time;
+    earlier blocks come from the device, the host, or are recomputed), the solver runs on it, and
+    pass 2 assembles the min-norm element from the blocks with positive weight. After each block
+    ``after_block(samples in it)`` may stop the sampling: the hull of the samples so far is still
+    inside the Goldstein set, so the certificate holds with fewer samples.
+    """
+    blocks = _Blocks(sample, delta, memory)
+    for start in range(0, k, chunk):
+        blocks.add(range(start, min(start + chunk, k)))
+        if after_block(len(blocks.rows[-1])):
+            break
+    eps, active = blocks.min_norm()
+    return eps, active, blocks.rows[-1].stop
 
 
 def stationarity_profile(
@@ -240,6 +273,7 @@ def stationarity_profile(
     memory: str = "device",
     chunk_size: int | None = None,
     reduce_grads: Callable[[Tensor], Tensor] | None = None,
+    progress: Progress | None = None,
 ) -> StationarityProfile:
     r"""The (δ, ε)-Goldstein stationarity profile :math:`\hat\varepsilon(\delta)` of ``f`` at ``x``.
 
@@ -266,12 +300,19 @@ def stationarity_profile(
             autograd (as for :func:`~torch_momentum.clarke_subgradient`).
         x: a floating-point tensor or a dict ``name -> tensor`` (a model's parameters); never
             modified.
-        radii: the radii :math:`\delta > 0` (a sequence, a tensor, or one number).
+        radii: the radii :math:`\delta > 0`: a sequence, a tensor or a numpy array, or one
+            number (also a 0-d array).
         num_samples: ``k`` per radius. Default ``2 (d + 1)`` clamped to ``[64, 256]``.
         generator: a ``torch.Generator`` for the sample points (default: torch's global one).
-        vectorize: batch the gradients with ``torch.func.vmap`` (default ``True``); falls back
-            to a loop of ``torch.autograd.grad`` calls with one warning if ``f`` cannot be
-            vmapped.
+        vectorize: batch the gradients with ``torch.func.vmap`` (default ``True``). The first
+            block decides, with one warning when it chooses the loop of ``torch.autograd.grad``
+            calls instead: when ``f`` cannot be vmapped, when torch has no batching rule for an
+            operation of ``f`` (vmap then runs it one sample at a time, e.g. the LSTM kernel,
+            slower than the loop: see ``benchmarks/clarke.py``), or when the loop is faster
+            by 1.5x (the loop timed on the block's first 4 points against the whole block
+            vectorised, and, to discount vmap's one-time start-up cost, those 4 points again
+            both ways; only when the first block took 50 ms or more). The two ways give the
+            same gradients up to floating-point rounding.
         memory: where the ``k x d`` sample matrix lives. ``"device"`` (default): on ``x``'s
             device, one radius at a time (peak ``k d`` numbers). ``"host"``: gradients are
             computed ``chunk_size`` samples at a time and kept in host memory; the Gram matrix
@@ -288,14 +329,27 @@ def stationarity_profile(
         reduce_grads: applied to every block of sampled gradients ``(c, d)`` and to the
             gradient at ``x`` ``(d,)`` before they are used, e.g. a sum over data-parallel
             ranks (``f`` each rank's share of the loss). Default: none.
+        progress: ``progress(done, total)``, called with ``(0, total)`` before sampling and
+            after every block of sampled gradients, ``total = len(radii) * k``: for a progress
+            bar, a time budget or a stop request. A true return value during the first radius
+            stops its sampling after that block (at least one block is drawn); every radius then
+            uses the samples drawn so far, and ``total`` shrinks accordingly. The hull of fewer
+            samples is still inside the Goldstein set, so the certificate holds (it is weaker).
+            An exception it raises propagates (nothing of ``x`` is changed). With ``reduce_grads``
+            (several processes) it must return the same value on every process.
 
     Returns:
         A :class:`StationarityProfile`.
 
+    Scale: norms and Gram products are taken after exact power-of-two rescalings, so gradients
+    of any size in float64 (1e-200 or 1e160, where plain squares underflow to 0 or overflow)
+    give the right profile.
+
     Raises:
         TypeError / ValueError: bad arguments (naming them), ``f`` not a real scalar, or
             ``f(x)`` not depending on ``x`` through autograd.
-        RuntimeError: sampled gradients with NaN or inf.
+        RuntimeError: the gradient at ``x`` (checked before any sampling) or sampled gradients
+            with NaN or inf.
 
     Example:
 
@@ -311,31 +365,57 @@ def stationarity_profile(
     """
     check_common(f, generator, vectorize)
     spec, flat = check_x(x)
-    deltas = _check_radii(radii)
+    deltas = check_radii(radii)
     k = check_num_samples(num_samples, flat.numel())
     chunk = _check_chunk_size(chunk_size, memory, k)
     if reduce_grads is not None and not callable(reduce_grads):
         raise TypeError(f"reduce_grads must be callable or None, got {type(reduce_grads).__name__}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
 
     value, grad0 = grad_at(f, flat, spec)  # ValueError if f(x) does not depend on x
     if reduce_grads is not None:
         grad0 = reduce_grads(grad0)
-    grad_norm = float(grad0.to(torch.float64).norm())
+    if count_nonfinite_rows(grad0.reshape(1, -1)):  # before sampling: no wasted work
+        raise RuntimeError(
+            "stationarity_profile: the gradient at x is not finite (it has NaN or inf entries)"
+        )
+    grad_norm = scaled_norm(grad0)
     f_scalar = f if value.dim() == 0 else scalar_output(f)
     grads = GradientSampler(f_scalar, spec, vectorize, "stationarity_profile")
     sample = _Sampler(flat, k, generator, grads, reduce_grads)
 
+    counter = _Counter(progress, len(deltas) * k)
     eps_hat, active = [], []
-    for delta in deltas:
-        e, n = _min_norm_at_radius(sample, k, delta, chunk, memory)
+    for j, delta in enumerate(deltas):
+        e, n, drawn = _min_norm_at_radius(sample, k, delta, chunk, memory, counter.after_block)
+        if j == 0 and drawn < k:  # stopped: the other radii take as many samples
+            k = drawn
+            counter.total = len(deltas) * k
+        counter.may_stop = False
         eps_hat.append(e)
         active.append(n)
-    if not math.isfinite(grad_norm):
-        raise RuntimeError(f"stationarity_profile: the gradient at x is not finite ({grad_norm})")
     return StationarityProfile(
         radii=deltas,
         eps_hat=tuple(eps_hat),
         grad_norm=grad_norm,
         active=tuple(active),
         num_samples=k,
+        vectorized=grads.vectorize,
     )
+
+
+class _Counter:
+    """Counts the sampled gradients for ``progress``; only the first radius may be stopped."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done, self.may_stop = progress, total, 0, True
+        if progress is not None:
+            progress(0, total)
+
+    def after_block(self, n: int) -> bool:
+        self.done += n
+        if self.progress is None:
+            return False
+        stop = bool(self.progress(self.done, self.total))
+        return stop and self.may_stop

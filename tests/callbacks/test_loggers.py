@@ -211,9 +211,10 @@ def test_stationarity_monitor_to_tensorboard(tmp_path: Path) -> None:
     )
     events = _events(logger.log_dir)
     logged = {t for t in events.Tags()["scalars"] if t.startswith("stationarity/")}
-    # the documented keys: stationarity/min_norm|active/{delta:g}, stationarity/grad_norm
+    # the documented keys: stationarity/min_norm|active/{delta:g}, stationarity/grad_norm,
+    # stationarity/num_samples
     expected = {f"stationarity/{k}/{d:g}" for k in ("min_norm", "active") for d in radii}
-    assert logged == expected | {"stationarity/grad_norm"}
+    assert logged == expected | {"stationarity/grad_norm", "stationarity/num_samples"}
     for tag in logged:
         values = [e.value for e in events.Scalars(tag)]
         assert len(values) == 2 and all(v >= 0 for v in values), (tag, values)  # one per epoch

@@ -49,7 +49,7 @@ def test_history_is_deterministic_and_has_the_keys() -> None:
     _train(b)
     assert len(a.history) == EPOCHS
     assert a.history == b.history  # same seed: the same numbers, bit for bit
-    keys = {"epoch", "step", "stationarity/grad_norm"}
+    keys = {"epoch", "step", "stationarity/grad_norm", "stationarity/num_samples"}
     keys |= {f"stationarity/{kind}/{d:g}" for kind in ("min_norm", "active") for d in RADII}
     assert set(a.history[0]) == keys
     assert [row["epoch"] for row in a.history] == [0.0, 1.0, 2.0]

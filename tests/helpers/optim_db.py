@@ -34,8 +34,8 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 # The implementations (update paths) and their constructor flags. "default" passes none: the
-# optimiser picks per tensor and step (fused where torch has the kernel, else foreach, else the
-# reference for-loop).
+# optimiser picks per tensor and step what the built-in picks on that device and dtype (on the CPU
+# the for-loop).
 PATHS: dict[str, dict[str, bool]] = {
     "reference": {"foreach": False, "fused": False},
     "foreach": {"foreach": True},
@@ -61,13 +61,6 @@ _BF16_FUSED_SKIP = KnownSkip(
     "torch._fused_sgd_ computes wrong bfloat16/float16 values on the CPU, so the built-in's fused"
     " path is no bit-exact reference; ours routes these dtypes to foreach on the CPU"
     " (test_reduced_precision_on_cpu_is_rounding_only checks that route)",
-)
-_BF16_DEFAULT_SKIP = KnownSkip(
-    "test_nesterov_bfloat16_rounds_like_the_builtin",
-    ("default",),
-    "on the CPU our default takes foreach for bfloat16/float16 while the built-in's default is"
-    " the for-loop, so the results differ by rounding (issue 18, item 8: drop this skip when"
-    " the default gives the built-in's default bit for bit)",
 )
 
 
@@ -104,7 +97,7 @@ class OptimizerInfo:
 
 OPTIMIZERS = [
     OptimizerInfo(PolyakSGD, nesterov=False),
-    OptimizerInfo(NesterovSGD, nesterov=True, skips=(_BF16_FUSED_SKIP, _BF16_DEFAULT_SKIP)),
+    OptimizerInfo(NesterovSGD, nesterov=True, skips=(_BF16_FUSED_SKIP,)),
 ]
 CLASSES = [info.cls for info in OPTIMIZERS]
 

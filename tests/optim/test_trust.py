@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import torch_momentum._kernels as K
 import torch_momentum.functional as F
 from tests.helpers.optim_db import F64_RTOL, OPTIMIZERS, PATHS, cases, info_of, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD, to_sgd_state_dict
@@ -119,7 +120,7 @@ def test_layout_check_keeps_the_matching_tensors_on_the_fused_kernel(monkeypatch
 
     monkeypatch.setattr(torch, "_fused_sgd_", spy)
     ps = [nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
-    opt = PolyakSGD(ps, lr=0.1)
+    opt = PolyakSGD(ps, lr=0.1, fused=True)
     for p in ps:
         p.grad = torch.randn(3, 4)
     ps[1].grad = torch.randn(4, 3).t()
@@ -461,10 +462,11 @@ def test_path_cache_does_not_survive_a_dtype_change():
 
 def test_path_cache_does_not_survive_a_device_change(monkeypatch):
     """Moved to a device without fused kernels (meta), the parameter no longer goes to the fused
-    kernel; an explicit fused=True says so.
+    kernel; an explicit fused=True says so (the default path on the CPU is the built-in's
+    for-loop, which never calls the fused kernel).
 
     This test pins which kernel runs; it spies on a private torch API (``torch._fused_sgd_``):
-    it ran once per optimiser, on the CPU, never on the meta device."""
+    it ran once, for fused=True on the CPU, never on the meta device."""
     devices: list[str] = []
     real = torch._fused_sgd_
 
@@ -486,7 +488,7 @@ def test_path_cache_does_not_survive_a_device_change(monkeypatch):
                 opt.step()
         else:
             opt.step()
-    assert devices == ["cpu", "cpu"]
+    assert devices == ["cpu"]
 
 
 # ------------------------------------------------------------------------- DTensor
@@ -508,20 +510,22 @@ def gloo_mesh(tmp_path_factory):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
-def test_dtensor_parameters_default_to_foreach_and_match_builtin(info, gloo_mesh, monkeypatch):
-    """DTensor parameters (no fused kernel) take the foreach kernel by default, once per step,
-    and give the built-in's for-loop results.
+def test_dtensor_parameters_take_the_builtin_default_path_and_match_builtin(
+    info, gloo_mesh, monkeypatch
+):
+    """CPU DTensors: the built-in's default there is its for-loop (no foreach kernels on the
+    CPU), so ours takes the reference path, once per step, with the built-in's results.
 
     This test pins which kernel runs; it spies on private functions of
-    ``torch_momentum.functional`` (``_multi_tensor_momentum_sgd``, ``_single_tensor_momentum_sgd``;
+    ``torch_momentum._kernels`` (``_multi_tensor_momentum_sgd``, ``_single_tensor_momentum_sgd``;
     a renamed kernel fails here, it is never skipped silently)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     calls: list[str] = []
     for name in ("_multi_tensor_momentum_sgd", "_single_tensor_momentum_sgd"):
-        real = getattr(F, name)
+        real = getattr(K, name)
         monkeypatch.setattr(
-            F, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1]
+            K, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1]
         )
     shapes = [(6, 4), (4,), (3, 3)]
     results = []
@@ -537,8 +541,8 @@ def test_dtensor_parameters_default_to_foreach_and_match_builtin(info, gloo_mesh
                 p.grad = distribute_tensor(_values(tuple(p.shape), t), gloo_mesh, [Shard(0)])
             opt.step()
         results.append([p.full_tensor() for p in params])
-    assert F.default_implementation(params, differentiable=False) == (False, True)
-    assert calls == ["_multi_tensor_momentum_sgd"] * 3
+    assert F.default_implementation(params, differentiable=False) == (False, False)
+    assert calls == ["_single_tensor_momentum_sgd"] * 3
     assert max_rel_diff(results[0], results[1]) < F64_RTOL  # rounding only (see F64_RTOL)
 
 
@@ -607,7 +611,7 @@ def test_iterate_is_the_iterate_in_every_mode(info):
 def test_nesterov_bfloat16_rounds_like_the_builtin(info, path, weight_decay):
     """With the built-in's rounding order each path gives the built-in's bfloat16 results with
     the same flags bit for bit (the look-ahead used to be rebuilt from x, or updated in two
-    roundings); the fused and default paths are known skips (the table says why)."""
+    roundings); the fused path is a known skip (the table says why)."""
     torch.manual_seed(0)
     shapes = [(64, 32), (32,), (10, 64)]
     init = [torch.randn(s).to(torch.bfloat16) for s in shapes]
@@ -636,14 +640,14 @@ def _ulp(x: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
-@pytest.mark.parametrize("path", ["fused", "default"])
+@pytest.mark.parametrize("path", ["fused"])
 @pytest.mark.parametrize(("dtype", "bits"), [(torch.bfloat16, 7), (torch.float16, 10)])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 def test_reduced_precision_on_cpu_is_rounding_only(info, path, dtype, bits, weight_decay):
     """torch._fused_sgd_ on the CPU computes wrong bfloat16/float16 values (garbage momentum
-    buffers, lost updates). Our fused and default paths take the foreach path there, so they
-    must round like the built-in's foreach path (whose scalar products round differently from
-    the for-loop's in these dtypes)."""
+    buffers, lost updates). Our fused path takes the foreach path there, so it must round like
+    the built-in's foreach path (whose scalar products round differently from the for-loop's in
+    these dtypes). The default path is the built-in's for-loop, bit for bit (tests/optim)."""
     torch.manual_seed(0)
     init = [torch.randn(s).to(dtype) for s in [(64, 32), (4096,)]]
     kw = {"lr": 0.01, "momentum": 0.9, "weight_decay": weight_decay}

@@ -40,11 +40,15 @@ Layout, one topic a module (every public name is also importable from here):
   weights, per-unit balance and symmetry.
 - :mod:`~torch_momentum.balance.rules`: one object per optimiser family, how its step splits into
   the ledger's terms.
+- :mod:`~torch_momentum.balance.symmetry`: every symmetry of a model's loss
+  (:func:`find_symmetries`), verified numerically, with its per-unit charges.
 - :mod:`~torch_momentum.balance.ledger`: :class:`BalanceLedger`, the exact accounting of every
-  step.
+  step, for layer pairs, hidden units and every symmetry's charge.
+- :mod:`~torch_momentum.balance.groups`: the default groups of a real network's parameters and
+  readable names for them.
 """
 
-from torch_momentum.balance._charges import SymmetryPart
+from torch_momentum.balance._parts import SymmetryPart
 from torch_momentum.balance.layers import (
     ROOT_LAYER_NAME,
     adjacent_pairs,
@@ -60,18 +64,22 @@ from torch_momentum.balance.norms import (
     layer_sq_norms_many,
 )
 from torch_momentum.balance.rules import LEDGER_TERMS
+from torch_momentum.balance.symmetry import Symmetry, SymmetryList, find_symmetries
 from torch_momentum.balance.units import UnitLayer, pair_units, unit_balance, unit_symmetry
 
 __all__ = [
     "LEDGER_TERMS",
     "ROOT_LAYER_NAME",
     "BalanceLedger",
+    "Symmetry",
+    "SymmetryList",
     "SymmetryPart",
     "UnitLayer",
     "adjacent_pairs",
     "balance_metrics",
     "check_layers_spec",
     "discover_layers",
+    "find_symmetries",
     "layer_grad_sq_norms",
     "layer_sq_norms",
     "layer_sq_norms_host",

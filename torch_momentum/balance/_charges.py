@@ -22,42 +22,13 @@ from torch import Tensor
 
 from torch_momentum.balance import _dtensor
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
+from torch_momentum.balance._parts import part_values, unit_view
 from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS
 
 _ENTRY_A = [a for a, _ in GRAM_ENTRIES]
 _ENTRY_B = [b for _, b in GRAM_ENTRIES]
 # positions in GRAM_ENTRIES of <x,x>, <x,dx>, <dx,dx>, <x,e>, <dx,e>, <e,e>
 _XX, _XDX, _DXDX, _XE, _DXE, _EE = 0, 4, 5, 6, 7, 8
-
-
-class SymmetryPart(NamedTuple):
-    """A slice of the parameter ``param`` split into the units of a charge.
-
-    ``dim`` None: the whole tensor is unit ``unit_offset``. Otherwise the indices
-    ``[start, start + length)`` along ``dim``, in blocks of ``block`` consecutive indices: block
-    ``u`` (all other dimensions summed) is unit ``unit_offset + u``. ``sign``: +1 (the A side of a
-    rescale, or any scale or translation part) or -1 (the B side of a rescale).
-
-    Example:
-
-        >>> from torch_momentum.balance import SymmetryPart
-        >>> rows = SymmetryPart("0.weight", 0, 0, 4, 1, 1.0, 0)  # row i of a Linear: unit i
-        >>> rows.n_units
-        4
-    """
-
-    param: str
-    dim: int | None
-    start: int
-    length: int
-    block: int
-    sign: float
-    unit_offset: int
-
-    @property
-    def n_units(self) -> int:
-        """The number of units of this part."""
-        return 1 if self.dim is None else self.length // self.block
 
 
 class Part(NamedTuple):
@@ -77,14 +48,14 @@ class Part(NamedTuple):
     unit_offset: int
 
     @property
-    def n_units(self) -> int:
+    def units(self) -> int:
         """The number of units of this part."""
         return 1 if self.dim is None else self.length // self.block
 
 
 class Charge(NamedTuple):
     """A per-unit charge: ``kind`` is ``"units"`` (a hidden layer's per-unit balance),
-    ``"scale"``, ``"rescale"`` or ``"translation"``."""
+    ``"scale"``, ``"rescale"``, ``"translation"`` or ``"zero_gradient"``."""
 
     name: str
     kind: str
@@ -93,37 +64,8 @@ class Charge(NamedTuple):
 
     @property
     def linear(self) -> bool:
-        return self.kind == "translation"
-
-
-def unit_view(m: Tensor, part: Part | SymmetryPart) -> Tensor:
-    """``m`` of shape ``(lead, *shape[, 2])`` as ``(units, lead, rest)`` for the part's units."""
-    lead = m.shape[0]
-    if part.dim is None:
-        return m.reshape(1, lead, -1)
-    d = part.dim + 1
-    x = m.narrow(d, part.start, part.length).unflatten(d, (part.n_units, part.block))
-    return x.movedim(d, 0).reshape(part.n_units, lead, -1)
-
-
-def part_values(
-    t: Tensor, part: Part | SymmetryPart, linear: bool, other: Tensor | None = None
-) -> Tensor:
-    """Per-unit :math:`\\sum x^2` (:math:`\\sum x y` with ``other``; :math:`\\sum x` when
-    ``linear``) over the part's entries, float64 (complex tensors as real vectors; a sharded
-    tensor is gathered: a collective every rank joins)."""
-
-    def units(x: Tensor) -> Tensor:
-        x = _dtensor.full(x).detach()
-        x = torch.view_as_real(x) if x.is_complex() else x
-        return unit_view(x.unsqueeze(0), part)[:, 0]  # (units, rest)
-
-    v = units(t)
-    if linear:
-        return v.sum(1, dtype=torch.float64)
-    if other is not None:
-        return (v * units(other)).sum(1, dtype=torch.float64)
-    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).square()
+        """Whether the charge is linear (translation, zero gradient) rather than quadratic."""
+        return self.kind not in ("units", "scale", "rescale")
 
 
 def localize(part: Part, p: Any, name: str) -> Part | None:
@@ -218,7 +160,7 @@ class ChargeBook:
                 if found_inf is not None:  # a step the optimiser skipped: nothing happened
                     value = torch.where(found_inf.to(value.device) > 0, 0.0, value)
                 first = part.unit_offset
-                self.sums[k][first : first + part.n_units] += value.to(self.device)
+                self.sums[k][first : first + part.units] += value.to(self.device)
         if self._scale:
             if found_inf is not None:
                 angle = torch.where(found_inf.to(angle.device) > 0, math.nan, angle)
@@ -243,7 +185,7 @@ class ChargeBook:
             for part in charge.parts:
                 value = part.sign * part_values(iterate(part.tracked), part, charge.linear)
                 first = part.unit_offset
-                total[first : first + part.n_units] += value.to(self.device)
+                total[first : first + part.units] += value.to(self.device)
             out.append(total)
         return out
 

@@ -269,7 +269,10 @@ class BalanceLedger:
                     f"{kind} {name!r} names the parameter {spec.param!r}, which the module does"
                     " not have"
                 )
-            parts.append(Part(self._track(named[spec.param], spec.param), *spec[1:]))
+            i = self._track(named[spec.param], spec.param)
+            parts.append(
+                Part(i, spec.dim, spec.start, spec.length, spec.block, spec.sign, spec.unit_offset)
+            )
         return Charge(name, kind, units, parts)
 
     def _pair_signs(self, layer_of: list[tuple[int, int]]) -> Tensor:

@@ -41,7 +41,7 @@ One small object per family (:class:`HeavyBall` for :class:`~torch_momentum.Poly
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -487,13 +487,12 @@ class Nesterov(HeavyBall):
     def lookahead(
         self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
     ) -> float:
-        group = opt.param_groups[index]
-        return as_float(opt._lookahead_coefficient(group))  # type: ignore[attr-defined]
+        return as_float(cast(NesterovSGD, opt).lookahead_coefficient(index))
 
     def iterate(
         self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
     ) -> Tensor:
-        return opt.iterate(p)  # type: ignore[attr-defined]
+        return cast(NesterovSGD, opt).iterate(p)
 
     def maps(
         self,

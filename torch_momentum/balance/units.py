@@ -15,10 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import torch
 from torch import Tensor, nn
 
-from torch_momentum.balance._charges import SymmetryPart, part_values
+from torch_momentum.balance._parts import SymmetryPart, part_values, signed_sum
 from torch_momentum.balance.layers import check_layers_spec
 
 __all__ = ["UnitLayer", "pair_units", "unit_balance", "unit_symmetry"]
@@ -290,15 +289,14 @@ def _per_unit(
     """``{hidden layer: sum over the unit's parts of sign * value(name, parameter, part)}``
     (``None`` values count 0)."""
     params = dict(module.named_parameters(remove_duplicate=False))
-    out = {}
-    for unit in units:
-        total = torch.zeros(unit.units, dtype=torch.float64)
-        for part in unit_parts(unit, params[unit.next_weight].shape[1]):
-            v = value(part.param, params[part.param], part)
-            if v is not None:
-                total = torch.add(total.to(v.device), v, alpha=part.sign)
-        out[unit.name] = total
-    return out
+    return {
+        unit.name: signed_sum(
+            unit_parts(unit, params[unit.next_weight].shape[1]),
+            unit.units,
+            lambda part: value(part.param, params[part.param], part),
+        )
+        for unit in units
+    }
 
 
 def unit_balance(

@@ -1,0 +1,586 @@
+"""Candidate symmetries of a model, from its module structure and one recorded forward pass.
+
+Private helper of :mod:`torch_momentum.balance.symmetry`: everything proposed here is only a
+*candidate*; :func:`~torch_momentum.balance.symmetry.find_symmetries` keeps a candidate only if
+the gradients verify it.
+Candidates are therefore generated liberally (every pair of equal unit count inside one parent
+module, every Linear as a classifier...): a wrong candidate costs a few inner products.
+
+Sources of candidates:
+
+* one forward pass with hooks on every leaf module records which module's output each module
+  consumes (tensor identity), looking through modules that commute with a positive per-channel
+  scale (ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, Flatten);
+* a norm layer (BatchNorm/InstanceNorm per channel, GroupNorm per group, LayerNorm/RMSNorm the
+  whole layer) after a producer (Linear, Conv, Conv1D, Embedding): a **scale** candidate of the
+  producer;
+* a producer (its output units: rows and bias of a Linear/Conv, columns and bias of a Conv1D, the
+  gain and bias of a norm layer, the columns of an Embedding) against the input units of all the
+  modules that consume it, and every producer/producer and producer/consumer pair of equal unit
+  count among the leaf children of one parent module (query/key, value/output, packed thirds of
+  ``c_attn`` or ``in_proj``): **rescale** candidates;
+* every Linear/Conv1D/Conv (its input columns and its bias), Embedding (its rows) and recurrent
+  layer (``bias_ih`` against ``bias_hh``): **translation** candidates;
+* every parameter, and every third of a packed q/k/v parameter: zero-gradient slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from torch_momentum.balance._symmetry_trace import Call, DataFlow
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PER_CHANNEL_NORM = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_LAYER_NORM = (nn.LayerNorm, nn.RMSNorm)
+_WRAPPERS = ("model.", "module.", "_orig_mod.")
+
+
+class PartSpec(NamedTuple):
+    """The fields of :class:`torch_momentum.balance.symmetry.SymmetryPart` (see there)."""
+
+    param: str
+    dim: int | None
+    start: int
+    length: int
+    block: int = 1
+    sign: float = 1.0
+    unit_offset: int = 0
+
+
+class Proposal(NamedTuple):
+    """A candidate symmetry: kind, readable name, parts and number of units."""
+
+    kind: str
+    name: str
+    parts: tuple[PartSpec, ...]
+    units: int
+
+
+class ZeroSlice(NamedTuple):
+    """A parameter (``dim is None``) or a slice of one along ``dim`` that may get no gradient."""
+
+    param: str
+    dim: int | None
+    start: int
+    length: int
+    name: str
+
+
+class _Units(NamedTuple):
+    n: int
+    parts: tuple[PartSpec, ...]
+
+
+def display_prefix(names: list[str]) -> str:
+    """The wrapper prefix (``model.``, ``module.``, ``_orig_mod.``, repeated) shared by all names.
+
+    Example:
+        >>> from torch_momentum.balance._symmetry_candidates import display_prefix
+        >>> display_prefix(["module.model.fc.weight", "module.model.fc.bias"])
+        'module.model.'
+        >>> display_prefix(["model.weight", "head.weight"])
+        ''
+    """
+    prefix = ""
+    while names:
+        rest = [n[len(prefix) :] for n in names]
+        step = next((w for w in _WRAPPERS if all(r.startswith(w) for r in rest)), None)
+        if step is None:
+            return prefix
+        prefix += step
+    return prefix
+
+
+def norm_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every normalisation module and the name of its epsilon attribute.
+
+    The torch norm layers (BatchNorm, SyncBatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm)
+    and any module whose class name ends in ``Norm`` with a float attribute ``eps`` or
+    ``variance_epsilon`` (the convention of ``transformers``' RMSNorm classes).
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.balance._symmetry_candidates import norm_modules
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+        >>> [(type(m).__name__, attr) for m, attr in norm_modules(model)]
+        [('LayerNorm', 'eps')]
+    """
+    known = (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm)
+    found = []
+    for module in model.modules():
+        if not (isinstance(module, known) or type(module).__name__.endswith("Norm")):
+            continue
+        for attr in ("eps", "variance_epsilon"):
+            value = getattr(module, attr, "missing")
+            if value is None or isinstance(value, float):
+                found.append((module, attr))
+                break
+    return found
+
+
+def _own(module: nn.Module, attr: str) -> nn.Parameter | None:
+    """``module``'s own parameter ``attr`` (not a submodule's), or None."""
+    return dict(module.named_parameters(recurse=False)).get(attr)
+
+
+class _Names:
+    """Canonical (first-registered) names of the trainable parameters, by module attribute."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.by_id = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+
+    def of(self, module: nn.Module, attr: str) -> str | None:
+        value = _own(module, attr)
+        return None if value is None else self.by_id.get(id(value))
+
+
+def _parts(names: _Names, module: nn.Module, spec: list[tuple[str, int | None]], n: int) -> _Units:
+    parts = []
+    for attr, dim in spec:
+        name = names.of(module, attr)
+        if name is not None:
+            parts.append(PartSpec(name, dim, 0, 0 if dim is None else n))
+    return _Units(n, tuple(parts))
+
+
+def _is_conv1d_gpt(module: nn.Module) -> bool:
+    weight = _own(module, "weight")
+    return (
+        type(module).__name__ == "Conv1D"
+        and weight is not None
+        and tuple(weight.shape) == (getattr(module, "nx", -1), getattr(module, "nf", -1))
+    )
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    weight = _own(module, "weight")
+    return () if weight is None else tuple(weight.shape)
+
+
+def _affine_norm(module: nn.Module) -> bool:
+    weight = _own(module, "weight")
+    is_norm = isinstance(module, (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm))
+    return (is_norm or type(module).__name__.endswith("Norm")) and (
+        weight is not None and weight.dim() == 1
+    )
+
+
+def _output_units(names: _Names, module: nn.Module) -> _Units | None:
+    """The units of a module's output: rows and bias of a Linear/Conv, gain and bias of a norm."""
+    if isinstance(module, nn.Linear):
+        return _parts(names, module, [("weight", 0), ("bias", 0)], module.out_features)
+    if isinstance(module, _CONV):
+        return _parts(names, module, [("weight", 0), ("bias", 0)], module.out_channels)
+    if _is_conv1d_gpt(module):
+        return _parts(names, module, [("weight", 1), ("bias", 0)], _weight_shape(module)[1])
+    if isinstance(module, nn.Embedding):
+        return _parts(names, module, [("weight", 1)], module.embedding_dim)
+    if isinstance(module, nn.MultiheadAttention):
+        out = module.out_proj
+        return _parts(names, out, [("weight", 0), ("bias", 0)], out.out_features)
+    if _affine_norm(module):
+        n = _weight_shape(module)[0]
+        return _parts(names, module, [("weight", 0), ("bias", 0)], n)
+    return None
+
+
+def _input_units(names: _Names, module: nn.Module) -> _Units | None:
+    """The units of a module's input: the columns its weights apply to them."""
+    if isinstance(module, nn.Linear):
+        return _parts(names, module, [("weight", 1)], module.in_features)
+    if isinstance(module, _CONV) and module.groups == 1:
+        return _parts(names, module, [("weight", 1)], module.in_channels)
+    if _is_conv1d_gpt(module):
+        return _parts(names, module, [("weight", 0)], _weight_shape(module)[0])
+    if isinstance(module, nn.RNNBase):
+        spec: list[tuple[str, int | None]] = [("weight_ih_l0", 1), ("weight_ih_l0_reverse", 1)]
+        return _parts(names, module, spec, module.input_size)
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return _parts(names, module, [("in_proj_weight", 1)], module.embed_dim)
+    return None
+
+
+def _relative(names: list[str]) -> tuple[str, list[str]]:
+    """The common parent module of ``names`` and the names relative to it."""
+    split = [n.split(".") for n in names]
+    common = 0
+    while all(len(s) > common + 1 and s[common] == split[0][common] for s in split):
+        common += 1
+    return ".".join(split[0][:common]), [".".join(s[common:]) for s in split]
+
+
+def _join(parent: str, rest: str) -> str:
+    return f"{parent} {rest}" if parent else rest
+
+
+def _signed(units: _Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
+    """``units``' parts with ``sign``; a consumer's input units grouped ``block`` per unit."""
+    return tuple(
+        p._replace(sign=sign, block=block) if p.dim is not None else p._replace(sign=sign)
+        for p in units.parts
+    )
+
+
+def _overlap(parts: tuple[PartSpec, ...]) -> bool:
+    seen: dict[str, list[PartSpec]] = {}
+    for p in parts:
+        for q in seen.get(p.param, []):
+            if p.dim is None or q.dim is None or p.dim != q.dim:
+                return True
+            if p.start < q.start + q.length and q.start < p.start + p.length:
+                return True
+        seen.setdefault(p.param, []).append(p)
+    return False
+
+
+def _rescale(name: str, a: _Units, b: _Units, block: int = 1) -> Proposal | None:
+    if not a.parts or not b.parts or a.n * block != b.n or a.n == 0:
+        return None
+    parts = _signed(a, 1.0) + _signed(b, -1.0, block)
+    return None if _overlap(parts) else Proposal("rescale", name, parts, a.n)
+
+
+def _thirds(units: _Units) -> list[tuple[str, _Units]]:
+    """The q, k, v thirds of a packed output (each part narrowed to one third)."""
+    if units.n % 3 or any(p.dim is None for p in units.parts):
+        return []
+    n = units.n // 3
+    return [
+        (label, _Units(n, tuple(p._replace(start=k * n, length=n) for p in units.parts)))
+        for k, label in enumerate("qkv")
+    ]
+
+
+class _Context:
+    """The model's structure as the proposals need it."""
+
+    def __init__(self, model: nn.Module, calls: list[Call], prefix: str) -> None:
+        self.names = _Names(model)
+        self.modules = dict(model.named_modules())
+        self.calls = calls
+        self.flow = DataFlow(calls)
+        self.links = self.flow.links
+        self.prefix = prefix
+        self.called = {c.name for c in calls}
+
+    def short(self, name: str) -> str:
+        """A module or parameter name without the wrapper prefix."""
+        return name[len(self.prefix) :] if name.startswith(self.prefix) else name
+
+
+def _last_dim_producer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, *_LAYER_NORM)) or _is_conv1d_gpt(module)
+
+
+def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: _Units) -> Proposal | None:
+    """The scale candidate of ``producer``'s output units normalised by ``norm``."""
+    module, name = ctx.modules[producer], ctx.short(producer)
+    if isinstance(norm, _PER_CHANNEL_NORM) and norm.num_features == units.n:
+        return Proposal("scale", f"{name} (per channel)", units.parts, units.n)
+    if isinstance(norm, nn.GroupNorm) and norm.num_channels == units.n:
+        block = units.n // norm.num_groups
+        parts = tuple(p._replace(block=block) for p in units.parts)
+        return Proposal("scale", f"{name} (per group)", parts, norm.num_groups)
+    shape = getattr(norm, "normalized_shape", None)
+    weight = _own(norm, "weight")
+    last_dim = (
+        tuple(shape) == (units.n,)
+        if shape is not None
+        else (weight is not None and tuple(weight.shape) == (units.n,))
+    )
+    if not (last_dim and _last_dim_producer(module)) or isinstance(norm, nn.GroupNorm):
+        return None
+    if isinstance(module, nn.Embedding):  # each token's vector is normalised on its own
+        rows = PartSpec(units.parts[0].param, 0, 0, module.num_embeddings)
+        return Proposal("scale", f"{name} (per row)", (rows,), module.num_embeddings)
+    whole = tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
+    return Proposal("scale", f"{name} (whole layer)", whole, 1)
+
+
+def _scales(ctx: _Context) -> list[Proposal]:
+    """Producers followed by a norm layer, residual streams into one, weight-norm directions."""
+    found = []
+    for producer, consumer, block in ctx.links:
+        units = _output_units(ctx.names, ctx.modules[producer])
+        norm = ctx.modules[consumer]
+        if units is None or not units.parts or block > 1 or not norm_modules(norm):
+            continue
+        proposal = _norm_scale(ctx, producer, norm, units)
+        if proposal is not None:
+            found.append(proposal)
+    return found + _stream_scales(ctx) + _weight_norms(ctx)
+
+
+def _stream_scales(ctx: _Context) -> list[Proposal]:
+    """All the layers summed into a LayerNorm/RMSNorm's input (a residual stream), as one unit.
+
+    Scaling every writer of a pre-LN transformer's residual stream scales the stream, which
+    only LayerNorms read: the loss does not change (the writers' own inputs come through
+    LayerNorms too). Proposed for every such norm; only the complete set of writers verifies.
+    """
+    found = []
+    for call in ctx.calls:
+        norm = call.module
+        if not call.inputs or isinstance(norm, (*_PER_CHANNEL_NORM, nn.GroupNorm)):
+            continue
+        if not norm_modules(norm) or ctx.flow.produced_directly(call.inputs[0]):
+            continue
+        writers = ctx.flow.writers(call.inputs[0])
+        if not writers or len(writers) < 2:
+            continue
+        parts: tuple[PartSpec, ...] = ()
+        for writer in writers:
+            units = _output_units(ctx.names, ctx.modules[writer])
+            if units is None or not _last_dim_producer(ctx.modules[writer]):
+                break
+            parts += tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
+        else:
+            label = f"stream into {ctx.short(call.name)} ({len(writers)} layers)"
+            if parts and not _overlap(parts):
+                found.append(Proposal("scale", label, parts, 1))
+    return found
+
+
+def _weight_norms(ctx: _Context) -> list[Proposal]:
+    """The direction ``v`` of ``torch.nn.utils.parametrizations.weight_norm`` (g * v / |v|)."""
+    found = []
+    for name, module in ctx.modules.items():
+        for attr, chain in getattr(module, "parametrizations", {}).items():
+            direction = ctx.names.of(chain, "original1")
+            norm = next((p for p in chain if type(p).__name__ == "_WeightNorm"), None)
+            if norm is None or direction is None:
+                continue
+            dim = getattr(norm, "dim", -1)
+            size = chain.original1.shape[dim] if dim not in (None, -1) else 0
+            part = PartSpec(direction, None if size == 0 else dim, 0, size)
+            label = f"{ctx.short(name)}.{attr} (weight-norm direction)"
+            found.append(Proposal("scale", label, (part,), max(size, 1)))
+    return found
+
+
+def _flow_rescales(ctx: _Context) -> list[Proposal]:
+    """Each producer against the input units of all the modules that consume its output.
+
+    A link found through the autograd graph (block 0) gets the block the sizes imply.
+    """
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for producer, consumer, block in ctx.links:
+        consumers.setdefault(producer, []).append((consumer, block))
+    found = []
+    for producer, cs in consumers.items():
+        a = _output_units(ctx.names, ctx.modules[producer])
+        if a is None or not a.parts:
+            continue
+        parts = _signed(a, 1.0)
+        for consumer, block in cs:
+            u = _input_units(ctx.names, ctx.modules[consumer])
+            if block == 0 and u is not None and u.n % a.n == 0:
+                block = u.n // a.n
+            if u is None or not u.parts or u.n != a.n * block:
+                break
+            parts += _signed(u, -1.0, block)
+        else:
+            parent, rel = _relative([ctx.short(producer)] + [ctx.short(c) for c, _ in cs])
+            name = _join(parent, f"{rel[0]}/{'+'.join(rel[1:])}")
+            if not _overlap(parts):
+                found.append(Proposal("rescale", name, parts, a.n))
+    return found
+
+
+def _leaves_by_parent(ctx: _Context) -> dict[str, list[str]]:
+    parents: dict[str, list[str]] = {}
+    for name in ctx.modules:
+        if name in ctx.called and name:
+            parents.setdefault(name.rpartition(".")[0], []).append(name)
+    return parents
+
+
+def _sibling_sides(
+    ctx: _Context, leaves: list[str]
+) -> tuple[list[tuple[str, str, _Units]], dict[str, _Units], list[tuple[str, _Units]]]:
+    """Unlinked producers (and their packed thirds), unlinked consumers, and the thirds."""
+    produced = {p for p, _, _ in ctx.links}
+    consumed = {c for _, c, _ in ctx.links}
+    outs: list[tuple[str, str, _Units]] = []
+    ins: dict[str, _Units] = {}
+    packed_all: list[tuple[str, _Units]] = []
+    for leaf in leaves:
+        label, module = leaf.rpartition(".")[2], ctx.modules[leaf]
+        out, inp = _output_units(ctx.names, module), _input_units(ctx.names, module)
+        if out is not None and out.parts and leaf not in produced:
+            # a packed q/k/v projection maps E features to 3E
+            packed = _thirds(out) if inp is not None and 3 * inp.n == out.n else []
+            outs += [(leaf, label, out)] + [(leaf, third, units) for third, units in packed]
+            packed_all += packed
+        if inp is not None and inp.parts and leaf not in consumed:
+            ins[leaf] = inp
+    return outs, ins, packed_all
+
+
+def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
+    """Pairs of equal size among the leaf children of one parent, and packed thirds.
+
+    Only modules whose output (input) no recorded module consumes (produces) take part: their
+    data goes through functional code (attention's q, k, v and the input of its output
+    projection; a packed projection split in three). The linked ones are paired by
+    :func:`_flow_rescales`. Each unordered pair gives one candidate: output against the
+    other's input where that fits (value/output), else output against output (query/key).
+    """
+    found: list[Proposal] = []
+    thirds: list[ZeroSlice] = []
+    for parent, leaves in _leaves_by_parent(ctx).items():
+        outs, ins, packed = _sibling_sides(ctx, leaves)
+        thirds += _zero_thirds(ctx, packed)
+        short = ctx.short(parent)
+        pairs: list[tuple[str, _Units, str, _Units]] = []
+        for i, (leaf_a, la, a) in enumerate(outs):
+            for leaf_b, lb, b in outs[i + 1 :]:
+                if leaf_b in ins and leaf_b != leaf_a and ins[leaf_b].n == a.n:
+                    pairs.append((la, a, leaf_b.rpartition(".")[2], ins[leaf_b]))
+                elif leaf_a in ins and leaf_a != leaf_b and ins[leaf_a].n == b.n:
+                    pairs.append((lb, b, leaf_a.rpartition(".")[2], ins[leaf_a]))
+                else:
+                    pairs.append((la, a, lb, b))
+            outs_modules = {leaf for leaf, _, _ in outs}
+            pairs += [
+                (la, a, leaf.rpartition(".")[2], units)
+                for leaf, units in ins.items()
+                if leaf not in outs_modules
+            ]
+        for la, a, lb, b in pairs:
+            proposal = _rescale(_join(short, f"{la}/{lb}"), a, b)
+            if proposal is not None:
+                found.append(proposal)
+    return found, thirds
+
+
+def _zero_thirds(ctx: _Context, packed: list[tuple[str, _Units]]) -> list[ZeroSlice]:
+    return [
+        ZeroSlice(p.param, p.dim, p.start, p.length, f"{ctx.short(p.param)}[{label}]")
+        for label, units in packed
+        for p in units.parts
+    ]
+
+
+def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
+    """``nn.MultiheadAttention`` with packed ``in_proj``: q/k rows and v rows against out_proj."""
+    found: list[Proposal] = []
+    thirds: list[ZeroSlice] = []
+    for name, m in ctx.modules.items():
+        if not isinstance(m, nn.MultiheadAttention) or m.in_proj_weight is None:
+            continue
+        packed = _parts(ctx.names, m, [("in_proj_weight", 0), ("in_proj_bias", 0)], 3 * m.embed_dim)
+        qkv = dict(_thirds(packed))
+        bias_k = ctx.names.of(m, "bias_k")
+        if bias_k is not None:  # the extra key (add_bias_kv) scales with the keys
+            k = qkv["k"]
+            qkv["k"] = _Units(k.n, (*k.parts, PartSpec(bias_k, 2, 0, m.embed_dim)))
+        out = _input_units(ctx.names, m.out_proj)
+        for label, a, b in (("q/k", qkv["q"], qkv["k"]), ("v/out_proj", qkv["v"], out)):
+            proposal = None if b is None else _rescale(_join(ctx.short(name), label), a, b)
+            if proposal is not None:
+                found.append(proposal)
+        thirds += _zero_thirds(ctx, _thirds(packed))
+    return found, thirds
+
+
+def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
+    """Input columns (summed over outputs) and the bias of one layer; rows of an Embedding."""
+    short = ctx.short(name)
+    if isinstance(module, nn.Embedding):
+        rows = _parts(ctx.names, module, [("weight", 0)], module.num_embeddings)
+        return (
+            [Proposal("translation", f"{short} (rows)", rows.parts, rows.n)] if rows.parts else []
+        )
+    if isinstance(module, nn.RNNBase):
+        return _rnn_biases(ctx, short, module)
+    units = _input_units(ctx.names, module)
+    if units is None or isinstance(module, nn.MultiheadAttention):
+        return []
+    parts, n = units.parts, units.n if units.parts else 0
+    bias = ctx.names.of(module, "bias")
+    if bias is not None:
+        parts += (PartSpec(bias, None, 0, 0, unit_offset=n),)
+    what = "columns" if isinstance(module, nn.Linear) else "input channels"
+    what = "rows" if _is_conv1d_gpt(module) else what
+    label = f"{short} ({what}{' + bias' if bias is not None else ''})"
+    return [Proposal("translation", label, parts, n + (bias is not None))] if parts else []
+
+
+def _rnn_biases(ctx: _Context, short: str, module: nn.RNNBase) -> list[Proposal]:
+    """``bias_ih`` against ``bias_hh``: only their sum enters the gates they share."""
+    # LSTM: all four gates; GRU: r and z (not n, where b_hn is multiplied by r); RNN: one
+    gates = 4 if isinstance(module, nn.LSTM) else 2 if isinstance(module, nn.GRU) else 1
+    found = []
+    for attr, _ in module.named_parameters(recurse=False):
+        if not attr.startswith("bias_ih_l"):
+            continue
+        ih, hh = ctx.names.of(module, attr), ctx.names.of(module, attr.replace("_ih_", "_hh_"))
+        if ih is None or hh is None:
+            continue
+        n = gates * module.hidden_size
+        parts = (PartSpec(ih, 0, 0, n), PartSpec(hh, 0, 0, n, sign=-1.0))
+        label = f"{short} {attr}/{attr.replace('_ih_', '_hh_')}"
+        found.append(Proposal("translation", label, parts, n))
+    return found
+
+
+def _dedup(proposals: list[Proposal]) -> list[Proposal]:
+    seen: set[tuple[str, frozenset[tuple[Any, ...]]]] = set()
+    unique = []
+    for p in proposals:
+        key = (p.kind, frozenset((q.param, q.dim, q.start, q.length, q.block) for q in p.parts))
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def propose(
+    model: nn.Module, calls: list[Call], kinds: tuple[str, ...], prefix: str = ""
+) -> tuple[list[Proposal], list[ZeroSlice]]:
+    """Candidate symmetries of ``kinds`` and the slices that may get no gradient.
+
+    ``calls`` is what a :class:`CallRecorder` recorded during one forward pass; ``prefix`` is the
+    wrapper prefix left out of the names (:func:`display_prefix`).
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.balance._symmetry_candidates import propose
+        >>> from torch_momentum.balance._symmetry_trace import CallRecorder
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> with CallRecorder(model) as rec:
+        ...     _ = model(torch.randn(5, 3))
+        >>> proposals, _ = propose(model, rec.calls, ("rescale",))
+        >>> [(p.name, p.units) for p in proposals]
+        [('0/2', 4)]
+    """
+    ctx = _Context(model, calls, prefix)
+    proposals: list[Proposal] = []
+    siblings, thirds = _siblings(ctx)
+    attention, mha_thirds = _attention_modules(ctx)
+    if "scale" in kinds:
+        proposals += _scales(ctx)
+    if "rescale" in kinds:
+        proposals += _flow_rescales(ctx) + siblings + attention
+    if "translation" in kinds:
+        for name, module in ctx.modules.items():
+            proposals += _translation(ctx, name, module)
+    whole = [
+        ZeroSlice(n, None, 0, 0, ctx.short(n))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
+    return _dedup(proposals), whole + thirds + mha_thirds
