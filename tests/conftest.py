@@ -3,7 +3,7 @@
 torch is imported inside the fixtures, not here: under ``pytest -n 2`` (make test-fast) the
 controlling process loads this file too, and it runs no test; importing torch there would add
 ~2 s before the workers start. The optimiser table and helpers shared by the optimiser tests are
-in ``tests/optim_table.py``.
+in ``tests/helpers/``.
 """
 
 from __future__ import annotations

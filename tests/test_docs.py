@@ -11,7 +11,7 @@ import importlib
 import re
 from pathlib import Path
 
-from test_doctests import _public_objects
+from tests.helpers.api import public_objects
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 _AUTOMODULE = re.compile(r"^\.\. automodule:: ([\w.]+)\s*$", re.MULTILINE)
@@ -35,7 +35,7 @@ def test_every_public_name_is_documented() -> None:
         module = importlib.import_module(name)
         assert hasattr(module, "__all__"), f"{name} has no __all__: autodoc would guess members"
         documented |= {id(getattr(module, member)) for member in module.__all__}
-    missing = sorted(name for name, obj in _public_objects().items() if id(obj) not in documented)
+    missing = sorted(name for name, obj in public_objects().items() if id(obj) not in documented)
     assert not missing, (
         f"{len(missing)} public classes/functions on no page of docs/ (add their module with"
         " `.. automodule::` to the matching page):\n  " + "\n  ".join(missing)

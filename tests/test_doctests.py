@@ -10,35 +10,22 @@ namespace after ``torch.manual_seed(0)`` (conftest's autouse fixture).
 from __future__ import annotations
 
 import doctest
-import importlib
 import inspect
-import pkgutil
 import re
-from types import ModuleType
 
 import pytest
 
 import torch_momentum
+from tests.helpers.api import package_modules, public_objects
 
-PACKAGES = ("torch_momentum", "torch_momentum.callbacks")
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-
-
-def _modules() -> list[ModuleType]:
-    found: dict[str, ModuleType] = {}
-    for name in PACKAGES:
-        package = importlib.import_module(name)
-        found[name] = package
-        for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):
-            found[info.name] = importlib.import_module(info.name)
-    return [found[name] for name in sorted(found)]
 
 
 def _doctests() -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder(exclude_empty=True)
     tests: list[doctest.DocTest] = []
     seen: set[tuple[str | None, int | None, str]] = set()
-    for module in _modules():
+    for module in package_modules():
         for test in finder.find(module, module.__name__):
             key = (test.filename, test.lineno, test.docstring or "")
             if test.examples and key not in seen:  # a re-exported object is found once
@@ -51,7 +38,7 @@ DOCTESTS = _doctests()
 
 
 def test_modules_are_found() -> None:
-    names = {m.__name__ for m in _modules()}
+    names = {m.__name__ for m in package_modules()}
     # the walk really covers both packages, the callbacks included (under their installed name)
     assert {"torch_momentum.optim", "torch_momentum.callbacks.monitor"} <= names
     assert DOCTESTS, "no docstring with >>> lines found"
@@ -69,26 +56,11 @@ def test_docstring_examples_run(test: doctest.DocTest) -> None:
     )
 
 
-def _public_objects() -> dict[str, object]:
-    """Public names: ``__all__`` of every module of both packages, objects defined in them."""
-    objects: dict[str, object] = {}
-    for module in _modules():
-        for name in getattr(module, "__all__", []):
-            obj = getattr(module, name)
-            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue  # constants (e.g. LEDGER_TERMS) are documented where they are used
-            home = getattr(obj, "__module__", "") or ""
-            if home.split(".")[0] != "torch_momentum":
-                continue
-            objects.setdefault(f"{home}.{obj.__qualname__}", obj)
-    return objects
-
-
 _EXAMPLE = re.compile(r"^\s*Examples?:\s*$", re.MULTILINE)
 
 
 def test_every_public_name_has_an_example() -> None:
-    objects = _public_objects()
+    objects = public_objects()
     assert "torch_momentum.optim.PolyakSGD" in objects  # the scan sees the public API
     missing = sorted(
         name

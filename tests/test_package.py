@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 import torch_momentum
+from tests.helpers.processes import ROOT, run_python
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-ROOT = Path(__file__).resolve().parents[1]
+
+
+# The modules of the core package: each must import with torch alone.
+CORE_MODULES = (
+    "torch_momentum",
+    "torch_momentum.optim",
+    "torch_momentum.functional",
+    "torch_momentum.balance",
+    "torch_momentum.clarke",
+    "torch_momentum.minnorm",
+    "torch_momentum.stationarity",
+)
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: ~3-5 s
 def test_core_does_not_import_lightning_or_plotting():
+    """``import torch_momentum`` and every core module (``torch_momentum.balance`` included,
+    which the package does not import itself) load none of Lightning, torchmetrics, matplotlib."""
     code = (
-        "import sys, torch_momentum\n"
+        f"import sys; import {', '.join(CORE_MODULES)}\n"
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'torchmetrics', 'matplotlib')"
         " if m in sys.modules]\n"
         "print(','.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(["-c", code], timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == ""
 
 
@@ -43,6 +58,104 @@ def test_public_names_resolve():
 
     assert issubclass(callbacks.LayerBalanceMonitor, Callback)
     assert issubclass(callbacks.OptimizerModeSwitch, Callback)
+
+
+# Every name of every public module's ``__all__`` (main at ae6b782, after the restructure of issue
+# 17), by the module path users import it from. A name that leaves one of these lists must leave
+# on purpose (with a CHANGELOG entry): move it to RETIRED_NAMES or delete it in the same change.
+PUBLIC_NAMES: dict[str, list[str]] = {
+    "torch_momentum": [
+        "ClarkeSubgradient",
+        "NesterovSGD",
+        "PolyakSGD",
+        "StationarityProfile",
+        "clarke_subgradient",
+        "stationarity_profile",
+        "to_sgd_state_dict",
+    ],
+    "torch_momentum.optim": ["NesterovSGD", "PolyakSGD", "to_sgd_state_dict"],
+    "torch_momentum.functional": ["lookahead_shift", "momentum_sgd"],
+    "torch_momentum.balance": [
+        "LEDGER_TERMS",
+        "ROOT_LAYER_NAME",
+        "BalanceLedger",
+        "Symmetry",
+        "SymmetryList",
+        "SymmetryPart",
+        "UnitLayer",
+        "adjacent_pairs",
+        "balance_metrics",
+        "check_layers_spec",
+        "discover_layers",
+        "find_symmetries",
+        "layer_grad_sq_norms",
+        "layer_sq_norms",
+        "layer_sq_norms_host",
+        "layer_sq_norms_many",
+        "pair_units",
+        "unit_balance",
+        "unit_symmetry",
+    ],
+    "torch_momentum.clarke": ["ClarkeSubgradient", "clarke_subgradient", "min_norm_element"],
+    "torch_momentum.stationarity": ["StationarityProfile", "stationarity_profile"],
+    "torch_momentum.minnorm": ["min_norm_element"],
+    "torch_momentum.callbacks": [
+        "LEDGER_TERMS",
+        "LayerBalanceMonitor",
+        "OptimizerModeSwitch",
+        "StationarityMonitor",
+        "adjacent_pairs",
+        "balance_metrics",
+        "check_layers_spec",
+        "discover_layers",
+        "has_train_eval",
+        "layer_grad_sq_norms",
+        "layer_sq_norms",
+        "layer_sq_norms_host",
+        "layer_sq_norms_many",
+        "ledger_series",
+        "load_history",
+        "plot_balance",
+        "plot_ledger",
+        "plot_unit_drift",
+        "series",
+        "training_step_loss",
+    ],
+    "torch_momentum.callbacks.monitor": ["LayerBalanceMonitor"],
+    "torch_momentum.callbacks.plotting": [
+        "LEDGER_TERMS",
+        "ledger_series",
+        "load_history",
+        "plot_balance",
+        "plot_ledger",
+        "plot_unit_drift",
+        "series",
+    ],
+    "torch_momentum.callbacks.mode_switch": ["OptimizerModeSwitch", "has_train_eval"],
+    "torch_momentum.callbacks.stationarity": [
+        "StationarityMonitor",
+        "certificate_sizes",
+        "training_step_loss",
+    ],
+}
+# Names that left a module's ``__all__`` on purpose and still import from their old path (users'
+# code keeps working): issue 17 made the path selection of torch_momentum.functional private.
+RETIRED_NAMES: dict[str, list[str]] = {
+    "torch_momentum.functional": ["default_implementation", "resolve_implementation", "run_kernel"],
+}
+
+
+@pytest.mark.parametrize("module", list(PUBLIC_NAMES))
+def test_public_import_paths(module: str) -> None:
+    """``from <module> import <name>`` works for every public name (and every retired one), and
+    the module still lists the public ones in ``__all__`` (a restructure that drops or moves a
+    name fails here, never silently)."""
+    imported = importlib.import_module(module)
+    names = PUBLIC_NAMES[module]
+    missing = [n for n in names + RETIRED_NAMES.get(module, []) if not hasattr(imported, n)]
+    assert not missing, f"cannot import {missing} from {module}"
+    unlisted = [name for name in names if name not in imported.__all__]
+    assert not unlisted, f"{module}.__all__ no longer lists {unlisted}"
 
 
 def _pyproject() -> dict:

@@ -15,10 +15,13 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tests.helpers.trainer import WITHOUT_LOGGER, fit
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+pytestmark = WITHOUT_LOGGER
 
 
 class _Repeat(Dataset):
@@ -55,23 +58,6 @@ def _loader(n: int = 20, dtype: torch.dtype = torch.float64) -> DataLoader:
     return DataLoader(_Repeat(x, y, n), batch_size=None)
 
 
-def _trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "log_every_n_steps": 1,
-        "default_root_dir": str(root),
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
 class _UnscaledGradNorm(Callback):
     """The total gradient norm with the loss scale divided out by hand."""
 
@@ -92,10 +78,14 @@ def test_grad_norms_under_amp_with_an_optimiser_that_unscales_itself(tmp_path: P
     probe = _UnscaledGradNorm(scaler)
     monitor = LayerBalanceMonitor(save_figure=False)
     model = _Model(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True), torch.float32)
-    trainer = _trainer(
-        tmp_path, [probe, monitor], max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
+    fit(
+        model,
+        [probe, monitor],
+        _loader(dtype=torch.float32),
+        max_steps=4,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+        default_root_dir=str(tmp_path),
     )
-    trainer.fit(model, _loader(dtype=torch.float32))
     assert scaler.get_scale() == 2.0**12  # no overflow: every step taken
     logged = [row["grad_norm/total"] for row in monitor.history]
     # float32 gradients summed in float64 both ways: the same numbers to ~1e-7
@@ -118,15 +108,17 @@ def _fit_monitor(
                 dirpath=root, every_n_train_steps=ckpt_every, save_top_k=-1, filename="{step}"
             )
         )
-    trainer = _trainer(
-        root,
+    fit(
+        _Model(),
         callbacks,
+        _loader(epoch),
+        ckpt_path=ckpt,
         max_steps=8,
         log_every_n_steps=every,
         accumulate_grad_batches=accumulate,
         enable_checkpointing=bool(ckpt_every),
+        default_root_dir=str(root),
     )
-    trainer.fit(_Model(), _loader(epoch), ckpt_path=ckpt)
     return monitor
 
 
@@ -158,8 +150,7 @@ def test_a_second_fit_continues_every_series_from_one_origin(tmp_path: Path) -> 
     Now all continue: at every row, diff(t) - diff(0) equals the ledger's terms plus closure."""
     monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
     model = _Model()
-    trainer = _trainer(tmp_path, [monitor], max_steps=3)
-    trainer.fit(model, _loader())
+    trainer = fit(model, [monitor], _loader(), max_steps=3, default_root_dir=str(tmp_path))
     d0 = dict(monitor._unit_d0 or {})
     trainer.fit_loop.epoch_loop.max_steps = 6
     trainer.fit(model, _loader())

@@ -134,7 +134,10 @@ def test_lstm_uses_the_loop_with_one_warning():
 def test_the_timing_rule(monkeypatch, times, vectorized):
     """The rule itself, with the clock replaced: the loop replaces vmap only when the first
     block took 50 ms or more and the loop is 1.5x faster both on the whole first block
-    (estimated from 4 points) and on 4 points again."""
+    (estimated from 4 points) and on 4 points again.
+
+    This test pins which evaluation runs (``res.vectorized``); it replaces the private clock
+    ``torch_momentum._sampling._timed`` (a renamed clock fails here, never silently)."""
     first, loop4, vmap4 = times
     clock = iter([first, loop4, vmap4, vmap4, loop4])
 

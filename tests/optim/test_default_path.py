@@ -126,7 +126,10 @@ def _tensor_sets() -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("differentiable", [False, True])
 def test_default_rule_is_the_builtins_on_every_device(name, differentiable):
     """The rule itself, against torch's own: the for-loop on the CPU and the meta device,
-    foreach on CUDA (checked where a GPU is present)."""
+    foreach on CUDA (checked where a GPU is present).
+
+    This test pins which kernel runs; it calls a private torch API
+    (``torch.optim.optimizer._default_to_fused_or_foreach``, the built-in's rule)."""
     params = _tensor_sets()[name]
     assert K.default_implementation(params, differentiable) == _builtin_rule(params, differentiable)
 
@@ -134,8 +137,11 @@ def test_default_rule_is_the_builtins_on_every_device(name, differentiable):
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("path", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
 def test_fast_paths_stay_available_on_request(cls, path, monkeypatch):
-    """fused=True / foreach=True still run their kernels (asserted by spying on the kernels of
-    torch_momentum._kernels), and agree with the default up to float64 rounding."""
+    """fused=True / foreach=True still run their kernels, and agree with the default up to
+    float64 rounding.
+
+    This test pins which kernel runs; it spies on private functions of
+    ``torch_momentum._kernels`` (a renamed kernel fails here, it is never skipped silently)."""
     calls: list[str] = []
     for name in ("_fused_momentum_sgd", "_multi_tensor_momentum_sgd"):
         real = getattr(K, name)

@@ -1,7 +1,8 @@
-"""Multi-process checks of LayerBalanceMonitor, run by tests/test_callbacks_distributed.py.
+"""Multi-process checks of LayerBalanceMonitor, run by tests/callbacks/test_distributed.py.
 
-Usage: ``python balance_distributed.py OUT.json WORKDIR``. Lightning's ``strategy="ddp"`` launches
-the second rank by re-running this script; every rank runs, rank zero writes ``OUT.json``:
+Usage, from the repository root: ``python -m tests.scripts.balance_distributed OUT.json WORKDIR``.
+Lightning's ``strategy="ddp"`` launches the second rank by re-running this module (``python -m``
+with the same arguments); every rank runs, rank zero writes ``OUT.json``:
 
 The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9).
 
@@ -17,44 +18,41 @@ The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4
 MOMENTUM = 0.9
 
 
-def fit(
+def run(
     strategy: object, fsdp: bool, workdir: str, name: str
 ) -> tuple[LayerBalanceMonitor, bool, bool]:
+    """The monitor after STEPS steps on 2 ranks, whether it saw sharded parameters, and whether
+    it warned about the ledger."""
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
     monitor = LayerBalanceMonitor(save_figure=(name == "ddp"), ledger=True, neurons=True)
-    trainer = pl.Trainer(
-        **trainer_kwargs(
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            model,
+            [monitor],
+            make_loader(x, y, batch_size=len(x) // 2),
             strategy=strategy,
             devices=2,
             max_steps=STEPS,
             logger=CSVLogger(workdir, name=name),
-            callbacks=[monitor],
         )
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
     warned = any("ledger" in str(w.message) for w in caught)
     return monitor, monitor._sharded, warned
 
@@ -95,9 +93,9 @@ def dtensor_checks() -> dict[str, list[float]]:
 
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
-    ddp, ddp_sharded, ddp_warned = fit("ddp", False, workdir, "ddp")
+    ddp, ddp_sharded, ddp_warned = run("ddp", False, workdir, "ddp")
     figure = ddp.figure_path
-    fsdp, fsdp_sharded, fsdp_warned = fit(
+    fsdp, fsdp_sharded, fsdp_warned = run(
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
     )
     checks = dtensor_checks()

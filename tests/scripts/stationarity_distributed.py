@@ -1,8 +1,9 @@
 """StationarityMonitor under DDP with 2 CPU processes (gloo), run by
-tests/test_stationarity_distributed.py.
+tests/callbacks/test_stationarity_distributed.py.
 
-Usage: ``python stationarity_distributed.py OUT_PREFIX OPTIMIZER``. Lightning's
-``strategy="ddp"`` launches the second rank by re-running this script. Each rank sees half of the
+Usage, from the repository root:
+``python -m tests.scripts.stationarity_distributed OUT_PREFIX OPTIMIZER``. Lightning's
+``strategy="ddp"`` launches the second rank by re-running this module. Each rank sees half of the
 full batch with a mean loss (the all-reduced gradient is the full-batch gradient), and the
 monitor's fixed subset of 41 examples is split 21 / 20 across the ranks. Every rank writes its
 history to ``OUT_PREFIX.<rank>``.
@@ -11,16 +12,12 @@ history to ``OUT_PREFIX.<rank>``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import StationarityMonitor
 
 RADII = (1e-3, 1e-2, 1e-1)
@@ -42,17 +39,8 @@ def main() -> None:
     model = make_model(optimizer)
     monitor = make_monitor()
     x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            strategy="ddp",
-            devices=2,
-            max_steps=-1,
-            max_epochs=EPOCHS,
-            logger=False,
-            callbacks=[monitor],
-        )
-    )
-    trainer.fit(model, make_loader(x, y, batch_size=len(x) // 2))
+    loader = make_loader(x, y, batch_size=len(x) // 2)
+    fit(model, [monitor], loader, strategy="ddp", devices=2, max_steps=-1, max_epochs=EPOCHS)
     rank = dist.get_rank()
     with open(f"{out}.{rank}", "w") as fh:
         json.dump(

@@ -11,11 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -28,10 +26,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader
 from torch_momentum.callbacks import LayerBalanceMonitor
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,13 +91,12 @@ def _default(name: str) -> Any:
     return inspect.signature(LayerBalanceMonitor).parameters[name].default
 
 
-def _fit(loggers: list[Any], **options: Any) -> LayerBalanceMonitor:
+def _monitored(loggers: list[Any], **options: Any) -> LayerBalanceMonitor:
+    """The monitor built with ``options`` after a fit of STEPS steps logged to ``loggers``."""
     torch.manual_seed(0)
     monitor = LayerBalanceMonitor(log_every_n_steps=EVERY, **options)
     model = BalanceModel(lr=0.05, momentum=0.9)
-    x, y = make_data()
-    trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=loggers, callbacks=[monitor]))
-    trainer.fit(model, make_loader(x, y, repeat=STEPS))
+    fit(model, [monitor], make_loader(*make_data(), repeat=STEPS), max_steps=STEPS, logger=loggers)
     return monitor
 
 
@@ -153,7 +148,7 @@ def _check_tensorboard(log_dir: str, monitor: LayerBalanceMonitor, options: dict
 @SLOW_FIT
 def test_tensorboard_logger_receives_scalars_and_figure(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = _fit([logger])
+    monitor = _monitored([logger])
     # the cadence itself is the monitor's tests' business; here: several steps were logged
     assert len(monitor.history) >= STEPS // EVERY
     _check_tensorboard(logger.log_dir, monitor, {})
@@ -164,7 +159,7 @@ def test_tensorboard_logger_receives_scalars_and_figure(tmp_path: Path) -> None:
 @SLOW_FIT
 def test_tensorboard_without_grad_norms(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = _fit([logger], track_grad_norm=False)
+    monitor = _monitored([logger], track_grad_norm=False)
     _check_tensorboard(logger.log_dir, monitor, {"track_grad_norm": False})
 
 
@@ -172,7 +167,7 @@ def test_tensorboard_without_grad_norms(tmp_path: Path) -> None:
 def test_tensorboard_ledger_and_unit_keys(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     options = {"ledger": True, "neurons": True}
-    monitor = _fit([logger], **options)
+    monitor = _monitored([logger], **options)
     _check_tensorboard(logger.log_dir, monitor, options)
 
 
@@ -180,7 +175,7 @@ def test_tensorboard_ledger_and_unit_keys(tmp_path: Path) -> None:
 def test_csv_and_tensorboard_at_once(tmp_path: Path) -> None:
     csv_logger = CSVLogger(tmp_path, name="csv")
     tb_logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = _fit([csv_logger, tb_logger])
+    monitor = _monitored([csv_logger, tb_logger])
     _check_tensorboard(tb_logger.log_dir, monitor, {})
 
     with open(os.path.join(csv_logger.log_dir, "metrics.csv"), newline="") as f:
@@ -205,10 +200,15 @@ def test_stationarity_monitor_to_tensorboard(tmp_path: Path) -> None:
     monitor = StationarityMonitor(radii=radii, num_samples=8, subset_size=16)
     torch.manual_seed(0)
     x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(max_epochs=2, max_steps=-1, logger=logger, callbacks=[monitor])
+    model = BalanceModel(lr=0.05, momentum=0.9)
+    fit(
+        model,
+        [monitor],
+        make_loader(x, y, batch_size=32),
+        max_epochs=2,
+        max_steps=-1,
+        logger=logger,
     )
-    trainer.fit(BalanceModel(lr=0.05, momentum=0.9), make_loader(x, y, batch_size=32))
     events = _events(logger.log_dir)
     logged = {t for t in events.Tags()["scalars"] if t.startswith("stationarity/")}
     # the documented keys: stationarity/min_norm|active/{delta:g}, stationarity/grad_norm,

@@ -2,8 +2,8 @@
 fully_shard) and DTensor parameters give the values of a single-process run, balance, per-unit
 and ledger keys alike.
 
-The distributed runs happen in one subprocess running ``tests/scripts/balance_distributed.py``
-with ``strategy="ddp"`` (Lightning re-launches that script for rank 1; plain ``ddp`` inside
+The distributed runs happen in one subprocess, ``python -m tests.scripts.balance_distributed``,
+with ``strategy="ddp"`` (Lightning re-launches that module for rank 1; plain ``ddp`` inside
 pytest would re-launch pytest). The single-process reference runs here with the same seed and
 data: each rank sees half of the full batch with a mean loss, so the averaged gradient equals the
 single-process full-batch gradient.
@@ -12,23 +12,23 @@ single-process full-batch gradient.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.helpers.processes import run_distributed_script
+from tests.helpers.trainer import (
+    WITHOUT_LOGGER,
+    BalanceModel,
+    fit,
+    make_data,
+    make_loader,
+    make_net,
+)
 from torch_momentum.callbacks import LayerBalanceMonitor
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
-
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
 pytestmark = [
     pytest.mark.skipif(
@@ -36,6 +36,7 @@ pytestmark = [
         reason="needs torch.distributed/gloo",
     ),
     pytest.mark.usefixtures("one_thread"),
+    WITHOUT_LOGGER,  # the single-process reference
     pytest.mark.slow,
 ]
 
@@ -44,29 +45,18 @@ pytestmark = [
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("balance_distributed")
     out = workdir / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, "balance_distributed.py"), str(out), str(workdir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_distributed_script("balance_distributed", str(out), str(workdir))
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def single_monitor() -> LayerBalanceMonitor:
-    from balance_distributed import MOMENTUM, STEPS
+    from tests.scripts.balance_distributed import MOMENTUM, STEPS
 
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM)
     monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
-    trainer = pl.Trainer(**trainer_kwargs(max_steps=STEPS, logger=False, callbacks=[monitor]))
-    trainer.fit(model, make_loader(*make_data(), repeat=STEPS))
+    fit(model, [monitor], make_loader(*make_data(), repeat=STEPS), max_steps=STEPS)
     return monitor
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from tests.helpers.trainer import fit
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import StationarityMonitor
 from torch_momentum.callbacks.stationarity import certificate_sizes
@@ -94,22 +95,10 @@ def lstm_task() -> Task:
     return Task(LSTMLanguageModel(), "ce", TensorDataset(tokens[:, :-1], tokens[:, 1:]))
 
 
-def fit(task: Task, monitor: StationarityMonitor, epochs: int = 1, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    options.update(kwargs)
-    trainer = pl.Trainer(callbacks=[monitor], **options)
-    trainer.fit(task)
-    return trainer
+def fit_task(task: Task, monitor: StationarityMonitor, epochs: int = 1, **kwargs) -> pl.Trainer:
+    """``epochs`` epochs of ``task`` on its own data with ``monitor``."""
+    loader = task.train_dataloader()
+    return fit(task, [monitor], loader, max_epochs=epochs, max_steps=-1, **kwargs)
 
 
 @pytest.mark.parametrize("make", [mlp_task, cnn_task, lstm_task], ids=["mlp", "cnn", "lstm"])
@@ -120,7 +109,7 @@ def test_default_certificate_on_reference_models(make):
     monitor = StationarityMonitor(radii=RADII)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(task, monitor, epochs=2)
+        fit_task(task, monitor, epochs=2)
     k, m = certificate_sizes(len(task.data), len(RADII), None, None)
     assert len(RADII) * k * m <= len(task.data) or k == 8  # one epoch, or the floor of 8
     assert [row["stationarity/num_samples"] for row in monitor.history] == [k, k]
@@ -152,7 +141,7 @@ def test_an_iterable_dataset_is_refused_before_the_first_batch():
     task = mlp_task()
     task.train_dataloader = lambda: DataLoader(Stream(), batch_size=2)  # type: ignore[method-assign]
     with pytest.raises(MisconfigurationException, match=r"Stream.*IterableDataset.*`dataset=`"):
-        fit(task, StationarityMonitor(radii=RADII))
+        fit_task(task, StationarityMonitor(radii=RADII))
     assert task.steps == 0  # not after an epoch of training
 
 
@@ -175,7 +164,7 @@ def test_sigterm_stops_a_certificate_at_the_next_block():
         radii=RADII, num_samples=32, subset_size=64, loss_fn=loss_fn, vectorize=False
     )
     with pytest.raises(SIGTERMException):
-        fit(mlp_task(), monitor)
+        fit_task(mlp_task(), monitor)
     # f at x, then the loop: the signal arrives in the first block of 8 and stops after it
     # (the full certificate: 1 + 2 * 32 = 65 evaluations)
     assert len(calls) == 1 + 8
@@ -187,7 +176,7 @@ def test_max_seconds_stops_after_the_first_block():
     monitor = StationarityMonitor(
         radii=RADII, num_samples=32, subset_size=64, max_seconds=1e-9, vectorize=False
     )
-    fit(mlp_task(), monitor)
+    fit_task(mlp_task(), monitor)
     assert monitor.history[0]["stationarity/num_samples"] == 8.0
     with pytest.raises(ValueError, match="`max_seconds` must be > 0"):
         StationarityMonitor(radii=RADII, max_seconds=0)
@@ -196,7 +185,9 @@ def test_max_seconds_stops_after_the_first_block():
 
 
 def test_progress_bar_while_the_certificate_runs(capsys):
-    fit(mlp_task(), StationarityMonitor(radii=RADII), enable_progress_bar=True)
+    fit_task(mlp_task(), StationarityMonitor(radii=RADII), enable_progress_bar=True)
     assert "Stationarity certificate (epoch 0)" in capsys.readouterr().err
-    fit(mlp_task(), StationarityMonitor(radii=RADII))  # the trainer shows no bar: neither do we
+    fit_task(
+        mlp_task(), StationarityMonitor(radii=RADII)
+    )  # the trainer shows no bar: neither do we
     assert "Stationarity certificate" not in capsys.readouterr().err

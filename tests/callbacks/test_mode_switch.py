@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,11 +12,9 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from tests.helpers.trainer import ValidatedModel, fit, make_data, make_loader, make_net
 from torch_momentum import NesterovSGD
 from torch_momentum.callbacks import OptimizerModeSwitch, has_train_eval
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import ValidatedModel, make_data, make_loader, make_net, trainer_kwargs
 
 LR, MOMENTUM, STEPS, EVERY = 0.05, 0.9, 6, 2
 
@@ -48,28 +44,29 @@ def _reference(steps: int = STEPS) -> tuple[list[list[torch.Tensor]], list[list[
     return xs, ys
 
 
-def _fit(
+def _train(
     tmp_path: Path,
     callbacks: list[Any],
     max_steps: int = STEPS,
     ckpt_path: Any = None,
     val_every: int = EVERY,
 ) -> tuple[ValidatedModel, pl.Trainer]:
+    """NesterovSGD on the full batch, validated every ``val_every`` steps."""
     torch.manual_seed(0)
     model = ValidatedModel(make_net(), lr=LR, momentum=MOMENTUM, optimizer="nesterov")
     x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            max_steps=max_steps,
-            limit_val_batches=None,
-            val_check_interval=val_every,
-            logger=False,
-            callbacks=callbacks,
-            default_root_dir=tmp_path,
-            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        )
+    trainer = fit(
+        model,
+        callbacks,
+        make_loader(x, y, repeat=STEPS),
+        val_loader=make_loader(x, y),
+        ckpt_path=ckpt_path,
+        max_steps=max_steps,
+        limit_val_batches=None,
+        val_check_interval=val_every,
+        default_root_dir=tmp_path,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
-    trainer.fit(model, make_loader(x, y, repeat=STEPS), make_loader(x, y), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -82,7 +79,7 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 def test_validation_runs_at_the_iterate(tmp_path: Path) -> None:
     xs, ys = _reference()
-    model, trainer = _fit(tmp_path, [OptimizerModeSwitch()])
+    model, trainer = _train(tmp_path, [OptimizerModeSwitch()])
     assert [r["step"] for r in model.val_records] == [2, 4, 6]
     x, y = make_data()
     net = make_net()
@@ -101,7 +98,7 @@ def test_validation_runs_at_the_iterate(tmp_path: Path) -> None:
     assert trainer.optimizers[0].training is False
 
     # control: without the callback validation sees the look-ahead point y_t
-    plain, _ = _fit(tmp_path / "plain", [])
+    plain, _ = _train(tmp_path / "plain", [])
     first = plain.val_records[0]
     assert not _close(first["params"], xs[first["step"]])
 
@@ -109,7 +106,7 @@ def test_validation_runs_at_the_iterate(tmp_path: Path) -> None:
 def test_checkpoint_saved_after_validation_resumes_exactly(tmp_path: Path) -> None:
     xs, _ = _reference()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1)
-    whole, _ = _fit(tmp_path, [OptimizerModeSwitch(), checkpoints])
+    whole, _ = _train(tmp_path, [OptimizerModeSwitch(), checkpoints])
     path = tmp_path / "ckpt" / "step=4.ckpt"
     ckpt = torch.load(path, weights_only=False)
     # ModelCheckpoint runs after validation: the weights are the validated iterate x_4 and the
@@ -117,7 +114,7 @@ def test_checkpoint_saved_after_validation_resumes_exactly(tmp_path: Path) -> No
     assert _close(list(ckpt["state_dict"].values()), xs[4])
     assert all(g["train_mode"] is False for g in ckpt["optimizer_states"][0]["param_groups"])
 
-    resumed, _ = _fit(tmp_path / "resumed", [OptimizerModeSwitch()], ckpt_path=path)
+    resumed, _ = _train(tmp_path / "resumed", [OptimizerModeSwitch()], ckpt_path=path)
     assert [r["step"] for r in resumed.val_records] == [6]
     # resuming moves back to y_4 = x_4 + lr*momentum*v_4 with the same arithmetic as the
     # uninterrupted run, which also went x_4 -> y_4 after validating: identical floats
@@ -179,6 +176,8 @@ def test_hook_sequence_fit_and_standalone() -> None:
     assert fresh.calls == ["eval", "train"] and nesterov.training is True
 
 
+# BalanceModel overrides configure_model (for FSDP2 in the DDP script; a no-op here), and Lightning
+# warns that WeightAveraging cannot shard such a model: nothing is sharded in this test.
 @pytest.mark.filterwarnings("ignore:You're using the WeightAveraging callback with a model")
 @pytest.mark.parametrize("switch_first", [True, False], ids=["switch-then-ema", "ema-then-switch"])
 def test_ema_weight_averaging_in_either_order(tmp_path: Path, switch_first: bool) -> None:
@@ -198,7 +197,7 @@ def test_ema_weight_averaging_in_either_order(tmp_path: Path, switch_first: bool
     # validation at step 4 only: a validation at the last step would leave the optimiser in eval
     # mode already (train() is deferred to the next batch) and hide the end-of-fit shift
     callbacks = [switch, ema] if switch_first else [ema, switch]
-    model, trainer = _fit(tmp_path, callbacks, val_every=4)
+    model, trainer = _train(tmp_path, callbacks, val_every=4)
     assert _close(list(model.parameters()), expected[STEPS - 1])  # the average, unshifted
     assert trainer.optimizers[0].training is False
     # validation saw the average of the look-ahead points so far ...
@@ -232,7 +231,7 @@ def test_test_from_a_checkpoint_saved_in_training_mode_warns(tmp_path: Path) -> 
 
     xs, ys = _reference()
     during, after = tmp_path / "during.ckpt", tmp_path / "after.ckpt"
-    model, trainer = _fit(tmp_path, [OptimizerModeSwitch(), _SaveDuringTraining(during, 3)])
+    model, trainer = _train(tmp_path, [OptimizerModeSwitch(), _SaveDuringTraining(during, 3)])
     trainer.save_checkpoint(after)  # after fit: eval mode, the weights are x_T
     ckpt = torch.load(during, weights_only=False)
     assert all(g["train_mode"] is True for g in ckpt["optimizer_states"][0]["param_groups"])

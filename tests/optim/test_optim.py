@@ -1,7 +1,8 @@
-"""PolyakSGD and NesterovSGD: the method-specific tests (equivalences with the built-in, Nesterov
-modes and schedulers, paths on a real model, validation, convergence). Generic optimiser behaviour
-is in test_conformance.py, the regressions of the trust review in test_optim_trust.py; all draw
-classes, configurations and paths from the table in conftest.py."""
+"""PolyakSGD and NesterovSGD: the method-specific tests (equivalences with the built-in on every
+path, Nesterov modes and schedulers, features, validation, convergence). Generic optimiser
+behaviour (every path agreeing with the reference path included) is in test_conformance.py, the
+regressions of the trust review in test_trust.py; all draw classes, configurations and paths from
+the table in tests/helpers/optim_db.py."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import math
 
 import pytest
 import torch
-from optim_table import CLASSES, F64_RTOL, PATHS, max_rel_diff
 from torch import nn
 
+from tests.helpers.optim_db import CLASSES, F64_RTOL, OPTIMIZERS, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.functional import default_implementation
 
@@ -264,28 +265,6 @@ def test_mode_survives_state_dict():
 # ------------------------------------------------------------------------------ paths
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_paths_agree(cls, momentum, dtype):
-    data = make_data(dtype)
-    results = {}
-    for name, kw in PATHS.items():
-        model = make_mlp(dtype=dtype)
-        opt = cls(two_groups(model), lr=0.05, momentum=momentum, weight_decay=1e-3, **kw)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-        train(model, opt, 30, data, scheduler=sched)
-        results[name] = [p.detach().clone() for p in model.parameters()]
-    # float64: rounding only (see F64_RTOL). float32: the fused kernel computes d, v and p in one
-    # expression (possibly contracted to FMAs) while the others round after each operation, so
-    # each step may differ by a few float32 ulps
-    # (2**-24 ≈ 6e-8 relative); over 30 steps of a non-expansive update that accumulates to at
-    # most ~30 * 4 * 6e-8 ≈ 7e-6, so 2e-5 bounds rounding while a real bug (O(lr)) is 1e-2.
-    tol = F64_RTOL if dtype == torch.float64 else 2e-5
-    for name in PATHS:
-        assert max_rel_diff(results[name], results["reference"]) < tol, name
-
-
 def test_default_path_rule():
     # the built-in's default: the for-loop on the CPU (its foreach devices are CUDA, XPU, ...)
     cpu = [torch.zeros(3), torch.zeros(2, dtype=torch.complex64)]
@@ -415,19 +394,24 @@ def test_grad_scaler_matches_builtin(cls):
             scaler.step(opt)
             scaler.update()
     # Our fused kernel vs the built-in's CPU for-loop, identical scaling: float32 rounding
-    # only, bounded like test_paths_agree's float32 case.
+    # only, bounded like the float32 case of
+    # test_paths_agree (tests/optim/test_conformance.py).
     assert max_rel_diff(list(ours_model.parameters()), list(ref_model.parameters())) < 2e-5
     assert all(torch.isfinite(p).all() for p in ours_model.parameters())
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-def test_differentiable_step(cls):
-    """With differentiable=True autograd sees through the step: d p_1 / d g = -lr (first step)."""
+@pytest.mark.parametrize(
+    ("cls", "path"),
+    [(info.cls, impl) for info in OPTIMIZERS for impl in info.differentiable_impls],
+)
+def test_differentiable_step(cls, path):
+    """With differentiable=True autograd sees through the step: d p_1 / d g = -lr (first step),
+    on every implementation the table says accepts it."""
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     p = w.clone()  # a non-leaf parameter so that the in-place update is recorded
     g = torch.randn(3, dtype=torch.float64, requires_grad=True)
     p.grad = g.clone()
-    opt = cls([p], lr=0.1, momentum=0.9, differentiable=True)
+    opt = cls([p], lr=0.1, momentum=0.9, differentiable=True, **PATHS[path])
     opt.step()
     (dg,) = torch.autograd.grad(p.sum(), g)
     # Polyak: p1 = p0 - lr g.  Nesterov: y1 = y0 - lr g + lr m (-g) = y0 - lr (1 + m) g.
@@ -453,7 +437,7 @@ def test_torch_compile_step_matches_eager(cls):
         train_step(eager_model, eager)
         compiled_train_step(comp_model, comp)
     # Inductor fuses the foreach ops into its own kernel, which may contract a*b+c into an FMA:
-    # float32 rounding differences only, bounded as in test_paths_agree.
+    # float32 rounding differences only, bounded as in test_paths_agree (test_conformance.py).
     assert max_rel_diff(list(comp_model.parameters()), list(eager_model.parameters())) < 2e-5
 
 

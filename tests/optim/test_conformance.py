@@ -1,20 +1,67 @@
 """Generic optimiser conformance, modelled on PyTorch's ``TestOptimRenewed`` (test/test_optim.py).
 
-Every test runs for both optimisers over the configurations and paths of the table in conftest.py
-(like an ``OptimizerInfo``'s ``optim_inputs``).
+Every test runs for both optimisers over the configurations and paths of the table in
+tests/helpers/optim_db.py (like an ``OptimizerInfo``'s ``optim_inputs``); the first test checks
+the table itself.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import pkgutil
 
 import pytest
 import torch
-from optim_table import CLASSES, CONFIGS, F64_RTOL, PATHS, config_id, max_rel_diff
 from torch import nn
 
+import tests.optim
+from tests.helpers.optim_db import (
+    CLASSES,
+    CONFIGS,
+    F64_RTOL,
+    OPTIMIZERS,
+    PATHS,
+    config_id,
+    max_rel_diff,
+)
 from torch_momentum import NesterovSGD
+
+
+def _optim_test_names() -> set[str]:
+    """The names of the test functions of tests/optim/ (modules that skip at import: none)."""
+    names: set[str] = set()
+    for found in pkgutil.iter_modules(tests.optim.__path__):
+        try:
+            module = importlib.import_module(f"tests.optim.{found.name}")
+        except pytest.skip.Exception:  # e.g. test_cli.py without jsonargparse
+            continue
+        names |= {name for name in vars(module) if name.startswith("test_")}
+    return names
+
+
+def test_the_table_is_what_the_constructors_do() -> None:
+    """Every implementation the table lists is accepted, ``differentiable=True`` exactly where the
+    table says so (elsewhere a ValueError naming it), and every known skip names an existing
+    test of tests/optim/ and a supported implementation, with a reason."""
+    names = _optim_test_names()
+    assert "test_paths_agree" in names  # the scan sees the tests
+    for info in OPTIMIZERS:
+        assert set(info.supported_impls) == set(PATHS)
+        assert set(info.differentiable_impls) <= set(info.supported_impls)
+        for impl in info.supported_impls:
+            opt = info.cls([nn.Parameter(torch.zeros(2))], lr=0.1, **PATHS[impl])
+            assert all(opt.param_groups[0][flag] is on for flag, on in PATHS[impl].items())
+            params = [nn.Parameter(torch.zeros(2))]
+            if impl in info.differentiable_impls:
+                info.cls(params, lr=0.1, differentiable=True, **PATHS[impl])
+            else:
+                with pytest.raises(ValueError, match="differentiable"):
+                    info.cls(params, lr=0.1, differentiable=True, **PATHS[impl])
+        for skip in info.skips:
+            assert skip.test in names, f"{info}: known skip of a test that does not exist: {skip}"
+            assert set(skip.impls) <= set(info.supported_impls) and skip.reason, skip
 
 
 def params_with_frozen_and_scalar() -> list[torch.Tensor]:
@@ -29,34 +76,64 @@ def params_with_frozen_and_scalar() -> list[torch.Tensor]:
 
 def objective(params: list[torch.Tensor], t: int) -> torch.Tensor:
     weight, frozen, scalar, _ = params
-    x = torch.linspace(-1, 1, 3, dtype=torch.float64) * (1 + 0.1 * t)
+    x = torch.linspace(-1, 1, 3, dtype=weight.dtype) * (1 + 0.1 * t)
     return ((weight @ x + frozen) * scalar).tanh().pow(2).sum() + scalar**2
 
 
-def run(cls, kw, impl, steps=12):
-    params = params_with_frozen_and_scalar()
-    opt = cls(params, **kw, **impl)
+def run(cls, kw, impl, dtype=torch.float64, steps=12):
+    """``steps`` steps in ``dtype`` on an MLP (6 -> 16 -> 16 -> 3, tanh, square loss) plus
+    :func:`objective` of the four tensors of :func:`params_with_frozen_and_scalar`. Two groups
+    (the second with its own lr and weight decay), StepLR halving lr every 4 steps, and at step 4
+    a step in which no parameter has a gradient. Returns the MLP's parameters and the four
+    tensors (NesterovSGD's in eval mode: the iterates) and the optimiser."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    weights = list(mlp.to(dtype).parameters())
+    extra = [
+        p.detach().to(dtype).requires_grad_(p.requires_grad)
+        for p in params_with_frozen_and_scalar()
+    ]
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(64, n, generator=g, dtype=dtype) for n in (6, 3))
+    groups = [
+        {"params": weights[:2] + extra[:2]},
+        {"params": weights[2:] + extra[2:], "lr": 0.02, "weight_decay": 1e-3},
+    ]
+    # a Tensor lr of the table is shared by every test: the scheduler changes lr in place
+    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    opt = cls(groups, **kw, **impl)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     for t in range(steps):
         opt.zero_grad()
-        if t == 4:
-            opt.step()  # a step in which no parameter has a gradient
-            continue
-        objective(params, t).backward()
+        if t != 4:  # at t = 4 no parameter has a gradient
+            (((mlp(x) - y) ** 2).mean() + objective(extra, t)).backward()
         opt.step()
+        sched.step()
     if cls is NesterovSGD:
         opt.eval()
-    return params, opt
+    return weights + extra, opt
 
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("kw", CONFIGS, ids=config_id)
-def test_foreach_and_fused_match_forloop(cls, kw):
-    """Frozen layer, a step without grads and a 0-dim parameter: all paths agree with the loop."""
-    ref, _ = run(cls, kw, PATHS["reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_paths_agree(cls, kw, dtype):
+    """Every path (foreach, fused, default) gives the reference path's parameters: an MLP, a
+    frozen tensor, a 0-dim parameter, one that never gets a gradient, a step without gradients,
+    two groups and a scheduler, over the table's configurations, in float64 and float32."""
+    ref, _ = run(cls, kw, PATHS["reference"], dtype)
+    # float64: rounding only (see F64_RTOL). float32: the fused kernel computes d, v and p in one
+    # expression (possibly contracted to FMAs) while the others round after each operation, so
+    # each step may differ by a few float32 ulps (2**-24 ≈ 6e-8 relative); over 12 steps of a
+    # non-expansive update that stays below ~12 * 4 * 6e-8 ≈ 3e-6, so 2e-5 bounds rounding
+    # while a real bug (O(lr)) is 1e-2.
+    tol = F64_RTOL if dtype == torch.float64 else 2e-5
     for impl in (PATHS["foreach"], PATHS["fused"], PATHS["default"]):
-        got, opt = run(cls, kw, impl)
-        assert max_rel_diff(got, ref) < F64_RTOL, impl
-        assert got[3].grad is None and len(opt.state) <= 2  # unused/frozen tensors carry no state
+        got, opt = run(cls, kw, impl, dtype)
+        assert max_rel_diff(got, ref) < tol, impl
+        *_, frozen, _, unused = got
+        assert unused.grad is None
+        assert frozen not in opt.state and unused not in opt.state  # they carry no state
 
 
 @pytest.mark.parametrize("cls", CLASSES)

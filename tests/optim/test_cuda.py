@@ -1,5 +1,6 @@
-"""CUDA paths: same results as on the CPU, and no host synchronisation in a step, in
-``eval()``/``train()``, or in the monitor's norm arithmetic. Skipped without a GPU."""
+"""CUDA paths of the optimisers: same results as on the CPU, and no host synchronisation in a
+step or in ``eval()``/``train()``. Skipped without a GPU (the norm arithmetic's CUDA test is in
+tests/balance/test_norms.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,13 @@ import contextlib
 
 import pytest
 import torch
-from optim_table import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
 from torch import nn
 
+from tests.helpers.cuda import no_host_sync, requires_cuda
+from tests.helpers.optim_db import CLASSES, OPTIMIZERS, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@contextlib.contextmanager
-def no_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+pytestmark = requires_cuda
 
 
 def run(cls, device, lr, path, steps=12, complex_=False):
@@ -37,11 +29,11 @@ def run(cls, device, lr, path, steps=12, complex_=False):
         loss = ((x @ w + b).abs() ** 2).mean()  # computed outside the sync check
         opt.zero_grad()
         loss.backward()
-        ctx = no_sync() if device == "cuda" else contextlib.nullcontext()
+        ctx = no_host_sync() if device == "cuda" else contextlib.nullcontext()
         with ctx:
             opt.step()
         sched.step()
-    ctx = no_sync() if device == "cuda" else contextlib.nullcontext()
+    ctx = no_host_sync() if device == "cuda" else contextlib.nullcontext()
     if cls is NesterovSGD:
         with ctx:
             opt.eval()
@@ -65,18 +57,6 @@ def test_cuda_matches_cpu_without_host_sync(cls, path, lr_kind, complex_):
     # float32 on two devices: different reduction orders in the loss and FMA contraction; 12
     # steps of a few ulps each (6e-8) stay far below 1e-4, while a wrong update is O(lr) = 5e-2.
     assert max_rel_diff(got, ref) < 1e-4
-
-
-def test_norm_arithmetic_has_no_host_sync():
-    from torch_momentum.callbacks import layer_sq_norms
-
-    layers = [[torch.randn(100, 100, device="cuda")], [torch.randn(10, 100, device="cuda")]]
-    with no_sync():
-        out = layer_sq_norms(layers)
-    expected = [sum(t.double().pow(2).sum().item() for t in layer) for layer in layers]
-    torch.testing.assert_close(
-        out.cpu(), torch.tensor(expected, dtype=out.dtype), rtol=1e-6, atol=0
-    )
 
 
 def test_module_on_cuda_trains_like_cpu():

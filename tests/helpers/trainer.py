@@ -1,15 +1,19 @@
-"""Models and data shared by the LayerBalanceMonitor tests and their multi-process scripts.
+"""Lightning models, data, Trainer settings and the one ``fit`` helper of the callback tests.
 
-Imported both by ``tests/test_callbacks_*.py`` (in the pytest process) and by
-``tests/scripts/balance_distributed.py`` (in the DDP / FSDP2 processes), so the single-process
-reference and the distributed runs build exactly the same model from the same seed.
+Imported both by ``tests/callbacks/`` (in the pytest process) and by ``tests/scripts/`` (in the
+DDP / FSDP2 processes), so the single-process reference and the distributed runs build exactly
+the same model from the same seed.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -17,6 +21,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch_momentum import NesterovSGD, PolyakSGD
 
 D_IN, HIDDEN, D_OUT, N_POINTS = 12, 16, 3, 64
+
+# LayerBalanceMonitor warns when the Trainer has no logger (tests/callbacks/test_monitor_figures.py
+# asserts that warning). The tests that fit without a logger on purpose, to read the monitor's
+# history only, carry this mark (warnings are errors in this suite).
+WITHOUT_LOGGER = pytest.mark.filterwarnings(
+    "ignore:`LayerBalanceMonitor` is used with a `Trainer` that has no logger:RuntimeWarning"
+)
 
 
 def make_data(
@@ -66,7 +77,7 @@ def make_net(
     ).to(dtype)
     if scales is not None:
         with torch.no_grad():
-            for layer, scale in zip(net[::2], scales, strict=True):
+            for layer, scale in zip(list(net)[::2], scales, strict=True):
                 for p in layer.parameters():
                     p.mul_(scale)
     return net
@@ -104,8 +115,9 @@ class BalanceModel(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
+        assert self.device_mesh is not None  # ModelParallelStrategy sets it
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
+        for layer in self.net.children():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
@@ -135,6 +147,80 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def fit(
+    model: pl.LightningModule,
+    callbacks: Sequence[pl.Callback] = (),
+    loader: DataLoader | None = None,
+    *,
+    val_loader: DataLoader | None = None,
+    ckpt_path: str | Path | None = None,
+    **trainer_options: Any,
+) -> pl.Trainer:
+    """``Trainer.fit`` of ``model`` with ``callbacks`` on a quiet CPU Trainer; returns the Trainer.
+
+    The Trainer takes :func:`trainer_kwargs` updated by ``trainer_options``, without a logger
+    unless ``logger=`` is given. ``loader`` defaults to the full batch of :func:`make_data`, 64
+    times per epoch; ``val_loader`` and ``ckpt_path`` go to ``Trainer.fit``.
+    """
+    trainer_options.setdefault("logger", False)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=list(callbacks), **trainer_options))
+    if loader is None:
+        loader = make_loader(*make_data(), repeat=64)
+    trainer.fit(model, loader, val_loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _sq_norm(tensors: list[Tensor]) -> float:
+    return sum(float(t.double().square().sum()) for t in tensors)
+
+
+def _grad(p: Tensor) -> Tensor:
+    assert p.grad is not None, "every parameter of the reference gets a gradient"
+    return p.grad
+
+
+def reference_sgd(
+    net: nn.Module,
+    lr: float,
+    steps: int,
+    *,
+    momentum: float = 0.0,
+    clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> list[dict[str, list[float]]]:
+    """Plain-torch full-batch ``torch.optim.SGD`` on :func:`make_data` (what the monitor tests
+    fit through Lightning); per step, before the update: the squared norm of every ``Linear``
+    layer ("sq") and its gradient norm ("grad", before clipping to the total norm ``clip``,
+    unscaled: fp16 autocast with ``scaler``)."""
+    x, y = make_data(dtype=next(net.parameters()).dtype)
+    layers = [m for m in net.children() if isinstance(m, nn.Linear)]
+    out = []
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+            loss = ((net(x) - y) ** 2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        out.append(
+            {
+                "sq": [_sq_norm([p.detach() for p in m.parameters()]) for m in layers],
+                "grad": [math.sqrt(_sq_norm([_grad(p) for p in m.parameters()])) for m in layers],
+            }
+        )
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return out
 
 
 class ValidatedModel(BalanceModel):

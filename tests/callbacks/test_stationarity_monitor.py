@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,11 +11,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.func import functional_call
 
+from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum import stationarity_profile
 from torch_momentum.callbacks import StationarityMonitor, training_step_loss
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import BalanceModel, make_data, make_loader, make_net, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,27 +21,21 @@ RADII = (1e-3, 1e-2, 1e-1)
 EPOCHS = 3
 
 
-def _fit(
+def _train(
     monitor: StationarityMonitor | None,
     optimizer: str = "polyak",
     shuffle: bool = False,
     logger: object = False,
 ) -> tuple[BalanceModel, pl.Trainer]:
+    """EPOCHS epochs of 4 batches of 16 (``shuffle``: drawn from torch's global RNG)."""
     torch.manual_seed(0)
     model = BalanceModel(make_net(bias=True), lr=0.05, momentum=0.9, optimizer=optimizer)
     x, y = make_data()
     loader = make_loader(x, y, batch_size=16)
     if shuffle:
         loader = torch.utils.data.DataLoader(loader.dataset, batch_size=16, shuffle=True)
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            max_steps=-1,
-            max_epochs=EPOCHS,
-            logger=logger,
-            callbacks=[monitor] if monitor is not None else [],
-        )
-    )
-    trainer.fit(model, loader)
+    callbacks = [monitor] if monitor is not None else []
+    trainer = fit(model, callbacks, loader, max_steps=-1, max_epochs=EPOCHS, logger=logger)
     return model, trainer
 
 
@@ -55,8 +45,8 @@ def _monitor(**kwargs: object) -> StationarityMonitor:
 
 def test_history_is_deterministic_and_has_the_keys() -> None:
     a, b = _monitor(), _monitor()
-    _fit(a)
-    _fit(b)
+    _train(a)
+    _train(b)
     assert len(a.history) == EPOCHS
     assert a.history == b.history  # same seed: the same numbers, bit for bit
     keys = {"epoch", "step", "stationarity/grad_norm", "stationarity/num_samples"}
@@ -66,13 +56,13 @@ def test_history_is_deterministic_and_has_the_keys() -> None:
     assert [row["step"] for row in a.history] == [4.0, 8.0, 12.0]  # 64 points, batches of 16
     assert a.subset_indices is not None and len(a.subset_indices) == 40
     c = _monitor(seed=1)
-    _fit(c)
+    _train(c)
     assert c.history != a.history
 
 
 def test_training_is_bit_identical_with_and_without_the_monitor() -> None:
-    plain, _ = _fit(None, shuffle=True)
-    watched, _ = _fit(_monitor(), shuffle=True)  # shuffling reads torch's global RNG
+    plain, _ = _train(None, shuffle=True)
+    watched, _ = _train(_monitor(), shuffle=True)  # shuffling reads torch's global RNG
     for p, q in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(p, q)
     assert torch.initial_seed() == 0
@@ -98,7 +88,7 @@ def _manual_profile(model: BalanceModel, point: dict, monitor: StationarityMonit
 @pytest.mark.parametrize("optimizer", ["polyak", "nesterov"])
 def test_certificate_is_at_the_iterate(optimizer: str) -> None:
     monitor = _monitor()
-    model, trainer = _fit(monitor, optimizer=optimizer)
+    model, trainer = _train(monitor, optimizer=optimizer)
     opt = trainer.optimizers[0]
     # after the last epoch nothing moved: the monitor's last evaluation is at this state
     point = {n.removeprefix("net."): opt.iterate(p) for n, p in model.named_parameters()}
@@ -120,9 +110,10 @@ def test_certificate_is_at_the_iterate(optimizer: str) -> None:
 
 def test_logs_to_the_logger(tmp_path: Path) -> None:
     monitor = _monitor(every_n_epochs=2)
-    _fit(monitor, logger=CSVLogger(tmp_path, name="run"))
+    _train(monitor, logger=CSVLogger(tmp_path, name="run"))
     assert len(monitor.history) == 1  # epochs 0, 1, 2: only after epoch 1
-    rows = list(csv.DictReader((tmp_path / "run" / "version_0" / "metrics.csv").open()))
+    with (tmp_path / "run" / "version_0" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("stationarity/grad_norm")]
     assert len(logged) == 1 and logged[0]["step"] == "8"  # after 2 epochs of 4 batches
     for key, value in monitor.history[0].items():
@@ -132,7 +123,7 @@ def test_logs_to_the_logger(tmp_path: Path) -> None:
 
 def test_profile_leaves_parameters_grads_and_modes_alone() -> None:
     monitor = _monitor()
-    model, trainer = _fit(monitor)
+    model, trainer = _train(monitor)
     model.train()
     model.net[0].eval()  # a mixed state must come back as it was
     before = [p.detach().clone() for p in model.parameters()]
@@ -153,9 +144,9 @@ def test_custom_loss_fn() -> None:
         return (module(x) - y).abs().mean()
 
     monitor = _monitor(loss_fn=l1)
-    _fit(monitor)
+    _train(monitor)
     default = _monitor()
-    _fit(default)
+    _train(default)
     assert (
         monitor.history[-1]["stationarity/grad_norm"]
         != default.history[-1]["stationarity/grad_norm"]
@@ -195,22 +186,19 @@ def test_resume_continues_the_history(tmp_path: Path) -> None:
     continues the series: equal to the uninterrupted run (same parameters, same seeded subset
     and samples: bit for bit)."""
     full = _monitor()
-    _fit(full)  # EPOCHS = 3
+    _train(full)  # EPOCHS = 3
 
     first = _monitor()
     torch.manual_seed(0)
     model = BalanceModel(make_net(bias=True), lr=0.05, momentum=0.9, optimizer="polyak")
     loader = make_loader(*make_data(), batch_size=16)
-    kwargs = dict(max_steps=-1, logger=False, callbacks=[first])
-    trainer = pl.Trainer(**trainer_kwargs(max_epochs=EPOCHS - 1, **kwargs))
-    trainer.fit(model, loader)
+    trainer = fit(model, [first], loader, max_steps=-1, max_epochs=EPOCHS - 1)
     trainer.save_checkpoint(tmp_path / "two.ckpt")
 
     resumed = _monitor()
     model = BalanceModel(make_net(bias=True), lr=0.05, momentum=0.9, optimizer="polyak")
-    kwargs["callbacks"] = [resumed]
-    trainer = pl.Trainer(**trainer_kwargs(max_epochs=EPOCHS, **kwargs))
-    trainer.fit(model, loader, ckpt_path=tmp_path / "two.ckpt")
+    ckpt = tmp_path / "two.ckpt"
+    fit(model, [resumed], loader, ckpt_path=ckpt, max_steps=-1, max_epochs=EPOCHS)
     assert len(resumed.history) == EPOCHS
     assert resumed.history == full.history
 
@@ -234,16 +222,13 @@ def test_manual_optimisation_needs_a_loss_fn() -> None:
     """The default loss is training_step, which under manual optimisation also steps the
     optimiser: refused with a message saying what to pass (it crashed inside autograd before)."""
     loader = make_loader(*make_data(), batch_size=16)
-    kwargs = dict(max_steps=-1, max_epochs=1, logger=False)
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[_monitor()], **kwargs))
     with pytest.raises(pl.utilities.exceptions.MisconfigurationException, match="`loss_fn=`"):
-        trainer.fit(_ManualModel(), loader)
+        fit(_ManualModel(), [_monitor()], loader, max_steps=-1, max_epochs=1)
 
     def mse(module, batch):
         x, y = batch
         return ((module(x) - y) ** 2).mean()
 
     monitor = _monitor(loss_fn=mse)
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], **kwargs))
-    trainer.fit(_ManualModel(), loader)
+    fit(_ManualModel(), [monitor], loader, max_steps=-1, max_epochs=1)
     assert len(monitor.history) == 1 and monitor.history[0]["stationarity/grad_norm"] > 0

@@ -1,4 +1,5 @@
-"""Plain-torch balance arithmetic of torch_momentum.balance (no Trainer involved)."""
+"""Squared norms of many layers in one pass (``layer_sq_norms*``) and ``balance_metrics``, in plain
+torch (no Trainer involved)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.cuda import no_host_sync, requires_cuda
 from torch_momentum.balance import (
     adjacent_pairs,
     balance_metrics,
-    discover_layers,
     layer_grad_sq_norms,
     layer_sq_norms,
     layer_sq_norms_host,
@@ -31,56 +32,6 @@ def _naive(layers: list[list[torch.Tensor | None]]) -> list[float]:
         )
         for layer in layers
     ]
-
-
-class _Owner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))  # owned by the root module
-        self.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False))
-        self.frozen = nn.Linear(2, 2)
-        self.frozen.requires_grad_(False)
-        self.head = nn.Linear(2, 1)
-        self.head.bias.requires_grad_(False)
-
-
-def test_discover_default_layers_in_registration_order() -> None:
-    found = discover_layers(_Owner())
-    assert list(found) == ["root", "body.0", "body.2", "head"]  # frozen module: not a layer
-    assert [n for n, _ in found["body.0"]] == ["body.0.weight", "body.0.bias"]
-    assert [n for n, _ in found["head"]] == ["head.weight"]  # frozen bias left out
-    assert [n for n, _ in found["root"]] == ["scale"]
-
-
-def test_discover_named_modules_keeps_order_and_recurses() -> None:
-    model = _Owner()
-    found = discover_layers(model, ["head", "frozen", "body"])
-    assert list(found) == ["head", "frozen", "body"]  # the given order defines adjacency
-    # a named module contributes all of its parameters, recursively, frozen ones included
-    assert [n for n, _ in found["body"]] == ["body.0.weight", "body.0.bias", "body.2.weight"]
-    assert [n for n, _ in found["frozen"]] == ["frozen.weight", "frozen.bias"]
-    assert found["head"][1][1] is model.head.bias
-    with pytest.raises(ValueError, match=r"'nope'.*body\.0"):
-        discover_layers(model, ["head", "nope"])
-    with pytest.raises(ValueError, match="twice"):
-        discover_layers(model, ["head", "head"])
-    with pytest.raises(ValueError, match="no parameters"):
-        discover_layers(model, ["head", "body.1"])
-    with pytest.raises(TypeError, match="layers"):
-        discover_layers(model, "head")
-
-
-def test_discover_parameter_dict() -> None:
-    model = _Owner()
-    found = discover_layers(model, {"in": ["body.0.weight", "body.0.bias"], "out": ["head.weight"]})
-    assert list(found) == ["in", "out"]
-    assert found["in"][1][1] is model.body[0].bias
-    with pytest.raises(ValueError, match=r"'body\.9\.weight'"):
-        discover_layers(model, {"in": ["body.9.weight"], "out": ["head.weight"]})
-    with pytest.raises(ValueError, match="empty"):
-        discover_layers(model, {"in": [], "out": ["head.weight"]})
-    with pytest.raises(TypeError, match="list of parameter names"):
-        discover_layers(model, {"in": "body.0.weight", "out": ["head.weight"]})
 
 
 def test_layer_sq_norms_match_naive_mixed_dtypes() -> None:
@@ -107,6 +58,10 @@ def test_layer_sq_norms_match_naive_mixed_dtypes() -> None:
 
 
 def test_layer_sq_norms_many_is_one_pass_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both groups' float32 tensors take one multi-tensor norm call, with the naive values.
+
+    This test pins which kernel runs; it spies on a private torch API (``torch._foreach_norm``).
+    """
     calls: list[int] = []
     real = torch._foreach_norm
 
@@ -199,6 +154,19 @@ def test_balance_metrics_needs_two_layers() -> None:
         balance_metrics(torch.ones(3), torch.ones(3), None, ["a", "b"])
 
 
+@requires_cuda
+def test_norm_arithmetic_has_no_host_sync() -> None:
+    """``layer_sq_norms`` of CUDA tensors does not synchronise with the host (the monitor calls
+    it during training)."""
+    layers = [[torch.randn(100, 100, device="cuda")], [torch.randn(10, 100, device="cuda")]]
+    with no_host_sync():
+        out = layer_sq_norms(layers)
+    expected = [sum(t.double().pow(2).sum().item() for t in layer) for layer in layers]
+    torch.testing.assert_close(
+        out.cpu(), torch.tensor(expected, dtype=out.dtype), rtol=1e-6, atol=0
+    )
+
+
 def test_discrete_identity_plain_torch_loop() -> None:
     """One GD step changes ||W_h||^2 - ||W_{h+1}||^2 by lr^2 (||g_h||^2 - ||g_{h+1}||^2)."""
     torch.manual_seed(0)
@@ -227,25 +195,3 @@ def test_discrete_identity_plain_torch_loop() -> None:
         # cross terms or the lr^2 would be off by orders of magnitude more than 1e-12.
         torch.testing.assert_close(change, predicted, rtol=0, atol=1e-12 * float(sq.max()))
         assert predicted.abs().min() > 1e-8  # the test is not vacuous
-
-
-@pytest.mark.slow  # a subprocess
-def test_balance_imports_no_lightning() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, torch_momentum.balance; "
-        "bad = [m for m in ('lightning', 'pytorch_lightning', 'torchmetrics', 'matplotlib')"
-        " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_overlapping_layers_are_an_error() -> None:
-    net = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"overlap.*'0\.0\.weight'.*'0'.*'0\.0'"):
-        discover_layers(net, ["0", "0.0"])
-    with pytest.raises(ValueError, match=r"overlap.*'1\.weight'"):
-        discover_layers(net, {"a": ["1.weight"], "b": ["1.weight", "0.0.weight"]})

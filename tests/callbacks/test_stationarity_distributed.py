@@ -1,6 +1,7 @@
 """StationarityMonitor with 2 CPU processes (gloo, ``strategy="ddp"``) equals a single process.
 
-The distributed run happens in a subprocess running ``tests/scripts/stationarity_distributed.py``
+The distributed run happens in a subprocess running
+``python -m tests.scripts.stationarity_distributed``
 (Lightning re-launches that script for rank 1). The single-process reference runs here with the
 same seed, model and data: full batches, so both runs take the same steps, and the monitor's
 loss is the mean over the same 41-example subset, split 21 / 20 across the ranks there.
@@ -9,20 +10,14 @@ loss is the mean over the same 41-example subset, split 21 / 20 across the ranks
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-from balance_common import make_data, make_loader, trainer_kwargs
-from stationarity_distributed import EPOCHS, SUBSET, make_model, make_monitor
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "stationarity_distributed.py")
+from tests.helpers.processes import run_distributed_script
+from tests.helpers.trainer import fit, make_data, make_loader
+from tests.scripts.stationarity_distributed import EPOCHS, SUBSET, make_model, make_monitor
 
 pytestmark = [
     pytest.mark.skipif(
@@ -38,18 +33,8 @@ pytestmark = [
 def test_ddp_two_processes_give_every_rank_the_single_process_certificate(
     tmp_path: Path, optimizer: str
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(var, None)
     prefix = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, str(prefix), optimizer],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang guard, not a timing assertion
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_distributed_script("stationarity_distributed", str(prefix), optimizer)
     ranks = [json.loads(Path(f"{prefix}.{r}").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["indices"] == ranks[1]["indices"] and len(ranks[0]["indices"]) == SUBSET
@@ -59,11 +44,7 @@ def test_ddp_two_processes_give_every_rank_the_single_process_certificate(
 
     model = make_model(optimizer)
     monitor = make_monitor()
-    x, y = make_data()
-    trainer = pl.Trainer(
-        **trainer_kwargs(max_steps=-1, max_epochs=EPOCHS, logger=False, callbacks=[monitor])
-    )
-    trainer.fit(model, make_loader(x, y))
+    fit(model, [monitor], make_loader(*make_data()), max_steps=-1, max_epochs=EPOCHS)
     single = monitor.history
     assert len(single) == len(ranks[0]["history"]) == EPOCHS
     assert monitor.subset_indices == ranks[0]["indices"]

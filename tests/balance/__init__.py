@@ -1,0 +1,1 @@
+"""The plain-torch balance arithmetic of ``torch_momentum.balance``."""

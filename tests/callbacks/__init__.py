@@ -1,0 +1,1 @@
+"""The Lightning callbacks of ``torch_momentum.callbacks``."""

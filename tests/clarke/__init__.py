@@ -1,0 +1,1 @@
+"""Clarke subgradients, the min-norm element and Goldstein stationarity profiles."""

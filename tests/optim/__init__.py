@@ -1,0 +1,1 @@
+"""PolyakSGD, NesterovSGD and their functional kernels."""
