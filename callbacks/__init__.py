@@ -24,6 +24,7 @@ from torch_momentum.balance import (
 )
 from torch_momentum.callbacks.mode_switch import OptimizerModeSwitch, has_train_eval
 from torch_momentum.callbacks.monitor import LayerBalanceMonitor
+from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
 from torch_momentum.callbacks.plotting import (
     LEDGER_TERMS,
     ledger_series,
@@ -53,6 +54,8 @@ __all__ = [
     "load_history",
     "plot_balance",
     "plot_ledger",
+    "plot_network",
+    "plot_network_ledger",
     "plot_unit_drift",
     "series",
     "training_step_loss",

@@ -204,6 +204,7 @@ class NetworkMode:
                     label: s.kind
                     for label, s in zip(summary.labels, summary.symmetries, strict=True)
                 },
+                "ledger": dict(watch.last_ledger),
             }
         )
         return metrics

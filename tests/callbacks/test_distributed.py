@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tests.helpers.processes import run_distributed_script
 from tests.helpers.trainer import (
+    LAYERS,
     WITHOUT_LOGGER,
     BalanceModel,
     fit,
@@ -55,7 +56,7 @@ def single_monitor() -> LayerBalanceMonitor:
 
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True, neurons=True)
     fit(model, [monitor], make_loader(*make_data(), repeat=STEPS), max_steps=STEPS)
     return monitor
 

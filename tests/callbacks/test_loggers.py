@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
-from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader
+from tests.helpers.trainer import LAYERS, BalanceModel, fit, make_data, make_loader
 from torch_momentum.callbacks import LayerBalanceMonitor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SLOW_FIT = pytest.mark.slow
 
 STEPS, EVERY = 6, 2
-LAYERS = ["net.0", "net.2", "net.4"]  # make_net(): Linear, ReLU, Linear, ReLU, Linear
 PAIRS = [("net.0", "net.2"), ("net.2", "net.4")]
 HIDDEN = ["net.0", "net.2"]  # layers whose outputs are hidden units (all but the last)
 
@@ -94,7 +93,7 @@ def _default(name: str) -> Any:
 def _monitored(loggers: list[Any], **options: Any) -> LayerBalanceMonitor:
     """The monitor built with ``options`` after a fit of STEPS steps logged to ``loggers``."""
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(log_every_n_steps=EVERY, **options)
+    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=EVERY, **options)
     model = BalanceModel(lr=0.05, momentum=0.9)
     fit(model, [monitor], make_loader(*make_data(), repeat=STEPS), max_steps=STEPS, logger=loggers)
     return monitor

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from tests.helpers.trainer import (
+    LAYERS,
     WITHOUT_LOGGER,
     BalanceModel,
     fit,
@@ -24,9 +25,9 @@ from tests.helpers.trainer import (
     make_net,
     reference_sgd,
 )
+from torch_momentum.balance import discover_layers
 from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
 
-LAYERS = ["net.0", "net.2", "net.4"]
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 
 # a Trainer fit that renders and saves the balance figure (matplotlib: 0.6-1.2 s each): run by
@@ -47,7 +48,7 @@ def test_exact_discrete_identity(tmp_path: Path) -> None:
     lr = 0.1
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=lr, momentum=0.0)  # PolyakSGD(momentum=0): plain GD
-    monitor = LayerBalanceMonitor(log_every_n_steps=1, save_figure=False)
+    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=1, save_figure=False)
     fit(model, [monitor], logger=CSVLogger(tmp_path), max_steps=6)
     history = monitor.history
     assert [row["step"] for row in history] == list(range(6))
@@ -94,7 +95,7 @@ def test_drift_small_relative_to_growth(tmp_path: Path, init: str) -> None:
     with torch.no_grad():
         for layer, target in zip(net[::2], targets, strict=True):
             layer.weight.mul_((target / layer.weight.square().sum()).sqrt())
-    monitor = LayerBalanceMonitor(log_every_n_steps=1, save_figure=False)
+    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=1, save_figure=False)
     fit(
         BalanceModel(net, lr=lr),
         [monitor],
@@ -151,7 +152,9 @@ def test_cadence_matches_lightning_and_no_work_off_logging_steps(
 
     monkeypatch.setattr(monitor_module, "layer_sq_norms_host", spy)
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False)  # the Trainer's log_every_n_steps
+    monitor = LayerBalanceMonitor(
+        layers=LAYERS, save_figure=False
+    )  # the Trainer's log_every_n_steps
     fit(
         BalanceModel(make_net()),
         [monitor],
@@ -167,7 +170,7 @@ def test_cadence_matches_lightning_and_no_work_off_logging_steps(
     assert len(calls) == 1 + len(steps)  # W(0) once, then on logging steps only
 
     torch.manual_seed(0)
-    override = LayerBalanceMonitor(log_every_n_steps=4, save_figure=False)
+    override = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=4, save_figure=False)
     fit(
         BalanceModel(make_net()),
         [override],
@@ -181,7 +184,7 @@ def test_cadence_matches_lightning_and_no_work_off_logging_steps(
 def test_gradient_clipping_logs_pre_clip_norms(tmp_path: Path) -> None:
     lr, clip, steps = 0.1, 0.05, 4
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     fit(
         BalanceModel(make_net(), lr=lr),
         [monitor],
@@ -205,9 +208,12 @@ def test_frozen_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = make_net()
     net[2].requires_grad_(False)
-    default = LayerBalanceMonitor(save_figure=False)
+    # discover_layers: a frozen module is not a layer, the trainable layers around it are
+    # compared directly (the monitor's layers when it is given the discovered ones)
+    discovered = list(discover_layers(BalanceModel(net)))
+    assert discovered == ["net.0", "net.4"]
+    default = LayerBalanceMonitor(layers=discovered, save_figure=False)
     fit(BalanceModel(net), [default], logger=CSVLogger(tmp_path / "d"), max_steps=3)
-    # a frozen module is not a layer: the trainable layers around it are compared directly
     assert default.layer_names == ["net.0", "net.4"]
     assert "balance/sq_norm_diff/net.0-net.4" in default.history[0]
 
@@ -224,7 +230,7 @@ def test_frozen_layer(tmp_path: Path) -> None:
 
 def test_without_gradient_norms(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(track_grad_norm=False, save_figure=False)
+    monitor = LayerBalanceMonitor(layers=LAYERS, track_grad_norm=False, save_figure=False)
     fit(BalanceModel(make_net()), [monitor], logger=CSVLogger(tmp_path), max_steps=2)
     assert monitor.history and not any(k.startswith("grad_norm/") for k in monitor.history[0])
     fig = plot_balance(monitor)
@@ -289,7 +295,8 @@ def test_layers_dict_monitors_bias_conservation(tmp_path: Path) -> None:
     # float64 rounding only, as in test_exact_discrete_identity
     assert max(abs(g) for g in gaps(exact, "hidden-out")) < 1e-12 * scale
 
-    default = LayerBalanceMonitor(save_figure=False)  # layers (W0, b0) and (W2, b2)
+    # the modules' own parameters: layers (W0, b0) and (W2, b2)
+    default = LayerBalanceMonitor(layers=["net.0", "net.2"], save_figure=False)
     fit(model(), [default], logger=CSVLogger(tmp_path / "default"), max_steps=steps)
     # including the output bias breaks the identity by 2 lr <g_b2, b2>: far above rounding
     assert max(abs(g) for g in gaps(default, "net.0-net.2")) > 1e-6
@@ -297,11 +304,11 @@ def test_layers_dict_monitors_bias_conservation(tmp_path: Path) -> None:
 
 def test_checkpoint_resume_continues_the_same_series(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    whole = LayerBalanceMonitor(save_figure=False)
+    whole = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     fit(BalanceModel(make_net()), [whole], logger=CSVLogger(tmp_path / "whole"), max_steps=6)
 
     torch.manual_seed(0)
-    first = LayerBalanceMonitor(save_figure=False)
+    first = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     trainer = fit(
         BalanceModel(make_net()), [first], logger=CSVLogger(tmp_path / "first"), max_steps=3
     )
@@ -311,7 +318,7 @@ def test_checkpoint_resume_continues_the_same_series(tmp_path: Path) -> None:
     assert len(state["sq_norms0"]) == 3 and len(state["history"]) == 3
 
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
-    resumed = LayerBalanceMonitor(save_figure=False)
+    resumed = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     fit(
         BalanceModel(make_net()),
         [resumed],
@@ -336,7 +343,10 @@ def test_fewer_than_two_layers(tmp_path: Path) -> None:
     model = BalanceModel(nn.Sequential(nn.Linear(12, 3, bias=False)).double())
     with pytest.raises(MisconfigurationException, match="no adjacent pairs"):
         fit(
-            model, [LayerBalanceMonitor(save_figure=False)], logger=CSVLogger(tmp_path), max_steps=1
+            model,
+            [LayerBalanceMonitor(layers=["net.0"], save_figure=False)],
+            logger=CSVLogger(tmp_path),
+            max_steps=1,
         )
 
 
@@ -389,7 +399,7 @@ def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> Non
     """Regression: the cadence was part of ``state_key``, so W(0), the history (and now the
     ledger) were silently dropped when resuming with another ``log_every_n_steps``."""
     torch.manual_seed(0)
-    whole = LayerBalanceMonitor(save_figure=False, ledger=True)
+    whole = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(
         BalanceModel(make_net(), momentum=0.9),
         [whole],
@@ -398,7 +408,7 @@ def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> Non
     )
 
     torch.manual_seed(0)
-    first = LayerBalanceMonitor(log_every_n_steps=2, save_figure=False, ledger=True)
+    first = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=2, save_figure=False, ledger=True)
     trainer = fit(
         BalanceModel(make_net(), momentum=0.9),
         [first],
@@ -409,7 +419,9 @@ def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> Non
     trainer.save_checkpoint(ckpt)
 
     torch.manual_seed(123)  # a different init: W(0) must come from the checkpoint
-    resumed = LayerBalanceMonitor(log_every_n_steps=3, save_figure=False, ledger=True)
+    resumed = LayerBalanceMonitor(
+        layers=LAYERS, log_every_n_steps=3, save_figure=False, ledger=True
+    )
     fit(
         BalanceModel(make_net(), momentum=0.9),
         [resumed],
@@ -433,7 +445,7 @@ def test_resume_with_another_cadence_continues_the_series(tmp_path: Path) -> Non
 
 def test_resume_with_another_layer_set_warns(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    first = LayerBalanceMonitor(save_figure=False)
+    first = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     trainer = fit(
         BalanceModel(make_net()), [first], logger=CSVLogger(tmp_path / "first"), max_steps=3
     )
@@ -457,7 +469,7 @@ def test_resume_with_another_layer_set_warns(tmp_path: Path) -> None:
 def test_short_run_records_first_and_last_step(tmp_path: Path, every: int | None) -> None:
     """Regression: a run shorter than log_every_n_steps logged nothing and saved no figure."""
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(log_every_n_steps=every)
+    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=every)
     trainer = fit(
         BalanceModel(make_net()),
         [monitor],
@@ -473,7 +485,7 @@ def test_short_run_records_first_and_last_step(tmp_path: Path, every: int | None
 
 def test_fast_dev_run_records_its_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(
         BalanceModel(make_net()),
         [monitor],
@@ -497,7 +509,9 @@ class _StopAfter(pl.Callback):
 @WITHOUT_LOGGER
 def test_unforeseen_stop_records_the_weights_after_the_last_update(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(log_every_n_steps=50, save_figure=False, ledger=True)
+    monitor = LayerBalanceMonitor(
+        layers=LAYERS, log_every_n_steps=50, save_figure=False, ledger=True
+    )
     model = BalanceModel(make_net())
     trainer = fit(model, [monitor, _StopAfter(3)], max_steps=100, log_every_n_steps=50)
     assert trainer.global_step == 3

@@ -12,10 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from tests.helpers.trainer import WITHOUT_LOGGER, BalanceModel, fit, make_net
+from tests.helpers.trainer import LAYERS, WITHOUT_LOGGER, BalanceModel, fit, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor, plot_balance
 
-LAYERS = ["net.0", "net.2", "net.4"]
 PAIRS = ["net.0-net.2", "net.2-net.4"]
 
 # a Trainer fit that renders and saves the balance figure (matplotlib: 0.6-1.2 s each): run by
@@ -62,7 +61,7 @@ def test_figure_saved_and_logged_and_plot_sources(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = make_net(scales=(10.0, 1.0, 0.1))  # ratios spanning decades
     figures = _FigureLogger()
-    monitor = LayerBalanceMonitor()
+    monitor = LayerBalanceMonitor(layers=LAYERS)
     trainer = fit(BalanceModel(net), [monitor], max_steps=4, logger=[CSVLogger(tmp_path), figures])
     assert monitor.figure_path == os.path.join(trainer.log_dir, "balance.png")
     assert os.path.getsize(monitor.figure_path) > 10_000
@@ -91,7 +90,7 @@ def test_figure_saved_and_logged_and_plot_sources(tmp_path: Path) -> None:
 def test_no_logger_warns_keeps_history_and_saves_figure_in_root_dir(tmp_path: Path) -> None:
     """Regression (figures without a logger directory): the figure used to be silently dropped."""
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor()
+    monitor = LayerBalanceMonitor(layers=LAYERS)
     with pytest.warns(RuntimeWarning) as record:
         fit(
             BalanceModel(make_net()),
@@ -112,7 +111,7 @@ def test_no_logger_warns_keeps_history_and_saves_figure_in_root_dir(tmp_path: Pa
 def test_logger_without_log_dir_saves_figure_in_root_dir(tmp_path: Path) -> None:
     torch.manual_seed(0)
     figures = _FigureLogger()  # a logger whose log_dir is None
-    monitor = LayerBalanceMonitor()
+    monitor = LayerBalanceMonitor(layers=LAYERS)
     with pytest.warns(RuntimeWarning, match=r"without log_dir.*balance\.png"):
         fit(
             BalanceModel(make_net()),
@@ -138,7 +137,7 @@ def test_ledger_and_unit_drift_figures_saved_and_logged(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    monitor = LayerBalanceMonitor(ledger=True, neurons=True, log_every_n_steps=2)
+    monitor = LayerBalanceMonitor(layers=LAYERS, ledger=True, neurons=True, log_every_n_steps=2)
     model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
     fit(model, [monitor], max_steps=6, logger=logger)
     names = ("balance", "ledger", "unit_drift")
@@ -155,7 +154,7 @@ def test_ledger_and_unit_drift_figures_saved_and_logged(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # a fit that renders and saves the balance figure: ~0.8 s
 def test_no_ledger_figure_without_the_ledger(tmp_path: Path) -> None:
-    monitor = LayerBalanceMonitor(log_every_n_steps=2)
+    monitor = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=2)
     model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
     # no logger, on purpose: the monitor says so, and where the figure went
     with (
@@ -176,7 +175,9 @@ def test_plot_balance_ledger_and_units_views_of_a_monitor() -> None:
 
     from torch_momentum.callbacks import plot_balance, plot_ledger
 
-    monitor = LayerBalanceMonitor(ledger=True, neurons=True, log_every_n_steps=2, save_figure=False)
+    monitor = LayerBalanceMonitor(
+        layers=LAYERS, ledger=True, neurons=True, log_every_n_steps=2, save_figure=False
+    )
     model = BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak")
     fit(model, [monitor], max_steps=4)
 
@@ -196,7 +197,7 @@ def test_plot_balance_ledger_and_units_views_of_a_monitor() -> None:
     both = plot_balance({"a": monitor, "b": monitor}, view="units")
     assert [len(ax.lines) for ax in both.axes] == [2, 2]
 
-    plain = LayerBalanceMonitor(log_every_n_steps=2, save_figure=False)
+    plain = LayerBalanceMonitor(layers=LAYERS, log_every_n_steps=2, save_figure=False)
     fit(BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer="polyak"), [plain], max_steps=2)
     with pytest.raises(ValueError, match="neurons=True"):
         plot_balance(plain, view="units")

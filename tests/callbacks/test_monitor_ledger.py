@@ -10,6 +10,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from tests.helpers.trainer import (
+    LAYERS,
     WITHOUT_LOGGER,
     BalanceModel,
     fit,
@@ -42,7 +43,7 @@ def _max_rel(history: list[dict[str, float]], term: str) -> float:
 @pytest.mark.parametrize("optimizer", ["polyak", "nesterov", "sgd"])
 def test_keys_closure_and_units(optimizer: str) -> None:
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True, neurons=True)
     fit(
         BalanceModel(make_net(), lr=0.05, momentum=0.9, optimizer=optimizer), [monitor], max_steps=8
     )
@@ -76,7 +77,7 @@ def test_clipping_ledger_uses_the_update_applied() -> None:
     """With clipping the applied update is the clipped one; reading the gradient before clipping
     would leave an O(1) unexplained part in ``other``."""
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(
         BalanceModel(make_net(), lr=0.1, momentum=0.9),
         [monitor],
@@ -95,10 +96,10 @@ def test_gradient_accumulation_matches_full_batch() -> None:
     logged key (norms, gradient norms, the ledger's terms) equals the full-batch run's."""
     x, y = make_data()
     torch.manual_seed(0)
-    full = LayerBalanceMonitor(save_figure=False, ledger=True)
+    full = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(BalanceModel(make_net(), momentum=0.9), [full], max_steps=4)
     torch.manual_seed(0)
-    acc = LayerBalanceMonitor(save_figure=False, ledger=True)
+    acc = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(
         BalanceModel(make_net(), momentum=0.9),
         [acc],
@@ -124,7 +125,7 @@ def test_mixed_precision_reads_unscaled_gradients() -> None:
     lr, momentum, steps, scale = 0.05, 0.9, 6, 2.0**12
     torch.manual_seed(0)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     fit(
         BalanceModel(make_net(dtype=torch.float32), lr=lr, momentum=momentum),
         [monitor],
@@ -158,7 +159,16 @@ def test_neurons_with_unpairable_model_is_a_clear_error() -> None:
         nn.Linear(12, 16, bias=False), nn.BatchNorm1d(16), nn.Linear(16, 3, bias=False)
     ).double()
     with pytest.raises(ValueError, match=r"'net\.1'.*BatchNorm1d"):
-        fit(BalanceModel(net), [LayerBalanceMonitor(neurons=True, save_figure=False)], max_steps=1)
+        fit(
+            BalanceModel(net),
+            # every module owning parameters, BatchNorm included
+            [
+                LayerBalanceMonitor(
+                    layers=["net.0", "net.1", "net.2"], neurons=True, save_figure=False
+                )
+            ],
+            max_steps=1,
+        )
     # restricted by layers= to a pairable part: fine
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -175,7 +185,7 @@ def test_neurons_with_unpairable_model_is_a_clear_error() -> None:
 
 def test_ledger_checkpoint_holds_the_sums(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True)
     trainer = fit(BalanceModel(make_net(), momentum=0.9), [monitor], max_steps=3)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     state = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"][monitor.state_key]

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tests.helpers.trainer import WITHOUT_LOGGER, fit
+from tests.helpers.trainer import LAYERS, WITHOUT_LOGGER, fit
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
 
@@ -76,7 +76,7 @@ def test_grad_norms_under_amp_with_an_optimiser_that_unscales_itself(tmp_path: P
     grad_norm/* came out multiplied by the loss scale (2**12 here)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     probe = _UnscaledGradNorm(scaler)
-    monitor = LayerBalanceMonitor(save_figure=False)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False)
     model = _Model(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True), torch.float32)
     fit(
         model,
@@ -100,7 +100,9 @@ def _fit_monitor(
     ckpt_every: int | None,
     ckpt: str | None = None,
 ) -> LayerBalanceMonitor:
-    monitor = LayerBalanceMonitor(save_figure=False, log_every_n_steps=every, ledger=True)
+    monitor = LayerBalanceMonitor(
+        layers=LAYERS, save_figure=False, log_every_n_steps=every, ledger=True
+    )
     callbacks: list[Callback] = [monitor]
     if ckpt_every:
         callbacks.append(
@@ -148,7 +150,7 @@ def test_a_second_fit_continues_every_series_from_one_origin(tmp_path: Path) -> 
     """A second fit() on the same Trainer: the layer series continued from the first fit's W(0)
     while the ledger and per-unit D_i(0) restarted (diff - diff0 beside a ledger sum of 0).
     Now all continue: at every row, diff(t) - diff(0) equals the ledger's terms plus closure."""
-    monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True, neurons=True)
     model = _Model()
     trainer = fit(model, [monitor], _loader(), max_steps=3, default_root_dir=str(tmp_path))
     d0 = dict(monitor._unit_d0 or {})

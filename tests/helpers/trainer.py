@@ -30,6 +30,11 @@ WITHOUT_LOGGER = pytest.mark.filterwarnings(
 )
 
 
+#: The layers of make_net() (Linear, ReLU, Linear, ReLU, Linear) in a BalanceModel: what the
+#: monitor's layer mode is given explicitly (without ``layers=`` it watches the model's symmetries).
+LAYERS = ["net.0", "net.2", "net.4"]
+
+
 def make_data(
     n: int = N_POINTS, seed: int = 1, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor]:

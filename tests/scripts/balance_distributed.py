@@ -26,7 +26,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from tests.helpers.trainer import BalanceModel, fit, make_data, make_loader, make_net
+from tests.helpers.trainer import LAYERS, BalanceModel, fit, make_data, make_loader, make_net
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4
@@ -41,7 +41,9 @@ def run(
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
-    monitor = LayerBalanceMonitor(save_figure=(name == "ddp"), ledger=True, neurons=True)
+    monitor = LayerBalanceMonitor(
+        layers=LAYERS, save_figure=(name == "ddp"), ledger=True, neurons=True
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(
