@@ -83,3 +83,38 @@ def test_layers_restrict_pairing_to_a_pairable_part() -> None:
     )
     units = pair_units(net, ["0", "2"])
     assert [(u.name, u.next_name, u.bias) for u in units] == [("0", "2", "0.bias")]
+
+
+def test_custom_blocks_elsewhere_do_not_block_a_restricted_pairing() -> None:
+    """A residual block or a torch.compile'd submodule elsewhere in the model used to make the
+    chain walk raise before `layers=` was looked at; now only a block BETWEEN paired layers is an
+    error (issue 20 item 4)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), _Residual(), nn.Linear(4, 2))
+    assert [u.name for u in pair_units(net, ["0", "2"])] == ["0"]
+    with pytest.raises(ValueError, match=r"'3'.*_Residual.*own forward"):
+        pair_units(net, ["2", "4"])
+    compiled = nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), torch.compile(_Residual())
+    )
+    assert [u.name for u in pair_units(compiled, ["0", "2"])] == ["0"]
+
+
+def test_flatten_must_flatten_every_dimension_after_the_channels() -> None:
+    """Flatten(1, 2) after a Conv2d groups each channel's rows, not its positions: it used to be
+    accepted and mis-paired channels with columns (R_i = 0.43); now refused. Flatten(-3) on the
+    4-d output is Flatten(1) and pairs exactly as it."""
+
+    def net(flatten: nn.Flatten) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.ReLU(), flatten, nn.Linear(3 * 4 * 4, 2)
+        ).double()
+
+    with pytest.raises(ValueError, match=r"Flatten '2'.*end_dim=2"):
+        pair_units(net(nn.Flatten(1, 2)))
+    reference, negative = net(nn.Flatten(1)), net(nn.Flatten(-3))
+    assert pair_units(negative) == pair_units(reference)
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    negative(x).square().sum().backward()
+    r = unit_symmetry(negative, pair_units(negative))["0"]
+    assert float(r.abs().max()) < 1e-12  # correctly paired: the symmetry holds unit by unit

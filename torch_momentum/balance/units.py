@@ -83,8 +83,20 @@ class UnitLayer:
     units: int
 
 
+class _Opaque(nn.Module):
+    """Marks, in the chain, a module that combines its submodules in its own forward."""
+
+    def __init__(self, module: nn.Module, reason: str) -> None:
+        super().__init__()
+        self.inner = [module]  # not a submodule: no parameters of its own
+        self.reason = reason
+
+
 def _chain(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules in registration order, descending the root and plain containers."""
+    """Leaf modules in registration order, descending the root and plain containers; a module
+    with its own forward (a residual block, an attention block, a compiled module) or a
+    container owning parameters is one opaque entry: pairing through it is an error, pairing
+    elsewhere is not."""
     out: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, mod: nn.Module, is_root: bool) -> None:
@@ -95,15 +107,12 @@ def _chain(module: nn.Module) -> list[tuple[str, nn.Module]]:
         if not is_root and not isinstance(mod, _CONTAINERS):
             if isinstance(mod, _WEIGHTED + _PASS_THROUGH):
                 out.append((prefix, mod))
-                return
-            raise ValueError(
-                f"per-unit balance cannot pair units through the module {prefix!r}"
-                f" ({type(mod).__name__}): it combines submodules in its own forward (a residual"
-                " add?), so its units cannot be paired; pass `layers=[...]` naming a chain of"
-                " Linear/Conv layers without it, or `neurons=False`"
-            )
+            else:
+                out.append((prefix, _Opaque(mod, "it combines submodules in its own forward")))
+            return
         if any(True for _ in mod.parameters(recurse=False)) and not is_root:
-            raise ValueError(f"the container {prefix!r} owns parameters: cannot pair its units")
+            out.append((prefix, _Opaque(mod, "a container that owns parameters")))
+            return
         for name, child in children:
             visit(f"{prefix}.{name}" if prefix else name, child, False)
 
@@ -162,8 +171,9 @@ def pair_units(
                 f"per-unit balance: layer {b!r} comes before {a!r} in the model; list layers in"
                 " forward order"
             )
-        flattened = _check_between(chain[ia + 1 : ib], a, b)
         ma, mb = chain[ia][1], chain[ib][1]
+        rank = 2 if isinstance(ma, nn.Linear) else cast(nn.modules.conv._ConvNd, ma).weight.dim()
+        flattened = _check_between(chain[ia + 1 : ib], a, b, rank)
         n = _check_shapes(ma, mb, a, b, flattened)
         bias = f"{a}.bias" if getattr(ma, "bias", None) is not None else None
         units.append(UnitLayer(a, b, f"{a}.weight", bias, f"{b}.weight", n))
@@ -200,6 +210,8 @@ def _select(
                 f"per-unit balance: the layer {name!r} is not a leaf module of the model's chain"
             )
         mod = chain[position[name]][1]
+        if isinstance(mod, _Opaque):
+            mod = mod.inner[0]
         if not isinstance(mod, _WEIGHTED):
             raise ValueError(
                 f"per-unit balance cannot pair units through the module {name!r}"
@@ -217,10 +229,18 @@ def _select(
     return names
 
 
-def _check_between(between: list[tuple[str, nn.Module]], a: str, b: str) -> bool:
-    """Check the modules between layers ``a`` and ``b``; return whether one is a Flatten."""
+def _check_between(between: list[tuple[str, nn.Module]], a: str, b: str, rank: int) -> bool:
+    """Check the modules between layers ``a`` and ``b`` (``a``'s output has ``rank``
+    dimensions); return whether one is a Flatten."""
     flattened = False
     for name, mod in between:
+        if isinstance(mod, _Opaque):
+            raise ValueError(
+                f"per-unit balance cannot pair units through the module {name!r}"
+                f" ({type(mod.inner[0]).__name__}): {mod.reason} (a residual add?), so its units"
+                " cannot be paired; pass `layers=[...]` naming a chain of Linear/Conv layers"
+                " without it, or `neurons=False`"
+            )
         if not isinstance(mod, _PASS_THROUGH) or any(True for _ in mod.parameters()):
             raise ValueError(
                 f"per-unit balance cannot pair the units of {a!r} with {b!r}: the module"
@@ -230,10 +250,14 @@ def _check_between(between: list[tuple[str, nn.Module]], a: str, b: str) -> bool
                 " `neurons=False`"
             )
         if isinstance(mod, nn.Flatten):
-            if mod.start_dim != 1:
+            start = mod.start_dim + rank if mod.start_dim < 0 else mod.start_dim
+            end = mod.end_dim + rank if mod.end_dim < 0 else mod.end_dim
+            if start != 1 or end != rank - 1:
                 raise ValueError(
-                    f"per-unit balance: Flatten {name!r} must flatten from dim 1, got"
-                    f" start_dim={mod.start_dim}"
+                    f"per-unit balance: Flatten {name!r} (start_dim={mod.start_dim},"
+                    f" end_dim={mod.end_dim}) on the {rank}-d output of {a!r} must flatten every"
+                    " dimension after the channels (start_dim=1, end_dim=-1): otherwise a"
+                    " channel's positions do not form one block of the next layer's columns"
                 )
             flattened = True
     return flattened
