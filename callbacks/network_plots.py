@@ -25,6 +25,8 @@ __all__ = ["plot_network", "plot_network_ledger"]
 
 #: above this many rows a panel is a heatmap instead of lines
 HEATMAP_ABOVE = 10
+#: series with at most this many points get markers (a short run logs few steps)
+MARKERS_BELOW = 30
 _KIND_COLOURS = {"scale": "tab:blue", "rescale": "tab:orange", "translation": "tab:green"}
 
 
@@ -58,8 +60,9 @@ def _rows(
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     if len(names) <= HEATMAP_ABOVE:
+        marker = "o" if len(steps) <= MARKERS_BELOW else None
         for name, row in zip(names, values, strict=True):
-            ax.plot(steps, row, linewidth=1.2, label=name)
+            ax.plot(steps, row, linewidth=1.2, label=name, marker=marker, markersize=3)
         if log and any(v > 0 for row in values for v in row):
             ax.set_yscale("log")
         ax.set_ylabel(label)
@@ -76,15 +79,17 @@ def _rows(
     else:
         bound = float(np.percentile(np.abs(finite), 98)) if finite.size else 1.0
         norm = TwoSlopeNorm(vcenter=0.0, vmin=-bound or -1.0, vmax=bound or 1.0)
-    extent = (steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5)
-    image = ax.imshow(
-        data,
-        aspect="auto",
-        interpolation="nearest",
-        extent=extent,
-        norm=norm,
-        cmap="viridis" if log else "RdBu_r",
+    # one column per logging step, its edges half-way to the neighbouring steps
+    edges = np.asarray(steps, dtype=float)
+    if len(edges) > 1:
+        middle = (edges[1:] + edges[:-1]) / 2
+        edges = np.concatenate([[2 * edges[0] - middle[0]], middle, [2 * edges[-1] - middle[-1]]])
+    else:
+        edges = np.asarray([edges[0] - 0.5, edges[0] + 0.5])
+    image = ax.pcolormesh(
+        edges, np.arange(len(names) + 1) - 0.5, data, norm=norm, cmap="viridis" if log else "RdBu_r"
     )
+    ax.set_ylim(len(names) - 0.5, -0.5)
     every = max(1, math.ceil(len(names) / 40))
     ax.set_yticks(range(0, len(names), every))
     ax.set_yticklabels(names[::every], fontsize=max(4, 8 - len(names) // 20))
@@ -127,7 +132,9 @@ def plot_network(source: Any, *, title: str | None = None) -> Figure:
     history, details = _source(source)
     if not details:
         raise ValueError("`source` recorded nothing (no logging step with the default mode)")
-    fig = Figure(figsize=(15, 9), layout="constrained")
+    rows = max(len(_matrix(details, key)[1]) for key in ("groups", "charges"))
+    # taller for many rows, so that every other row keeps a readable label (at most 16 inches)
+    fig = Figure(figsize=(15, min(16.0, 9.0 + 0.05 * max(rows - 40, 0))), layout="constrained")
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)
     steps, names, values = _matrix(details, "groups")
     _rows(ax_a, steps, names, values, False, r"$\|W(t)\|^2/\|W(0)\|^2-1$")
@@ -146,6 +153,10 @@ def plot_network(source: Any, *, title: str | None = None) -> Figure:
     return fig
 
 
+def _marker(steps: Sequence[Any]) -> str | None:
+    return "o" if len(steps) <= MARKERS_BELOW else None
+
+
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list, list]:
     rows = [r for r in history if key in r and isinstance(r[key], (int, float))]
     return [r["step"] for r in rows], [float(r[key]) for r in rows]
@@ -158,11 +169,29 @@ def _kinds(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
             steps, values = _series(history, f"charge/{kind}/{stat}")
             if steps:
                 label = f"{kind} ({stat})"
-                ax.plot(steps, values, style, color=_KIND_COLOURS[kind], label=label, lw=1.3)
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=_KIND_COLOURS[kind],
+                    label=label,
+                    lw=1.3,
+                    marker=_marker(steps),
+                    markersize=3,
+                )
                 drawn = True
     steps, values = _series(history, "balance/drift")
     if steps:
-        ax.plot(steps, values, ":", color="black", label="layer-balance drift", lw=1.3)
+        ax.plot(
+            steps,
+            values,
+            ":",
+            color="black",
+            label="layer-balance drift",
+            lw=1.3,
+            marker=_marker(steps),
+            markersize=3,
+        )
         drawn = True
     ax.set_title("(c) per kind: largest and median change of a charge", fontsize=10)
     if drawn:
@@ -182,7 +211,15 @@ def _kinds(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
 def _angles(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
     steps, values = _series(history, "angle/mean")
     if steps:
-        ax.plot(steps, values, color="tab:blue", lw=1.3, label="angle between $x_t$ and $x_{t+1}$")
+        ax.plot(
+            steps,
+            values,
+            color="tab:blue",
+            lw=1.3,
+            label="angle between $x_t$ and $x_{t+1}$",
+            marker=_marker(steps),
+            markersize=3,
+        )
         p_steps, predicted = _series(history, "angle/prediction")
         if p_steps:
             ax.plot(
@@ -201,6 +238,28 @@ def _angles(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
     ax.plot(steps, values, color="black", lw=1.3)
     ax.set_ylabel(r"$\|\nabla\ell\|$")
     ax.set_title("(d) gradient norm (no scale-invariant group)", fontsize=10)
+
+
+def _terms(ax: Axes, terms: Mapping[str, Sequence[float]], steps: Sequence[Any]) -> None:
+    """One line per term; terms that stay at zero (relative to the largest) are named in a note
+    instead of drawn on top of each other."""
+    scale = max((abs(v) for values in terms.values() for v in values), default=0.0)
+    zero = [t for t, values in terms.items() if max(map(abs, values), default=0.0) <= 1e-9 * scale]
+    for term, values in terms.items():
+        if term not in zero:
+            ax.plot(steps, values, lw=1.1, label=term, marker=_marker(steps), markersize=2)
+    if zero:
+        ax.text(
+            0.99,
+            0.01,
+            "zero: " + ", ".join(zero),
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+        )
+    ax.legend(fontsize=6, loc="best")
 
 
 def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None) -> Figure:
@@ -249,13 +308,11 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
     fig = Figure(figsize=(5 * cols, 3.6 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, cols, squeeze=False).reshape(-1)
     steps = [int(d["step"]) for d in rows]
-    ax = axes[0]
-    for term in LEDGER_TERMS:
-        s, v = _series(history, f"ledger/{term}")
-        if s:
-            ax.plot(s, v, lw=1.2, label=term)
-    ax.set_title("all quadratic charges: cumulative terms", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
+    summary = {t: _series(history, f"ledger/{t}") for t in LEDGER_TERMS}
+    _terms(axes[0], {t: v for t, (s, v) in summary.items() if s}, summary[LEDGER_TERMS[0]][0])
+    closure = _series(history, "ledger/closure")[1]
+    note = f" (largest relative closure {max(closure):.1e})" if closure else ""
+    axes[0].set_title(f"all quadratic charges: cumulative terms{note}", fontsize=9)
     for ax, name in zip(axes[1:], worst, strict=False):
         ax.plot(
             steps,
@@ -263,13 +320,11 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
             color="black",
             lw=2.0,
             label=r"$\sum_u Q_u(t)-Q_u(0)$",
+            marker=_marker(steps),
+            markersize=3,
         )
-        for term in LEDGER_TERMS:
-            values = [d["ledger"][name][term] for d in rows]
-            if any(v != 0.0 for v in values):
-                ax.plot(steps, values, lw=1.1, label=term)
+        _terms(ax, {t: [d["ledger"][name][t] for d in rows] for t in LEDGER_TERMS}, steps)
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=6, loc="best")
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     for ax in axes[:n_panels]:

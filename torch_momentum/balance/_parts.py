@@ -74,6 +74,7 @@ def part_values(t: Tensor, part: Any, linear: bool, other: Tensor | None = None)
 
     def units(x: Tensor) -> Tensor:
         x = _dtensor.full(x).detach()
+        x = x.to_dense() if x.is_sparse else x
         x = torch.view_as_real(x) if x.is_complex() else x
         return unit_view(x.unsqueeze(0), part)[:, 0]  # (units, rest)
 

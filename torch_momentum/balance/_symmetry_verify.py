@@ -153,8 +153,8 @@ class Evaluator:
                 " precision's round-off (~1e-7 in float32)",
                 stacklevel=5,
             )
-        return {
-            n: torch.zeros_like(leaves[n]) if g is None else g
+        return {  # sparse gradients (nn.Embedding(sparse=True)) as dense tensors
+            n: torch.zeros_like(leaves[n]) if g is None else g.to_dense() if g.is_sparse else g
             for n, g in zip(leaves, grads, strict=True)
         }
 
