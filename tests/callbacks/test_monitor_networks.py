@@ -143,8 +143,8 @@ CASES: dict[
 # Lightning's own notes about this small setup, and the float64 verification of GPT-2 (its loss
 # is computed in float32 by transformers): expected, not about the monitor
 EXPECTED = re.compile(
-    r"LeafSpec.*deprecated|does not have many workers|number of training batches|loss leaves float64|"
-    r"computes in float32|does not apply|LayerBalanceMonitor`: .*float"
+    r"LeafSpec.*deprecated|does not have many workers|number of training batches|"
+    r"loss leaves float64|computes in float32|does not apply|LayerBalanceMonitor`: .*float"
 )
 
 
