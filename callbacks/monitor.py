@@ -11,7 +11,6 @@ logs these quantities so that the law (and how far an optimiser departs from it)
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,22 +19,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from torch_momentum.balance import (
-    BalanceLedger,
-    balance_metrics,
     check_layers_spec,
-    discover_layers,
-    layer_sq_norms_host,
-    pair_units,
-    unit_balance,
-    unit_symmetry,
 )
-from torch_momentum.balance._dtensor import is_dtensor
 from torch_momentum.balance.symmetry import Symmetry
-from torch_momentum.balance.watch import pair_ledger_metrics, unit_metrics
+from torch_momentum.callbacks._layers import LayerMode
 from torch_momentum.callbacks._network import LossFn, NetworkMode
 from torch_momentum.callbacks._trainer import is_last_step, logging_step, loss_scale
 from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
@@ -211,13 +202,12 @@ class LayerBalanceMonitor(Callback):
         self._network = (
             None if self.layers is not None else NetworkMode(per_layer, neurons, ledger, loss_fn)
         )
-        #: per hidden layer, :math:`D_i(t) - D_i(0)` at the last logging step (``neurons=True``)
-        self.unit_drift: dict[str, Tensor] = {}
-        #: per hidden layer, the per-unit ledger at the last logging step (both flags)
-        self.unit_ledger: dict[str, dict[str, Tensor]] = {}
-        self._units: list[Any] = []
-        self._unit_d0: dict[str, Tensor] | None = None
-        self._ledger: BalanceLedger | None = None
+        # the layer mode (`layers=` given): per-layer norms and adjacent pairs
+        self._layer_mode = (
+            None
+            if self.layers is None
+            else LayerMode(self.layers, neurons, ledger, track_grad_norm)
+        )
         self._first_step = 0
 
         #: one dict per logging step on rank zero: ``{"step": t, key: value, ...}``
@@ -226,10 +216,6 @@ class LayerBalanceMonitor(Callback):
         self.figure_path: str | None = None
         #: every figure written: ``{"balance": path, "ledger": path, "unit_drift": path}``
         self.figure_paths: dict[str, str] = {}
-        self._names: list[str] = []
-        self._refs: list[list[tuple[nn.Module, str]]] = []
-        self._sharded = False
-        self._sq0: list[float] | None = None
         self._restored: dict[str, Any] | None = None
         self._last_step = -1
         self._started = True
@@ -265,8 +251,33 @@ class LayerBalanceMonitor(Callback):
 
     @property
     def layer_names(self) -> list[str]:
-        """The monitored layers, in adjacency order (known once training started)."""
-        return list(self._names)
+        """The monitored layers, in adjacency order (known once training started; the layer
+        mode)."""
+        return [] if self._layer_mode is None else self._layer_mode.names
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the monitored parameters are sharded (DTensor: FSDP2, tensor parallelism)."""
+        mode = self._layer_mode or self._network
+        return bool(mode is not None and mode.sharded)
+
+    @property
+    def unit_drift(self) -> dict[str, Tensor]:
+        """Per hidden layer (per rescale symmetry in the default mode), :math:`D_i(t) - D_i(0)`
+        per unit at the last logging step (``neurons=True``; CPU tensors)."""
+        if self._layer_mode is not None:
+            return self._layer_mode.unit_drift
+        assert self._network is not None
+        return {} if self._network.watch is None else self._network.watch.unit_drift
+
+    @property
+    def unit_ledger(self) -> dict[str, dict[str, Tensor]]:
+        """Per hidden layer (per rescale symmetry in the default mode), the per-unit ledger at
+        the last logging step (``neurons=True`` and ``ledger=True``)."""
+        if self._layer_mode is not None:
+            return self._layer_mode.unit_ledger
+        assert self._network is not None
+        return {} if self._network.watch is None else self._network.watch.unit_ledger
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -279,21 +290,8 @@ class LayerBalanceMonitor(Callback):
                 "history": [dict(row) for row in self.history],
                 "network": self._network.state_dict(),
             }
-        sq0 = None if self._sq0 is None else list(self._sq0)
-        state: dict[str, Any] = {
-            "version": _STATE_VERSION,
-            "layer_names": list(self._names),
-            "sq_norms0": sq0,
-            "sq_norm_diffs0": None if sq0 is None else [a - b for a, b in itertools.pairwise(sq0)],
-            "history": [dict(row) for row in self.history],
-            "unit_d0": None
-            if self._unit_d0 is None
-            else {k: v.tolist() for k, v in self._unit_d0.items()},
-            "ledger": None,
-        }
-        if self._ledger is not None and self.ledger and self._ledger.D0 is not None:
-            state["ledger"] = self._ledger.state_dict()  # a collective when sharded
-        return state
+        assert self._layer_mode is not None
+        return {"version": _STATE_VERSION, **self._layer_mode.state_dict(self.history)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -302,6 +300,8 @@ class LayerBalanceMonitor(Callback):
         self.history = [dict(row) for row in state_dict.get("history", [])]
         if self._network is not None:
             self._network.restored = state_dict.get("network")
+        if self._layer_mode is not None:
+            self._layer_mode.restored = dict(state_dict)
 
     @override
     def on_load_checkpoint(
@@ -331,14 +331,12 @@ class LayerBalanceMonitor(Callback):
         """Forget ``W(0)``, the history and the ledger: the next training run starts a new
         series."""
         self.history = []
-        self._sq0 = None
-        self._unit_d0 = None
         self._restored = None
         self._last_step = -1
         self.figure_path = None
         self.figure_paths = {}
-        self.unit_drift = {}
-        self.unit_ledger = {}
+        if self._layer_mode is not None:
+            self._layer_mode.reset()
         if self._network is not None:
             self._network.close()
             self._network = NetworkMode(self.per_layer, self.neurons, self.ledger, self.loss_fn)
@@ -376,15 +374,12 @@ class LayerBalanceMonitor(Callback):
                 self.history = [] if step == 0 else self.history
             self._begin(origin, step)
             return
-        previous = self._names, self._ledger_state()
-        self._resolve(pl_module)
+        assert self._layer_mode is not None
         step = logging_step(trainer)
-        restored, self._restored = self._restored, None
-        self._build_ledger(trainer, pl_module)
-        origin = self._restore(restored, step, previous[0])
-        if self._ledger is not None:
-            state = {"restored": (restored or {}).get("ledger"), "continued": previous[1]}
-            self._start_ledger(state.get(origin), step)
+        self._restored = None
+        origin = self._layer_mode.start(trainer, pl_module, step)
+        if self._layer_mode.cleared_history:
+            self.history = []
         self._begin(origin, step)
 
     def _begin(self, origin: str, step: int) -> None:
@@ -410,67 +405,6 @@ class LayerBalanceMonitor(Callback):
         self._last_step = step - 1
         # a resumed run continues the series after the checkpoint's step
         self.history = [row for row in self.history if row.get("step", -1) < step]
-
-    def _ledger_state(self) -> dict[str, Any] | None:
-        """The state of the ledger of a previous ``fit`` (a second fit continues its series)."""
-        if self._ledger is None or self._ledger.D0 is None or not self.ledger:
-            return None
-        return self._ledger.state_dict()
-
-    def _restore(self, restored: dict[str, Any] | None, step: int, names: list[str]) -> str:
-        """Set ``W(0)`` and the per-unit ``D_i(0)``. ``"restored"``: from the checkpoint's state
-        saved for these layers; ``"continued"``: a later ``fit`` of the same model keeps the
-        series of the previous one (one origin for every series); ``"new"``: from the weights now
-        (a collective when sharded)."""
-        origin = "new"
-        if restored is not None and restored.get("sq_norms0") is not None:
-            if list(restored.get("layer_names", [])) == self._names:
-                self._sq0 = [float(v) for v in restored["sq_norms0"]]
-                origin = "restored"
-            else:
-                rank_zero_warn(
-                    "`LayerBalanceMonitor`: the checkpoint's layers"
-                    f" {restored.get('layer_names')} differ from the model's {self._names};"
-                    f" W(0) is recorded afresh from the weights at step {step}.",
-                    category=RuntimeWarning,
-                )
-                self.history = []
-        elif step != 0 and self._sq0 is not None and names == self._names:
-            origin = "continued"
-        if origin == "new":
-            # every rank joins (the sum over shards is a collective)
-            self._sq0 = layer_sq_norms_host([self._params()], reduce=self._sharded)[0]
-        if origin == "restored":
-            saved = (restored or {}).get("unit_d0") or {}
-            self._unit_d0 = None
-            if self._units and set(saved) == {u.name for u in self._units}:
-                self._unit_d0 = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
-        elif (
-            origin == "new"
-            or not self._units
-            or set(self._unit_d0 or {}) != {u.name for u in self._units}
-        ):
-            self._unit_d0 = None
-        if self._units and self._unit_d0 is None:
-            self._unit_d0 = {k: v.cpu() for k, v in self._unit_values().items()}
-        return origin
-
-    def _start_ledger(self, state: dict[str, Any] | None, step: int) -> None:
-        """Continue the ledger from a checkpoint's ``state`` (or start it), then attach it."""
-        assert self._ledger is not None
-        if state is not None:
-            try:
-                self._ledger.load_state_dict(state)
-            except ValueError as err:
-                rank_zero_warn(
-                    f"`LayerBalanceMonitor`: {err}; the ledger starts afresh at step {step}.",
-                    category=RuntimeWarning,
-                )
-                state = None
-        if state is None:
-            self._ledger.start()
-        if self.ledger:
-            self._ledger.attach()
 
     @override
     def on_before_optimizer_step(
@@ -510,15 +444,12 @@ class LayerBalanceMonitor(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = logging_step(trainer)
-        if (self._refs or self._network is not None) and self._last_step < step - 1:
+        if self._last_step < step - 1:
             # the last update was not foreseen (early stopping, max_time): record the weights
             # after it, at the next step's index (every rank joins the collectives)
             self._last_step = step
             self._log(trainer, pl_module, step, with_grads=False)
-        if self._ledger is not None:
-            self._ledger.detach()
-        if self._network is not None:
-            self._network.close()
+        self._close()
         if not self.save_figure:
             return
         log_dir = trainer.log_dir  # a broadcast: every rank calls it
@@ -567,10 +498,12 @@ class LayerBalanceMonitor(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._ledger is not None:
-            self._ledger.detach()
-        if self._network is not None:
-            self._network.close()
+        self._close()
+
+    def _close(self) -> None:
+        for mode in (self._layer_mode, self._network):
+            if mode is not None:
+                mode.close()
 
     # ------------------------------------------------------------------------------------------
     # internals
@@ -591,122 +524,12 @@ class LayerBalanceMonitor(Callback):
             if found is not None:
                 self._emit(trainer, step, found)
             return
-        if not self._sharded and not trainer.is_global_zero:
-            return  # replicated: rank zero alone computes and logs
-        if not self._refs:
-            self._resolve(pl_module)
-        params = self._params()
-        if self._sq0 is None:  # used without on_train_start (e.g. called directly)
-            self._sq0 = layer_sq_norms_host([params], reduce=self._sharded)[0]
-        if self.track_grad_norm and with_grads:
-            grads = [[p.grad for p in layer] for layer in params]
-            sq, grad_sq = layer_sq_norms_host([params, grads], reduce=self._sharded)
-            if scale != 1.0:
-                grad_sq = [g / (scale * scale) for g in grad_sq]
-        else:
-            (sq,), grad_sq = layer_sq_norms_host([params], reduce=self._sharded), None
-        extra: dict[str, float] = {}
-        if self._ledger is not None and self.ledger:
-            extra.update(self._ledger_metrics())  # every rank joins (sharded)
-        if self._units:
-            extra.update(self._unit_metrics(pl_module, with_grads, scale))
-        if not trainer.is_global_zero:
-            return
-        metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
-        metrics.update(extra)
-        self._emit(trainer, step, metrics)
+        assert self._layer_mode is not None
+        found = self._layer_mode.metrics(trainer, pl_module, with_grads, scale)
+        if found is not None:
+            self._emit(trainer, step, found)
 
     def _emit(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-
-    def _ledger_metrics(self) -> dict[str, float]:
-        assert self._ledger is not None
-        metrics = pair_ledger_metrics(self._ledger)
-        if self._units:
-            self.unit_ledger = {
-                name: {key: value.cpu() for key, value in entry.items()}
-                for name, entry in self._ledger.read_units().items()
-            }
-        return metrics
-
-    def _unit_values(self) -> dict[str, Tensor]:
-        ledger = self._ledger
-        assert ledger is not None
-
-        def iterate(name: str, p: Tensor) -> Tensor:
-            return ledger.iterate(p) if ledger.tracks(p) else p
-
-        return unit_balance(self._module, self._units, iterate)
-
-    def _unit_metrics(
-        self, pl_module: LightningModule, with_grads: bool, scale: float
-    ) -> dict[str, float]:
-        values = self._unit_values()
-        assert self._unit_d0 is not None
-        symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
-        metrics, self.unit_drift = unit_metrics(values, self._unit_d0, symmetry, scale)
-        return metrics
-
-    def _build_ledger(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._ledger is not None:
-            self._ledger.detach()
-        self._ledger = None
-        self._units = []
-        self._module = pl_module
-        if self.neurons:
-            self._units = pair_units(pl_module, self._unit_spec())
-        if not (self.ledger or self.neurons):
-            return
-        layers = {name: self._layer_params(k) for k, name in enumerate(self._names)}
-        ledger = BalanceLedger(
-            layers,
-            list(trainer.optimizers),
-            units=self._units if self.ledger else None,
-            module=pl_module,
-        )
-        ledger.active = self._sharded or trainer.is_global_zero
-        self._ledger = ledger
-
-    def _unit_spec(self) -> Any:
-        if self.layers is not None:
-            return self.layers
-        # default layers: the modules that own the monitored parameters
-        return [name if name != "root" else "" for name in self._names]
-
-    def _layer_params(self, k: int) -> list[Tensor]:
-        return [_param(mod, attr) for mod, attr in self._refs[k]]
-
-    def _resolve(self, pl_module: nn.Module) -> None:
-        found = discover_layers(pl_module, self.layers)
-        if len(found) < 2:
-            hint = (
-                " Pass `layers=[...]` naming at least two modules, or"
-                " `layers={name: [parameter names]}`."
-            )
-            raise MisconfigurationException(
-                f"`LayerBalanceMonitor` found {len(found)} layer(s) {list(found)} in"
-                f" {type(pl_module).__name__}: the balance metrics compare adjacent layers, and"
-                f" with fewer than two layers there are no adjacent pairs.{hint}"
-            )
-        self._names = list(found)
-        self._refs = [
-            [_owner(pl_module, p_name) for p_name, _ in params] for params in found.values()
-        ]
-        self._sharded = any(is_dtensor(p) for params in found.values() for _, p in params)
-
-    def _params(self) -> list[list[Tensor]]:
-        return [[_param(mod, attr) for mod, attr in layer] for layer in self._refs]
-
-
-def _param(module: nn.Module, attr: str) -> Tensor:
-    """The parameter registered as ``attr`` now (wrappers such as FSDP2 re-register them)."""
-    p = module._parameters[attr]
-    assert p is not None
-    return p
-
-
-def _owner(root: nn.Module, param_name: str) -> tuple[nn.Module, str]:
-    module_name, _, attr = param_name.rpartition(".")
-    return (root.get_submodule(module_name) if module_name else root), attr

@@ -259,7 +259,8 @@ def _terms(ax: Axes, terms: Mapping[str, Sequence[float]], steps: Sequence[Any])
             fontsize=7,
             color="0.35",
         )
-    ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
 
 
 def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None) -> Figure:

@@ -141,7 +141,7 @@ def test_cadence_matches_lightning_and_no_work_off_logging_steps(
 
     This test pins where the work happens: it spies on ``layer_sq_norms_host`` as the monitor
     module imports it (a moved call fails the count here, it is never skipped silently)."""
-    import torch_momentum.callbacks.monitor as monitor_module
+    import torch_momentum.callbacks._layers as monitor_module  # the layer mode of the monitor
 
     calls: list[int] = []
     real = monitor_module.layer_sq_norms_host

@@ -153,7 +153,8 @@ def test_a_second_fit_continues_every_series_from_one_origin(tmp_path: Path) -> 
     monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=True, neurons=True)
     model = _Model()
     trainer = fit(model, [monitor], _loader(), max_steps=3, default_root_dir=str(tmp_path))
-    d0 = dict(monitor._unit_d0 or {})
+    d0 = {name: entry["D0"] for name, entry in monitor.unit_ledger.items()}
+    assert d0  # the per-unit ledger of the hidden layers
     trainer.fit_loop.epoch_loop.max_steps = 6
     trainer.fit(model, _loader())
     assert [r["step"] for r in monitor.history] == list(range(6))
@@ -163,8 +164,8 @@ def test_a_second_fit_continues_every_series_from_one_origin(tmp_path: Path) -> 
             drift = row[f"balance/sq_norm_diff/{pair}"] - first[f"balance/sq_norm_diff/{pair}"]
             terms = sum(v for k, v in row.items() if k.startswith("ledger/") and k.endswith(pair))
             assert drift == pytest.approx(terms, rel=1e-9, abs=1e-12), (row["step"], pair)
-    for name, value in (monitor._unit_d0 or {}).items():
-        assert torch.equal(value, d0[name])  # one origin for the per-unit series too
+    for name, entry in monitor.unit_ledger.items():
+        assert torch.equal(entry["D0"], d0[name])  # one origin for the per-unit series too
     for name, entry in monitor.unit_ledger.items():
         scale = float(entry["D0"].abs().max() + entry["D"].abs().max())
         assert float(entry["closure"].abs().max()) <= 1e-12 * scale, name

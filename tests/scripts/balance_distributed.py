@@ -56,7 +56,7 @@ def run(
             logger=CSVLogger(workdir, name=name),
         )
     warned = any("ledger" in str(w.message) for w in caught)
-    return monitor, monitor._sharded, warned
+    return monitor, monitor.sharded, warned
 
 
 def _unit_ledger(monitor: LayerBalanceMonitor) -> dict[str, dict[str, list]]:

@@ -92,6 +92,8 @@ class BalanceSummary:
         self.last_groups: dict[str, float] = {}
         #: after :meth:`metrics`: each symmetry's largest :math:`|Q_u(t) - Q_u(0)|`
         self.last_charges: dict[str, float] = {}
+        #: after :meth:`metrics`: :math:`Q(t) - Q(0)` per symmetry (CPU)
+        self.last_deltas: list[Tensor] = []
 
     @property
     def matrices(self) -> list[str]:
@@ -169,7 +171,7 @@ class BalanceSummary:
         return [q - q0 for q, q0 in zip(now, self.q0, strict=True)]
 
     def _charge_metrics(self, charges: Sequence[Tensor]) -> dict[str, float]:
-        deltas = self.changes(charges)
+        deltas = self.last_deltas = self.changes(charges)
         largest = [float(d.abs().max()) if d.numel() else 0.0 for d in deltas]
         self.last_charges = dict(zip(self.labels, largest, strict=True))
         out: dict[str, float] = {}

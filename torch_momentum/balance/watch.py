@@ -102,6 +102,10 @@ class NetworkWatch:
         #: after :meth:`metrics` with the ledger: per symmetry, the change of its charge summed
         #: over units (``"change"``) and each term summed over units
         self.last_ledger: dict[str, dict[str, float]] = {}
+        #: ``neurons=True``: per rescale symmetry, :math:`D_u(t) - D_u(0)` per unit (CPU)
+        self.unit_drift: dict[str, Tensor] = {}
+        #: ``neurons=True`` and the ledger: per rescale symmetry, its per-unit ledger
+        self.unit_ledger: dict[str, dict[str, Tensor]] = {}
 
     def _labels(self) -> list[str]:
         """Readable names of all symmetries (the summary's labels, extended by zero-gradient
@@ -180,6 +184,12 @@ class NetworkWatch:
                 terms += row["sums"].sum(0).cpu()
             scale = max(float(row["D"].abs().max()), float(row["D0"].abs().max()), 1e-300)
             closure = max(closure, float(row["closure"].abs().max()) / scale)
+        if self.neurons:
+            self.unit_ledger = {
+                labels[name]: {k: v.cpu() for k, v in row.items() if k != "kind"}
+                for name, row in charges.items()
+                if row["kind"] == "rescale"
+            }
         out = {f"ledger/{t}": float(v) for t, v in zip(LEDGER_TERMS, terms.tolist(), strict=True)}
         out["ledger/closure"] = closure
         return out
@@ -244,7 +254,8 @@ class NetworkWatch:
         self, point: dict[str, Tensor], params: dict[str, Tensor] | None, grad_scale: float
     ) -> dict[str, float]:
         index = [self.summary.symmetries.index(s) for s in self._rescale]
-        deltas = self.summary.changes(self.summary.charges(point))
+        deltas = self.summary.last_deltas  # of this step's summary
+        self.unit_drift = {self.summary.labels[k]: deltas[k] for k in index}
         out = {"balance/unit_drift_max": max(float(deltas[k].abs().max()) for k in index)}
         if params is not None:
             grads = {n: p.grad for n, p in params.items() if p.grad is not None}
