@@ -1,12 +1,12 @@
-r"""LayerBalanceMonitor: per-layer norm balance and gradient norms, logged from Lightning.
+r"""LayerBalanceMonitor: the balance of a network and its conserved quantities, from Lightning.
 
-For a network that is 1-homogeneous in each layer's weights (bias-free linear, ReLU, leaky ReLU),
-:math:`\langle\nabla_{W_h}\ell, W_h\rangle` is the same for every layer, so gradient flow conserves
-:math:`\|W_h\|^2 - \|W_{h'}\|^2` (Du, Hu & Lee 2018), and one gradient-descent step with learning
-rate :math:`\eta` changes the difference of adjacent layers by exactly
-:math:`\eta^2(\|g_h\|^2 - \|g_{h+1}\|^2)`. With biases the conserved quantity is
-:math:`\|W_h\|^2 + \|b_h\|^2 - \|W_{h+1}\|^2`; pass ``layers={...}`` to monitor it. The monitor
-logs these quantities so that the law (and how far an optimiser departs from it) can be watched.
+Gradient flow conserves a quantity for every symmetry of the loss (Kunin et al. 2021): the
+squared norm of weights right before a normalisation layer (scale), the difference of squared
+norms of a homogeneous unit's incoming and outgoing weights (rescale; summed over a layer, the
+layer-balance law :math:`\|W_h\|^2 - \|W_{h+1}\|^2` of Du, Hu & Lee 2018), the sum of a softmax
+classifier's column (translation). The monitor logs how far training moves them: by default the
+symmetries the model really has, found and verified at the first batch, summarised in a fixed,
+small set of keys; with ``layers=`` the per-layer norms, differences and ratios of chosen layers.
 """
 
 from __future__ import annotations
@@ -44,12 +44,36 @@ _STATE_VERSION = 2
 
 
 class LayerBalanceMonitor(Callback):
-    r"""Log per-layer squared norms, their adjacent differences and ratios, and gradient norms.
+    r"""Log the balance of a network: its symmetries' charges, or chosen layers' norms.
 
-    At each logging step ``t`` (the optimizer step about to be taken) the monitor reads the
-    weights :math:`W_L(t)` and the gradients in ``on_before_optimizer_step``, i.e. after AMP
-    unscaling, after gradient accumulation and before gradient clipping, and logs to every
-    configured logger, from rank zero:
+    **Default mode** (no ``layers=``). At the first training batch the monitor finds the model's
+    symmetries (:func:`~torch_momentum.balance.find_symmetries` on ``loss_fn``, default the
+    module's ``training_step``; rank zero; the RNG and the module's state are left as they were)
+    and logs, whatever the depth, at most 25 keys (see
+    :class:`~torch_momentum.balance.summary.BalanceSummary` and
+    :class:`~torch_momentum.balance.watch.NetworkWatch`): ``grad_norm/total``,
+    ``balance/sq_norm/total``, ``balance/sq_norm_change/max``, ``balance/drift`` (the
+    layer-balance drift where a rescale symmetry makes it a law), per kind (scale, rescale,
+    translation) ``charge/{kind}/max``, ``charge/{kind}/median`` and ``charge/{kind}/worst``
+    (an index into the kind's names), for scale-invariant groups ``angle/mean`` (the angle
+    between :math:`x_t` and :math:`x_{t+1}`), ``angle/prediction``
+    (:math:`\sqrt{2\eta\lambda/(1+\mu)}`, heavy ball with weight decay) and
+    ``effective_lr/median`` (:math:`\eta/\|x_A\|^2`); with ``ledger=True`` the terms of every
+    charge's ledger summed over the quadratic charges (``ledger/{term}``) and the largest
+    relative closure (``ledger/closure``); with ``neurons=True`` ``balance/unit_drift_max``
+    and ``balance/unit_symmetry_max`` over the units of the rescale symmetries. ``per_layer=True``
+    adds one key per weight matrix and per symmetry (names without wrapper prefixes such as
+    ``model.``, block indices zero-padded so that they sort). One warning names the weight
+    matrices no balance law covers and why (a normalisation layer after it, a GELU, a residual
+    add). ``symmetries`` holds what was found; ``details`` the per-group values the figures draw
+    (:func:`~torch_momentum.callbacks.plot_network`, heatmaps above ten groups). With sharded
+    parameters the monitor logs norms only (discovery needs the full parameters).
+
+    **Layer mode** (``layers=`` a list of module names, or ``{layer: [parameter names]}``): at
+    each logging step ``t`` (the optimizer step about to be taken) the monitor reads the weights
+    :math:`W_L(t)` and the gradients in ``on_before_optimizer_step``, i.e. after AMP unscaling,
+    after gradient accumulation and before gradient clipping, and logs to every configured
+    logger, from rank zero:
 
     ==================================== ===========================================================
     ``balance/sq_norm/{L}``              :math:`\|W_L(t)\|^2` (squared Frobenius norm, all tensors)
@@ -112,11 +136,11 @@ class LayerBalanceMonitor(Callback):
     discretisation. With ``neurons=True`` too, ``unit_ledger`` holds the per-unit ledger (on
     every rank with FSDP2/DTensor: its sums over shards are one collective at logging steps).
 
-    Layers: see :func:`~torch_momentum.callbacks.discover_layers`. By default every submodule
-    that directly owns trainable parameters, in registration order; a frozen module is not a
-    layer. A layer named explicitly (list or dict) whose parameters get no gradient (frozen, or
-    unused) contributes a gradient norm of 0. Parameters are looked up by name on every logging
-    step, so wrappers that re-register parameters (FSDP2) are followed.
+    Layers (see :func:`~torch_momentum.callbacks.discover_layers`, whose default grouping is
+    every submodule that directly owns trainable parameters): a layer named explicitly (list or
+    dict) whose parameters get no gradient (frozen, or unused) contributes a gradient norm of 0.
+    Parameters are looked up by name on every logging step, so wrappers that re-register
+    parameters (FSDP2) are followed.
 
     On a step that a GradScaler skips (inf/NaN gradients) the logged gradient norms are inf/NaN,
     as read. The norms are those of the parameters as the model holds them; for
@@ -129,8 +153,8 @@ class LayerBalanceMonitor(Callback):
     (``FSDPStrategy``) and DeepSpeed flatten parameters and are not supported.
 
     Args:
-        layers: ``None`` (discover), a list of module names (their order defines adjacency), or a
-            dict ``{layer_name: [parameter names]}``.
+        layers: ``None`` (the default mode: the model's symmetries), a list of module names
+            (their order defines adjacency), or a dict ``{layer_name: [parameter names]}``.
         log_every_n_steps: logging interval in optimizer steps; ``None`` uses the Trainer's
             ``log_every_n_steps``.
         track_grad_norm: also log ``grad_norm/{L}`` and ``grad_norm/total``.
@@ -145,9 +169,13 @@ class LayerBalanceMonitor(Callback):
             Default ``True``.
         neurons: also log the per-unit balance keys above. Default ``False``.
         ledger: also accumulate and log the balance ledger. Default ``False``.
+        per_layer: default mode: also log per weight matrix and per symmetry. Default ``False``.
+        loss_fn: default mode: ``loss_fn(module, batch) -> scalar``, the loss whose symmetries
+            are looked for (default: the module's ``training_step``; required under manual
+            optimisation, where ``training_step`` steps the optimiser).
 
     Raises:
-        TypeError: an argument of the wrong type.
+        TypeError: an argument of the wrong type (``loss_fn`` not callable).
         ValueError: an empty ``layers``, ``log_every_n_steps < 1``; at the start of ``fit``,
             layers that overlap or, with ``neurons=True``, a model whose units cannot be paired.
 
