@@ -134,3 +134,19 @@ def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:
     # layer 1: a replicated float32 tensor, accumulated in float32 (~1e-7 relative)
     assert checks["sharded"][1] == pytest.approx(checks["full"][1], rel=1e-12)
     assert checks["sharded"][1] == pytest.approx(checks["expected"][1], rel=1e-6)
+
+
+def test_symmetry_charges_under_fsdp2_match_single_process(distributed: dict[str, Any]) -> None:
+    """A rescale charge (rows and bias of a sharded layer against the columns of the next) and a
+    translation charge (columns, and the whole bias as one unit: partial sums on each rank) of
+    an FSDP2-sharded model: every rank accumulates its shards, one all_reduce sums them."""
+    got, expected = distributed["charges"]["sharded"], distributed["charges"]["single"]
+    assert set(got) == set(expected) == {"0/2", "2 (softmax)"}
+    for name, entry in expected.items():
+        scale = max(float(torch.tensor(entry["D0"]).abs().max()), 1.0)
+        for key in ("D", "D0", "sums", "closure"):
+            a = torch.tensor(got[name][key], dtype=torch.float64)
+            b = torch.tensor(entry[key], dtype=torch.float64)
+            # float64, only the order of summation differs (shards, half-batch means)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale, msg=(name, key))
+        assert float(torch.tensor(entry["sums"]).abs().max()) > 1e-6  # the terms are active

@@ -13,6 +13,10 @@ The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9
   (FSDP2) in ``configure_model``: parameters and gradients are sharded DTensors.
 - ``dtensor``: ``layer_sq_norms`` of DTensors (Shard(0), Shard(1), Replicate, float32 and
   float64) against the squared norms of the full tensors.
+- ``charges``: a BalanceLedger of symmetry charges (a rescale across a ReLU: rows and bias
+  against columns; a translation of a softmax head: columns and the whole bias) on a model
+  sharded with ``fully_shard`` (FSDP2), each rank training on half of the batch, against the
+  same ledger of the unsharded model on the full batch in the same process.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 
 from tests.helpers.trainer import LAYERS, BalanceModel, fit, make_data, make_loader, make_net
+from torch_momentum import PolyakSGD
+from torch_momentum.balance import BalanceLedger, SymmetryPart
 from torch_momentum.callbacks import LayerBalanceMonitor, layer_sq_norms
 
 STEPS = 4
@@ -93,6 +101,58 @@ def dtensor_checks() -> dict[str, list[float]]:
     }
 
 
+def _symmetries() -> list[SimpleNamespace]:
+    return [
+        SimpleNamespace(
+            name="0/2",
+            kind="rescale",
+            units=8,
+            parts=(
+                SymmetryPart("0.weight", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("0.bias", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("2.weight", 1, 0, 8, 1, -1.0, 0),
+            ),
+        ),
+        SimpleNamespace(
+            name="2 (softmax)",
+            kind="translation",
+            units=9,
+            parts=(
+                SymmetryPart("2.weight", 1, 0, 8, 1, 1.0, 0),
+                SymmetryPart("2.bias", None, 0, 0, 1, 1.0, 8),
+            ),
+        ),
+    ]
+
+
+def _charges(sharded: bool) -> dict[str, dict[str, list]]:
+    """The charges' ledger after STEPS heavy-ball steps, FSDP2-sharded or not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    g = torch.Generator().manual_seed(4)
+    x, y = (
+        torch.randn(16, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 4, (16,), generator=g),
+    )
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (net[0], net[2], net):
+            fully_shard(module)
+        x, y = x[dist.get_rank() :: 2], y[dist.get_rank() :: 2]
+    opt = PolyakSGD(net.parameters(), lr=0.1, momentum=MOMENTUM, weight_decay=0.01)
+    ledger = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    ledger.attach()
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return {
+        name: {k: v.tolist() for k, v in row.items() if k != "kind"}
+        for name, row in ledger.read_charges().items()
+    }
+
+
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
     ddp, ddp_sharded, ddp_warned = run("ddp", False, workdir, "ddp")
@@ -101,6 +161,7 @@ def main() -> None:
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
     )
     checks = dtensor_checks()
+    charges = {"sharded": _charges(True), "single": _charges(False)}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(
@@ -114,6 +175,7 @@ def main() -> None:
                     "warned": {"ddp": ddp_warned, "fsdp": fsdp_warned},
                     "unit_ledger": {"ddp": _unit_ledger(ddp), "fsdp": _unit_ledger(fsdp)},
                     "dtensor": checks,
+                    "charges": charges,
                 },
                 f,
             )
