@@ -239,6 +239,28 @@ def test_layer_balance_cnn_quick(tmp_path: Path) -> None:
     assert docs_state(*PUBLISHED) == before
 
 
+@pytest.mark.slow  # example subprocess
+def test_symmetries_example_quick(tmp_path: Path) -> None:
+    """The ResNet's charges under four optimisers: each charge's change equals its ledger, the
+    translation charge is kept to round-off by gradient descent and heavy ball (no weight
+    decay), moved by weight decay and by Adam, and every closure is float64 round-off."""
+    before = docs_state("symmetries.png")
+    run_example("symmetries.py", tmp_path)
+    rows = {(r["optimizer"], r["kind"]): r for r in read_csv(tmp_path / "summary.csv")}
+    assert {o for o, _ in rows} == {"gd", "heavy", "heavy_wd", "adam"}
+    for (optimizer, kind), r in rows.items():
+        change, booked = float(r["max |dQ_u|"]), float(r["its ledger"])
+        # the csv holds 3 significant digits; float64 closure ~1e-15 (relative)
+        assert booked == pytest.approx(change, rel=2e-3, abs=1e-14), (optimizer, kind)
+        assert float(r["closure"]) < 1e-12
+    for optimizer in ("gd", "heavy"):
+        assert abs(float(rows[(optimizer, "translation")]["max |dQ_u|"])) < 1e-12
+    for optimizer in ("heavy_wd", "adam"):
+        assert abs(float(rows[(optimizer, "translation")]["max |dQ_u|"])) > 1e-6
+    assert is_png(tmp_path / "symmetries.png")
+    assert docs_state("symmetries.png") == before
+
+
 # ------------------------------------------------------------------------------------------------
 # examples/clarke.py and examples/stationarity.py
 # ------------------------------------------------------------------------------------------------
