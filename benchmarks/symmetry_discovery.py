@@ -42,8 +42,8 @@ float64 passes per batch. The target is met with ``perturbed_batches=1`` from ab
 on, and with float32 verification at any B.
 
 Run: python benchmarks/symmetry_discovery.py [--rounds 7] [--batches 4] [--threads 1]
-[--clock wall|cpu] [--quick]. On a machine shared with other jobs, ``--clock cpu`` (process CPU
-time, one thread) gives the most stable ratios.
+[--clock wall|cpu] [--device cpu|cuda] [--quick]. On a machine shared with other jobs,
+``--clock cpu`` (process CPU time, one thread) gives the most stable ratios.
 """
 
 from __future__ import annotations
@@ -79,14 +79,19 @@ def token_loss(model: nn.Module, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def cases(quick: bool) -> dict[str, tuple[nn.Module, Callable[..., Tensor], Any]]:
+def cases(
+    quick: bool, device: torch.device
+) -> dict[str, tuple[nn.Module, Callable[..., Tensor], Any]]:
     torch.manual_seed(0)
     size = 16 if quick else 64
-    images = (torch.randn(size, 1, 8, 8), torch.randint(0, 10, (size,)))
-    ids = torch.randint(0, 64, (4 if quick else 8, 32))
+    images = (
+        torch.randn(size, 1, 8, 8, device=device),
+        torch.randint(0, 10, (size,), device=device),
+    )
+    ids = torch.randint(0, 64, (4 if quick else 8, 32), device=device)
     return {
-        "resnet": (ResNetCNN(), image_loss, images),
-        "gpt2": (gpt2_tiny(), token_loss, ids),
+        "resnet": (ResNetCNN().to(device), image_loss, images),
+        "gpt2": (gpt2_tiny().to(device), token_loss, ids),
     }
 
 
@@ -141,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: process CPU time, insensitive to other jobs on a shared machine (1 thread)",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds, B = 2")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: CUDA events time")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     rounds, count = (2, 2) if args.quick else (args.rounds, args.batches)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="transformers")
@@ -151,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         f" target <= {TARGET:g}x"
     )
     print(f"{'model':<8} {'variant':<42} {'ms/batch':>9} {'step ms':>8} {'ratio':>7}  25-75 %")
-    for name, (model, loss_fn, batch) in cases(args.quick).items():
+    for name, (model, loss_fn, batch) in cases(args.quick, device).items():
         what = check(model, loss_fn, batch)
         times = interleave(
-            jobs(model, loss_fn, batch, count), rounds=rounds, warmup=1, clock=args.clock
+            jobs(model, loss_fn, batch, count),
+            rounds=rounds,
+            warmup=1,
+            clock=args.clock,
+            device=device,
         )
         step = times["step"]
         for variant in VARIANTS:
