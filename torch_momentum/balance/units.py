@@ -18,34 +18,15 @@ from typing import cast
 from torch import Tensor, nn
 
 from torch_momentum.balance._parts import SymmetryPart, part_values, signed_sum
+from torch_momentum.balance._symmetry_trace import PASS_THROUGH
 from torch_momentum.balance.layers import check_layers_spec
 
 __all__ = ["UnitLayer", "pair_units", "unit_balance", "unit_symmetry"]
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Modules that may sit between two paired layers: positively homogeneous and channel-wise.
-_PASS_THROUGH = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Flatten,
-)
+#: Modules that may sit between two paired layers: positively homogeneous and channel-wise (the
+#: same modules the symmetry discovery looks through).
+_PASS_THROUGH = PASS_THROUGH
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
