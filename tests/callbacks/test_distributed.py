@@ -150,3 +150,16 @@ def test_symmetry_charges_under_fsdp2_match_single_process(distributed: dict[str
             # float64, only the order of summation differs (shards, half-batch means)
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale, msg=(name, key))
         assert float(torch.tensor(entry["sums"]).abs().max()) > 1e-6  # the terms are active
+
+
+def test_default_mode_under_ddp_matches_single_process(distributed: dict[str, Any]) -> None:
+    """The default mode under DDP: rank zero finds the model's symmetries on its first batch
+    (the other rank neither discovers nor logs) and logs the same summary as a single process
+    (all-reduced gradients: the same trajectory)."""
+    torch.manual_seed(0)
+    model = BalanceModel(make_net(), lr=0.05, momentum=0.9)
+    monitor = LayerBalanceMonitor(save_figure=False, ledger=True, neurons=True)
+    fit(model, [monitor], make_loader(*make_data(), repeat=4), max_steps=4)
+    assert distributed["default_symmetries"] == [s.name for s in monitor.symmetries]
+    assert distributed["default_symmetries"]  # the bias-free MLP's two rescale symmetries
+    _assert_same(distributed["default"], monitor.history)

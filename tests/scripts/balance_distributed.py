@@ -13,6 +13,8 @@ The monitor runs with ``ledger=True, neurons=True`` and heavy ball (momentum 0.9
   (FSDP2) in ``configure_model``: parameters and gradients are sharded DTensors.
 - ``dtensor``: ``layer_sq_norms`` of DTensors (Shard(0), Shard(1), Replicate, float32 and
   float64) against the squared norms of the full tensors.
+- ``default``: the monitor without ``layers=`` (its default mode) under ``strategy="ddp"``: rank
+  zero finds the symmetries and logs; the other rank computes nothing.
 - ``charges``: a BalanceLedger of symmetry charges (a rescale across a ReLU: rows and bias
   against columns; a translation of a softmax head: columns and the whole bias) on a model
   sharded with ``fully_shard`` (FSDP2), each rank training on half of the batch, against the
@@ -42,15 +44,15 @@ MOMENTUM = 0.9
 
 
 def run(
-    strategy: object, fsdp: bool, workdir: str, name: str
+    strategy: object, fsdp: bool, workdir: str, name: str, layers: list[str] | None = LAYERS
 ) -> tuple[LayerBalanceMonitor, bool, bool]:
     """The monitor after STEPS steps on 2 ranks, whether it saw sharded parameters, and whether
-    it warned about the ledger."""
+    it warned about the ledger (``layers=None``: the default mode)."""
     torch.manual_seed(0)
     model = BalanceModel(make_net(), lr=0.05, momentum=MOMENTUM, fsdp=fsdp)
     x, y = make_data()
     monitor = LayerBalanceMonitor(
-        layers=LAYERS, save_figure=(name == "ddp"), ledger=True, neurons=True
+        layers=layers, save_figure=(name == "ddp"), ledger=True, neurons=True
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -160,6 +162,7 @@ def main() -> None:
     fsdp, fsdp_sharded, fsdp_warned = run(
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), True, workdir, "fsdp"
     )
+    default, _, _ = run("ddp", False, workdir, "ddp_default", layers=None)
     checks = dtensor_checks()
     charges = {"sharded": _charges(True), "single": _charges(False)}
     if dist.get_rank() == 0:
@@ -176,12 +179,15 @@ def main() -> None:
                     "unit_ledger": {"ddp": _unit_ledger(ddp), "fsdp": _unit_ledger(fsdp)},
                     "dtensor": checks,
                     "charges": charges,
+                    "default": default.history,
+                    "default_symmetries": [s.name for s in default.symmetries],
                 },
                 f,
             )
     else:
         # only rank zero keeps a history
         assert not ddp.history and not fsdp.history, "non-zero rank logged"
+        assert not default.history and not default.symmetries, "non-zero rank discovered"
     dist.barrier()
 
 
