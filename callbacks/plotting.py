@@ -278,7 +278,7 @@ def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
 
     For each pair ``"L-M"`` logged with ``ledger/{term}/L-M`` keys, the cumulative terms of
     :data:`LEDGER_TERMS`, ``"closure"``, and ``"drift"``: the measured
-    :math:`D(t) - D(0) = \text{momentum} + \text{weight\_decay} + \text{symmetry} +
+    :math:`D(t) - D(0) = \text{momentum} + \text{weight decay} + \text{symmetry} +
     \text{discretisation} + \text{other} + \text{rounding} + \text{closure}` (the monitor defines
     the closure as the measured drift minus the terms, so adding it back recovers the measured
     drift; the drift is taken where the ledger reads :math:`D`, at the iterate for look-ahead

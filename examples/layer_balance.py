@@ -496,7 +496,9 @@ def bias_variant(
     args = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 1000)})
     args.log_every = max(1, args.steps // 300)
     groupings: dict[str, object] = {
-        "default layers": None,
+        # each module's weight and bias, the grouping discover_layers() gives (the monitor
+        # without layers= watches the model's symmetries instead, which group correctly)
+        "default layers": ["W1", "W2"],
         "dict grouping": {"W1": ["W1.weight", "W1.bias"], "W2": ["W2.weight"]},
     }
     runs = {
