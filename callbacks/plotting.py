@@ -418,7 +418,7 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
     handles: dict[str, Any] = {}
     for ax in fig.axes:
         for line in ax.lines:
-            handles.setdefault(line.get_label(), line)
+            handles.setdefault(str(line.get_label()), line)
     order = [*LEDGER_TERMS, "D(t) − D(0)"]
     labels = [label for label in order if label in handles]
     if labels:  # one legend for every panel, below them: no panel's curves are covered
@@ -446,10 +446,10 @@ def _draw_ledger_panel(ax: Axes, cols: Mapping[str, tuple[list, list]]) -> None:
     negligible = [t for t in drawn if size[t] <= _NEGLIGIBLE * scale]
     dashes = iter(_NEGLIGIBLE_DASHES * 2)
     for term, (steps, values) in drawn.items():
-        style: dict[str, Any] = {"linewidth": 1.5, "zorder": 2}
+        style: dict[str, Any] = {"linewidth": 1.5, "zorder": 2, **_TERM_STYLE[term]}
         if term in negligible:  # drawn last and dashed: visible beside another one near 0
-            style = {"linewidth": 1.6, "zorder": 3, "linestyle": next(dashes)}
-        ax.plot(steps, values, label=term, **style, **_TERM_STYLE[term])
+            style.update(linewidth=1.6, zorder=3, linestyle=next(dashes))
+        ax.plot(steps, values, label=term, **style)
     ax.plot(
         drift_steps,
         drift,
