@@ -1,6 +1,6 @@
 """PolyakSGD and NesterovSGD against ``torch.optim.SGD`` on an MLP, trained with Lightning.
 
-What it checks. The slide-form updates are algebraically the same methods as PyTorch's:
+What it checks. The velocity-form updates are algebraically the same methods as PyTorch's:
 
 * heavy ball ``v ← −∇f(x) + m v;  x ← x + η v`` is ``SGD(momentum=m)`` with ``v = −buf``, so
   PolyakSGD's parameters equal the built-in's at every step;

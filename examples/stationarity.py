@@ -1,6 +1,6 @@
 """Stationarity certificates during training: eps_hat(delta) against ||grad f|| on a ReLU MLP.
 
-The lecture's convergence theorem bounds the steps to ||grad f|| <= eps for smooth f. A ReLU
+For smooth f, gradient descent reaches ||grad f|| <= eps in O(beta/eps^2) steps. A ReLU
 network's loss is not smooth; its honest analogue is (delta, eps)-Goldstein stationarity: some
 convex combination of gradients taken within distance delta of x has norm <= eps.
 ``stationarity_profile`` certifies it one-sidedly: the min-norm element of the convex hull of k
