@@ -183,6 +183,15 @@ def test_balanced_initialisation_is_balanced_at_every_input_dimension(example, d
     assert unbalanced.W1.weight.pow(2).sum().item() > 5 * sq[0]
 
 
+@pytest.mark.slow  # example subprocess
+def test_layer_balance_help_lists_the_optimizer_names(example) -> None:
+    proc = run_python([str(EXAMPLES / "layer_balance.py"), "--help"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())  # argparse wraps the help text
+    for name in example.OPTIMIZERS:
+        assert f"{name} ({example.LABELS[name]})" in text, text
+
+
 @pytest.mark.slow
 def test_layer_balance_quick(tmp_path: Path) -> None:
     before = docs_state(*PUBLISHED)
