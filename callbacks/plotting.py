@@ -305,12 +305,21 @@ def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
     """
     history = load_history(source)
     pairs: list[str] = []
+    summed = False  # ledger/{term} without a pair: the monitor's default mode
     for row in history:
         for key in row:
             if key.startswith("ledger/"):
-                pair = key.split("/", 2)[2]
-                if pair not in pairs:
-                    pairs.append(pair)
+                parts = key.split("/", 2)
+                if len(parts) < 3:
+                    summed = True
+                elif parts[2] not in pairs:
+                    pairs.append(parts[2])
+    if not pairs and summed:
+        raise ValueError(
+            "`source` holds the ledger summed over the model's symmetries (keys 'ledger/{term}',"
+            " LayerBalanceMonitor without layers=), not per layer pair: draw it with"
+            " plot_network_ledger(monitor), or monitor layer pairs with layers=[...]"
+        )
     if not pairs:
         raise ValueError(
             "`source` holds no ledger metrics (keys 'ledger/...'); log them with"

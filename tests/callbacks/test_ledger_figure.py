@@ -89,3 +89,14 @@ def test_every_ledger_term_has_a_style_and_one_legend_names_them() -> None:
 def test_short_histories_still_draw(steps: int) -> None:
     fig = plot_ledger(history(steps))
     assert fig.axes[0].texts
+
+
+def test_a_summed_ledger_is_refused_with_a_pointer_to_the_network_figure() -> None:
+    """The monitor without layers= logs ledger/{term} (summed over the model's symmetries, no
+    pair): ledger_series raised IndexError on such a history."""
+    from torch_momentum.callbacks import ledger_series
+
+    rows = [{"step": 0, "ledger/momentum": 0.0, "ledger/closure": 0.0}]
+    for draw in (ledger_series, plot_ledger):
+        with pytest.raises(ValueError, match="plot_network_ledger"):
+            draw(rows)
