@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             table,
         )
     )
-    print("\nLedger at the last logged step (cumulative; D(t) − D(0) = the five terms + closure):")
+    print("\nLedger at the last logged step (cumulative; D(t) − D(0) = the terms + closure):")
     print(
         format_table(["optimizer", "pair", *LEDGER_TERMS, "D(t)−D(0)", "|closure|"], ledger_table)
     )
