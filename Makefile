@@ -28,7 +28,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/layer_balance.py
 
-# What CI runs (.ci/run): lint, the API reference with warnings as errors, the sdist/wheel check,
+# What CI runs (.ci/run): lint, the docs site with warnings as errors, the sdist/wheel check,
 # then the whole suite (doctests and slow tests included). pytest runs last so that its summary
 # line closes the output.
 test: $(STAMP)
@@ -48,7 +48,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# The API reference (Sphinx) from docs/*.rst and the docstrings, into site/ (git-ignored).
+# The guide and the API reference (Sphinx) from docs/*.rst and the docstrings, into site/
+# (git-ignored); MathJax is bundled into the site, so it reads offline (open site/index.html).
 docs: $(STAMP)
 	$(PY) -m sphinx -b html $(SPHINXOPTS) docs site
 

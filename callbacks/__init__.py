@@ -9,9 +9,13 @@
   its layer functions are re-exported here.
 - :class:`StationarityMonitor`: (δ, ε)-Goldstein stationarity certificates of the training loss.
 
-This package imports Lightning; ``import torch_momentum`` does not.
+This package imports Lightning; ``import torch_momentum`` does not. Without Lightning (or
+torchmetrics, matplotlib) installed, importing it raises a ``ModuleNotFoundError`` that names the
+``[lightning]`` extra.
 """
 
+# first: without the [lightning] extra this raises an error that says to install it
+import torch_momentum.callbacks._extra  # noqa: F401
 from torch_momentum.balance import (
     adjacent_pairs,
     balance_metrics,

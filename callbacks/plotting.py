@@ -4,7 +4,7 @@ r"""Figures of the layer-balance series.
   ``view="ledger"`` or ``view="units"`` the two figures below.
 - :func:`plot_ledger`: the balance ledger, where each adjacent pair's drift
   :math:`D(t) - D(0)` comes from, term by term, with the measured drift on top.
-- :func:`plot_unit_drift`: the distribution over hidden units of :math:`|D_i(t) - D_i(0)|`.
+- :func:`plot_unit_drift`: the distribution over hidden units of :math:`|D_i(T) - D_i(0)|`.
 
 matplotlib is imported inside the plotting functions only, and every figure is built with
 :class:`matplotlib.figure.Figure` directly (no pyplot state), so it works with any backend,
@@ -147,7 +147,7 @@ def plot_balance(source: Any, *, view: str = "balance", title: str | None = None
     ``view="ledger"``: :func:`plot_ledger`, the cumulative ledger terms of every adjacent pair
     against the step with the measured :math:`D(t) - D(0)` on top (``source`` as there, also a
     dict of runs). ``view="units"``: :func:`plot_unit_drift`, the distribution over hidden units
-    of :math:`|D_i(t) - D_i(0)|` per hidden layer at the end of training (``source`` a monitor
+    of :math:`|D_i(T) - D_i(0)|` per hidden layer at the end of training (``source`` a monitor
     that ran with ``neurons=True``, its ``unit_drift``, or a dict of either per run).
 
     Args:
@@ -276,12 +276,13 @@ def _is_run_mapping(source: Any) -> bool:
 def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
     r"""The ledger of one run, per adjacent pair: ``{pair: {term: (steps, values)}}``.
 
-    For each pair ``"L-M"`` logged with ``ledger/{term}/L-M`` keys, the five cumulative terms of
+    For each pair ``"L-M"`` logged with ``ledger/{term}/L-M`` keys, the cumulative terms of
     :data:`LEDGER_TERMS`, ``"closure"``, and ``"drift"``: the measured
-    :math:`D(t) - D(0) = \text{momentum} + \text{weight\_decay} + \text{symmetry} +
-    \text{discretisation} + \text{other} + \text{closure}` (the monitor defines the closure as the
-    measured drift minus the five terms, so adding it back recovers the measured drift; the drift
-    is taken where the ledger reads :math:`D`, at the iterate for look-ahead optimisers). Steps
+    :math:`D(t) - D(0) = \text{momentum} + \text{weight decay} + \text{symmetry} +
+    \text{discretisation} + \text{other} + \text{rounding} + \text{closure}` (the monitor defines
+    the closure as the measured drift minus the terms, so adding it back recovers the measured
+    drift; the drift is taken where the ledger reads :math:`D`, at the iterate for look-ahead
+    optimisers). Steps
     where a pair lacks one of its keys are skipped; a term never logged counts as 0.
 
     Args:
@@ -304,12 +305,21 @@ def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
     """
     history = load_history(source)
     pairs: list[str] = []
+    summed = False  # ledger/{term} without a pair: the monitor's default mode
     for row in history:
         for key in row:
             if key.startswith("ledger/"):
-                pair = key.split("/", 2)[2]
-                if pair not in pairs:
-                    pairs.append(pair)
+                parts = key.split("/", 2)
+                if len(parts) < 3:
+                    summed = True
+                elif parts[2] not in pairs:
+                    pairs.append(parts[2])
+    if not pairs and summed:
+        raise ValueError(
+            "`source` holds the ledger summed over the model's symmetries (keys 'ledger/{term}',"
+            " LayerBalanceMonitor without layers=), not per layer pair: draw it with"
+            " plot_network_ledger(monitor), or monitor layer pairs with layers=[...]"
+        )
     if not pairs:
         raise ValueError(
             "`source` holds no ledger metrics (keys 'ledger/...'); log them with"
@@ -337,7 +347,17 @@ _TERM_STYLE = {
     "symmetry": {"color": "tab:green"},
     "discretisation": {"color": "tab:blue"},
     "other": {"color": "tab:orange"},
+    "rounding": {"color": "tab:brown"},
 }
+# Terms that stay within this fraction of the panel's largest value look like the zero line:
+# they are drawn on top of the larger ones, each with its own dash pattern (so that two of them,
+# e.g. a round-off symmetry term and an "other" of 1e-16, do not hide one another), and their
+# largest magnitude is written in the panel's note.
+_NEGLIGIBLE = 1e-3
+_NEGLIGIBLE_DASHES = [(0, (6, 3)), (3, (2, 4)), (0, (1, 2)), (0, (8, 2, 1, 2))]
+# The note sits in a band added below the data (this fraction of the data's range), so that it
+# never covers a curve, however the terms move.
+_NOTE_BAND = 0.24
 
 
 def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
@@ -346,11 +366,14 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
     For a pair L-M, with :math:`D = \|W_L\|^2 - \|W_M\|^2` (summed over units, biases grouped
     as the monitor groups them), the ledger splits :math:`D(t) - D(0)` exactly into cumulative
     terms: momentum, weight decay, symmetry (:math:`-2\eta\sum R`, 0 for a homogeneous grouping),
-    discretisation (:math:`\sum\|\Delta x\|^2_\pm`) and other (first-order part of unknown update
-    rules). One panel per pair (columns) and run (rows): each term against the step, and the
-    measured :math:`D(t) - D(0)` dashed black on top; the terms add up to it, and the largest
-    :math:`|\text{closure}|` is printed in the panel. Terms that are exactly 0 throughout are
-    not drawn (named in the panel instead).
+    discretisation (:math:`\sum\|\Delta x\|^2_\pm`), other (first-order part of unknown update
+    rules) and rounding (low-precision rounding of the applied update). One panel per pair
+    (columns) and run (rows): each term against the step, and the measured :math:`D(t) - D(0)`
+    dashed black on top; the terms add up to it. One legend below the panels. A note in a band
+    below each panel's curves gives the largest :math:`|\text{closure}|`, the terms that stay
+    below 1e-3 of the panel's largest value with their size (drawn dashed, on top of the others,
+    so that two of them near 0 stay visible) and the terms that are exactly 0 throughout (not
+    drawn).
 
     Args:
         source: one run (a monitor, its history, or a CSVLogger ``metrics.csv`` path, see
@@ -396,27 +419,64 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
             if cols is None or not cols["drift"][0]:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
                 continue
-            zero = []
-            for term in LEDGER_TERMS:
-                steps, values = cols[term]
-                if all(v == 0.0 for v in values):
-                    zero.append(term)
-                    continue
-                ax.plot(steps, values, label=term, linewidth=1.5, **_TERM_STYLE[term])
-            steps, drift = cols["drift"]
-            ax.plot(steps, drift, label="D(t) − D(0)", color="black", linestyle="--", linewidth=1.2)
-            closure = max(abs(v) for v in cols["closure"][1])
-            note = f"max |closure| = {closure:.1e}"
-            if zero:
-                note += "\n= 0: " + ", ".join(zero)
-            ax.text(0.02, 0.02, note, fontsize=7, transform=ax.transAxes, va="bottom")
-            ax.legend(fontsize=7, loc="upper left")
+            _draw_ledger_panel(ax, cols)
             if r == n_rows - 1:
                 ax.set_xlabel("step")
             if c == 0:
                 ax.set_ylabel("cumulative change of D")
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            handles.setdefault(str(line.get_label()), line)
+    order = [*LEDGER_TERMS, "D(t) − D(0)"]
+    labels = [label for label in order if label in handles]
+    if labels:  # one legend for every panel, below them: no panel's curves are covered
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="outside lower center",
+            ncol=len(labels),
+            fontsize=8,
+            frameon=False,
+        )
     fig.suptitle(title or "Balance ledger: D(t) − D(0) = sum of the terms")
     return fig
+
+
+def _draw_ledger_panel(ax: Axes, cols: Mapping[str, tuple[list, list]]) -> None:
+    """One pair of one run: the terms that are not identically 0 (the negligible ones on top,
+    dashed), the measured drift dashed black, and a note with the closure and the terms that are
+    (nearly) 0, in a band below the curves."""
+    drift_steps, drift = cols["drift"]
+    drawn = {t: cols[t] for t in LEDGER_TERMS if any(v != 0.0 for v in cols[t][1])}
+    zero = [t for t in LEDGER_TERMS if t not in drawn]
+    size = {t: max(abs(v) for v in values) for t, (_, values) in drawn.items()}
+    scale = max([*size.values(), *(abs(v) for v in drift)], default=0.0)
+    negligible = [t for t in drawn if size[t] <= _NEGLIGIBLE * scale]
+    dashes = iter(_NEGLIGIBLE_DASHES * 2)
+    for term, (steps, values) in drawn.items():
+        style: dict[str, Any] = {"linewidth": 1.5, "zorder": 2, **_TERM_STYLE[term]}
+        if term in negligible:  # drawn last and dashed: visible beside another one near 0
+            style.update(linewidth=1.6, zorder=3, linestyle=next(dashes))
+        ax.plot(steps, values, label=term, **style)
+    ax.plot(
+        drift_steps,
+        drift,
+        label="D(t) − D(0)",
+        color="black",
+        linestyle="--",
+        linewidth=1.2,
+        zorder=4,
+    )
+    closure = max(abs(v) for v in cols["closure"][1])
+    lines = [f"max |closure| = {closure:.1e}"]
+    if negligible:
+        lines.append("≈ 0: " + ", ".join(f"{t} (≤ {size[t]:.0e})" for t in negligible))
+    if zero:
+        lines.append("= 0: " + ", ".join(zero))
+    low, high = ax.get_ylim()
+    ax.set_ylim(low - _NOTE_BAND * (high - low), high)
+    ax.text(0.02, 0.02, "\n".join(lines), fontsize=7, transform=ax.transAxes, va="bottom")
 
 
 def _abs_floats(values: Any, name: str) -> list[float]:
@@ -437,7 +497,7 @@ def _abs_floats(values: Any, name: str) -> list[float]:
 
 
 def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Figure:
-    r"""Plot the distribution over hidden units of :math:`|D_i(t) - D_i(0)|`, and return it.
+    r"""Plot the distribution over hidden units of :math:`|D_i(T) - D_i(0)|`, and return it.
 
     :math:`D_i = \|\text{in}_i\|^2 - \|\text{out}_i\|^2` is the balance of hidden unit (or conv
     channel) :math:`i`: incoming weights and bias against outgoing weights. Gradient flow keeps
@@ -448,8 +508,9 @@ def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Fi
 
     Args:
         drift: ``{layer: values}`` for one run, or ``{run label: {layer: values}}`` for several
-            runs overlaid; ``values`` are the per-unit :math:`D_i(t) - D_i(0)` (1-D tensor,
-            array or sequence; their absolute values are plotted).
+            runs overlaid; ``values`` are the per-unit :math:`D_i(T) - D_i(0)` at one step
+            :math:`T` (the monitor's ``unit_drift``: its last logging step; 1-D tensor, array or
+            sequence; their absolute values are plotted).
         title: figure title.
 
     Returns:
@@ -504,10 +565,10 @@ def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Fi
             ax.set_yscale("log")
         ax.set_title(f"hidden layer {name}", fontsize=10)
         ax.set_xlabel("unit rank (largest first)")
-        ax.set_ylabel(r"$|D_i(t) - D_i(0)|$")
+        ax.set_ylabel(r"$|D_i(T) - D_i(0)|$")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title or "Per-unit balance drift |D_i(t) − D_i(0)|")
+    fig.suptitle(title or "Per-unit balance drift |D_i(T) − D_i(0)| at the last step T")
     return fig
 
 

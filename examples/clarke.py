@@ -10,8 +10,9 @@ shrinks to the Clarke set as the radius goes to 0.
 
 Part 1 is a table of kink functions with exact answers: plain autograd at the kink,
 ``clarke_subgradient(f, x).min_norm`` and the minimum-norm element of the Clarke set, worked out
-by hand. Part 2 checks the lemma of the lecture: for ``f`` locally Lipschitz and positively
-homogeneous of degree L, every ``s`` in the Clarke subdifferential satisfies ``<s, x> = L f(x)``.
+by hand. Part 2 checks Euler's identity for Clarke subgradients (Du, Hu & Lee 2018): for ``f``
+locally Lipschitz and positively homogeneous of degree L, every ``s`` in the Clarke
+subdifferential satisfies ``<s, x> = L f(x)``.
 Here ``f(θ)`` is the summed output of a bias-free ReLU network with three layers as a function of
 its parameters ``θ`` (L = 3), at a ``θ`` where a hidden unit sits exactly on its kink.
 

@@ -1,4 +1,4 @@
-"""The lecture's gradient-descent and momentum theorems, checked numerically with our optimisers.
+"""The classical gradient-descent and momentum theorems, checked numerically with our optimisers.
 
 Problems (float64 throughout, fixed seeds):
 
@@ -26,7 +26,7 @@ descent; ``NesterovSGD`` is read at its iterate ``x_t`` through ``opt.eval()``):
 4. Stationarity (``T = O(β/ε²)``): GD with ``η = 1/β`` on ``g`` has
    ``min_{t<T} ‖∇g(x_t)‖² ≤ 2β(g(x_0) − g*)/T``, checked for several ``T``.
 
-Every trajectory is also compared with a plain slide-form loop written from the formulas
+Every trajectory is also compared with a plain velocity-form loop written from the formulas
 (``v ← −∇f(x [+ η m v]) + m v;  x ← x + η v``), independently of the optimiser code.
 
 Outputs: a printed table, ``<out>/summary.csv`` and ``<out>/quadratic.png`` (``‖x_t‖/‖x_0‖`` on a
@@ -159,10 +159,10 @@ def run_optimizer(
     return torch.stack(iterates)
 
 
-def slide_form_reference(
+def velocity_form_reference(
     problem: Problem, lr: float, momentum: float, steps: int, nesterov: bool
 ) -> Tensor:
-    """The slide formulas as written: ``v ← −∇f(x + [η m v]) + m v;  x ← x + η v``."""
+    """The velocity-form formulas as written: ``v ← −∇f(x + [η m v]) + m v;  x ← x + η v``."""
     x, v = problem.x0.clone(), torch.zeros_like(problem.x0)
     iterates = [x]
     for _ in range(steps):
@@ -209,7 +209,7 @@ class Method:
 
 
 def quadratic_methods(problem: Problem) -> list[Method]:
-    """GD, heavy ball and Nesterov with the lecture's tunings for ``μ``, ``L`` of the problem."""
+    """GD, heavy ball and Nesterov with the classical tunings for ``μ``, ``L`` of the problem."""
     mu, big_l = problem.mu, problem.beta
     kappa = big_l / mu
     sq = math.sqrt(kappa)
@@ -266,7 +266,7 @@ def run_quadratic(kappa: float, steps: int) -> tuple[list[Row], dict[str, Tensor
     norms: dict[str, Tensor] = {}
     for m in quadratic_methods(problem):
         xs = run_optimizer(problem, m.cls, m.lr, m.momentum, steps)
-        ref = slide_form_reference(problem, m.lr, m.momentum, steps, m.nesterov)
+        ref = velocity_form_reference(problem, m.lr, m.momentum, steps, m.nesterov)
         diff = max_relative_difference(xs, ref)
         n = xs.norm(dim=-1)
         norms[m.label] = n / n[0]
@@ -316,7 +316,7 @@ def run_nonconvex(steps: int) -> tuple[list[Row], list[tuple[int, float, float]]
     problem = nonconvex_problem()
     lr = 1.0 / problem.beta
     xs = run_optimizer(problem, PolyakSGD, lr, 0.0, steps)
-    ref = slide_form_reference(problem, lr, 0.0, steps, nesterov=False)
+    ref = velocity_form_reference(problem, lr, 0.0, steps, nesterov=False)
     common = dict(lr=lr, momentum=0.0, ref_diff=max_relative_difference(xs, ref))
     dr = descent_ratio(problem, xs).min().item()
     rows = [
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "rate: exp(slope of log‖x_t‖ over t ≥ T/2); momentum rates carry a t·ρ^t prefactor "
         f"(expected log-rate bias ≈ {prefactor_bias(steps):.1e}). "
-        "vs ref: max_t ‖x_t − x_t^ref‖/‖x_t^ref‖ against the plain slide-form loop."
+        "vs ref: max_t ‖x_t − x_t^ref‖/‖x_t^ref‖ against the plain velocity-form loop."
     )
 
     write_csv(rows, out / "summary.csv")

@@ -51,6 +51,39 @@ def is_png(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# examples/getting_started.py: the program the guide's first page shows
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # example subprocess (one short Lightning fit)
+def test_getting_started(tmp_path: Path) -> None:
+    proc = run_python(
+        [str(EXAMPLES / "getting_started.py"), str(tmp_path)],
+        env={"MPLBACKEND": "Agg"},
+        timeout=600,  # a hang guard, not a timing assertion
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "getting_started" / "version_0"
+    for name in ("balance.png", "ledger.png", "balance_from_csv.png"):
+        assert is_png(run / name), name
+    rows = read_csv(run / "metrics.csv")
+    pairs = ("net.0-net.2", "net.2-net.4")
+    last = [r for r in rows if r.get(f"ledger/closure/{pairs[0]}")][-1]
+    assert int(last["step"]) == 159  # 20 epochs of 8 batches: the last optimiser step is logged
+    for pair in pairs:
+        terms = {t: float(last[f"ledger/{t}/{pair}"]) for t in (*TERMS, "closure")}
+        drift = sum(terms.values())
+        # what the page says to look at: the drift is momentum, a small discretisation term,
+        # and float32 round-off (squared norms ~20-30, whose ulp is ~2e-6; 1e-4 is 50 ulps)
+        assert terms["momentum"] > 10 * abs(terms["discretisation"]) > 0, terms
+        assert abs(terms["closure"]) < 1e-4, terms
+        assert abs(terms["symmetry"]) < 1e-4 and terms["weight_decay"] == 0.0, terms
+        assert drift == pytest.approx(terms["momentum"] + terms["discretisation"], rel=0.05)
+    # the printed ledger is the logged one
+    assert f"{pairs[0]} {{'momentum': " in proc.stdout, proc.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
 # examples/quadratic.py and examples/compare_sgd.py
 # ------------------------------------------------------------------------------------------------
 
@@ -148,6 +181,15 @@ def test_balanced_initialisation_is_balanced_at_every_input_dimension(example, d
     assert all(abs(s - 0.1) < 0.015 for s in sq), sq
     unbalanced = example.ReLUNet((dim, 100, 100, 10), balanced=False, make_optimizer=None)
     assert unbalanced.W1.weight.pow(2).sum().item() > 5 * sq[0]
+
+
+@pytest.mark.slow  # example subprocess
+def test_layer_balance_help_lists_the_optimizer_names(example) -> None:
+    proc = run_python([str(EXAMPLES / "layer_balance.py"), "--help"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())  # argparse wraps the help text
+    for name in example.OPTIMIZERS:
+        assert f"{name} ({example.LABELS[name]})" in text, text
 
 
 @pytest.mark.slow
