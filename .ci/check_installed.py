@@ -34,6 +34,20 @@ def main() -> None:
         where = Path(module.__file__).resolve()
         if site not in where.parents:
             fail(f"{module.__name__} imported from {where}, not from the venv's {site}")
+    # every source module is installed (a package missing from pyproject's list still imports
+    # from an editable tree, so only the wheel shows it)
+    source = Path(__file__).resolve().parents[1]
+    installed = Path(torch_momentum.__file__).parent
+    expected = {
+        p.relative_to(source / "torch_momentum") for p in (source / "torch_momentum").rglob("*.py")
+    }
+    expected |= {
+        Path("callbacks") / p.relative_to(source / "callbacks")
+        for p in (source / "callbacks").rglob("*.py")
+    }
+    missing = sorted(str(p) for p in expected if not (installed / p).is_file())
+    if missing:
+        fail(f"modules missing from the wheel: {missing}")
     if not (Path(torch_momentum.__file__).parent / "py.typed").is_file():
         fail("torch_momentum/py.typed is missing from the wheel")
 

@@ -162,6 +162,28 @@ def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+def test_every_package_directory_is_in_the_distribution():
+    """The wheel's package list names every source directory with an ``__init__.py`` (a package
+    left out installs as a wheel whose imports fail, while the editable tree still works)."""
+    setuptools = _pyproject()["tool"]["setuptools"]
+    where = {
+        name: ROOT / setuptools["package-dir"].get(name, name.replace(".", "/"))
+        for name in setuptools["packages"]
+    }
+    found = {
+        "torch_momentum." + ".".join(init.parent.relative_to(ROOT / "torch_momentum").parts)
+        for init in (ROOT / "torch_momentum").rglob("__init__.py")
+        if init.parent != ROOT / "torch_momentum"
+    } | {"torch_momentum"}
+    found |= {
+        "torch_momentum.callbacks"
+        + "".join("." + part for part in init.parent.relative_to(ROOT / "callbacks").parts)
+        for init in (ROOT / "callbacks").rglob("__init__.py")
+    }
+    assert set(where) == found
+    assert all((path / "__init__.py").is_file() for path in where.values())
+
+
 def test_version_and_license_are_declared_once():
     project = _pyproject()["project"]
     # the version lives in torch_momentum/__init__.py only
