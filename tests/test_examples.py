@@ -101,7 +101,7 @@ def test_quadratic_quick(tmp_path: Path) -> None:
     for kappa in ("100", "1000"):
         for method in ("GD", "heavy ball", "Nesterov"):
             row = rates[(f"quadratic κ={kappa}", method)]
-            # the printed theory is the lecture's formula for this κ
+            # the printed theory is the classical rate formula for this κ
             k, theory = float(kappa), float(row["theory"])
             expected = {
                 "GD": 1 - 1 / k,
@@ -109,7 +109,7 @@ def test_quadratic_quick(tmp_path: Path) -> None:
                 "Nesterov": 1 - 1 / k**0.5,
             }[method]
             assert theory == pytest.approx(expected, rel=1e-6)  # A's eigvalsh vs exact 1 and κ
-            # every trajectory matches the independent slide-form loop (float64)
+            # every trajectory matches the independent velocity-form loop (float64)
             assert float(row["ref_diff"]) < 1e-9
     # the stationarity bound was checked on the nonconvex problem, at T = 10, 100 and 300
     stationarity = [r for r in rows if r["check"].startswith("min_(t<")]

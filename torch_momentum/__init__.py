@@ -1,4 +1,4 @@
-"""torch-momentum: heavy-ball and Nesterov momentum in slide form, and Clarke subgradients.
+"""torch-momentum: heavy-ball and Nesterov momentum in velocity form, and Clarke subgradients.
 
 The core package depends on torch only; the Lightning integration lives in
 :mod:`torch_momentum.callbacks` (optional extra ``[lightning]``).

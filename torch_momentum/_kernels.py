@@ -219,7 +219,7 @@ def _single_tensor_momentum_sgd(
     nesterov: bool,
     differentiable: bool = False,
 ) -> None:
-    r"""Reference path: one tensor at a time, written like the slide formulas.
+    r"""Reference path: one tensor at a time, written like the velocity-form formulas.
 
     Nesterov updates the look-ahead directly, :math:`y \leftarrow y - \eta(d - \mu v_{t+1})`,
     which rounds exactly like the built-in's for-loop (its ``grad + momentum * buf`` is

@@ -1,7 +1,7 @@
 r"""The one update kernel shared by :class:`~torch_momentum.PolyakSGD` and
 :class:`~torch_momentum.NesterovSGD`, in three interchangeable implementations.
 
-Notation (slide form, velocity first). With the descent direction
+Notation (velocity form, velocity first). With the descent direction
 
 .. math::
     d_t = \nabla f(p_t) + \lambda p_t \qquad (\text{or } -\nabla f(p_t) + \lambda p_t
@@ -49,7 +49,7 @@ Paths, as in ``torch/optim/sgd.py`` (their code is in the private module
   :math:`b = v`, :math:`\lambda' = -\lambda`, the opposite ``maximize`` flag and
   :math:`\eta' = -\eta` gives :math:`d' = -d`, hence
   :math:`v \leftarrow \mu v - d` and :math:`p \leftarrow p + \eta v` (Nesterov:
-  :math:`p + \eta(\mu v - d)`), i.e. exactly the slide-form update with ``v`` stored in the slide
+  :math:`p + \eta(\mu v - d)`), i.e. exactly the velocity-form update with ``v`` stored in that
   sign convention. Complex tensors go through :func:`torch.view_as_real`, which is exact because
   every operation of the update is real-linear.
 
@@ -141,7 +141,7 @@ def momentum_sgd(
 ) -> None:
     r"""Functional form of one PolyakSGD (``nesterov=False``) or NesterovSGD step.
 
-    ``velocities`` holds :math:`v` in the slide sign convention and is updated in place (with
+    ``velocities`` holds :math:`v` in the velocity-form sign convention, updated in place (with
     ``differentiable=True`` its entries are replaced by new tensors, so that a velocity saved for
     the backward pass is never modified); it must be empty when ``momentum == 0`` and otherwise
     hold one tensor per parameter (zeros before the first step: ``torch.zeros_like(grad)`` for a

@@ -1,4 +1,4 @@
-r"""Heavy-ball (:class:`PolyakSGD`) and Nesterov (:class:`NesterovSGD`) momentum in slide form.
+r"""Heavy-ball (:class:`PolyakSGD`) and Nesterov (:class:`NesterovSGD`) momentum in velocity form.
 
 Both are thin :class:`torch.optim.Optimizer` subclasses over the shared kernel
 :func:`torch_momentum.functional.momentum_sgd`; see that module for the mathematics of each path.
@@ -395,7 +395,7 @@ class _MomentumSGD(Optimizer):
 
 
 class PolyakSGD(_MomentumSGD):
-    r"""Heavy-ball momentum (Polyak 1964), written velocity first as on the slides.
+    r"""Heavy-ball momentum (Polyak 1964), written velocity first.
 
     With :math:`d_t = \nabla f(x_t) + \lambda x_t` (:math:`-\nabla f(x_t) + \lambda x_t` when
     ``maximize``), learning rate :math:`\eta`, momentum :math:`\mu`, weight decay :math:`\lambda`:
@@ -441,7 +441,7 @@ class PolyakSGD(_MomentumSGD):
 
 
 class NesterovSGD(_MomentumSGD):
-    r"""Nesterov momentum in slide form: the gradient is taken at the look-ahead point.
+    r"""Nesterov momentum in velocity form: the gradient is taken at the look-ahead point.
 
     With iterate :math:`x_t`, velocity :math:`v_t` (:math:`v_0 = 0`), learning rate :math:`\eta`,
     momentum :math:`\mu` and look-ahead :math:`y_t = x_t + \eta\mu v_t`:

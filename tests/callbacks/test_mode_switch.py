@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(steps: int = STEPS) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Nesterov in slide form, plain torch: the iterates x_t (t = 0..steps) and the look-ahead
+    """Nesterov in velocity form, plain torch: the iterates x_t (t = 0..steps) and the look-ahead
     points y_t = x_t + lr*momentum*v_t (t = 0..steps-1) where the gradients are taken."""
     torch.manual_seed(0)
     net = make_net()

@@ -102,7 +102,7 @@ def test_nesterov_equals_builtin_nesterov(path, maximize):
 @pytest.mark.parametrize("path", PATHS)
 def test_nesterov_with_scheduler_differs_from_builtin_by_the_documented_term(path):
     """With a scheduler the two agree until lr changes; then ours re-bases the look-ahead by
-    (lr_new - lr_old) * m * v (so that eval() stays the slide-form iterate), the built-in does not.
+    (lr_new - lr_old) * m * v (eval() stays the velocity-form iterate); the built-in does not.
     """
     data = make_data()
     ours_model, ref_model = make_mlp(), make_mlp()
@@ -123,11 +123,11 @@ def test_nesterov_with_scheduler_differs_from_builtin_by_the_documented_term(pat
     assert max_rel_diff(ours_p, expected) < F64_RTOL
 
 
-# ------------------------------------------------------------------- Nesterov slide form
+# ------------------------------------------------------------------- Nesterov velocity form
 
 
-def slide_form_nesterov(model, data, lrs, momentum, weight_decay=0.0):
-    """Independent Nesterov in slide form, gradient taken at the look-ahead point itself:
+def velocity_form_nesterov(model, data, lrs, momentum, weight_decay=0.0):
+    """Independent Nesterov in velocity form, gradient taken at the look-ahead point itself:
     v <- -(grad f(y) + wd*y) + m*v;  x <- x + lr*v, with y = x + c*v and c = lr_prev * m_prev
     (the look-ahead built by the previous step; c = lr * m when both are constant).
     ``momentum`` is a number or a per-step list."""
@@ -155,8 +155,8 @@ def loss_fn_functional(model, params, data):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("schedule", ["constant", "step", "onecycle"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_nesterov_iterate_equals_slide_form(path, schedule, weight_decay):
-    """eval() is the slide-form iterate, also when a scheduler changes lr (step) or lr and
+def test_nesterov_iterate_equals_velocity_form(path, schedule, weight_decay):
+    """eval() is the velocity-form iterate, also when a scheduler changes lr (step) or lr and
     momentum at every step (OneCycleLR cycles momentum), with and without weight decay."""
     data = make_data()
     model = make_mlp()
@@ -182,7 +182,7 @@ def test_nesterov_iterate_equals_slide_form(path, schedule, weight_decay):
         if sched is not None:
             sched.step()
     assert (len(set(lrs)) == 1) == (schedule == "constant")
-    expected = slide_form_nesterov(make_mlp(), data, lrs, moms, weight_decay)
+    expected = velocity_form_nesterov(make_mlp(), data, lrs, moms, weight_decay)
     opt.eval()
     assert max_rel_diff(list(model.parameters()), expected) < F64_RTOL
 
@@ -233,7 +233,7 @@ def test_eval_after_scheduler_change_is_the_iterate():
     data = make_data()
     model = make_mlp()
     lrs = [0.05] * 12
-    expected = slide_form_nesterov(make_mlp(), data, lrs, 0.9)
+    expected = velocity_form_nesterov(make_mlp(), data, lrs, 0.9)
     opt = NesterovSGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=12, gamma=0.1)
     train(model, opt, 12, data, scheduler=sched)
@@ -467,7 +467,7 @@ def test_invalid_arguments(cls, kwargs, error, pattern):
 
 
 def test_nesterov_momentum_switched_to_zero_with_weight_decay():
-    """Momentum set to 0 mid-training: the step re-bases to c = 0 (p = x) and, in slide form,
+    """Momentum set to 0 mid-training: the step re-bases to c = 0 (p = x) and, in velocity form,
     x_{t+1} = x_t - lr * (grad f(y_t) + wd * y_t), the gradient and decay at the look-ahead y_t."""
     data = make_data()
     model = make_mlp()

@@ -1,4 +1,4 @@
-"""The lecture's convergence theorems, asserted numerically with PolyakSGD and NesterovSGD.
+"""The classical convergence theorems of momentum methods, checked with PolyakSGD and NesterovSGD.
 
 Self-contained (it does not import ``examples/quadratic.py``, which checks the same theorems at a
 larger scale): quadratics ``½ xᵀAx`` with ``A = Q diag(λ) Qᵀ``, ``λ`` evenly spaced in ``[1, κ]``,
@@ -102,7 +102,7 @@ def run(
 def reference(
     grad: Callable[[Tensor], Tensor], x0: Tensor, lr: float, m: float, steps: int, nesterov: bool
 ) -> Tensor:
-    """Slide form as written: ``v ← −∇f(x [+ η m v]) + m v;  x ← x + η v``."""
+    """Velocity form as written: ``v ← −∇f(x [+ η m v]) + m v;  x ← x + η v``."""
     x, v, xs = x0.clone(), torch.zeros_like(x0), [x0.clone()]
     for _ in range(steps):
         v = -grad(x + lr * m * v if nesterov else x) + m * v
@@ -190,7 +190,8 @@ def test_momentum_rates_on_quadratics(kappa: float, method: str) -> None:
     steps = 1000
     xs, _, _ = run(cls, half_quadratic(a), x0, lr, m, steps)
 
-    # Our optimiser follows the slide formulas. Compared relative to ‖x_t‖ (which falls to ~1e-30):
+    # Our optimiser follows the velocity-form formulas. Compared relative to ‖x_t‖
+    # (which falls to ~1e-30):
     # rounding enters relative to the current iterate and is amplified at most ~t by the Jordan
     # block, so ~1e-16 * 1000 * d; 1e-9 is ample.
     ref = reference(lambda x: x @ a, x0, lr, m, steps, nesterov=method == "Nesterov")

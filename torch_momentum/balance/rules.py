@@ -70,9 +70,9 @@ __all__ = [
 #: update minus the exact one (0 in float32/float64, where rounding stays in the closure).
 LEDGER_TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other", "rounding")
 
-# The canonical vectors of one step: the iterate x_t, the velocity v_t (slide sign), the
-# gradient g_t, the exact update dx of the rule from them, and the rounding error e (the applied
-# update minus dx; 0 unless the parameters are in low precision).
+# The canonical vectors of one step: the iterate x_t, the velocity v_t (velocity form:
+# v <- mu v - grad), the gradient g_t, the exact update dx of the rule from them, and the
+# rounding error e (the applied update minus dx; 0 unless the parameters are in low precision).
 X, V, G, DX, E = range(5)
 CANONICAL = 5
 
@@ -164,7 +164,7 @@ def term_coefficients(
     r"""The six terms of a quadratic charge as combinations of :data:`GRAM_ENTRIES`.
 
     For the update :math:`\Delta x = \eta\big((\mu - \lambda c) v - s g - \lambda x\big)
-    + \delta v` (heavy ball: ``c = delta = 0``; slide-form Nesterov: ``c`` the look-ahead
+    + \delta v` (heavy ball: ``c = delta = 0``; velocity-form Nesterov: ``c`` the look-ahead
     coefficient the gradient was taken with; ``delta``: a move of the implied iterate by
     ``delta * v_t``, counted as momentum, as the built-in Nesterov SGD makes under a changing
     :math:`\eta\mu`). The first-order part :math:`2\langle x, \Delta x\rangle` is split into
@@ -231,7 +231,7 @@ def _momentum_maps(
 
     ``c0``/``c1``: the look-ahead coefficients before/after the step (parameters
     ``p = x + c v``). ``builtin_nesterov``: the parameters follow ``torch.optim.SGD(nesterov=True)``
-    (``p_{t+1} = p_t - eta (d_t - mu v_{t+1})``, ``d_t`` at ``p_t``) rather than the slide form.
+    (``p_{t+1} = p_t - eta (d_t - mu v_{t+1})``, ``d_t`` at ``p_t``) rather than the velocity form.
     With dampening ``tau`` (heavy ball only): ``v_{t+1} = mu v_t - (1 - tau) d_t``."""
     eta, mu, lam, s = h.lr, h.momentum, h.weight_decay, h.sign
     # without a velocity: p1 = p0 - eta (s g + lam p0)
@@ -285,7 +285,8 @@ class Rule:
 
     Attributes:
         velocity_key: the optimiser-state key of the velocity (``None``: no velocity).
-        velocity_sign: ``v = velocity_sign * state[velocity_key]`` in the slide sign convention
+        velocity_sign: ``v = velocity_sign * state[velocity_key]`` in the velocity-form sign
+            convention
             (:math:`v_{t+1} = \mu v_t - d_t`).
         pre_step: whether the ledger must look at the optimiser before each step (a look-ahead
             coefficient or a copy of the parameters) even at full precision.
@@ -330,7 +331,7 @@ class Rule:
         return 0.0
 
     def velocity(self, opt: torch.optim.Optimizer, p: Tensor) -> Tensor | None:
-        """The velocity of ``p`` in the slide sign convention, or ``None``."""
+        """The velocity of ``p`` in the velocity-form sign convention, or ``None``."""
         if self.velocity_key is None:
             return None
         v = opt.state.get(p, {}).get(self.velocity_key)
@@ -463,7 +464,7 @@ class HeavyBall(Rule):
 
 
 class Nesterov(HeavyBall):
-    r"""Slide-form Nesterov (:class:`~torch_momentum.NesterovSGD`): the parameters hold the
+    r"""Velocity-form Nesterov (:class:`~torch_momentum.NesterovSGD`): the parameters hold the
     look-ahead :math:`y = x + c\,v` with the coefficient the optimiser reports.
 
     Example:
