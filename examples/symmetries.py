@@ -175,7 +175,8 @@ def figure(runs: dict[str, list[dict[str, Any]]]) -> Any:
     rows = runs["adam"]
     terms = torch.stack([r["translation"]["terms"] for r in rows])
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["translation"]["change"] for r in rows], color="black", lw=2, label="change")
+    change = [r["translation"]["change"] for r in rows]
+    ax.plot(steps, change, color="0.7", lw=6, label="change")  # wide and pale: terms lie on it
     for j, term in enumerate(("momentum", "weight_decay", "symmetry", "discretisation", "other")):
         if float(terms[:, j].abs().max()) > 0:
             ax.plot(steps, terms[:, j].tolist(), lw=1.2, label=term)
