@@ -208,6 +208,8 @@ class ChargeBook:
             lambda part: part.tracked,
             describe,
             lambda part: part.sign * weights[part.tracked],
+            # groups that share a rule map and slots next to each other: one mapping for all
+            lambda group: (group.linear, repr(group.signature[1:])),
         )
         present, dtype, acc, convert, cplx = [], [], [], [], []
         for group in index.groups:
@@ -243,8 +245,12 @@ class ChargeBook:
         self, layout: _Layout, rows: dict[int, Row], inv_scale: Tensor | None
     ) -> Tensor | None:
         """Per row of every group, the 6 terms and 3 angle statistics (``(rows, 9)``, float64,
-        unweighted); None when a group's tensors no longer have the layout's dtype."""
-        pieces = []
+        unweighted); None when a group's tensors no longer have the layout's dtype. Consecutive
+        groups whose tensors share one rule map are mapped to the terms together."""
+        pieces: list[Tensor] = []
+        run: list[Tensor] = []  # reductions of consecutive groups with one coefficient matrix
+        run_key: tuple[Any, ...] | None = None
+        run_coef: Tensor | None = None
         for g, group in enumerate(layout.index.groups):
             present, acc = layout.present[g], layout.acc[g]
             members = [rows[i] for i in group.members]
@@ -254,21 +260,33 @@ class ChargeBook:
                 tensors = [t for row in members for t in row.slots if t is not None]
                 if tensors[0].dtype != layout.dtype[g]:
                     return None
-            op = "sum" if group.linear else "gram"
-            x = reduce_rows(tensors, group, len(present), op)
-            pieces.append(self._apply(x.to(torch.float64), members, group.linear, present))
+            x = reduce_rows(tensors, group, len(present), "sum" if group.linear else "gram")
+            first = members[0]
+            key = None
+            if all(row.maps is first.maps for row in members):
+                key = (id(first.maps), first.plain, first.low, present, group.linear, x.dtype)
+            if run and key != run_key:  # the run ends
+                pieces.append(_map_run(run, cast(Tensor, run_coef)))
+                run = []
+            if key is None:  # several rule maps in one group: per member
+                pieces.append(self._apply(x.to(torch.float64), members, group.linear, present))
+                continue
+            if not run:
+                run_key, run_coef = key, self._coef(first, group.linear, present, x.device)
+            run.append(x.reshape(-1, x.shape[-1]))
+        if run:
+            pieces.append(_map_run(run, cast(Tensor, run_coef)))
         if not pieces:
-            return torch.zeros(0, 9, dtype=torch.float64, device=self.device)
+            return torch.zeros(0, _VALUES, dtype=torch.float64, device=self.device)
+        if len(pieces) == 1:
+            return pieces[0].to(self.device)
         return torch.cat([p.to(self.device) for p in pieces])
 
     def _apply(
         self, x: Tensor, members: list[Row], linear: bool, present: tuple[int, ...]
     ) -> Tensor:
-        """The terms and angle statistics of per-row reductions ``x`` ``(rows, K, e)``."""
-        first = members[0].maps
-        if all(row.maps is first for row in members):
-            coef = self._coef(members[0], linear, present, x.device)
-            return (x.reshape(-1, x.shape[-1]) @ coef).reshape(-1, _VALUES)
+        """The terms and angle statistics of per-row reductions ``x`` ``(rows, K, e)`` whose
+        members follow several rule maps."""
         coefs = torch.stack([self._coef(row, linear, present, x.device) for row in members])
         return torch.einsum("nke,ket->nkt", x, coefs).reshape(-1, _VALUES)
 
@@ -336,6 +354,13 @@ class ChargeBook:
             self.offset = [torch.zeros_like(t) for t in saved]
             for t, v in zip(self.sums, saved, strict=True):
                 t.copy_(v)
+
+
+def _map_run(run: list[Tensor], coef: Tensor) -> Tensor:
+    """Reductions ``(rows, e)`` of groups sharing ``coef`` ``(e, 9)``, mapped to the terms and
+    angle statistics (float64)."""
+    x = run[0] if len(run) == 1 else torch.cat(run)
+    return x.to(torch.float64) @ coef
 
 
 def _slot(row: Row, k: int, acc: torch.dtype, inv_scale: Tensor | None) -> Tensor:

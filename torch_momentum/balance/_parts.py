@@ -168,11 +168,13 @@ def index_units(
     key: Callable[[Any], Any],
     describe: Callable[[Any], tuple[Any, Sequence[int]] | None],
     factor: Callable[[Any], float] = lambda part: part.sign,
+    order: Callable[[UnitGroup], Any] | None = None,
 ) -> UnitIndex:
     """Group the parts of ``charges`` (``(linear, parts)`` each) by the layout of their tensors
     and index their units. ``describe(key(part))`` gives ``(signature, shape)`` of the tensor,
     or ``None`` to leave the part out; tensors of one signature reduced along one dimension
-    (sums or sums of products) form one group."""
+    (sums or sums of products) form one group. ``order``: a sort key of the groups (default:
+    first seen first)."""
     groups: dict[tuple[Any, int | None, bool], UnitGroup] = {}
     member_of: dict[tuple[Any, int | None, bool], dict[Any, int]] = {}
     entries = []  # (group key, member, part, first unit of its charge)
@@ -196,6 +198,8 @@ def index_units(
                 groups[gkey].members.append(key(part))
             entries.append((gkey, members[key(part)], part, base))
         base += units
+    if order is not None:
+        groups = dict(sorted(groups.items(), key=lambda item: order(item[1])))
     offsets, start = {}, 0
     for gkey, group in groups.items():
         offsets[gkey] = start
