@@ -245,10 +245,11 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
             g = (x.unsqueeze(2) * x.unsqueeze(1)).sum((3, 5))  # (k, r, r, n)
             return g.permute(3, 0, 1, 2).reshape(n, k, per_member * per_member)
         step = max(1, CHUNK_CAP // max(1, count * group.numel // pre))
+        flat = list(tensors) if step >= pre else [t.flatten(0, d - 1) for t in tensors]
         out: Tensor | None = None
         for a in range(0, pre, step):
-            views = tensors if step >= pre else [t.flatten(0, d - 1)[a : a + step] for t in tensors]
-            x = torch.stack(list(views)).view(k, per_member, -1, n, group.numel // (pre * n))
+            views = flat if step >= pre else [t[a : a + step] for t in flat]
+            x = torch.stack(views).view(k, per_member, -1, n, group.numel // (pre * n))
             x = _reduce(x.permute(3, 0, 1, 2, 4), op)
             out = x if out is None else out + x
         assert out is not None
