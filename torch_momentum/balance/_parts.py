@@ -261,17 +261,12 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
     block = max(1, CHUNK_CAP * rows // max(1, count * group.numel))
     if block >= rows:
         return _reduce(torch.stack(views, 1).view(rows, k, per_member, -1), op)
-    return torch.cat(
-        [
-            _reduce(
-                torch.stack([v[a : a + block] for v in views], 1)
-                .view(-1, k, per_member, *views[0].shape[1:])
-                .flatten(3),
-                op,
-            )
-            for a in range(0, rows, block)
-        ]
-    )
+    length = group.numel // rows  # entries per row
+    out = []
+    for a in range(0, rows, block):
+        x = torch.stack([v[a : a + block] for v in views], 1)
+        out.append(_reduce(x.view(-1, k, per_member, length), op))
+    return torch.cat(out)
 
 
 def _reduce(x: Tensor, op: str) -> Tensor:
