@@ -26,6 +26,7 @@ Usage: python benchmarks/figures.py [--rounds 5] [--rows 100] [--every 1] [--mod
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import random
 import statistics
@@ -170,9 +171,9 @@ def main() -> None:
     for name in names:
         monitor = _monitored_fit(MODELS[name], args.rows, args.every)
         builds: dict[str, Callable[[], Any]] = {
-            "balance": lambda m=monitor: plot_network(m),
-            "ledger": lambda m=monitor: plot_network_ledger(m),
-            "reference": lambda: _reference(args.rows),
+            "balance": functools.partial(plot_network, monitor),
+            "ledger": functools.partial(plot_network_ledger, monitor),
+            "reference": functools.partial(_reference, args.rows),
         }
         times: dict[str, list[float]] = {k: [] for k in builds}
         sizes: dict[str, tuple[int, int]] = {}

@@ -68,7 +68,9 @@ def _charges() -> list[SimpleNamespace]:
     ]  # fmt: skip
 
 
-def _train(optimizer: Callable[[nn.Module], torch.optim.Optimizer], steps: int = 12):
+def _train(
+    optimizer: Callable[[_Net], torch.optim.Optimizer], steps: int = 12
+) -> tuple[_Net, BalanceLedger]:
     torch.manual_seed(0)
     net = _Net().double()
     opt = optimizer(net)
@@ -84,7 +86,7 @@ def _train(optimizer: Callable[[nn.Module], torch.optim.Optimizer], steps: int =
     return net, ledger
 
 
-def _two_groups(net: nn.Module) -> torch.optim.Optimizer:
+def _two_groups(net: _Net) -> torch.optim.Optimizer:
     first = [*net.conv.parameters(), *net.lin1.parameters(), *net.lin2.parameters()]
     second = [*net.lin3.parameters(), *net.head.parameters()]
     return PolyakSGD(
@@ -95,7 +97,7 @@ def _two_groups(net: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-OPTIMIZERS = {
+OPTIMIZERS: dict[str, Callable[[_Net], torch.optim.Optimizer]] = {
     "polyak, two param groups": _two_groups,
     "adam (generic split)": lambda net: torch.optim.Adam(net.parameters(), lr=0.01),
 }
@@ -103,7 +105,9 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("small", [False, True], ids=["one block", "many blocks"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_grouped_charges_close_and_match_the_parts(name: str, small: bool, monkeypatch) -> None:
+def test_grouped_charges_close_and_match_the_parts(
+    name: str, small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Per unit of every charge: Q(t) equals the part-by-part sums (float64, 1e-13 relative:
     a few hundred products summed in another order), the terms close (12 steps of O(10)-term
     sums: 1e-12 of the charge's scale), and for the known rule nothing is left in ``other``."""
@@ -128,7 +132,7 @@ def test_grouped_charges_close_and_match_the_parts(name: str, small: bool, monke
             assert float(row["sums"][:, OTHER].abs().max()) <= 1e-12 * scale, charge.name
 
 
-def test_chunked_reductions_give_the_same_terms(monkeypatch) -> None:
+def test_chunked_reductions_give_the_same_terms(monkeypatch: pytest.MonkeyPatch) -> None:
     """The terms do not depend on how the rows are blocked (float64: 1e-12 relative)."""
     _, whole = _train(_two_groups)
     monkeypatch.setattr(_parts, "CHUNK_CAP", 40)

@@ -104,11 +104,11 @@ def localize(part: Part, p: Any, name: str) -> Part | None:
 class _Layout(NamedTuple):
     """The cached layout of a step's charge rows (see :meth:`ChargeBook.accumulate`)."""
 
-    index: UnitIndex
+    units: UnitIndex
     present: list[tuple[int, ...]]  # per group: the slots its members have
     dtype: list[torch.dtype]  # per group: the dtype of its slots (stacked as they are)
     acc: list[torch.dtype]  # per group: the accumulation dtype
-    convert: list[bool]  # per group: slots of several dtypes, converted before stacking
+    convert: list[bool]  # per group: converted to the accumulation dtype before stacking
     complex: list[bool]  # per group: complex tensors, read as real
     angle_dst: Tensor  # per entry of the index: its scale charge's position (or a dump row)
 
@@ -169,15 +169,16 @@ class ChargeBook:
     ) -> None:
         """Add one step's terms (``rows``: the step's rows by tracked tensor)."""
         key = (tuple(rows), tuple([row.mask for row in rows.values()]))
-        layout = self._layouts.get(key)
-        values = None if layout is None else self._step_values(layout, rows, inv_scale)
-        if values is None:  # a new layout (or the tensors' dtypes changed under it)
+        cached = self._layouts.get(key)
+        values = None if cached is None else self._step_values(cached, rows, inv_scale)
+        if cached is None or values is None:  # a new layout (or the dtypes changed under it)
             if len(self._layouts) > 16:
                 self._layouts.clear()
-            layout = self._layouts[key] = self._layout(rows)
-            values = self._step_values(layout, rows, inv_scale)
+            cached = self._layouts[key] = self._layout(rows)
+            values = self._step_values(cached, rows, inv_scale)
             assert values is not None
-        index = layout.index
+        layout = cached
+        index = layout.units
         terms = values.index_select(0, index.src) * index.factor[:, None]  # (entries, 9)
         if found_inf is not None:  # a step the optimiser skipped: nothing happened
             terms = torch.where(found_inf.to(terms.device) > 0, 0.0, terms)
@@ -251,7 +252,7 @@ class ChargeBook:
         run: list[Tensor] = []  # reductions of consecutive groups with one coefficient matrix
         run_key: tuple[Any, ...] | None = None
         run_coef: Tensor | None = None
-        for g, group in enumerate(layout.index.groups):
+        for g, group in enumerate(layout.units.groups):
             present, acc = layout.present[g], layout.acc[g]
             members = [rows[i] for i in group.members]
             if layout.complex[g] or layout.convert[g] or inv_scale is not None:

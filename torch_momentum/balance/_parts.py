@@ -262,11 +262,11 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
     if block >= rows:
         return _reduce(torch.stack(views, 1).view(rows, k, per_member, -1), op)
     length = group.numel // rows  # entries per row
-    out = []
+    blocks = []
     for a in range(0, rows, block):
         x = torch.stack([v[a : a + block] for v in views], 1)
-        out.append(_reduce(x.view(-1, k, per_member, length), op))
-    return torch.cat(out)
+        blocks.append(_reduce(x.view(-1, k, per_member, length), op))
+    return torch.cat(blocks)
 
 
 def _reduce(x: Tensor, op: str) -> Tensor:

@@ -466,8 +466,7 @@ class BalanceLedger:
                         slots, mask = (p, v, grad, None, None), 0b101 if plain else 0b111
                 if self._sharded or grad.is_sparse or (v is not None and v.is_sparse):
                     slots = cast(Slots, tuple(None if t is None else _dense(t) for t in slots))
-                maps_k = first if i in entry.fresh else maps
-                rows.append(Row(i, slots, maps_k, plain, low, mask))
+                rows.append(Row(i, slots, first if i in entry.fresh else maps, plain, low, mask))
         return rows
 
     def _accumulate_pairs(

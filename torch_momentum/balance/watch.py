@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -237,8 +237,8 @@ class NetworkWatch:
             if values.numel():
                 out["angle/mean"] = float(values.mean())
         # |x_A|^2 of every scale symmetry: the charges the summary just computed at this point
-        values = dict(zip(self.summary.symmetries, self.summary.last_values, strict=True))
-        norms = torch.stack([values[s].sum() for s in self._scale]).tolist()
+        charge_of = dict(zip(self.summary.symmetries, self.summary.last_values, strict=True))
+        norms = torch.stack([charge_of[s].sum() for s in self._scale]).tolist()
         named = dict(self.module.named_parameters())
         predictions, lrs = [], []
         for s, norm in zip(self._scale, norms, strict=True):
@@ -255,7 +255,7 @@ class NetworkWatch:
             out["effective_lr/median"] = statistics.median(lrs)
         return out
 
-    def _hyper(self, s: Symmetry, named: dict[str, Tensor]) -> tuple[float, float, float] | None:
+    def _hyper(self, s: Symmetry, named: Mapping[str, Tensor]) -> tuple[float, float, float] | None:
         """``(lr, momentum, weight decay)`` of the heavy-ball group updating the symmetry's first
         parameter (None for other rules: the equilibrium is a heavy-ball result)."""
         p = named.get(s.parts[0].param)
