@@ -56,7 +56,8 @@ and with the ledger (every step); default mode <= 2 % at the default cadence, <=
 ledger every step.
 
 Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N]
-[--models mlp,cnn,...] [--quick]
+[--models mlp,cnn,...] [--quick] (resnet18 runs 3 rounds of 100 steps unless told otherwise:
+about 0.5 s per step)
 (--quick: one round of 3 steps of the MLP and the small ResNet, a smoke test; its ratios are not
 meaningful.) On a shared machine pass --threads 1: oversubscribed intra-op threads make small
 kernels erratic.
@@ -173,6 +174,8 @@ class Model(NamedTuple):
     configs: dict[str, dict[str, Any] | None]
     targets: dict[str, str]
     ledger: str
+    steps: int = 150  # timed steps per run unless --steps
+    rounds: int = 5  # unless --rounds
 
 
 def _layer_mode(layers: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -205,11 +208,13 @@ MODELS = {
     "resnet": Model(
         lambda: _images(ResNetCNN()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
     ),
-    "resnet18": Model(
+    "resnet18": Model(  # ~0.5 s per step: fewer steps and rounds by default (~12 minutes)
         lambda: _images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2)),
         DEFAULT_MODE,
         DEFAULT_TARGETS,
         "ledger, every step",
+        steps=100,
+        rounds=3,
     ),
     "vit": Model(lambda: _images(TinyViT()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
     "gpt2": Model(_gpt2, DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
@@ -400,8 +405,10 @@ def _report(name: str, model: Model, results: dict[str, list[_Result]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=150, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (resnet18: 3)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run, default 150 (resnet18: 100)"
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
@@ -423,7 +430,9 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}"
     )
-    print(f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per run")
+    if args.rounds is not None or args.steps is not None:
+        print(f"{args.rounds or 'default'} rounds x {args.steps or 'default'} steps per run")
+    print(f"{args.warmup} warm-up steps per run, then the timed ones (all but the last)")
     print("direct and end-to-end: % of the reference step, median [min, max] over rounds\n")
     header = (
         f"{'model':<9} {'monitor':<19} {'ms/step':>8} {'hook ms':>8} {'direct %':>24}"
@@ -435,8 +444,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logdir:
         for name in names:
             model = MODELS[name]
-            results = _measure(model, args.rounds, args.warmup, args.steps, block, logdir, rng)
+            rounds, steps = args.rounds or model.rounds, args.steps or model.steps
+            results = _measure(model, rounds, args.warmup, steps, block, logdir, rng)
             _report(name, model, results)
+            print(f"{'':<9} ({rounds} rounds x {steps} steps per run)")
             sys.stdout.flush()
 
 
