@@ -1,47 +1,66 @@
 """Overhead of LayerBalanceMonitor on the training-step time, Lightning on CPU.
 
-Models:
-  mlp  the demo's network: bias-free ReLU MLP 1000 -> 100 -> 100 -> 10, square loss, 1000 points,
-       full batch (examples/layer_balance.py), float32
-  cnn  a small CNN: conv3x3(3->16) ReLU maxpool, conv3x3(16->32) ReLU maxpool, linear(2048->10),
-       cross-entropy, a batch of 64 random 32x32 RGB images, float32
+Models, float32:
+  mlp       the demo's network: bias-free ReLU MLP 1000 -> 100 -> 100 -> 10, square loss, 1000
+            points, full batch (examples/layer_balance.py)
+  cnn       a small CNN: conv3x3(3->16) ReLU maxpool, conv3x3(16->32) ReLU maxpool, linear
+            (2048->10), cross-entropy, a batch of 64 random 32x32 RGB images
+  resnet    ResNetCNN() of torch_momentum.demos (19,706 parameters: the ResNet-style CNN of the
+            symmetry discovery), cross-entropy, a batch of 64 random 1x8x8 images
+  resnet18  ResNetCNN(widths=(64, 128, 256, 512), blocks=2): ResNet-18's layout and size (11.2 M
+            parameters) on 1x8x8 images, batch 64
+  vit       TinyViT() (12 pre-LN blocks, width 32, patches 2x2), 1x8x8 images, batch 64
+  gpt2      gpt2_tiny(n_layer=4) (GPT-2 of transformers: width 32, 2 heads, vocabulary 64), 16
+            sequences of 32 tokens, next-token cross-entropy
 
-Configurations, per model: no monitor (reference), LayerBalanceMonitor(log_every_n_steps=50),
-LayerBalanceMonitor(log_every_n_steps=1), LayerBalanceMonitor(log_every_n_steps=50, ledger=True)
-(the ledger reads every optimiser step), LayerBalanceMonitor(log_every_n_steps=50, neurons=True);
-all with a CSVLogger, Trainer(log_every_n_steps=50), PolyakSGD, save_figure=False.
+Configurations: mlp and cnn measure the layer mode, each with the layers the monitor found before
+it had a default mode (every module owning parameters: ``layers=`` the Linear/Conv modules): no
+monitor (reference), every 50 steps, every step, every 50 steps with the ledger (read every
+optimiser step), every 50 steps with ``neurons=True``. resnet, resnet18, vit and gpt2 measure the
+default mode (no ``layers=``: the model's symmetries, found at the first batch): no monitor, the
+monitor at the Trainer's cadence (``log_every_n_steps=50``), and with ``ledger=True`` (every
+symmetry's ledger, every optimiser step). All with a CSVLogger, Trainer(log_every_n_steps=50),
+PolyakSGD(lr 1e-3, momentum 0.9), save_figure=False.
 
 Method: each round fits every configuration once, in a freshly shuffled order (so that load on a
-shared machine hits all alike). A run takes WARMUP untimed steps and then STEPS timed steps; its
-time per step is the mean interval between consecutive ``on_train_batch_start`` calls over the
-timed steps (everything Lightning does per step, the monitor's logging steps included, amortised).
-Two overhead figures are printed:
-  direct      the time spent inside the monitor's hook (norms, host transfer, metric dict,
-              logger calls) and, with the ledger, inside its optimiser step pre/post hooks,
-              amortised over the timed steps, divided by the reference step time (both medians
-              over rounds). Robust on a loaded machine: it times only the work the monitor adds.
-  end-to-end  the median over rounds of (step time with monitor / reference step time in the same
-              round) - 1. Includes indirect effects, but on a shared machine its noise (several
-              %) can exceed the effect being measured; read it as a cross-check.
-
+shared machine hits all alike). A run takes WARMUP untimed steps, then STEPS steps of which all
+but the last are timed (the last optimiser step of a fit is always logged: left out, so that with
+STEPS a multiple of 50 the logging steps count at their share); its time per step is the mean
+interval between consecutive ``on_train_batch_start`` calls over the timed steps (everything
+Lightning does per step, the monitor's logging steps included, amortised). Figures,
+each as the median over rounds and its range [min, max]:
+  direct      the time spent inside the monitor's hooks (norms, host transfer, metric dict,
+              logger calls, the angle of a logging step) and, with the ledger, inside its
+              optimiser step pre/post hooks, amortised over the timed steps, divided by the
+              reference step time of the same round. Robust on a loaded machine: it times only
+              the work the monitor adds.
+  end-to-end  (step time with monitor / reference step time in the same round) - 1. Includes
+              indirect effects, but on a shared machine its noise (several %) can exceed the
+              effect being measured; read it as a cross-check.
   ledger on/off the ledger's cost measured inside one fit: the ledger is switched on and off in
               alternating blocks of BLOCK steps (its hook returns at once while off), the first
               step of every block (it may carry effects of the other state) and the run's last
               step (it includes the end of training) are dropped, and
-              median(step time on) / median(step time off) - 1 is taken per fit (median over
-              rounds). Both states share the process, the data and the machine's momentary
-              load, so it is less exposed to drift between fits than the end-to-end figure. It
-              can be lower than the direct figure: part of the time inside the hook (the first
-              kernels after the backward pass run several times slower than warm ones) is a cost
-              the code after the step pays anyway when the ledger does not run (measured on the
-              demo MLP: close to the direct figure, 4.4-4.7 % against 4.7 %).
+              median(step time on) / median(step time off) - 1 is taken per fit. Both states
+              share the process, the data and the machine's momentary load, so it is less
+              exposed to drift between fits than the end-to-end figure. It can be lower than the
+              direct figure: part of the time inside the hook (the first kernels after the
+              backward pass run several times slower than warm ones) is a cost the code after
+              the step pays anyway when the ledger does not run.
+  discovery   default mode: the one-time cost at the first batch (``find_symmetries`` on that
+              batch and recording the origin), in seconds and in reference steps. It is not in
+              the per-step figures (the first batch is a warm-up step).
 
-Targets: <= 1 % at log_every_n_steps=50 (also with neurons=True), <= 5 % at every step and with
-the ledger (every step).
+Targets: layer mode <= 1 % at log_every_n_steps=50 (also with neurons=True), <= 5 % at every step
+and with the ledger (every step); default mode <= 2 % at the default cadence, <= 5 % with the
+ledger every step.
 
-Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N] [--quick]
-(--quick: one round of 3 steps of the MLP, a smoke test; its ratios are not meaningful.) On a
-shared machine pass --threads 1: oversubscribed intra-op threads make small kernels erratic.
+Usage: python benchmarks/callback_overhead.py [--rounds 5] [--steps 150] [--threads N]
+[--models mlp,cnn,...] [--quick] (resnet18 runs 3 rounds of 100 steps unless told otherwise:
+about 0.5 s per step)
+(--quick: one round of 3 steps of the MLP and the small ResNet, a smoke test; its ratios are not
+meaningful.) On a shared machine pass --threads 1: oversubscribed intra-op threads make small
+kernels erratic.
 """
 
 from __future__ import annotations
@@ -52,9 +71,10 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -64,33 +84,36 @@ from torch.utils.data import DataLoader, Dataset
 
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
+from torch_momentum.demos import ResNetCNN, TinyViT, gpt2_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import quiet_lightning
 from _steptimer import StepTimer
 
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
 
 class _Repeated(Dataset):
-    """The same full batch ``length`` times (full-batch training, one epoch)."""
+    """The same batch ``length`` times (one epoch)."""
 
-    def __init__(self, batch: tuple[Tensor, Tensor], length: int) -> None:
+    def __init__(self, batch: Batch, length: int) -> None:
         self.batch, self.length = batch, length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         return self.batch
 
 
 class _Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
+    def __init__(self, net: nn.Module, loss: LossFn) -> None:
         super().__init__()
         self.net, self.loss = net, loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = self.loss(self.net(x), y)
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.loss(self.net, batch)
         self.log("train_loss", loss)
         return loss
 
@@ -98,7 +121,16 @@ class _Module(pl.LightningModule):
         return PolyakSGD(self.parameters(), lr=1e-3, momentum=0.9)
 
 
-def _mlp() -> tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor]]:
+def _cross_entropy(net: nn.Module, batch: Batch) -> Tensor:
+    return nn.functional.cross_entropy(net(batch[0]), batch[1])
+
+
+def _next_token(net: nn.Module, batch: Batch) -> Tensor:
+    logits = net(batch[0]).logits[:, :-1]
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch[1][:, 1:].flatten())
+
+
+def _mlp() -> tuple[nn.Module, Batch, LossFn]:
     net = nn.Sequential(
         nn.Linear(1000, 100, bias=False),
         nn.ReLU(),
@@ -107,10 +139,10 @@ def _mlp() -> tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor],
         nn.Linear(100, 10, bias=False),
     )
     batch = (torch.randn(1000, 1000), torch.randn(1000, 10))
-    return net, batch, lambda out, y: ((out - y) ** 2).mean()
+    return net, batch, lambda net, b: ((net(b[0]) - b[1]) ** 2).mean()
 
 
-def _cnn() -> tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor]]:
+def _cnn() -> tuple[nn.Module, Batch, LossFn]:
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
@@ -122,54 +154,122 @@ def _cnn() -> tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor],
         nn.Linear(32 * 8 * 8, 10),
     )
     batch = (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
-    return net, batch, nn.functional.cross_entropy
+    return net, batch, _cross_entropy
 
 
-MODELS = {"mlp 1000-100-100-10": _mlp, "cnn 2conv+fc": _cnn}
-CONFIGS: dict[str, dict[str, Any] | None] = {
-    "no monitor": None,
-    "every 50 steps": {"log_every_n_steps": 50},
-    "every step": {"log_every_n_steps": 1},
-    "ledger, every 50": {"log_every_n_steps": 50, "ledger": True},
-    "neurons, every 50": {"log_every_n_steps": 50, "neurons": True},
+def _images(net: nn.Module) -> tuple[nn.Module, Batch, LossFn]:
+    return net, (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))), _cross_entropy
+
+
+def _gpt2() -> tuple[nn.Module, Batch, LossFn]:
+    ids = torch.randint(0, 64, (16, 32))
+    return gpt2_tiny(n_layer=4), (ids, ids), _next_token
+
+
+class Model(NamedTuple):
+    """A benchmarked model: its maker, configurations (None: the reference), targets, and the
+    configuration whose ledger the on/off run switches."""
+
+    make: Callable[[], tuple[nn.Module, Batch, LossFn]]
+    configs: dict[str, dict[str, Any] | None]
+    targets: dict[str, str]
+    ledger: str
+    steps: int = 150  # timed steps per run unless --steps
+    rounds: int = 5  # unless --rounds
+
+
+def _layer_mode(layers: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The layer-mode configurations, with the layers the monitor's old default found."""
+    return {
+        "no monitor": None,
+        "every 50 steps": {"layers": layers, "log_every_n_steps": 50},
+        "every step": {"layers": layers, "log_every_n_steps": 1},
+        "ledger, every 50": {"layers": layers, "log_every_n_steps": 50, "ledger": True},
+        "neurons, every 50": {"layers": layers, "log_every_n_steps": 50, "neurons": True},
+    }
+
+
+LAYER_TARGETS = {
+    "every 50 steps": "1 %",
+    "every step": "5 %",
+    "ledger, every 50": "5 %",
+    "neurons, every 50": "1 %",
 }
-TARGETS = {"every 50 steps": "1 %", "every step": "5 %", "ledger, every 50": "5 %"}
-TARGETS["neurons, every 50"] = "1 %"
+DEFAULT_MODE: dict[str, dict[str, Any] | None] = {
+    "no monitor": None,
+    "default, every 50": {},
+    "ledger, every step": {"ledger": True},
+}
+DEFAULT_TARGETS = {"default, every 50": "2 %", "ledger, every step": "5 %"}
+
+MODELS = {
+    "mlp": Model(_mlp, _layer_mode(["net.0", "net.2", "net.4"]), LAYER_TARGETS, "ledger, every 50"),
+    "cnn": Model(_cnn, _layer_mode(["net.0", "net.3", "net.7"]), LAYER_TARGETS, "ledger, every 50"),
+    "resnet": Model(
+        lambda: _images(ResNetCNN()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
+    ),
+    "resnet18": Model(  # ~0.5 s per step: fewer steps and rounds by default (~12 minutes)
+        lambda: _images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2)),
+        DEFAULT_MODE,
+        DEFAULT_TARGETS,
+        "ledger, every step",
+        steps=100,
+        rounds=3,
+    ),
+    "vit": Model(lambda: _images(TinyViT()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
+    "gpt2": Model(_gpt2, DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
+}
 BLOCK = 4  # steps per on/off block of the ledger A/B run
 
 
 class _TimedMonitor(LayerBalanceMonitor):
-    """The monitor, with the time spent in its per-step hook recorded (after the warm-up)."""
+    """The monitor, with the time spent in its hooks recorded (after the warm-up), and the time
+    of its first batch (the default mode's discovery)."""
 
-    def __init__(self, warmup: int, alternate: int = 0, **kwargs: Any) -> None:
+    def __init__(self, warmup: int, stop: int, alternate: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.warmup = warmup
+        self.warmup, self.stop = warmup, stop
         self.hook_seconds = 0.0
+        self.first_batch_seconds: float | None = None
         self.alternate = alternate  # > 0: ledger on/off in blocks of this many steps
         self.ledger_on: list[bool] = []
+        self._timed = False
+        self._wrapped = False
+
+    def _the_ledger(self) -> Any:
+        if self._network is None:
+            return self._ledger
+        return None if self._network.watch is None else self._network.watch.ledger
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.alternate and self._ledger is not None:
+        start = time.perf_counter()
+        super().on_train_batch_start(trainer, *args)
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds = time.perf_counter() - start
+        ledger = self._the_ledger()
+        if ledger is not None and self.ledger and not self._wrapped:
+            self._wrapped = True  # time the ledger's optimiser step hooks too
+            ledger.detach()
+            for name in ("_before", "_after"):
+                setattr(ledger, name, self._timing(getattr(ledger, name)))
+            ledger.attach()
+        if self.alternate and ledger is not None:
             on = (trainer.global_step // self.alternate) % 2 == 0
-            self._ledger.active = on  # while off, its step hook returns at once
+            ledger.active = on  # while off, its step hook returns at once
             self.ledger_on.append(on)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_before_optimizer_step(trainer, *args)
-        self._timed = trainer.global_step >= self.warmup
+        self._timed = self.warmup <= trainer.global_step < self.stop
         if self._timed:
             self.hook_seconds += time.perf_counter() - start
 
-    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_start(trainer, *args)
-        self._timed = False
-        ledger = self._ledger
-        if ledger is not None and self.ledger:  # time the ledger's optimiser step hooks too
-            ledger.detach()
-            for name in ("_before", "_after"):
-                setattr(ledger, name, self._timing(getattr(ledger, name)))
-            ledger.attach()
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(trainer, *args)  # the angle of a logging step
+        if self._timed:
+            self.hook_seconds += time.perf_counter() - start
 
     def _timing(self, hook: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -182,6 +282,13 @@ class _TimedMonitor(LayerBalanceMonitor):
         return timed
 
 
+class _Result(NamedTuple):
+    step: float  # seconds per step
+    hook: float  # seconds per step inside the monitor's hooks
+    first_batch: float | None  # seconds of the monitor's first batch (default mode: discovery)
+    on_off: float | None  # the on/off run: median step time on / off - 1
+
+
 def _run(
     make: Callable,
     config: dict[str, Any] | None,
@@ -189,16 +296,16 @@ def _run(
     steps: int,
     logdir: str,
     alternate: int = 0,
-) -> tuple[float, float]:
-    """(seconds per step, seconds per step inside the monitor's hook); with ``alternate``:
-    (median step time with the ledger on / off - 1, 0)."""
+) -> _Result:
     torch.manual_seed(0)
     net, batch, loss = make()
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     monitor = None
     if config is not None:
-        monitor = _TimedMonitor(warmup, alternate=alternate, save_figure=False, **config)
+        monitor = _TimedMonitor(
+            warmup, warmup + steps - 1, alternate=alternate, save_figure=False, **config
+        )
         callbacks.append(monitor)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -211,11 +318,22 @@ def _run(
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(_Module(net, loss), DataLoader(_Repeated(batch, warmup + steps), batch_size=None))
+    with warnings.catch_warnings():  # what the monitor says about the model, once per fit
+        warnings.filterwarnings("ignore", ".*LayerBalanceMonitor.*")
+        loader = DataLoader(_Repeated(batch, warmup + steps), batch_size=None)
+        trainer.fit(_Module(net, loss), loader)
     if alternate:
         assert monitor is not None
-        return _on_off_ratio(timer.starts, monitor.ledger_on, warmup, alternate) - 1.0, 0.0
-    return timer.seconds_per_step(warmup), (monitor.hook_seconds / steps if monitor else 0.0)
+        ratio = _on_off_ratio(timer.starts, monitor.ledger_on, warmup, alternate) - 1.0
+        return _Result(0.0, 0.0, None, ratio)
+    # the timed steps: warmup .. warmup + steps - 2; the last step (logged whatever the cadence,
+    # as the end of fit) is left out, so that the logging steps count at their share
+    starts = timer.starts
+    step = (starts[warmup + steps - 1] - starts[warmup]) / (steps - 1)
+    if monitor is None:
+        return _Result(step, 0.0, None, None)
+    first = monitor.first_batch_seconds if monitor._network is not None else None
+    return _Result(step, monitor.hook_seconds / (steps - 1), first, None)
 
 
 def _on_off_ratio(starts: list[float], on: list[bool], warmup: int, block: int) -> float:
@@ -231,72 +349,106 @@ def _on_off_ratio(starts: list[float], on: list[bool], warmup: int, block: int) 
     return statistics.median(times[True]) / statistics.median(times[False])
 
 
+def _spread(values: list[float]) -> str:
+    """``median [min, max]`` of percentages."""
+    return f"{statistics.median(values):6.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def _measure(
+    model: Model, rounds: int, warmup: int, steps: int, block: int, logdir: str, rng: random.Random
+) -> dict[str, list[_Result]]:
+    """Every configuration of ``model`` (and its ledger on/off run) once per round, shuffled."""
+    results: dict[str, list[_Result]] = {name: [] for name in [*model.configs, "ledger on/off"]}
+    for _ in range(rounds):
+        order = list(results)
+        rng.shuffle(order)
+        for name in order:
+            if name == "ledger on/off":
+                on_off_steps = max(steps, 3 * block)  # both states after the drops
+                config = model.configs[model.ledger]
+                results[name].append(_run(model.make, config, warmup, on_off_steps, logdir, block))
+            else:
+                results[name].append(_run(model.make, model.configs[name], warmup, steps, logdir))
+    return results
+
+
+def _report(name: str, model: Model, results: dict[str, list[_Result]]) -> None:
+    reference = [r.step for r in results["no monitor"]]
+    ref_ms = 1e3 * statistics.median(reference)
+    print(f"{name:<9} {'no monitor':<19} {ref_ms:>8.2f}")
+    firsts: list[float] = []
+    for config, runs in results.items():
+        if config in ("no monitor", "ledger on/off"):
+            continue
+        ms = 1e3 * statistics.median(r.step for r in runs)
+        hook_ms = 1e3 * statistics.median(r.hook for r in runs)
+        direct = [100 * r.hook / ref for r, ref in zip(runs, reference, strict=True)]
+        paired = [100 * (r.step / ref - 1) for r, ref in zip(runs, reference, strict=True)]
+        print(
+            f"{name:<9} {config:<19} {ms:>8.2f} {hook_ms:>8.3f} {_spread(direct):>24}"
+            f" {_spread(paired):>24} {model.targets[config]:>7}"
+        )
+        firsts += [r.first_batch for r in runs if r.first_batch is not None]
+    on_off = [100 * r.on_off for r in results["ledger on/off"] if r.on_off is not None]
+    print(
+        f"{name:<9} {'ledger on/off':<19} {'':>8} {'':>8} {'':>24} {_spread(on_off):>24}"
+        f" {model.targets[model.ledger]:>7}"
+    )
+    if firsts:
+        seconds = statistics.median(firsts)
+        print(
+            f"{name:<9} {'discovery (once)':<19} first batch {seconds:.2f} s [{min(firsts):.2f},"
+            f" {max(firsts):.2f}] = {1e3 * seconds / ref_ms:.1f} reference steps (not in the"
+            " per-step figures)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=150, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (resnet18: 3)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run, default 150 (resnet18: 100)"
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps, MLP")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps")
     args = parser.parse_args()
-    models = MODELS
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    block = BLOCK
     if args.quick:
-        args.rounds, args.steps, args.warmup = 1, 3, 1
-        models = {k: v for k, v in MODELS.items() if k.startswith("mlp")}
+        args.rounds, args.steps, args.warmup, block = 1, 3, 1, 2
+        names = ["mlp", "resnet"]
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_lightning()  # the examples' warning filters and log level
 
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {threads}")
-    print(f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per run\n")
+    print(
+        f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}"
+    )
+    if args.rounds is not None or args.steps is not None:
+        print(f"{args.rounds or 'default'} rounds x {args.steps or 'default'} steps per run")
+    print(f"{args.warmup} warm-up steps per run, then the timed ones (all but the last)")
+    print("direct and end-to-end: % of the reference step, median [min, max] over rounds\n")
     header = (
-        f"{'model':<20} {'monitor':<18} {'ms/step':>8} {'hook ms':>8} {'direct':>8}"
-        f" {'end-to-end':>11} {'target':>7}"
+        f"{'model':<9} {'monitor':<19} {'ms/step':>8} {'hook ms':>8} {'direct %':>24}"
+        f" {'end-to-end %':>24} {'target':>7}"
     )
     print(header)
     print("-" * len(header))
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as logdir:
-        for model_name, make in models.items():
-            times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-            hooks: dict[str, list[float]] = {name: [] for name in CONFIGS}
-            on_off: list[float] = []
-            for _ in range(args.rounds):
-                order = [*CONFIGS, "ledger on/off"]
-                rng.shuffle(order)
-                for name in order:
-                    if name == "ledger on/off":
-                        config, block = CONFIGS["ledger, every 50"], 2 if args.quick else BLOCK
-                        steps = max(args.steps, 3 * block)  # both states after the drops
-                        on_off.append(_run(make, config, args.warmup, steps, logdir, block)[0])
-                        continue
-                    step, hook = _run(make, CONFIGS[name], args.warmup, args.steps, logdir)
-                    times[name].append(step)
-                    hooks[name].append(hook)
-            reference = times["no monitor"]
-            ref_ms = 1e3 * statistics.median(reference)
-            print(f"{model_name:<20} {'no monitor':<18} {ref_ms:>8.2f}")
-            for name, config in CONFIGS.items():
-                if config is None:
-                    continue
-                ms = 1e3 * statistics.median(times[name])
-                hook_ms = 1e3 * statistics.median(hooks[name])
-                paired = statistics.median(
-                    t / r for t, r in zip(times[name], reference, strict=True)
-                )
-                target = TARGETS[name]
-                print(
-                    f"{model_name:<20} {name:<18} {ms:>8.2f} {hook_ms:>8.3f}"
-                    f" {100 * hook_ms / ref_ms:>7.2f}% {100 * (paired - 1):>10.2f}% {target:>7}"
-                )
-            ratio = 100 * statistics.median(on_off)
-            spread = ", ".join(f"{100 * r:+.2f}" for r in on_off)
-            print(
-                f"{model_name:<20} {'ledger on/off':<18} {'':>8} {'':>8} {'':>8} {ratio:>10.2f}%"
-                f" {TARGETS['ledger, every 50']:>7}   (rounds: {spread} %)"
-            )
+        for name in names:
+            model = MODELS[name]
+            rounds, steps = args.rounds or model.rounds, args.steps or model.steps
+            results = _measure(model, rounds, args.warmup, steps, block, logdir, rng)
+            _report(name, model, results)
+            print(f"{'':<9} ({rounds} rounds x {steps} steps per run)")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

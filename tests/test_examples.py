@@ -20,7 +20,13 @@ import pytest
 from tests.helpers.processes import ROOT, run_python
 
 EXAMPLES = ROOT / "examples"
-BENCHMARKS = ["optim_step.py", "callback_overhead.py", "clarke.py", "symmetry_discovery.py"]
+BENCHMARKS = [
+    "optim_step.py",
+    "callback_overhead.py",
+    "clarke.py",
+    "symmetry_discovery.py",
+    "figures.py",
+]
 TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 PUBLISHED = ("layer_balance*.png", "ledger*.png", "unit_drift*.png")
 

@@ -15,20 +15,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from torch_momentum.balance import _dtensor
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
-from torch_momentum.balance._parts import part_values, unit_view
-from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS
+from torch_momentum.balance._parts import PartSums, UnitIndex, index_units, reduce_rows
+from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS
 
 _ENTRY_A = [a for a, _ in GRAM_ENTRIES]
 _ENTRY_B = [b for _, b in GRAM_ENTRIES]
 # positions in GRAM_ENTRIES of <x,x>, <x,dx>, <dx,dx>, <x,e>, <dx,e>, <e,e>
 _XX, _XDX, _DXDX, _XE, _DXE, _EE = 0, 4, 5, 6, 7, 8
+# the angle statistics of a scale charge as combinations of GRAM_ENTRIES: |x|^2, <x, d> and
+# |d|^2 of the applied update d = dx + e
+_ANGLE_ROWS = torch.zeros(3, len(GRAM_ENTRIES), dtype=torch.float64)
+_ANGLE_ROWS[0, _XX] = 1.0
+_ANGLE_ROWS[1, _XDX] = _ANGLE_ROWS[1, _XE] = 1.0
+_ANGLE_ROWS[2, _DXDX] = _ANGLE_ROWS[2, _EE] = 1.0
+_ANGLE_ROWS[2, _DXE] = 2.0
+# per row of a step: the terms (LEDGER_TERMS) and the angle statistics
+_VALUES = len(LEDGER_TERMS) + 3
 
 
 class Part(NamedTuple):
@@ -92,8 +101,27 @@ def localize(part: Part, p: Any, name: str) -> Part | None:
     return part._replace(length=count, unit_offset=part.unit_offset + first // part.block)
 
 
+class _Layout(NamedTuple):
+    """The cached layout of a step's charge rows (see :meth:`ChargeBook.accumulate`)."""
+
+    units: UnitIndex
+    present: list[tuple[int, ...]]  # per group: the slots its members have
+    dtype: list[torch.dtype]  # per group: the dtype of its slots (stacked as they are)
+    acc: list[torch.dtype]  # per group: the accumulation dtype
+    convert: list[bool]  # per group: converted to the accumulation dtype before stacking
+    complex: list[bool]  # per group: complex tensors, read as real
+    angle_dst: Tensor  # per entry of the index: its scale charge's position (or a dump row)
+
+
 class ChargeBook:
     """The per-unit sums of every charge's ledger terms, accumulated on the device.
+
+    Each step's terms are linear in the per-unit Gram matrices (quadratic charges) or sums
+    (linear charges) of each tensor's slots. Tensors of one layout are stacked and reduced
+    together (:func:`~torch_momentum.balance._parts.reduce_rows`: one copy, one batched
+    matrix product per block of rows), the per-index values are mapped to the terms by the
+    coefficients of each tensor's rule, and one ``index_add_`` sums them into the units: a
+    few kernels per group of equally shaped tensors, not per part.
 
     Args:
         charges: the charges (global parts).
@@ -120,15 +148,19 @@ class ChargeBook:
             self._local.append([p for p in parts if p is not None])
         self.needs = {p.tracked for parts in self._local for p in parts}
         n_terms = len(LEDGER_TERMS)
-        self.sums = [
-            torch.zeros(c.units, n_terms, dtype=torch.float64, device=device) for c in charges
-        ]
+        self.sizes = [c.units for c in self.charges]
+        self._flat = torch.zeros(sum(self.sizes), n_terms, dtype=torch.float64, device=device)
+        self.sums = list(self._flat.split(self.sizes))
         self.offset = [torch.zeros_like(t) for t in self.sums]
         self._scale = [k for k, c in enumerate(self.charges) if c.kind == "scale"]
         self._angles: list[Tensor] = []  # per step: (scale charges, 3) = |x|^2, <x, d>, |d|^2
+        self._layouts: dict[Any, _Layout] = {}
+        self._coefs: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
+        self._values: dict[tuple[int, int | None], PartSums] = {}
 
     def zero(self) -> None:
-        for t in (*self.sums, *self.offset):
+        self._flat.zero_()
+        for t in self.offset:
             t.zero_()
         self._angles = []
 
@@ -136,42 +168,155 @@ class ChargeBook:
         self, rows: dict[int, Row], inv_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
         """Add one step's terms (``rows``: the step's rows by tracked tensor)."""
-        stacks: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        angle = torch.zeros(len(self._scale), 3, dtype=torch.float64, device=self.device)
-        for k, (charge, parts) in enumerate(zip(self.charges, self._local, strict=True)):
-            for part in parts:
-                row = rows.get(part.tracked)
-                if row is None:
-                    continue
-                if part.tracked not in stacks:
-                    stacks[part.tracked] = _stack(row, inv_scale)
-                m, cmap, terms, linear = stacks[part.tracked]
-                v = unit_view(m, part)  # (units, slots, rest)
-                weight = part.sign * self._weights[part.tracked]
-                if charge.linear:
-                    canon = v.sum(-1).to(torch.float64) @ cmap.T  # (units, 5)
-                    value = weight * (canon @ linear.T)
-                else:
-                    gram = (v @ v.transpose(1, 2)).to(torch.float64)
-                    entries = (cmap @ gram @ cmap.T)[:, _ENTRY_A, _ENTRY_B]  # (units, 9)
-                    value = weight * (entries @ terms.T)
-                    if charge.kind == "scale":
-                        angle[self._scale.index(k)] += weight * _angle_stats(entries)
-                if found_inf is not None:  # a step the optimiser skipped: nothing happened
-                    value = torch.where(found_inf.to(value.device) > 0, 0.0, value)
-                first = part.unit_offset
-                self.sums[k][first : first + part.units] += value.to(self.device)
+        key = (tuple(rows), tuple([row.mask for row in rows.values()]))
+        cached = self._layouts.get(key)
+        values = None if cached is None else self._step_values(cached, rows, inv_scale)
+        if cached is None or values is None:  # a new layout (or the dtypes changed under it)
+            if len(self._layouts) > 16:
+                self._layouts.clear()
+            cached = self._layouts[key] = self._layout(rows)
+            values = self._step_values(cached, rows, inv_scale)
+            assert values is not None
+        layout = cached
+        index = layout.units
+        terms = values.index_select(0, index.src) * index.factor[:, None]  # (entries, 9)
+        if found_inf is not None:  # a step the optimiser skipped: nothing happened
+            terms = torch.where(found_inf.to(terms.device) > 0, 0.0, terms)
+        n_terms = len(LEDGER_TERMS)
+        self._flat.index_add_(0, index.dst, terms[:, :n_terms])
         if self._scale:
+            angle = torch.zeros(len(self._scale) + 1, 3, dtype=torch.float64, device=self.device)
+            angle = angle.index_add_(0, layout.angle_dst, terms[:, n_terms:])[:-1]
             if found_inf is not None:
                 angle = torch.where(found_inf.to(angle.device) > 0, math.nan, angle)
             self._angles.append(angle)
+
+    def _layout(self, rows: dict[int, Row]) -> _Layout:
+        """Group the charge parts of the tensors in ``rows`` by layout and index their units."""
+
+        def describe(i: int) -> tuple[Any, tuple[int, ...]] | None:
+            row = rows.get(i)
+            if row is None:
+                return None
+            slots = [t for t in row.slots if t is not None]
+            shape = tuple(slots[0].shape) + ((2,) if slots[0].is_complex() else ())
+            dtypes = tuple(t.dtype for t in slots)
+            return (shape, dtypes, slots[0].device, row.mask, row.low, row.plain), shape
+
+        weights = self._weights
+        index = index_units(
+            [(c.linear, parts) for c, parts in zip(self.charges, self._local, strict=True)],
+            lambda part: part.tracked,
+            describe,
+            lambda part: part.sign * weights[part.tracked],
+            # groups that share a rule map and slots next to each other: one mapping for all
+            lambda group: (group.linear, repr(group.signature[1:])),
+        )
+        present, dtype, acc, convert, cplx = [], [], [], [], []
+        for group in index.groups:
+            _, dtypes, _, mask, _, _ = group.signature
+            present.append(tuple(k for k in range(SLOTS) if mask >> k & 1))
+            first = torch.empty(0, dtype=dtypes[0])
+            acc.append(acc_dtype(first))
+            cplx.append(first.is_complex())
+            real = torch.view_as_real(first).dtype if first.is_complex() else first.dtype
+            dtype.append(real)
+            convert.append(real != acc[-1] or any(d != dtypes[0] for d in dtypes))
+        # the scale charge of every entry (len(self._scale): not a scale charge)
+        charge_of_unit = torch.repeat_interleave(
+            torch.arange(len(self.charges)), torch.tensor(self.sizes, dtype=torch.long)
+        )
+        scale_pos = torch.full((len(self.charges) + 1,), len(self._scale), dtype=torch.long)
+        scale_pos[self._scale] = torch.arange(len(self._scale))
+        angle_dst = scale_pos[charge_of_unit[index.dst]] if len(index.dst) else index.dst
+        device = self.device
+        return _Layout(
+            index._replace(
+                src=index.src.to(device), dst=index.dst.to(device), factor=index.factor.to(device)
+            ),
+            present,
+            dtype,
+            acc,
+            convert,
+            cplx,
+            angle_dst.to(device),
+        )
+
+    def _step_values(
+        self, layout: _Layout, rows: dict[int, Row], inv_scale: Tensor | None
+    ) -> Tensor | None:
+        """Per row of every group, the 6 terms and 3 angle statistics (``(rows, 9)``, float64,
+        unweighted); None when a group's tensors no longer have the layout's dtype. Consecutive
+        groups whose tensors share one rule map are mapped to the terms together."""
+        pieces: list[Tensor] = []
+        run: list[Tensor] = []  # reductions of consecutive groups with one coefficient matrix
+        run_key: tuple[Any, ...] | None = None
+        run_coef: Tensor | None = None
+        for g, group in enumerate(layout.units.groups):
+            present, acc = layout.present[g], layout.acc[g]
+            members = [rows[i] for i in group.members]
+            if layout.complex[g] or layout.convert[g] or inv_scale is not None:
+                tensors = [_slot(row, k, acc, inv_scale) for row in members for k in present]
+            else:  # the present slots are the rows' tensors that are not None
+                tensors = [t for row in members for t in row.slots if t is not None]
+                if tensors[0].dtype != layout.dtype[g]:
+                    return None
+            x = reduce_rows(tensors, group, len(present), "sum" if group.linear else "gram")
+            first = members[0]
+            key = None
+            if all(row.maps is first.maps for row in members):
+                key = (id(first.maps), first.plain, first.low, present, group.linear, x.dtype)
+            if run and key != run_key:  # the run ends
+                pieces.append(_map_run(run, cast(Tensor, run_coef)))
+                run = []
+            if key is None:  # several rule maps in one group: per member
+                pieces.append(self._apply(x.to(torch.float64), members, group.linear, present))
+                continue
+            if not run:
+                run_key, run_coef = key, self._coef(first, group.linear, present, x.device)
+            run.append(x.reshape(-1, x.shape[-1]))
+        if run:
+            pieces.append(_map_run(run, cast(Tensor, run_coef)))
+        if not pieces:
+            return torch.zeros(0, _VALUES, dtype=torch.float64, device=self.device)
+        if len(pieces) == 1:
+            return pieces[0].to(self.device)
+        return torch.cat([p.to(self.device) for p in pieces])
+
+    def _apply(
+        self, x: Tensor, members: list[Row], linear: bool, present: tuple[int, ...]
+    ) -> Tensor:
+        """The terms and angle statistics of per-row reductions ``x`` ``(rows, K, e)`` whose
+        members follow several rule maps."""
+        coefs = torch.stack([self._coef(row, linear, present, x.device) for row in members])
+        return torch.einsum("nke,ket->nkt", x, coefs).reshape(-1, _VALUES)
+
+    def _coef(self, row: Row, linear: bool, present: tuple[int, ...], device: Any) -> Tensor:
+        """``(e, 9)``: the row's terms and angle statistics as combinations of the reductions of
+        its present slots (cached per rule map; the map is kept so that its id stays unique)."""
+        key = (id(row.maps), row.plain, row.low, present, linear, device)
+        hit = self._coefs.get(key)
+        if hit is not None and hit[0] is row.maps:
+            return hit[1]
+        cmap = row.slot_map()[:, list(present)]  # (5 canonical, r)
+        if linear:
+            terms = torch.tensor(row.maps.linear, dtype=torch.float64) @ cmap  # (6, r)
+            coef = torch.cat([terms, torch.zeros(_VALUES - len(terms), len(present))]).T
+        else:
+            table = torch.cat([torch.tensor(row.maps.terms, dtype=torch.float64), _ANGLE_ROWS])
+            a, b = cmap[_ENTRY_A], cmap[_ENTRY_B]  # (9 entries, r)
+            coef = torch.einsum("te,ea,eb->abt", table, a, b).reshape(-1, _VALUES)
+        if len(self._coefs) > 256:  # a scheduler changes lr every step
+            self._coefs.clear()
+        self._coefs[key] = (row.maps, coef.to(device))
+        return self._coefs[key][1]
 
     def reduced(self, sharded: bool) -> list[Tensor]:
         """The sums over all ranks plus the restored offsets (one all_reduce when sharded)."""
         sums = self.sums
         if sharded and sums:
-            flat = _dtensor.all_reduce_sum(torch.cat([t.reshape(-1) for t in sums]))
-            sums = [t.reshape(-1, len(LEDGER_TERMS)) for t in flat.split([t.numel() for t in sums])]
+            flat = _dtensor.all_reduce_sum(self._flat.clone())
+            sums = list(flat.split(self.sizes))
         return [off + t for off, t in zip(self.offset, sums, strict=True)]
 
     def values(
@@ -179,15 +324,13 @@ class ChargeBook:
     ) -> list[Tensor]:
         """Charges ``first..stop`` now, from the full iterate of every tensor (a gather when
         sharded)."""
-        out = []
-        for charge in self.charges[first:stop]:
-            total = torch.zeros(charge.units, dtype=torch.float64, device=self.device)
-            for part in charge.parts:
-                value = part.sign * part_values(iterate(part.tracked), part, charge.linear)
-                first = part.unit_offset
-                total[first : first + part.units] += value.to(self.device)
-            out.append(total)
-        return out
+        sums = self._values.get((first, stop))
+        if sums is None:
+            sums = self._values[(first, stop)] = PartSums(
+                [(c.units, c.linear, c.parts) for c in self.charges[first:stop]],
+                lambda part: part.tracked,
+            )
+        return [v.to(self.device) for v in sums(iterate)]
 
     def angles(self, sharded: bool) -> Tensor:
         """Per step since the last call, the angle between :math:`x_t` and :math:`x_{t+1}` of
@@ -207,41 +350,25 @@ class ChargeBook:
         """Continue from saved totals (per charge ``(units, terms)``)."""
         if sharded:  # the saved totals are added once, after the sum over ranks
             self.offset = saved
-            self.sums = [torch.zeros_like(t) for t in saved]
+            self._flat.zero_()
         else:  # continue the same sums in the same order
             self.offset = [torch.zeros_like(t) for t in saved]
-            self.sums = saved
+            for t, v in zip(self.sums, saved, strict=True):
+                t.copy_(v)
 
 
-def _angle_stats(entries: Tensor) -> Tensor:
-    """``(|x|^2, <x, d>, |d|^2)`` summed over units, ``d = dx + e`` the applied update."""
-    e = entries.sum(0)
-    xd = e[_XDX] + e[_XE]
-    dd = e[_DXDX] + 2.0 * e[_DXE] + e[_EE]
-    return torch.stack([e[_XX], xd, dd])
+def _map_run(run: list[Tensor], coef: Tensor) -> Tensor:
+    """Reductions ``(rows, e)`` of groups sharing ``coef`` ``(e, 9)``, mapped to the terms and
+    angle statistics (float64)."""
+    x = run[0] if len(run) == 1 else torch.cat(run)
+    return x.to(torch.float64) @ coef
 
 
-def _stack(row: Row, inv_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The row's present slots stacked ``(r, *shape[, 2])`` in the accumulation dtype (the
-    gradient unscaled), the slot map restricted to them, and the term coefficients."""
-    present = [k for k, t in enumerate(row.slots) if t is not None]
-    first = row.slots[present[0]]
-    assert first is not None
-    acc = acc_dtype(first)
-    tensors = []
-    for k in present:
-        t = row.slots[k]
-        assert t is not None
-        t = t.detach()
-        if t.is_sparse:
-            t = t.to_dense()
-        t = torch.view_as_real(t) if t.is_complex() else t
-        t = t.to(acc)
-        if k == GRAD_SLOT and inv_scale is not None:
-            t = t * inv_scale.to(t.device, acc)
-        tensors.append(t)
-    m = torch.stack(tensors)
-    cmap = row.slot_map()[:, present].to(m.device)
-    terms = torch.tensor(row.maps.terms, dtype=torch.float64, device=m.device)
-    linear = torch.tensor(row.maps.linear, dtype=torch.float64, device=m.device)
-    return m, cmap, terms, linear
+def _slot(row: Row, k: int, acc: torch.dtype, inv_scale: Tensor | None) -> Tensor:
+    """Slot ``k`` of ``row`` as a real tensor of the accumulation dtype (the gradient unscaled)."""
+    t = cast(Tensor, row.slots[k])
+    t = torch.view_as_real(t) if t.is_complex() else t
+    t = t.to(acc)
+    if k == GRAD_SLOT and inv_scale is not None:
+        t = t * inv_scale.to(t.device, acc)
+    return t

@@ -71,6 +71,7 @@ class Row(NamedTuple):
     maps: Maps
     plain: bool  # no velocity (plain gradient descent)
     low: bool  # low precision: slots (p_t, v_t, g_t, p_{t+1}, v_{t+1})
+    mask: int  # bit k set: slot k is present
 
     def slot_map(self) -> Tensor:
         """The map (5 canonical x 5 slots) as a float64 tensor, in the sign of the stored

@@ -453,7 +453,7 @@ class BalanceLedger:
                 v = None
                 low = False
                 if entry.copies is not None:
-                    slots, plain = (entry.copies[k], p, grad, None, None), False
+                    slots, plain, mask = (entry.copies[k], p, grad, None, None), False, 0b111
                 else:
                     st = state.get(p)
                     v = st.get(vkey) if st and vkey is not None else None
@@ -461,11 +461,12 @@ class BalanceLedger:
                     if i in entry.low:
                         p0, v0 = entry.low[i]
                         slots, low = (p0, v0, grad, p, v), True
+                        mask = 0b01101 | (0 if v0 is None else 0b10) | (0 if plain else 0b10000)
                     else:
-                        slots = (p, v, grad, None, None)
+                        slots, mask = (p, v, grad, None, None), 0b101 if plain else 0b111
                 if self._sharded or grad.is_sparse or (v is not None and v.is_sparse):
                     slots = cast(Slots, tuple(None if t is None else _dense(t) for t in slots))
-                rows.append(Row(i, slots, first if i in entry.fresh else maps, plain, low))
+                rows.append(Row(i, slots, first if i in entry.fresh else maps, plain, low, mask))
         return rows
 
     def _accumulate_pairs(

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_momentum.balance._parts import PartSums
 from torch_momentum.balance.groups import OTHER_GROUP, clean_names, weight_groups
 from torch_momentum.balance.norms import layer_sq_norms_host
 from torch_momentum.balance.symmetry import KINDS, Symmetry
@@ -86,8 +87,14 @@ class BalanceSummary:
             for k in self.kinds
         }
         self.per_layer = per_layer
+        self._sums = PartSums(
+            [(s.units, not s.quadratic, s.parts) for s in self.symmetries], lambda p: p.param
+        )
+        #: after :meth:`charges` (and :meth:`metrics`): every symmetry's charge at that point
+        self.last_values: list[Tensor] = []
         self.sq0: list[float] | None = None
         self.q0: list[Tensor] | None = None
+        self._q0_flat: Tensor | None = None
         #: after :meth:`metrics`: each group's relative change of its squared norm
         self.last_groups: dict[str, float] = {}
         #: after :meth:`metrics`: each symmetry's largest :math:`|Q_u(t) - Q_u(0)|`
@@ -106,14 +113,19 @@ class BalanceSummary:
         return [[named[n] for n in names] for names in self.groups.values()]
 
     def charges(self, named: Mapping[str, Tensor]) -> list[Tensor]:
-        """Every symmetry's charge at the point ``named`` (float64, on the parameters' device)."""
+        """Every symmetry's charge at the point ``named`` (float64, on the parameters' device):
+        :meth:`Symmetry.charge` of each, computed for all of them at once (one stacked
+        reduction per group of equally shaped tensors)."""
         with torch.no_grad():
-            return [s.charge(named) for s in self.symmetries]
+            values = self._sums(lambda name: _lookup(named, name))
+        self.last_values = values
+        return values
 
     def start(self, named: Mapping[str, Tensor]) -> None:
         """Record the origin: the groups' squared norms and the charges at ``named``."""
         self.sq0 = layer_sq_norms_host([self._tensors(named)])[0]
         self.q0 = [q.cpu() for q in self.charges(named)]
+        self._q0_flat = None
 
     def metrics(
         self,
@@ -163,21 +175,32 @@ class BalanceSummary:
 
     def changes(self, charges: Sequence[Tensor]) -> list[Tensor]:
         """``Q(t) - Q(0)`` per symmetry, on the host (one transfer)."""
+        return list(self._flat_changes(charges).split([q.numel() for q in charges]))
+
+    def _flat_changes(self, charges: Sequence[Tensor]) -> Tensor:
+        """``Q(t) - Q(0)`` of all symmetries, concatenated, on the host (one transfer)."""
         assert self.q0 is not None
         if not charges:
-            return []
+            return torch.zeros(0, dtype=torch.float64)
         flat = torch.cat([q.reshape(-1) for q in charges]).cpu()
-        now = flat.split([q.numel() for q in charges])
-        return [q - q0 for q, q0 in zip(now, self.q0, strict=True)]
+        if self._q0_flat is None or self._q0_flat.numel() != flat.numel():
+            self._q0_flat = torch.cat([q.reshape(-1) for q in self.q0]).to(flat.dtype)
+        return flat - self._q0_flat
 
     def _charge_metrics(self, charges: Sequence[Tensor]) -> dict[str, float]:
-        deltas = self.last_deltas = self.changes(charges)
-        largest = [float(d.abs().max()) if d.numel() else 0.0 for d in deltas]
+        flat = self._flat_changes(charges)
+        sizes = [q.numel() for q in charges]
+        self.last_deltas = list(flat.split(sizes))
+        n = len(charges)
+        segment = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes, dtype=torch.long))
+        zeros = torch.zeros(n, dtype=torch.float64)
+        largest = zeros.scatter_reduce(0, segment, flat.abs(), "amax").tolist()
+        totals = zeros.index_add(0, segment, flat).tolist()
         self.last_charges = dict(zip(self.labels, largest, strict=True))
         out: dict[str, float] = {}
         drifts = [
-            abs(float(d.sum()))
-            for d, s in zip(deltas, self.symmetries, strict=True)
+            abs(total)
+            for total, s in zip(totals, self.symmetries, strict=True)
             if s.kind == "rescale"
         ]
         if drifts:
@@ -216,3 +239,13 @@ class BalanceSummary:
         self.sq0 = None if state["sq0"] is None else [float(v) for v in state["sq0"]]
         q0 = state["q0"]
         self.q0 = None if q0 is None else [torch.tensor(v, dtype=torch.float64) for v in q0]
+        self._q0_flat = None
+
+
+def _lookup(named: Mapping[str, Tensor], name: str) -> Tensor:
+    try:
+        return named[name]
+    except KeyError:
+        raise ValueError(
+            f"named has no parameter {name!r}, which a monitored symmetry touches"
+        ) from None

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_momentum.balance._parts import part_values, signed_sum
+from torch_momentum.balance._parts import PartSums
 from torch_momentum.balance.groups import clean_names
 from torch_momentum.balance.ledger import BalanceLedger
 from torch_momentum.balance.rules import LEDGER_TERMS, HeavyBall, rule_for
@@ -99,6 +99,9 @@ class NetworkWatch:
         self._scale = [s for s in self.symmetries if s.kind == "scale"]
         self._rescale = [s for s in self.symmetries if s.kind == "rescale"]
         self._snapshot: dict[str, Tensor] | None = None
+        self._scale_sums = PartSums(
+            [(s.units, False, s.parts) for s in self._scale], lambda p: p.param
+        )
         #: after :meth:`metrics` with the ledger: per symmetry, the change of its charge summed
         #: over units (``"change"``) and each term summed over units
         self.last_ledger: dict[str, dict[str, float]] = {}
@@ -169,29 +172,41 @@ class NetworkWatch:
     def _ledger_metrics(self) -> dict[str, float]:
         assert self.ledger is not None
         charges = self.ledger.read_charges()
-        terms = torch.zeros(len(LEDGER_TERMS), dtype=torch.float64)
-        closure = 0.0
+        rows = list(charges.values())
+        n_terms = len(LEDGER_TERMS)
+        if not rows:
+            return {f"ledger/{t}": 0.0 for t in LEDGER_TERMS} | {"ledger/closure": 0.0}
+        # every symmetry's change, term sums and relative closure from one host transfer
+        sizes = torch.tensor([row["D"].numel() for row in rows], dtype=torch.long)
+        d, d0 = torch.cat([row["D"] for row in rows]), torch.cat([row["D0"] for row in rows])
+        sums = torch.cat([row["sums"] for row in rows])
+        closure = torch.cat([row["closure"] for row in rows])
+        flat = torch.cat([(d - d0)[:, None], sums, d.abs()[:, None], d0.abs()[:, None]], 1).cpu()
+        closure = closure.abs().cpu()
+        segment = torch.repeat_interleave(torch.arange(len(rows)), sizes)
+        zeros = torch.zeros(len(rows), dtype=torch.float64)
+        totals = zeros[:, None].repeat(1, 1 + n_terms).index_add(0, segment, flat[:, : 1 + n_terms])
+        scale = zeros.scatter_reduce(0, segment, flat[:, 1 + n_terms :].amax(1), "amax")
+        worst = zeros.scatter_reduce(0, segment, closure, "amax")
+        relative = (worst / scale.clamp_min(1e-300)).tolist()
+        table = totals.tolist()
         labels = dict(zip((s.name for s in self.symmetries), self._labels(), strict=True))
         self.last_ledger = {
-            labels[name]: {
-                "change": float((row["D"] - row["D0"]).sum()),
-                **dict(zip(LEDGER_TERMS, row["sums"].sum(0).tolist(), strict=True)),
-            }
-            for name, row in charges.items()
+            labels[name]: {"change": total[0], **dict(zip(LEDGER_TERMS, total[1:], strict=True))}
+            for name, total in zip(charges, table, strict=True)
         }
-        for row in charges.values():
+        terms = [0.0] * n_terms
+        for row, total in zip(rows, table, strict=True):
             if row["kind"] in ("scale", "rescale"):
-                terms += row["sums"].sum(0).cpu()
-            scale = max(float(row["D"].abs().max()), float(row["D0"].abs().max()), 1e-300)
-            closure = max(closure, float(row["closure"].abs().max()) / scale)
+                terms = [a + b for a, b in zip(terms, total[1:], strict=True)]
         if self.neurons:
             self.unit_ledger = {
                 labels[name]: {k: v.cpu() for k, v in row.items() if k != "kind"}
                 for name, row in charges.items()
                 if row["kind"] == "rescale"
             }
-        out = {f"ledger/{t}": float(v) for t, v in zip(LEDGER_TERMS, terms.tolist(), strict=True)}
-        out["ledger/closure"] = closure
+        out = {f"ledger/{t}": v for t, v in zip(LEDGER_TERMS, terms, strict=True)}
+        out["ledger/closure"] = max(relative)
         return out
 
     def before_step(self) -> None:
@@ -199,8 +214,9 @@ class NetworkWatch:
         step when there is no ledger to give every step's)."""
         if self._scale and self.ledger is None:
             point = self.iterate()
-            names = {part.param for s in self._scale for part in s.parts}
-            self._snapshot = {n: point[n].detach().clone() for n in names}
+            names = list(dict.fromkeys(part.param for s in self._scale for part in s.parts))
+            copies = torch._foreach_add([point[n].detach() for n in names], 0)  # one pass
+            self._snapshot = dict(zip(names, copies, strict=True))
 
     def after_step(self) -> dict[str, float]:
         """After the step :meth:`before_step` prepared: ``{"angle/mean": ...}`` of that step."""
@@ -208,8 +224,20 @@ class NetworkWatch:
             return {}
         before, self._snapshot = self._snapshot, None
         now = self.iterate()
-        angles = [_angle(s, before, now) for s in self._scale]
-        return {"angle/mean": statistics.fmean(angles)}
+        names = list(before)
+        # |x_t|^2, |x_{t+1}|^2 and |x_{t+1} - x_t|^2 per part (float64 sums), then <x_t, d> from
+        # them: |x_{t+1}|^2 = |x_t|^2 + 2<x_t, d> + |d|^2
+        diffs = torch._foreach_sub([now[n] for n in names], [before[n] for n in names])
+        step = dict(zip(names, diffs, strict=True))
+        stats = [
+            torch.stack([q.sum() for q in self._scale_sums(x.__getitem__)])
+            for x in (before, now, step)
+        ]
+        xx, yy, dd = torch.stack(stats).cpu()
+        xd = (yy - xx - dd) / 2
+        cross = (xx * dd - xd * xd).clamp_min(0.0).sqrt()
+        angles = torch.atan2(cross, xx + xd)
+        return {"angle/mean": float(angles.mean())}
 
     def _angle_metrics(self, point: dict[str, Tensor]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -218,15 +246,16 @@ class NetworkWatch:
             values = torch.cat([a[~torch.isnan(a)] for a in per_step.values()])
             if values.numel():
                 out["angle/mean"] = float(values.mean())
+        # |x_A|^2 of every scale symmetry: the charges the summary just computed at this point
+        charge_of = dict(zip(self.summary.symmetries, self.summary.last_values, strict=True))
+        norms = torch.stack([charge_of[s].sum() for s in self._scale]).tolist()
+        named = dict(self.module.named_parameters())
         predictions, lrs = [], []
-        for s in self._scale:
-            hyper = self._hyper(s)
+        for s, norm in zip(self._scale, norms, strict=True):
+            hyper = self._hyper(s, named)
             if hyper is None:
                 continue
             lr, momentum, decay = hyper
-            norm = float(
-                signed_sum(s.parts, s.units, lambda p: part_values(point[p.param], p, False)).sum()
-            )
             lrs.append(lr / norm if norm > 0 else math.inf)
             if decay > 0:
                 predictions.append(math.sqrt(2 * lr * decay / (1 + momentum)))
@@ -236,10 +265,10 @@ class NetworkWatch:
             out["effective_lr/median"] = statistics.median(lrs)
         return out
 
-    def _hyper(self, s: Symmetry) -> tuple[float, float, float] | None:
+    def _hyper(self, s: Symmetry, named: Mapping[str, Tensor]) -> tuple[float, float, float] | None:
         """``(lr, momentum, weight decay)`` of the heavy-ball group updating the symmetry's first
         parameter (None for other rules: the equilibrium is a heavy-ball result)."""
-        p = dict(self.module.named_parameters()).get(s.parts[0].param)
+        p = named.get(s.parts[0].param)
         owner = None if p is None else self._owner.get(id(p))
         if owner is None:
             return None
@@ -288,23 +317,6 @@ class NetworkWatch:
             else:
                 self.ledger.start()
             self.ledger.attach()
-
-
-def _angle(s: Symmetry, before: dict[str, Tensor], after: dict[str, Tensor]) -> float:
-    """The angle between the symmetry's entries at two points (all units together)."""
-
-    def dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-        return float(
-            signed_sum(
-                s.parts,
-                s.units,
-                lambda p: part_values(a[p.param], p, False, b[p.param]),
-                signed=False,
-            ).sum()
-        )
-
-    xx, yy, xy = dot(before, before), dot(after, after), dot(before, after)
-    return math.atan2(math.sqrt(max(xx * yy - xy * xy, 0.0)), xy)
 
 
 def pair_ledger_metrics(ledger: BalanceLedger) -> dict[str, float]:
