@@ -71,6 +71,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/optim_step.py
 	$(PY) benchmarks/callback_overhead.py
+	$(PY) benchmarks/figures.py
+	$(PY) benchmarks/symmetry_discovery.py
 	$(PY) benchmarks/clarke.py
 
 clean:

@@ -201,6 +201,32 @@ def test_charges_survive_state_dict() -> None:
         torch.testing.assert_close(a[name]["D0"], b[name]["D0"], rtol=0, atol=0)
 
 
+def test_a_layer_tensor_and_a_parameter_of_the_same_name_stay_apart() -> None:
+    """Layers ``{"h": [W]}`` name their tensor ``h[0]``; a module parameter literally named
+    ``h[0]`` is another tensor: the charge on it reads that parameter, not ``W``."""
+    net = _net()
+    extra = nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
+    net.register_parameter("h[0]", extra)
+    charge = SimpleNamespace(
+        name="extra",
+        kind="translation",
+        units=1,
+        parts=(SymmetryPart("h[0]", None, 0, 0, 1, 1.0, 0),),
+    )
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    layers = {"h": [net[0].weight], "k": [net[3].weight]}
+    ledger = BalanceLedger(layers, opt, module=net, symmetries=[charge])
+    ledger.attach()
+    x = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        opt.zero_grad()
+        (net(x).square().mean() + (extra - 0.3).square().sum()).backward()
+        opt.step()
+    row = ledger.read_charges()["extra"]
+    torch.testing.assert_close(row["D"], extra.detach().sum().reshape(1), rtol=0, atol=1e-15)
+    assert float(row["closure"].abs().max()) < 1e-14
+
+
 ALL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     **OPTIMIZERS,
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),

@@ -13,6 +13,7 @@ Private module: the names here are shared by the ledger's modules, not user API.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
@@ -22,7 +23,13 @@ from torch import Tensor
 
 from torch_momentum.balance import _dtensor
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
-from torch_momentum.balance._parts import PartSums, UnitIndex, index_units, reduce_rows
+from torch_momentum.balance._parts import (
+    PartSums,
+    SymmetryPart,
+    UnitIndex,
+    index_units,
+    reduce_rows,
+)
 from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS
 
 _ENTRY_A = [a for a, _ in GRAM_ENTRIES]
@@ -40,28 +47,6 @@ _ANGLE_ROWS[2, _DXE] = 2.0
 _VALUES = len(LEDGER_TERMS) + 3
 
 
-class Part(NamedTuple):
-    """A :class:`SymmetryPart` of tracked tensor ``tracked`` (the ledger's index).
-
-    ``dim`` None: the whole tensor is unit ``unit_offset``. Otherwise the indices
-    ``[start, start + length)`` along ``dim``, in blocks of ``block`` consecutive indices: block
-    ``u`` (all other dimensions summed) is unit ``unit_offset + u``. ``sign``: +1 or -1.
-    """
-
-    tracked: int
-    dim: int | None
-    start: int
-    length: int
-    block: int
-    sign: float
-    unit_offset: int
-
-    @property
-    def units(self) -> int:
-        """The number of units of this part."""
-        return 1 if self.dim is None else self.length // self.block
-
-
 class Charge(NamedTuple):
     """A per-unit charge: ``kind`` is ``"units"`` (a hidden layer's per-unit balance),
     ``"scale"``, ``"rescale"``, ``"translation"`` or ``"zero_gradient"``."""
@@ -69,7 +54,7 @@ class Charge(NamedTuple):
     name: str
     kind: str
     units: int
-    parts: list[Part]
+    parts: list[SymmetryPart]  # ``param``: the tracked tensor's name in the ledger
 
     @property
     def linear(self) -> bool:
@@ -77,7 +62,7 @@ class Charge(NamedTuple):
         return self.kind not in ("units", "scale", "rescale")
 
 
-def localize(part: Part, p: Any, name: str) -> Part | None:
+def localize(part: SymmetryPart, p: Any, name: str) -> SymmetryPart | None:
     """The part as this rank's shard of ``p`` sees it (``None``: it holds none of its units).
 
     A shard along another dimension than the part's sees all units (its sums are partial and
@@ -98,7 +83,9 @@ def localize(part: Part, p: Any, name: str) -> Part | None:
         )
     if count == 0:
         return None
-    return part._replace(length=count, unit_offset=part.unit_offset + first // part.block)
+    return dataclasses.replace(
+        part, length=count, unit_offset=part.unit_offset + first // part.block
+    )
 
 
 class _Layout(NamedTuple):
@@ -124,9 +111,9 @@ class ChargeBook:
     few kernels per group of equally shaped tensors, not per part.
 
     Args:
-        charges: the charges (global parts).
-        tracked: the tracked tensors (parameters), indexed by the parts.
-        names: a name per tracked tensor, for error messages.
+        charges: the charges (global parts, each naming its tracked tensor in ``param``).
+        tracked: the tracked tensors (parameters).
+        names: a distinct name per tracked tensor (the parts' ``param``).
         weights: per tracked tensor, the weight of this rank's shard in sums over ranks.
         device: where the sums live.
     """
@@ -142,11 +129,15 @@ class ChargeBook:
         self.charges = list(charges)
         self.device = device
         self._weights = list(weights)
-        self._local: list[list[Part]] = []
+        position = {name: i for i, name in enumerate(names)}
+        if len(position) != len(names):
+            raise ValueError(f"the tracked tensors' `names` must be distinct, got {list(names)}")
+        self._position = position
+        self._local: list[list[SymmetryPart]] = []
         for charge in self.charges:
-            parts = [localize(p, tracked[p.tracked], names[p.tracked]) for p in charge.parts]
+            parts = [localize(p, tracked[position[p.param]], p.param) for p in charge.parts]
             self._local.append([p for p in parts if p is not None])
-        self.needs = {p.tracked for parts in self._local for p in parts}
+        self.needs = {position[p.param] for parts in self._local for p in parts}
         n_terms = len(LEDGER_TERMS)
         self.sizes = [c.units for c in self.charges]
         self._flat = torch.zeros(sum(self.sizes), n_terms, dtype=torch.float64, device=device)
@@ -203,12 +194,12 @@ class ChargeBook:
             dtypes = tuple(t.dtype for t in slots)
             return (shape, dtypes, slots[0].device, row.mask, row.low, row.plain), shape
 
-        weights = self._weights
+        weights, position = self._weights, self._position
         index = index_units(
             [(c.linear, parts) for c, parts in zip(self.charges, self._local, strict=True)],
-            lambda part: part.tracked,
+            lambda part: position[part.param],
             describe,
-            lambda part: part.sign * weights[part.tracked],
+            lambda part: part.sign * weights[position[part.param]],
             # groups that share a rule map and slots next to each other: one mapping for all
             lambda group: (group.linear, repr(group.signature[1:])),
         )
@@ -328,7 +319,7 @@ class ChargeBook:
         if sums is None:
             sums = self._values[(first, stop)] = PartSums(
                 [(c.units, c.linear, c.parts) for c in self.charges[first:stop]],
-                lambda part: part.tracked,
+                lambda part: self._position[part.param],
             )
         return [v.to(self.device) for v in sums(iterate)]
 

@@ -5,7 +5,7 @@ Private module: the names here are shared by the ledger's modules, not user API.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -81,6 +81,36 @@ class Row(NamedTuple):
             for k in VELOCITY_SLOTS:
                 c[:, k] = -c[:, k]  # the slot holds the buffer = -v
         return c
+
+
+class FlatViews:
+    """The slots of rows as flat vectors of the accumulation dtype (:func:`as_vector`).
+
+    Parameters and velocities persist across steps: their flat views are reused while they
+    still view the same memory (a copy, e.g. a dtype conversion, never does); gradients and
+    copies are viewed afresh.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, int], tuple[int, int, Tensor]] = {}
+
+    def __call__(self, row: Row, needed: frozenset[int]) -> dict[int, Tensor]:
+        """The row's slots ``needed`` (all present) by slot index."""
+        i, slots = row.tracked, row.slots
+        acc = acc_dtype(cast(Tensor, slots[0]))
+        vecs: dict[int, Tensor] = {}
+        for k in needed:
+            t = cast(Tensor, slots[k])
+            if k == GRAD_SLOT or (k == 0 and not isinstance(t, torch.nn.Parameter)):
+                vecs[k] = as_vector(t, acc)
+                continue
+            hit = self._views.get((i, k))
+            if hit is None or hit[0] != t.data_ptr() or hit[1] != t.numel():
+                vec = as_vector(t, acc)
+                n = vec.numel() // (2 if t.is_complex() else 1)
+                self._views[(i, k)] = hit = (vec.data_ptr(), n, vec)
+            vecs[k] = hit[2]
+        return vecs
 
 
 class StepMatrix(NamedTuple):

@@ -10,6 +10,7 @@ up to round-off: a ledger that closes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -17,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from torch_momentum.balance import _dtensor
-from torch_momentum.balance._charges import Charge, ChargeBook, Part
+from torch_momentum.balance._charges import Charge, ChargeBook
 from torch_momentum.balance._dtensor import is_dtensor, local
 from torch_momentum.balance._gram import (
-    GRAD_SLOT,
+    FlatViews,
     Row,
     Slots,
     StepMatrix,
@@ -216,7 +217,7 @@ class BalanceLedger:
         self._matrices: dict[Any, StepMatrix] = {}
         self._handles: list[Any] = []
         self._static: dict[int, list[_Pending]] = {}
-        self._views: dict[tuple[int, int], tuple[int, int, Tensor]] = {}
+        self._vectors = FlatViews()
         self._owner: dict[int, tuple[torch.optim.Optimizer, _Plan]] = {}
         self._plans: dict[int, list[_Plan]] = {}
         self._rule_of: dict[int, Rule] = {id(opt): rule_for(opt) for opt in self.optimizers}
@@ -257,6 +258,8 @@ class BalanceLedger:
         if id(p) not in self._index:
             self._index[id(p)] = len(self._tracked)
             self._tracked.append(p)
+            while name in self._tensor_names:  # another tensor has this name already
+                name += "'"
             self._tensor_names.append(name)
         return self._index[id(p)]
 
@@ -270,9 +273,7 @@ class BalanceLedger:
                     " not have"
                 )
             i = self._track(named[spec.param], spec.param)
-            parts.append(
-                Part(i, spec.dim, spec.start, spec.length, spec.block, spec.sign, spec.unit_offset)
-            )
+            parts.append(dataclasses.replace(spec, param=self._tensor_names[i]))
         return Charge(name, kind, units, parts)
 
     def _pair_signs(self, layer_of: list[tuple[int, int]]) -> Tensor:
@@ -360,7 +361,7 @@ class BalanceLedger:
         self._handles = []
         self._pending = {}
         self._static = {}
-        self._views = {}
+        self._vectors = FlatViews()
 
     @torch.no_grad()
     def _before(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -507,27 +508,6 @@ class BalanceLedger:
         if found_inf is not None:  # a step the optimiser skipped: nothing happened
             flat = torch.where(found_inf.to(flat.device) > 0, 0.0, flat)
         self._local_sums.view(-1).addmv_(cached.matrix, flat)
-
-    def _vectors(self, row: Row, needed: frozenset[int]) -> dict[int, Tensor]:
-        """The row's slots as flat vectors of the accumulation dtype, for the slots ``needed``."""
-        i, slots = row.tracked, row.slots
-        acc = acc_dtype(cast(Tensor, slots[0]))
-        views = self._views
-        vecs: dict[int, Tensor] = {}
-        for k in needed:
-            t = cast(Tensor, slots[k])  # needed slots are present
-            if k == GRAD_SLOT or (k == 0 and not isinstance(t, nn.Parameter)):
-                vecs[k] = as_vector(t, acc)
-                continue
-            # parameters and velocities persist across steps: reuse their flat views while
-            # they still view the same memory (a copy, e.g. a dtype conversion, never does)
-            hit = views.get((i, k))
-            if hit is None or hit[0] != t.data_ptr() or hit[1] != t.numel():
-                vec = as_vector(t, acc)
-                n = vec.numel() // (2 if t.is_complex() else 1)
-                views[(i, k)] = hit = (vec.data_ptr(), n, vec)
-            vecs[k] = hit[2]
-        return vecs
 
     # ------------------------------------------------------------------------------------------
     # reading, state
