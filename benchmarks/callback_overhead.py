@@ -236,17 +236,12 @@ class _TimedMonitor(LayerBalanceMonitor):
         self._timed = False
         self._wrapped = False
 
-    def _the_ledger(self) -> Any:
-        if self._network is None:
-            return self._ledger
-        return None if self._network.watch is None else self._network.watch.ledger
-
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_train_batch_start(trainer, *args)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - start
-        ledger = self._the_ledger()
+        ledger = self.balance_ledger
         if ledger is not None and self.ledger and not self._wrapped:
             self._wrapped = True  # time the ledger's optimiser step hooks too
             ledger.detach()
@@ -332,7 +327,7 @@ def _run(
     step = (starts[warmup + steps - 1] - starts[warmup]) / (steps - 1)
     if monitor is None:
         return _Result(step, 0.0, None, None)
-    first = monitor.first_batch_seconds if monitor._network is not None else None
+    first = monitor.first_batch_seconds if monitor.layers is None else None
     return _Result(step, monitor.hook_seconds / (steps - 1), first, None)
 
 

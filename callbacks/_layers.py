@@ -53,6 +53,11 @@ class LayerMode:
     def names(self) -> list[str]:
         return list(self._names)
 
+    @property
+    def balance_ledger(self) -> BalanceLedger | None:
+        """The ledger of the layer pairs (and units), once training started."""
+        return self._ledger
+
     def start(self, trainer: Trainer, pl_module: LightningModule, step: int) -> str:
         """At ``on_train_start``: ``"restored"``, ``"continued"`` or ``"new"`` (see
         :meth:`_restore`)."""

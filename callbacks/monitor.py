@@ -22,9 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from torch_momentum.balance import (
-    check_layers_spec,
-)
+from torch_momentum.balance import BalanceLedger, check_layers_spec
 from torch_momentum.balance.symmetry import Symmetry
 from torch_momentum.callbacks._layers import LayerMode
 from torch_momentum.callbacks._network import LossFn, NetworkMode
@@ -282,6 +280,18 @@ class LayerBalanceMonitor(Callback):
         """The monitored layers, in adjacency order (known once training started; the layer
         mode)."""
         return [] if self._layer_mode is None else self._layer_mode.names
+
+    @property
+    def balance_ledger(self) -> BalanceLedger | None:
+        """The :class:`~torch_momentum.balance.BalanceLedger` the monitor keeps: of the layer
+        pairs (and units, ``neurons=True``) in the layer mode, of every charge in the default
+        mode (``ledger=True``); ``None`` before training starts, without one, and on the ranks
+        of the default mode other than zero. Read it, e.g. ``read_charges()``; the monitor
+        attaches and detaches it."""
+        if self._layer_mode is not None:
+            return self._layer_mode.balance_ledger
+        assert self._network is not None
+        return None if self._network.watch is None else self._network.watch.ledger
 
     @property
     def sharded(self) -> bool:

@@ -60,6 +60,7 @@ def test_keys_closure_and_units(optimizer: str) -> None:
         # bias-free ReLU net: R_i = 0 (Euler); float64 rounding of ~100 products
         assert history[-1][f"balance/unit_symmetry_max/{layer}"] < 1e-12
     assert "balance/unit_drift_max/net.4" not in keys  # the output layer has no units
+    assert monitor.balance_ledger is not None and monitor.balance_ledger.pairs == PAIRS
     # float64 round-off only (measured ~1e-16)
     assert _max_rel(history, "closure") < 1e-10
     assert _max_rel(history, "other") < 1e-10

@@ -179,6 +179,9 @@ def test_the_default_monitor_on_a_real_network(case: str, tmp_path: Path) -> Non
     # float64: the ledger of every charge closes to round-off over 6 steps
     assert monitor.history[-1]["ledger/closure"] <= 1e-10
     assert monitor.history[-1]["ledger/other"] == pytest.approx(0.0, abs=1e-10)
+    # the monitor's ledger is public: its charges are the symmetries the monitor found
+    ledger = monitor.balance_ledger
+    assert ledger is not None and len(ledger.read_charges()) == len(monitor.symmetries)
     # the figures: written, readable sizes
     assert set(monitor.figure_paths) == {"balance", "ledger"}
     for path in monitor.figure_paths.values():
