@@ -14,7 +14,8 @@ the fixed summary of :class:`~torch_momentum.balance.summary.BalanceSummary`, an
   the effective learning rate :math:`\eta/\|x_A\|^2` (``effective_lr/median``);
 * per-unit detail of the rescale symmetries (``neurons=True``): ``balance/unit_drift_max``
   (:math:`\max_u |D_u(t) - D_u(0)|`) and ``balance/unit_symmetry_max``
-  (:math:`\max_u |\langle x, g\rangle_{\pm,u}|`, 0 while the symmetry holds).
+  (:math:`\max_u |\langle y, g\rangle_{\pm,u}|` at the parameters :math:`y`, where the gradient
+  is taken: 0 up to round-off while the symmetry holds, also under Nesterov).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class NetworkWatch:
         if self.ledger is not None:
             out.update(self._ledger_metrics())
         if self.neurons and self._rescale:
-            out.update(self._unit_metrics(point, params, grad_scale))
+            out.update(self._unit_metrics(params, grad_scale))
         return out
 
     def _ledger_metrics(self) -> dict[str, float]:
@@ -280,16 +281,20 @@ class NetworkWatch:
         return h.lr, h.momentum, h.weight_decay
 
     def _unit_metrics(
-        self, point: dict[str, Tensor], params: dict[str, Tensor] | None, grad_scale: float
+        self, params: dict[str, Tensor] | None, grad_scale: float
     ) -> dict[str, float]:
+        r"""Per-unit drift, and :math:`\max_u |\langle y, g\rangle_{\pm,u}|` at the parameters
+        :math:`y`, where the gradient was taken (the look-ahead point under Nesterov, not the
+        iterate): by Euler's identity 0 up to round-off while the rescale symmetry holds."""
         index = [self.summary.symmetries.index(s) for s in self._rescale]
         deltas = self.summary.last_deltas  # of this step's summary
         self.unit_drift = {self.summary.labels[k]: deltas[k] for k in index}
         out = {"balance/unit_drift_max": max(float(deltas[k].abs().max()) for k in index)}
         if params is not None:
             grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+            at = {n: params[n].detach() for n in grads}
             sym = [
-                s.inner({n: g for n, g in grads.items()}, point)
+                s.inner(grads, at)
                 for s in self._rescale
                 if all(part.param in grads for part in s.parts)
             ]
