@@ -168,6 +168,35 @@ def test_angles_of_a_scale_symmetry_are_read_per_step() -> None:
     assert ledger.read_angles()["0 (per channel)"].numel() == 0  # read and cleared
 
 
+def test_state_saved_before_the_first_step_restores() -> None:
+    """A state saved before start() (no origins yet) restores to a ledger that starts its series
+    on first use, as a fresh one: read_charges works and, after the same steps, equals the
+    ledger that was never saved."""
+    net = _net()
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    state = BalanceLedger(None, opt, module=net, symmetries=_symmetries()).state_dict()
+    assert state["charge_D0"] is None
+    resumed = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    resumed.load_state_dict(state)
+    first = resumed.read_charges()  # starts the series at the current point
+    assert set(first) == {s.name for s in _symmetries()}
+    for row in first.values():
+        assert float((row["D"] - row["D0"]).abs().max()) == 0.0
+    fresh = BalanceLedger(None, opt, module=net, symmetries=_symmetries())
+    fresh.attach()
+    resumed.attach()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (64,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    a, b = fresh.read_charges(), resumed.read_charges()
+    for name in a:
+        for key in ("D", "D0", "sums"):  # the same sums of the same steps, in the same order
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=0, atol=0)
+
+
 def test_charges_survive_state_dict() -> None:
     """A ledger restored from state_dict continues the same sums and origins."""
     net = _net()

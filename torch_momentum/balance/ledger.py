@@ -681,7 +681,8 @@ class BalanceLedger:
             None if state["unit_D0"] is None else [as_tensor(v) for v in state["unit_D0"]]
         )
         charge0 = state.get("charge_D0")
-        self._charge0 = [] if not charges else [as_tensor(v) for v in charge0 or []]
+        # None: saved before start() (read_charges then starts the series, as a fresh ledger)
+        self._charge0 = None if charge0 is None else [as_tensor(v) for v in charge0]
         saved = [*state["unit_sums"], *state.get("charge_sums", [])]
         self._book.restore([_terms(as_tensor(v)) for v in saved], self._sharded)
         self._sgd_c = {
