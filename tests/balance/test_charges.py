@@ -168,6 +168,41 @@ def test_angles_of_a_scale_symmetry_are_read_per_step() -> None:
     assert ledger.read_angles()["0 (per channel)"].numel() == 0  # read and cleared
 
 
+def test_angle_buffer_is_bounded() -> None:
+    """Never calling read_angles keeps at most ``angle_steps`` steps (memory bounded, not one
+    buffer per step): the most recent ones, in order, equal to an unbounded reader's; a read
+    clears it; a skipped step (found_inf) reads NaN."""
+    net = _net()
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    small = BalanceLedger(None, opt, module=net, symmetries=_symmetries(), angle_steps=8)
+    large = BalanceLedger(None, opt, module=net, symmetries=_symmetries(), angle_steps=64)
+    small.attach()
+    large.attach()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (64,))
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    name = "0 (per channel)"
+    for total in (21, 8, 3):  # wrapped (not at a multiple of 8), exactly full, partly full
+        for _ in range(total):
+            step()
+        every, kept = large.read_angles()[name], small.read_angles()[name]
+        assert every.shape == (total,) and kept.shape == (min(total, 8),)
+        assert every.isfinite().all() and (every > 0).all()
+        torch.testing.assert_close(kept, every[-8:], rtol=0, atol=0)
+    assert small.read_angles()[name].numel() == 0
+    opt.found_inf = torch.ones(1)  # type: ignore[attr-defined]  # as a GradScaler sets it
+    step()
+    del opt.found_inf  # type: ignore[attr-defined]
+    assert small.read_angles()[name].isnan().all()
+    with pytest.raises(ValueError, match="angle_steps"):
+        BalanceLedger(None, opt, module=net, symmetries=_symmetries(), angle_steps=0)
+
+
 def test_state_saved_before_the_first_step_restores() -> None:
     """A state saved before start() (no origins yet) restores to a ledger that starts its series
     on first use, as a fresh one: read_charges works and, after the same steps, equals the

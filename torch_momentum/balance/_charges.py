@@ -116,6 +116,9 @@ class ChargeBook:
         names: a distinct name per tracked tensor (the parts' ``param``).
         weights: per tracked tensor, the weight of this rank's shard in sums over ranks.
         device: where the sums live.
+        angle_steps: how many steps of angle statistics of the scale charges are kept (a ring
+            buffer preallocated on the device: memory stays bounded however long
+            :meth:`angles` is not called).
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class ChargeBook:
         names: Sequence[str],
         weights: Sequence[float],
         device: torch.device,
+        angle_steps: int = 1024,
     ) -> None:
         self.charges = list(charges)
         self.device = device
@@ -144,7 +148,16 @@ class ChargeBook:
         self.sums = list(self._flat.split(self.sizes))
         self.offset = [torch.zeros_like(t) for t in self.sums]
         self._scale = [k for k, c in enumerate(self.charges) if c.kind == "scale"]
-        self._angles: list[Tensor] = []  # per step: (scale charges, 3) = |x|^2, <x, d>, |d|^2
+        # per step, |x|^2, <x, d>, |d|^2 of each scale charge (and a dump row for the others),
+        # written in place at row (steps seen % angle_steps)
+        self._ring = torch.zeros(
+            angle_steps if self._scale else 0,
+            len(self._scale) + 1,
+            3,
+            dtype=torch.float64,
+            device=device,
+        )
+        self._angle_count = 0  # steps written since the last read
         self._layouts: dict[Any, _Layout] = {}
         self._coefs: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
         self._values: dict[tuple[int, int | None], PartSums] = {}
@@ -153,7 +166,7 @@ class ChargeBook:
         self._flat.zero_()
         for t in self.offset:
             t.zero_()
-        self._angles = []
+        self._angle_count = 0
 
     def accumulate(
         self, rows: dict[int, Row], inv_scale: Tensor | None, found_inf: Tensor | None
@@ -176,11 +189,11 @@ class ChargeBook:
         n_terms = len(LEDGER_TERMS)
         self._flat.index_add_(0, index.dst, terms[:, :n_terms])
         if self._scale:
-            angle = torch.zeros(len(self._scale) + 1, 3, dtype=torch.float64, device=self.device)
-            angle = angle.index_add_(0, layout.angle_dst, terms[:, n_terms:])[:-1]
+            angle = self._ring[self._angle_count % len(self._ring)]
+            angle.zero_().index_add_(0, layout.angle_dst, terms[:, n_terms:])
             if found_inf is not None:
-                angle = torch.where(found_inf.to(angle.device) > 0, math.nan, angle)
-            self._angles.append(angle)
+                angle.masked_fill_(found_inf.to(angle.device) > 0, math.nan)
+            self._angle_count += 1
 
     def _layout(self, rows: dict[int, Row]) -> _Layout:
         """Group the charge parts of the tensors in ``rows`` by layout and index their units."""
@@ -324,13 +337,16 @@ class ChargeBook:
         return [v.to(self.device) for v in sums(iterate)]
 
     def angles(self, sharded: bool) -> Tensor:
-        """Per step since the last call, the angle between :math:`x_t` and :math:`x_{t+1}` of
-        every scale charge (all its units together), ``(steps, scale charges)``; the buffer is
-        cleared. Skipped steps are left out (NaN)."""
-        if not self._angles:
+        """Per step since the last call, at most the last ``angle_steps``, in order: the angle
+        between :math:`x_t` and :math:`x_{t+1}` of every scale charge (all its units together),
+        ``(steps, scale charges)``; the buffer is cleared. Skipped steps are NaN."""
+        count, capacity = self._angle_count, len(self._ring)
+        self._angle_count = 0
+        if count == 0:
             return torch.zeros(0, len(self._scale), dtype=torch.float64)
-        stats = torch.stack(self._angles)  # (steps, charges, 3)
-        self._angles = []
+        # the oldest kept step is at count % capacity once the ring has wrapped
+        ring = self._ring[:count] if count <= capacity else self._ring.roll(-(count % capacity), 0)
+        stats = ring[:, :-1].clone()  # (steps, charges, 3), the dump row dropped
         if sharded:
             _dtensor.all_reduce_sum(stats)
         xx, xd, dd = stats.unbind(-1)

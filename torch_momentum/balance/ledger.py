@@ -128,10 +128,12 @@ class BalanceLedger:
         module: the model; required with ``units`` or ``symmetries`` (parameters by name).
         symmetries: optional symmetries (from
             :func:`~torch_momentum.balance.find_symmetries`): a ledger per unit of each charge.
+        angle_steps: how many steps :meth:`read_angles` keeps between reads (memory stays
+            bounded when it is never called).
 
     Raises:
         ValueError: one layer, nothing to track, a parameter in two layers, ``units`` or
-            ``symmetries`` without ``module``.
+            ``symmetries`` without ``module``, ``angle_steps`` < 1.
 
     Example:
 
@@ -169,7 +171,10 @@ class BalanceLedger:
         units: Sequence[UnitLayer] | None = None,
         module: nn.Module | None = None,
         symmetries: Sequence[Any] | None = None,
+        angle_steps: int = 1024,
     ) -> None:
+        if isinstance(angle_steps, bool) or not isinstance(angle_steps, int) or angle_steps < 1:
+            raise ValueError(f"`angle_steps` must be a positive int, got {angle_steps!r}")
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
         layers = dict(layers or {})
@@ -199,7 +204,7 @@ class BalanceLedger:
         )
         self._offset = torch.zeros_like(self._local_sums)
         self._book = ChargeBook(
-            charges, self._tracked, self._tensor_names, self._weights, self.device
+            charges, self._tracked, self._tensor_names, self._weights, self.device, angle_steps
         )
         self.D0: Tensor | None = None
         self.unit_D0: list[Tensor] | None = None
@@ -628,7 +633,8 @@ class BalanceLedger:
 
     def read_angles(self) -> dict[str, Tensor]:
         """Per scale symmetry, the angle between :math:`x_t` and :math:`x_{t+1}` (all its units
-        together) of every step since the last call (steps a GradScaler skipped are NaN)."""
+        together) of every step since the last call, in order, at most the last ``angle_steps``
+        (steps a GradScaler skipped are NaN)."""
         names = [c.name for c in self._book.charges if c.kind == "scale"]
         angles = self._book.angles(self._sharded)
         return {name: angles[:, k] for k, name in enumerate(names)}
