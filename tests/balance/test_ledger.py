@@ -291,6 +291,45 @@ def test_state_dict_continues_exactly() -> None:
         resumed.load_state_dict({**state, "pairs": ["x-y"]})
 
 
+def test_state_dict_keeps_the_torch_nesterov_lookahead_format() -> None:
+    """``sgd_lookahead`` keeps its format, rows ``[[optimizer index, group index], eta mu]`` with
+    the last step's eta (a scheduler changed lr since), and a ledger restored from it continues
+    the series of an uninterrupted one under ``torch.optim.SGD(nesterov=True)``."""
+    data, decay = regression_data(), lambda t: 0.8**t
+
+    def sgd(net: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+    net = mlp()
+    opt = sgd(net)
+    whole = _run(net, opt, 10, data, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, decay))
+    net2 = mlp()
+    opt2 = sgd(net2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt2, decay)
+    half = _run(net2, opt2, 5, data, scheduler=schedule)
+    state = half.state_dict()
+    half.detach()
+    # the fifth step ran at 0.05 * 0.8**4, the scheduler has set 0.05 * 0.8**5 since
+    assert state["sgd_lookahead"] == [[[0, 0], pytest.approx(0.05 * 0.8**4 * 0.9, rel=1e-12)]]
+    resumed = BalanceLedger(
+        {k: [p for _, p in v] for k, v in discover_layers(net2).items()},
+        opt2,
+        units=pair_units(net2),
+        module=net2,
+    )
+    resumed.load_state_dict(state)
+    resumed.attach()
+    x, y = data
+    for _ in range(5):
+        opt2.zero_grad()
+        ((net2(x) - y) ** 2).mean().backward()
+        opt2.step()
+        schedule.step()
+    # same operations in the same order, sums restored through Python floats (exact up to the
+    # last bits of the restored sums' re-association)
+    torch.testing.assert_close(resumed.read()["sums"], whole.read()["sums"], rtol=1e-13, atol=0)
+
+
 def test_skipped_and_gradless_steps() -> None:
     """A parameter without gradient is not updated and contributes nothing."""
     net = mlp(bias=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from torch_momentum import NesterovSGD
 from torch_momentum.balance import find_symmetries
+from torch_momentum.balance.summary import BalanceSummary
 from torch_momentum.balance.watch import NetworkWatch
 
 
@@ -53,4 +55,43 @@ def test_unit_symmetry_is_round_off_under_nesterov() -> None:
     # float64 sums of ~50 products of O(1) entries with O(0.1) gradients: round-off ~1e-16;
     # the iterate's error is c <v, g> = eta mu <v, g>, ~1e-3 after 5 steps
     assert metrics["balance/unit_symmetry_max"] < 1e-12, metrics["balance/unit_symmetry_max"]
+    watch.close()
+
+
+@pytest.mark.parametrize("ledger", [False, True])
+def test_iterate_follows_torch_sgd_nesterov_under_a_scheduler(ledger: bool) -> None:
+    """``torch.optim.SGD(nesterov=True)`` builds its parameters y = x + eta_t mu v with the
+    step's eta_t; a scheduler then changes lr before the watch reads x. The watch must subtract
+    the step's eta_t mu v (recorded after the step), not the new lr's; with or without the
+    ledger, and for the parameters the ledger does not track (the last layer's bias here)."""
+    net, batch = _mlp(), _batch()
+    net.append(nn.Linear(3, 3)).double()
+    symmetries = find_symmetries(net, _loss, [batch], kinds=("rescale",))
+    mu = 0.9
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=mu, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+    watch = NetworkWatch(net, [opt], symmetries, ledger=ledger)
+    reference = BalanceSummary(net, symmetries)
+    watch.start()
+    reference.start({n: p.detach().clone() for n, p in watch.params().items()})
+    for _ in range(4):
+        opt.zero_grad()
+        _loss(net, batch).backward()
+        lr = opt.param_groups[0]["lr"]  # the step's lr, before the scheduler halves it
+        opt.step()
+        schedule.step()
+        # x = y + eta_t mu buf (buf = -v): the iterate the parameters were built from
+        exact = {
+            n: p.detach() + lr * mu * opt.state[p]["momentum_buffer"]
+            for n, p in watch.params().items()
+        }
+        point = watch.iterate()
+        for n, x in exact.items():
+            # float64: one multiply-add apart at most (~1e-16 relative); the bug is
+            # (eta_t - eta_{t+1}) mu |buf| ~ 1e-3 here
+            torch.testing.assert_close(point[n], x, rtol=0.0, atol=1e-12, msg=n)
+        metrics = watch.metrics(with_grads=False)
+        expected = reference.metrics(exact, None, 1.0)
+        for key, value in expected.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     watch.close()

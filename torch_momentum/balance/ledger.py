@@ -31,8 +31,9 @@ from torch_momentum.balance._gram import (
     step_matrix,
     sums_of_squares,
 )
+from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
-from torch_momentum.balance.rules import LEDGER_TERMS, Maps, Rule, rule_for
+from torch_momentum.balance.rules import LEDGER_TERMS, Maps, Rule
 from torch_momentum.balance.units import UnitLayer, unit_parts
 
 __all__ = ["BalanceLedger"]
@@ -216,16 +217,17 @@ class BalanceLedger:
 
     def _init_hooks(self) -> None:
         """The state of the step hooks: rules, plans, caches."""
-        self._sgd_c: dict[tuple[int, int], float] = {}  # the rules' memory (look-ahead records)
+        #: who updates each tracked tensor, and the iterate the ledger reads (shared with
+        #: :class:`~torch_momentum.balance.watch.NetworkWatch`)
+        self.iterates = Iterates(self.optimizers)
+        self._rule_of = self.iterates.rules
         self._pending: dict[int, list[_Pending]] = {}
         self._maps: dict[tuple[Any, ...], Maps] = {}
         self._matrices: dict[Any, StepMatrix] = {}
         self._handles: list[Any] = []
         self._static: dict[int, list[_Pending]] = {}
         self._vectors = FlatViews()
-        self._owner: dict[int, tuple[torch.optim.Optimizer, _Plan]] = {}
         self._plans: dict[int, list[_Plan]] = {}
-        self._rule_of: dict[int, Rule] = {id(opt): rule_for(opt) for opt in self.optimizers}
         self._locate()
 
     # ------------------------------------------------------------------------------------------
@@ -293,29 +295,20 @@ class BalanceLedger:
         return sign
 
     def _locate(self) -> None:
+        """Per optimiser, its param groups that update tracked tensors (the steps read)."""
         ids = {id(p): i for i, p in enumerate(self._tracked)}
-        self._owner = {}
         self._plans = {}
         for opt in self.optimizers:
             plans = []
             for g, group in enumerate(opt.param_groups):
                 idx = [ids[id(p)] for p in group["params"] if id(p) in ids]
-                plan = _Plan(g, group, idx)
-                for i in idx:
-                    self._owner[i] = (opt, plan)
                 if idx:
-                    plans.append(plan)
+                    plans.append(_Plan(g, group, idx))
             self._plans[id(opt)] = plans
 
     def _iterate(self, i: int, *, local: bool = True) -> Tensor:
         """The iterate of tracked tensor ``i`` (a view of the parameter when it is the iterate)."""
-        p = self._tracked[i]
-        owner = self._owner.get(i)
-        if owner is None:
-            x = p.detach()
-        else:
-            opt, plan = owner
-            x = self._rule_of[id(opt)].iterate(opt, plan.group_index, p, self._sgd_c)
+        x = self.iterates.iterate(self._tracked[i])
         return _dtensor.local(x) if local else x
 
     def tracks(self, p: Tensor) -> bool:
@@ -347,6 +340,7 @@ class BalanceLedger:
             return
         if self.D0 is None:
             self.start()
+        self.iterates.attach()
         for opt in self.optimizers:
             rule = self._rule_of[id(opt)]
             plans = self._plans.get(id(opt), [])
@@ -364,6 +358,7 @@ class BalanceLedger:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.iterates.detach()
         self._pending = {}
         self._static = {}
         self._vectors = FlatViews()
@@ -384,7 +379,7 @@ class BalanceLedger:
                 copies = [local(p.detach()).clone() for p in tensors]
                 pending.append(_Pending(plan, copies, 0.0, {}, frozenset()))
                 continue
-            c0 = rule.lookahead(opt, plan.group_index, self._sgd_c)
+            c0 = rule.lookahead(opt, plan.group_index, self.iterates.memory)
             low = {}
             for i, p in zip(plan.tracked, tensors, strict=True):
                 if is_low_precision(p):
@@ -408,7 +403,9 @@ class BalanceLedger:
         if entry.copies is not None:
             rule = _GENERIC
         plan = entry.plan
-        key, build = rule.maps(opt, plan.group_index, plan.group, entry.c0, self._sgd_c, first_step)
+        key, build = rule.maps(
+            opt, plan.group_index, plan.group, entry.c0, self.iterates.memory, first_step
+        )
         maps = self._maps.get(key)
         if maps is None:
             if len(self._maps) > 256:  # a scheduler changes lr every step
@@ -543,14 +540,14 @@ class BalanceLedger:
     def _add_k(self, i: int, xf: Tensor, qk: Tensor) -> bool:
         """Add tensor ``i``'s share of :math:`\\tfrac{2\\eta\\mu}{1-\\mu} K` to ``qk``; False where
         :math:`Q_t` does not apply (a look-ahead optimiser, dampening or the generic split)."""
-        owner = self._owner.get(i)
+        owner = self.iterates.owner(self._tracked[i])
         if owner is None:
             return True
-        opt, plan = owner
-        rule = self._rule_of[id(opt)]
-        if not (rule.known(plan.group) and rule.corrected(plan.group)):
+        opt, g = owner
+        rule, group = self._rule_of[id(opt)], opt.param_groups[g]
+        if not (rule.known(group) and rule.corrected(group)):
             return False
-        h = rule.hyper(plan.group)
+        h = rule.hyper(group)
         v = rule.velocity(opt, self._tracked[i])
         if v is None or h.momentum == 0.0:
             return True
@@ -655,12 +652,8 @@ class BalanceLedger:
             "charges": [s.name for s in self.symmetries],
             "charge_D0": None if self._charge0 is None else [t.tolist() for t in self._charge0],
             "charge_sums": [t.tolist() for t in book[n:]],
-            "sgd_lookahead": [[self._plan_index(key), value] for key, value in self._sgd_c.items()],
+            "sgd_lookahead": self.iterates.state_dict(),
         }
-
-    def _plan_index(self, key: tuple[int, int]) -> list[int]:
-        opt_id, g = key
-        return [next(k for k, o in enumerate(self.optimizers) if id(o) == opt_id), g]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue a series: restore the origins and the sums (see :meth:`state_dict`).
@@ -691,6 +684,4 @@ class BalanceLedger:
         self._charge0 = None if charge0 is None else [as_tensor(v) for v in charge0]
         saved = [*state["unit_sums"], *state.get("charge_sums", [])]
         self._book.restore([_terms(as_tensor(v)) for v in saved], self._sharded)
-        self._sgd_c = {
-            (id(self.optimizers[o]), g): float(value) for (o, g), value in state["sgd_lookahead"]
-        }
+        self.iterates.load_state_dict(state["sgd_lookahead"])

@@ -330,6 +330,12 @@ class Rule:
         optimiser does not keep the coefficient itself."""
         return 0.0
 
+    def record(
+        self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
+    ) -> None:
+        """After a step of group ``index``: keep in ``memory`` what :meth:`lookahead` needs
+        later (nothing unless the optimiser does not keep its coefficient itself)."""
+
     def velocity(self, opt: torch.optim.Optimizer, p: Tensor) -> Tensor | None:
         """The velocity of ``p`` in the velocity-form sign convention, or ``None``."""
         if self.velocity_key is None:
@@ -550,6 +556,15 @@ class TorchSGD(HeavyBall):
         if key not in memory:
             memory[key] = as_float(group["lr"]) * float(group["momentum"])
         return memory[key]
+
+    def record(
+        self, opt: torch.optim.Optimizer, index: int, memory: MutableMapping[Any, float]
+    ) -> None:
+        r"""The parameters just built hold :math:`y = x + \eta\mu v` with this step's
+        :math:`\eta\mu`, which a scheduler may change before the next."""
+        group = opt.param_groups[index]
+        if self.nesterov(group):
+            memory[(id(opt), index)] = as_float(group["lr"]) * float(group["momentum"])
 
     def maps(
         self,

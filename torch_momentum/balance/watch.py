@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance._parts import PartSums
 from torch_momentum.balance.groups import clean_names
 from torch_momentum.balance.ledger import BalanceLedger
-from torch_momentum.balance.rules import LEDGER_TERMS, HeavyBall, rule_for
+from torch_momentum.balance.rules import LEDGER_TERMS, HeavyBall
 from torch_momentum.balance.summary import BalanceSummary
 from torch_momentum.balance.symmetry import Symmetry
 
@@ -91,12 +92,8 @@ class NetworkWatch:
             if ledger and self.symmetries
             else None
         )
-        self._owner = {
-            id(p): (opt, g)
-            for opt in self.optimizers
-            for g, group in enumerate(opt.param_groups)
-            for p in group["params"]
-        }
+        # the iterates as the ledger reads them (its look-ahead records, kept by its hooks)
+        self._iterates = Iterates(self.optimizers) if self.ledger is None else self.ledger.iterates
         self._scale = [s for s in self.symmetries if s.kind == "scale"]
         self._rescale = [s for s in self.symmetries if s.kind == "rescale"]
         self._snapshot: dict[str, Tensor] | None = None
@@ -127,30 +124,29 @@ class NetworkWatch:
 
     def iterate(self) -> dict[str, Tensor]:
         """The iterate :math:`x_t` of every trainable parameter (the parameters themselves unless
-        an optimiser keeps a look-ahead point)."""
-        out = {}
-        for name, p in self.params().items():
-            owner = self._owner.get(id(p))
-            if self.ledger is not None and self.ledger.tracks(p):
-                out[name] = self.ledger.iterate(p)
-            elif owner is None:
-                out[name] = p.detach()
-            else:
-                opt, g = owner
-                out[name] = rule_for(opt).iterate(opt, g, p, {})
-        return out
+        an optimiser keeps a look-ahead point; ``torch.optim.SGD(nesterov=True)``'s coefficient
+        as recorded after each step since :meth:`start`)."""
+        return {name: self._iterates.iterate(p) for name, p in self.params().items()}
 
     def start(self) -> None:
-        """Record the origin (and attach the ledger)."""
+        """Record the origin and attach the step hooks (the ledger's, or the look-ahead
+        records')."""
         self.summary.start(self.iterate())
-        if self.ledger is not None:
+        self._attach(restored=False)
+
+    def _attach(self, restored: bool) -> None:
+        if self.ledger is None:
+            self._iterates.attach()
+            return
+        if not restored:
             self.ledger.start()
-            self.ledger.attach()
+        self.ledger.attach()
 
     def close(self) -> None:
-        """Remove the ledger's hooks."""
+        """Remove the step hooks."""
         if self.ledger is not None:
             self.ledger.detach()
+        self._iterates.detach()
 
     # ------------------------------------------------------------------------------------------
     # metrics
@@ -270,11 +266,11 @@ class NetworkWatch:
         """``(lr, momentum, weight decay)`` of the heavy-ball group updating the symmetry's first
         parameter (None for other rules: the equilibrium is a heavy-ball result)."""
         p = named.get(s.parts[0].param)
-        owner = None if p is None else self._owner.get(id(p))
+        owner = None if p is None else self._iterates.owner(p)
         if owner is None:
             return None
         opt, g = owner
-        rule, group = rule_for(opt), opt.param_groups[g]
+        rule, group = self._iterates.rules[id(opt)], opt.param_groups[g]
         if not (isinstance(rule, HeavyBall) and rule.known(group) and not rule.nesterov(group)):
             return None
         h = rule.hyper(group)
@@ -305,9 +301,13 @@ class NetworkWatch:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The origin and the ledger's sums."""
+        """The origin, the ledger's sums and the look-ahead records."""
         ledger = None if self.ledger is None or self.ledger.D0 is None else self.ledger.state_dict()
-        return {"summary": self.summary.state_dict(), "ledger": ledger}
+        return {
+            "summary": self.summary.state_dict(),
+            "ledger": ledger,
+            "lookahead": self._iterates.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a series (see :meth:`state_dict`); call instead of :meth:`start`.
@@ -316,12 +316,12 @@ class NetworkWatch:
             ValueError: the state was saved for other groups or symmetries.
         """
         self.summary.load_state_dict(state["summary"])
-        if self.ledger is not None:
-            if state.get("ledger") is not None:
-                self.ledger.load_state_dict(state["ledger"])
-            else:
-                self.ledger.start()
-            self.ledger.attach()
+        self._iterates.load_state_dict(state.get("lookahead", []))
+        restored = False
+        if self.ledger is not None and state.get("ledger") is not None:
+            self.ledger.load_state_dict(state["ledger"])
+            restored = True
+        self._attach(restored)
 
 
 def pair_ledger_metrics(ledger: BalanceLedger) -> dict[str, float]:
