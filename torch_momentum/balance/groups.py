@@ -11,7 +11,7 @@ short and sort in model order (``blocks.02`` before ``blocks.10``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from torch import Tensor, nn
 
@@ -24,7 +24,8 @@ OTHER_GROUP = "other"
 
 _MATRIX_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.MultiheadAttention)
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-_NUMBER = re.compile(r"^\d+$")
+#: an index: digits between the ends of a name, ".", "/" and spaces
+_INDEX = re.compile(r"(?<![^./ ])\d+(?![^./ ])")
 
 
 def _strip(name: str) -> str:
@@ -37,26 +38,40 @@ def _strip(name: str) -> str:
     return name
 
 
-def clean_names(names: Iterable[str]) -> dict[str, str]:
+def _index_width(names: Iterable[str]) -> int:
+    return max((len(m) for name in names for m in _INDEX.findall(name)), default=1)
+
+
+def clean_names(names: Iterable[str], *, module: nn.Module | None = None) -> dict[str, str]:
     """``{name: readable name}``: wrapper prefixes (:data:`WRAPPER_PREFIXES`) stripped, and the
-    numeric components zero-padded to the width of the largest number among all the names.
+    indices zero-padded to one width: the number of digits of the largest index among the
+    names and, given ``module``, among its module and parameter names (so that the labels of a
+    model's groups and of its symmetries pad alike). An index is a run of digits between the
+    start or end of the name, ``.``, ``/`` and spaces (``blocks.2.attn``, ``0/2``,
+    ``10 (columns + bias)``; not ``layer1`` or ``(12 layers)``).
+
+    The one source of the readable names of the groups and symmetries of
+    :class:`~torch_momentum.balance.summary.BalanceSummary`, :func:`weight_groups` and
+    :class:`~torch_momentum.balance.watch.NetworkWatch`.
 
     Example:
 
+        >>> from torch import nn
         >>> from torch_momentum.balance.groups import clean_names
         >>> names = ["model.blocks.2.attn", "model.blocks.10.attn", "_orig_mod.head"]
         >>> list(clean_names(names).values())
         ['blocks.02.attn', 'blocks.10.attn', 'head']
+        >>> net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+        >>> list(clean_names(["0/2", "10 (columns + bias)"], module=net).values())
+        ['00/02', '10 (columns + bias)']
     """
-    names = list(names)
     stripped = {name: _strip(name) for name in names}
-    width = max(
-        (len(c) for s in stripped.values() for c in s.split(".") if _NUMBER.match(c)), default=1
-    )
-    return {
-        name: ".".join(c.zfill(width) if _NUMBER.match(c) else c for c in s.split("."))
-        for name, s in stripped.items()
-    }
+    width = _index_width(stripped.values())
+    if module is not None:
+        named = [n for n, _ in module.named_modules()]
+        named += [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        width = max(width, _index_width(_strip(n) for n in named))
+    return {name: _INDEX.sub(lambda m: m[0].zfill(width), s) for name, s in stripped.items()}
 
 
 def _is_matrix_module(module: nn.Module) -> bool:
@@ -101,14 +116,8 @@ def weight_groups(module: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
     others: list[tuple[str, Tensor]] = [
         (name, p) for name, p in module.named_parameters() if p.requires_grad and id(p) not in taken
     ]
-    clean = clean_names(matrices)
+    clean = clean_names(matrices, module=module)
     groups = {clean[k]: v for k, v in matrices.items()}
     if others:
         groups[OTHER_GROUP] = others
     return groups
-
-
-def readable(names: Sequence[str]) -> list[str]:
-    """:func:`clean_names` as a list in the order given."""
-    clean = clean_names(names)
-    return [clean[n] for n in names]

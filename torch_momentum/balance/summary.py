@@ -79,7 +79,7 @@ class BalanceSummary:
         self.groups = {name: [n for n, _ in params] for name, params in found.items()}
         self.symmetries = [s for s in symmetries if s.kind in KINDS]
         self.kinds = [k for k in KINDS if any(s.kind == k for s in self.symmetries)]
-        clean = clean_names(s.name for s in self.symmetries)
+        clean = clean_names((s.name for s in self.symmetries), module=module)
         self.labels = [clean[s.name] for s in self.symmetries]
         #: per kind, the symmetries' names (``charge/{kind}/worst`` indexes this list)
         self.names = {

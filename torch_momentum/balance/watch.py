@@ -94,6 +94,8 @@ class NetworkWatch:
         )
         # the iterates as the ledger reads them (its look-ahead records, kept by its hooks)
         self._iterates = Iterates(self.optimizers) if self.ledger is None else self.ledger.iterates
+        #: per symmetry name, its label (the summary's, padded alike for the other kinds)
+        self._labels = clean_names((s.name for s in self.symmetries), module=module)
         self._scale = [s for s in self.symmetries if s.kind == "scale"]
         self._rescale = [s for s in self.symmetries if s.kind == "rescale"]
         self._snapshot: dict[str, Tensor] | None = None
@@ -107,12 +109,6 @@ class NetworkWatch:
         self.unit_drift: dict[str, Tensor] = {}
         #: ``neurons=True`` and the ledger: per rescale symmetry, its per-unit ledger
         self.unit_ledger: dict[str, dict[str, Tensor]] = {}
-
-    def _labels(self) -> list[str]:
-        """Readable names of all symmetries (the summary's labels, extended by zero-gradient
-        entries)."""
-        clean = clean_names(s.name for s in self.symmetries)
-        return [clean[s.name] for s in self.symmetries]
 
     # ------------------------------------------------------------------------------------------
     # points
@@ -187,7 +183,7 @@ class NetworkWatch:
         worst = zeros.scatter_reduce(0, segment, closure, "amax")
         relative = (worst / scale.clamp_min(1e-300)).tolist()
         table = totals.tolist()
-        labels = dict(zip((s.name for s in self.symmetries), self._labels(), strict=True))
+        labels = self._labels
         self.last_ledger = {
             labels[name]: {"change": total[0], **dict(zip(LEDGER_TERMS, total[1:], strict=True))}
             for name, total in zip(charges, table, strict=True)
