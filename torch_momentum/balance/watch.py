@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -98,6 +98,20 @@ class NetworkWatch:
         self._labels = clean_names((s.name for s in self.symmetries), module=module)
         self._scale = [s for s in self.symmetries if s.kind == "scale"]
         self._rescale = [s for s in self.symmetries if s.kind == "rescale"]
+        named = dict(module.named_parameters(remove_duplicate=False))
+        #: the parameters of the scale symmetries by name, found once (the angle of a step
+        #: reads only these)
+        self._scale_params: dict[str, Tensor] = {}
+        for s in self._scale:
+            for part in s.parts:
+                if part.param not in named:
+                    raise ValueError(
+                        f"symmetries: {s.name!r} names the parameter {part.param!r}, which the"
+                        " module does not have"
+                    )
+                self._scale_params[part.param] = named[part.param]
+        #: per scale symmetry, its first parameter (whose optimiser gives the equilibrium)
+        self._scale_first = [self._scale_params[s.parts[0].param] for s in self._scale]
         self._snapshot: dict[str, Tensor] | None = None
         self._scale_sums = PartSums(
             [(s.units, False, s.parts) for s in self._scale], lambda p: p.param
@@ -155,7 +169,7 @@ class NetworkWatch:
         params = self.params() if with_grads else None
         out = self.summary.metrics(point, params, grad_scale)
         if self._scale:
-            out.update(self._angle_metrics(point))
+            out.update(self._angle_metrics())
         if self.ledger is not None:
             out.update(self._ledger_metrics())
         if self.neurons and self._rescale:
@@ -206,17 +220,16 @@ class NetworkWatch:
         """Snapshot the scale-invariant groups before an optimiser step (for the angle of that
         step when there is no ledger to give every step's)."""
         if self._scale and self.ledger is None:
-            point = self.iterate()
-            names = list(dict.fromkeys(part.param for s in self._scale for part in s.parts))
-            copies = torch._foreach_add([point[n].detach() for n in names], 0)  # one pass
-            self._snapshot = dict(zip(names, copies, strict=True))
+            point = self._scale_iterate()
+            copies = torch._foreach_add(list(point.values()), 0)  # one pass
+            self._snapshot = dict(zip(point, copies, strict=True))
 
     def after_step(self) -> dict[str, float]:
         """After the step :meth:`before_step` prepared: ``{"angle/mean": ...}`` of that step."""
         if self._snapshot is None:
             return {}
         before, self._snapshot = self._snapshot, None
-        now = self.iterate()
+        now = self._scale_iterate()
         names = list(before)
         # |x_t|^2, |x_{t+1}|^2 and |x_{t+1} - x_t|^2 per part (float64 sums), then <x_t, d> from
         # them: |x_{t+1}|^2 = |x_t|^2 + 2<x_t, d> + |d|^2
@@ -232,7 +245,11 @@ class NetworkWatch:
         angles = torch.atan2(cross, xx + xd)
         return {"angle/mean": float(angles.mean())}
 
-    def _angle_metrics(self, point: dict[str, Tensor]) -> dict[str, float]:
+    def _scale_iterate(self) -> dict[str, Tensor]:
+        """The iterate of the scale symmetries' parameters."""
+        return {n: self._iterates.iterate(p).detach() for n, p in self._scale_params.items()}
+
+    def _angle_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.ledger is not None:
             per_step = self.ledger.read_angles()
@@ -242,10 +259,9 @@ class NetworkWatch:
         # |x_A|^2 of every scale symmetry: the charges the summary just computed at this point
         charge_of = dict(zip(self.summary.symmetries, self.summary.last_values, strict=True))
         norms = torch.stack([charge_of[s].sum() for s in self._scale]).tolist()
-        named = dict(self.module.named_parameters())
         predictions, lrs = [], []
-        for s, norm in zip(self._scale, norms, strict=True):
-            hyper = self._hyper(s, named)
+        for p, norm in zip(self._scale_first, norms, strict=True):
+            hyper = self._hyper(p)
             if hyper is None:
                 continue
             lr, momentum, decay = hyper
@@ -258,11 +274,10 @@ class NetworkWatch:
             out["effective_lr/median"] = statistics.median(lrs)
         return out
 
-    def _hyper(self, s: Symmetry, named: Mapping[str, Tensor]) -> tuple[float, float, float] | None:
-        """``(lr, momentum, weight decay)`` of the heavy-ball group updating the symmetry's first
-        parameter (None for other rules: the equilibrium is a heavy-ball result)."""
-        p = named.get(s.parts[0].param)
-        owner = None if p is None else self._iterates.owner(p)
+    def _hyper(self, p: Tensor) -> tuple[float, float, float] | None:
+        """``(lr, momentum, weight decay)`` of the heavy-ball group updating ``p`` (None for
+        other rules: the equilibrium is a heavy-ball result)."""
+        owner = self._iterates.owner(p)
         if owner is None:
             return None
         opt, g = owner
