@@ -9,7 +9,9 @@ from torch import nn
 
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.balance import BalanceLedger
+from torch_momentum.balance._gram import sums_of_squares
 from torch_momentum.balance.rules import (
+    GENERIC_RULE,
     HeavyBall,
     Nesterov,
     Rule,
@@ -115,3 +117,25 @@ def test_attach_starts_the_series() -> None:
     assert abs(float(out["sums"].abs().sum())) > 1e-6 * scale
     assert float((out["D"] - out["D0"]).abs().max()) > 1e-6 * scale
     assert float(out["closure"].abs().max()) <= 1e-12 * scale
+
+
+def test_unregistered_optimisers_share_the_generic_rule() -> None:
+    """Adam (and a subclass of torch.optim.SGD, registered without subclasses) get the one
+    stateless generic split, the rule the ledger also uses for groups it copies."""
+    p = nn.Parameter(torch.zeros(2))
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    assert rule_for(torch.optim.Adam([p])) is GENERIC_RULE
+    assert rule_for(MySGD([p], lr=0.1)) is GENERIC_RULE
+    assert type(GENERIC_RULE) is Rule and not GENERIC_RULE.known({"lr": 0.1})
+
+
+def test_sums_of_squares_accumulates_half_precision_in_float64() -> None:
+    """4096 bfloat16 ones sum to 4096 exactly in float64 (a bfloat16 accumulator stops at 256,
+    where adding 1 no longer changes it); float32 stays float32."""
+    half, single = torch.ones(4096, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float32)
+    sums = sums_of_squares([half, half, single])
+    assert [t.dtype for t in sums] == [torch.float64, torch.float64, torch.float32]
+    assert [float(t) for t in sums] == [4096.0, 4096.0, 3.0]

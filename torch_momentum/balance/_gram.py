@@ -45,9 +45,9 @@ def sums_of_squares(tensors: list[Tensor]) -> list[Tensor]:
         stop = start + 1
         while stop < len(tensors) and tensors[stop].dtype is dtype:
             stop += 1
-        low = dtype in (torch.float16, torch.bfloat16)
         chunk = tensors[start:stop]
-        out.extend(torch._foreach_powsum(chunk, 2, dtype=torch.float64 if low else None))
+        acc = torch.float64 if is_low_precision(chunk[0]) else None
+        out.extend(torch._foreach_powsum(chunk, 2, dtype=acc))
         start = stop
     return out
 

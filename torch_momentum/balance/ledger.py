@@ -33,12 +33,11 @@ from torch_momentum.balance._gram import (
 )
 from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
-from torch_momentum.balance.rules import LEDGER_TERMS, Maps, Rule
+from torch_momentum.balance.rules import GENERIC_RULE, LEDGER_TERMS, Maps, Rule
 from torch_momentum.balance.units import UnitLayer, unit_parts
 
 __all__ = ["BalanceLedger"]
 
-_GENERIC = Rule()
 _N_TERMS = len(LEDGER_TERMS)
 
 
@@ -401,7 +400,7 @@ class BalanceLedger:
     ) -> Maps:
         """The (cached) maps of this step of one param group."""
         if entry.copies is not None:
-            rule = _GENERIC
+            rule = GENERIC_RULE  # the group was copied: its rule does not explain it
         plan = entry.plan
         key, build = rule.maps(
             opt, plan.group_index, plan.group, entry.c0, self.iterates.memory, first_step

@@ -49,6 +49,7 @@ from torch import Tensor
 from torch_momentum.optim import NesterovSGD, PolyakSGD
 
 __all__ = [
+    "GENERIC_RULE",
     "GRAM_ENTRIES",
     "LEDGER_TERMS",
     "SLOTS",
@@ -633,10 +634,13 @@ def rule_for(optimizer: torch.optim.Optimizer) -> Rule:
         entry = _REGISTRY.get(base)
         if entry is not None and (base is cls or entry[1]):
             return entry[0]
-    return _GENERIC
+    return GENERIC_RULE
 
 
-_GENERIC = Rule()
+#: The generic split (:class:`Rule` holds no state, so one instance serves every optimiser):
+#: :func:`rule_for`'s answer for an optimiser without a registered rule, and the ledger's for a
+#: param group that its optimiser's rule does not explain (:meth:`Rule.known` false).
+GENERIC_RULE = Rule()
 register_rule(PolyakSGD, HeavyBall())
 register_rule(NesterovSGD, Nesterov())
 register_rule(torch.optim.SGD, TorchSGD(), subclasses=False)
