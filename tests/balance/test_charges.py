@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from torch_momentum import NesterovSGD, PolyakSGD
-from torch_momentum.balance import LEDGER_TERMS, BalanceLedger, SymmetryPart
+from torch_momentum.balance import (
+    LEDGER_TERMS,
+    BalanceLedger,
+    SymmetryPart,
+    find_symmetries,
+    pair_units,
+)
 
 SYM, OTHER = LEDGER_TERMS.index("symmetry"), LEDGER_TERMS.index("other")
 
@@ -335,3 +341,52 @@ def test_discovered_charges_close_per_unit_for_every_optimizer(name: str) -> Non
         scale = float(row["D0"].abs().max() + row["D"].abs().max()) + 1e-300
         # 12 steps of O(100)-term float64 sums: 1e-12 is ~1e3 above round-off
         assert float(row["closure"].abs().max()) <= 1e-12 * scale, (name, charge)
+
+
+def test_restore_checks_the_saved_totals_against_the_charges() -> None:
+    """The per-unit totals are restored by name (``unit_sums``, ``charge_sums``) and checked:
+    a total of another shape was broadcast into the sums before (a (1, terms) row copied into
+    every unit: a silent wrong series); now a ValueError naming it, and the ledger unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (64,))
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    symmetries = find_symmetries(net, loss, [(x, y)], kinds=("rescale", "translation"))
+    assert [(s.name, s.units) for s in symmetries] == [("0/2", 8), ("2 (columns + bias)", 9)]
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    units = pair_units(net)
+
+    def new_ledger() -> BalanceLedger:
+        return BalanceLedger(None, opt, units=units, module=net, symmetries=symmetries)
+
+    ledger = new_ledger()
+    ledger.attach()
+    for _ in range(3):
+        opt.zero_grad()
+        loss(net, (x, y)).backward()
+        opt.step()
+    state = ledger.state_dict()
+    ledger.detach()
+    assert [len(t) for t in state["unit_sums"]] == [8]
+    assert [len(t) for t in state["charge_sums"]] == [8, 9]
+    bad = [state["charge_sums"][0][:1], *state["charge_sums"][1:]]
+    cases = {
+        r"`charge_sums\[0\]` \('0/2'\) has shape \(1, 6\), expected \(8, 6\)": {"charge_sums": bad},
+        r"`charge_sums`: 0 saved totals for the 2 charges": {"charge_sums": []},
+        r"`unit_sums`: 0 saved totals for the 1 charges": {"unit_sums": []},
+    }
+    for message, change in cases.items():
+        resumed = new_ledger()
+        with pytest.raises(ValueError, match=message):
+            resumed.load_state_dict({**state, **change})
+        assert resumed.D0 is None and resumed.unit_D0 is None  # nothing restored
+    resumed.load_state_dict(state)
+    a, b = ledger.read_charges(), resumed.read_charges()
+    for name in a:  # restored through Python floats: exact
+        torch.testing.assert_close(a[name]["sums"], b[name]["sums"], rtol=0, atol=0)
+    for name, row in ledger.read_units().items():
+        torch.testing.assert_close(row["sums"], resumed.read_units()[name]["sums"], rtol=0, atol=0)

@@ -111,7 +111,8 @@ class ChargeBook:
     few kernels per group of equally shaped tensors, not per part.
 
     Args:
-        charges: the charges (global parts, each naming its tracked tensor in ``param``).
+        charges: the charges (global parts, each naming its tracked tensor in ``param``): the
+            hidden layers' per-unit balances (kind ``"units"``) first, then the symmetries'.
         tracked: the tracked tensors (parameters).
         names: a distinct name per tracked tensor (the parts' ``param``).
         weights: per tracked tensor, the weight of this rank's shard in sums over ranks.
@@ -131,6 +132,13 @@ class ChargeBook:
         angle_steps: int = 1024,
     ) -> None:
         self.charges = list(charges)
+        #: how many leading charges are hidden layers' per-unit balances
+        self.n_units = sum(c.kind == "units" for c in self.charges)
+        if any(c.kind == "units" for c in self.charges[self.n_units :]):
+            raise ValueError(
+                "`charges`: the per-unit balances (kind 'units') must come first, got kinds"
+                f" {[c.kind for c in self.charges]}"
+            )
         self.device = device
         self._weights = list(weights)
         position = {name: i for i, name in enumerate(names)}
@@ -353,8 +361,23 @@ class ChargeBook:
         cross = (xx * dd - xd * xd).clamp_min(0.0).sqrt()
         return torch.atan2(cross, xx + xd).cpu()
 
-    def restore(self, saved: list[Tensor], sharded: bool) -> None:
-        """Continue from saved totals (per charge ``(units, terms)``)."""
+    def split(self, sums: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``(unit_sums, charge_sums)``: a list over all charges (:meth:`reduced`) as the
+        hidden layers' per-unit balances and the symmetries' charges."""
+        return list(sums[: self.n_units]), list(sums[self.n_units :])
+
+    def restore(
+        self, unit_sums: Sequence[Tensor], charge_sums: Sequence[Tensor], sharded: bool
+    ) -> None:
+        """Continue from saved totals (:meth:`split` of :meth:`reduced`): per hidden layer and
+        per symmetry, ``(units, terms)``.
+
+        Raises:
+            ValueError: a list has another length, or a total another shape, than the book's
+                charges.
+        """
+        saved = _checked("unit_sums", unit_sums, self.charges[: self.n_units])
+        saved += _checked("charge_sums", charge_sums, self.charges[self.n_units :])
         if sharded:  # the saved totals are added once, after the sum over ranks
             self.offset = saved
             self._flat.zero_()
@@ -362,6 +385,22 @@ class ChargeBook:
             self.offset = [torch.zeros_like(t) for t in saved]
             for t, v in zip(self.sums, saved, strict=True):
                 t.copy_(v)
+
+
+def _checked(what: str, saved: Sequence[Tensor], charges: Sequence[Charge]) -> list[Tensor]:
+    """``saved``, after checking that it holds one ``(units, terms)`` total per charge."""
+    if len(saved) != len(charges):
+        raise ValueError(
+            f"`{what}`: {len(saved)} saved totals for the {len(charges)} charges"
+            f" {[c.name for c in charges]}"
+        )
+    for k, (t, c) in enumerate(zip(saved, charges, strict=True)):
+        if tuple(t.shape) != (c.units, len(LEDGER_TERMS)):
+            raise ValueError(
+                f"`{what}[{k}]` ({c.name!r}) has shape {tuple(t.shape)}, expected"
+                f" {(c.units, len(LEDGER_TERMS))}"
+            )
+    return list(saved)
 
 
 def _map_run(run: list[Tensor], coef: Tensor) -> Tensor:

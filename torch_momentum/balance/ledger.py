@@ -639,18 +639,17 @@ class BalanceLedger:
         """The origins, the cumulative sums (summed over ranks: every rank calls it when
         sharded), per unit and per charge, and the look-ahead records of the built-in SGD."""
         _, _, sums = self._pair_values(False)
-        book = self._book.reduced(self._sharded)
-        n = len(self.units)
+        unit_sums, charge_sums = self._book.split(self._book.reduced(self._sharded))
         return {
             "pairs": list(self.pairs),
             "D0": None if self.D0 is None else self.D0.tolist(),
             "sums": sums.tolist(),
             "units": [u.name for u in self.units],
             "unit_D0": None if self.unit_D0 is None else [t.tolist() for t in self.unit_D0],
-            "unit_sums": [t.tolist() for t in book[:n]],
+            "unit_sums": [t.tolist() for t in unit_sums],
             "charges": [s.name for s in self.symmetries],
             "charge_D0": None if self._charge0 is None else [t.tolist() for t in self._charge0],
-            "charge_sums": [t.tolist() for t in book[n:]],
+            "charge_sums": [t.tolist() for t in charge_sums],
             "sgd_lookahead": self.iterates.state_dict(),
         }
 
@@ -658,7 +657,8 @@ class BalanceLedger:
         """Continue a series: restore the origins and the sums (see :meth:`state_dict`).
 
         Raises:
-            ValueError: the state was saved for other pairs, units or charges.
+            ValueError: the state was saved for other pairs, units or charges, or holds totals
+                of other shapes than theirs.
         """
         charges = list(state.get("charges", []))
         mine = ([u.name for u in self.units], [s.name for s in self.symmetries])
@@ -672,6 +672,12 @@ class BalanceLedger:
         def as_tensor(v: Any) -> Tensor:
             return torch.tensor(v, dtype=torch.float64).to(self.device)
 
+        # the per-unit totals first: they are checked against the charges before anything changes
+        self._book.restore(
+            [_terms(as_tensor(v)) for v in state["unit_sums"]],
+            [_terms(as_tensor(v)) for v in state.get("charge_sums", [])],
+            self._sharded,
+        )
         self.D0 = None if state["D0"] is None else as_tensor(state["D0"])
         self._offset = _terms(as_tensor(state["sums"])).reshape(self._local_sums.shape)
         self._local_sums.zero_()
@@ -681,6 +687,4 @@ class BalanceLedger:
         charge0 = state.get("charge_D0")
         # None: saved before start() (read_charges then starts the series, as a fresh ledger)
         self._charge0 = None if charge0 is None else [as_tensor(v) for v in charge0]
-        saved = [*state["unit_sums"], *state.get("charge_sums", [])]
-        self._book.restore([_terms(as_tensor(v)) for v in saved], self._sharded)
         self.iterates.load_state_dict(state["sgd_lookahead"])
