@@ -79,70 +79,25 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader
 
-from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
-from torch_momentum.demos import ResNetCNN, TinyViT, gpt2_tiny
+from torch_momentum.demos import ReluMLP, ResNetCNN, TinyViT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import quiet_lightning
+from _fit import LossModule, RepeatedBatch, Task, cross_entropy, gpt2, images, model_names
 from _steptimer import StepTimer
 
-Batch = tuple[Tensor, Tensor]
-LossFn = Callable[[nn.Module, Batch], Tensor]
 
-
-class _Repeated(Dataset):
-    """The same batch ``length`` times (one epoch)."""
-
-    def __init__(self, batch: Batch, length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.batch
-
-
-class _Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, loss: LossFn) -> None:
-        super().__init__()
-        self.net, self.loss = net, loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.loss(self.net, batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return PolyakSGD(self.parameters(), lr=1e-3, momentum=0.9)
-
-
-def _cross_entropy(net: nn.Module, batch: Batch) -> Tensor:
-    return nn.functional.cross_entropy(net(batch[0]), batch[1])
-
-
-def _next_token(net: nn.Module, batch: Batch) -> Tensor:
-    logits = net(batch[0]).logits[:, :-1]
-    return nn.functional.cross_entropy(logits.flatten(0, 1), batch[1][:, 1:].flatten())
-
-
-def _mlp() -> tuple[nn.Module, Batch, LossFn]:
-    net = nn.Sequential(
-        nn.Linear(1000, 100, bias=False),
-        nn.ReLU(),
-        nn.Linear(100, 100, bias=False),
-        nn.ReLU(),
-        nn.Linear(100, 10, bias=False),
-    )
+def _mlp() -> Task:
+    net = ReluMLP(1000, (100, 100), 10, bias=False)
     batch = (torch.randn(1000, 1000), torch.randn(1000, 10))
     return net, batch, lambda net, b: ((net(b[0]) - b[1]) ** 2).mean()
 
 
-def _cnn() -> tuple[nn.Module, Batch, LossFn]:
+def _cnn() -> Task:
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
@@ -154,23 +109,14 @@ def _cnn() -> tuple[nn.Module, Batch, LossFn]:
         nn.Linear(32 * 8 * 8, 10),
     )
     batch = (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
-    return net, batch, _cross_entropy
-
-
-def _images(net: nn.Module) -> tuple[nn.Module, Batch, LossFn]:
-    return net, (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))), _cross_entropy
-
-
-def _gpt2() -> tuple[nn.Module, Batch, LossFn]:
-    ids = torch.randint(0, 64, (16, 32))
-    return gpt2_tiny(n_layer=4), (ids, ids), _next_token
+    return net, batch, cross_entropy
 
 
 class Model(NamedTuple):
     """A benchmarked model: its maker, configurations (None: the reference), targets, and the
     configuration whose ledger the on/off run switches."""
 
-    make: Callable[[], tuple[nn.Module, Batch, LossFn]]
+    make: Callable[[], Task]
     configs: dict[str, dict[str, Any] | None]
     targets: dict[str, str]
     ledger: str
@@ -206,18 +152,20 @@ MODELS = {
     "mlp": Model(_mlp, _layer_mode(["net.0", "net.2", "net.4"]), LAYER_TARGETS, "ledger, every 50"),
     "cnn": Model(_cnn, _layer_mode(["net.0", "net.3", "net.7"]), LAYER_TARGETS, "ledger, every 50"),
     "resnet": Model(
-        lambda: _images(ResNetCNN()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
+        lambda: images(ResNetCNN(), 64), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
     ),
     "resnet18": Model(  # ~0.5 s per step: fewer steps and rounds by default (~12 minutes)
-        lambda: _images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2)),
+        lambda: images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2), 64),
         DEFAULT_MODE,
         DEFAULT_TARGETS,
         "ledger, every step",
         steps=100,
         rounds=3,
     ),
-    "vit": Model(lambda: _images(TinyViT()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
-    "gpt2": Model(_gpt2, DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
+    "vit": Model(
+        lambda: images(TinyViT(), 64), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
+    ),
+    "gpt2": Model(lambda: gpt2(16), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
 }
 BLOCK = 4  # steps per on/off block of the ledger A/B run
 
@@ -315,8 +263,8 @@ def _run(
     )
     with warnings.catch_warnings():  # what the monitor says about the model, once per fit
         warnings.filterwarnings("ignore", ".*LayerBalanceMonitor.*")
-        loader = DataLoader(_Repeated(batch, warmup + steps), batch_size=None)
-        trainer.fit(_Module(net, loss), loader)
+        loader = DataLoader(RepeatedBatch(batch, warmup + steps), batch_size=None)
+        trainer.fit(LossModule(net, loss, lr=1e-3, momentum=0.9), loader)
     if alternate:
         assert monitor is not None
         ratio = _on_off_ratio(timer.starts, monitor.ledger_on, warmup, alternate) - 1.0
@@ -409,10 +357,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps")
     args = parser.parse_args()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    names = model_names(parser, args.models, MODELS)
     block = BLOCK
     if args.quick:
         args.rounds, args.steps, args.warmup, block = 1, 3, 1, 2
