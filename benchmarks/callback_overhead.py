@@ -31,8 +31,9 @@ Lightning does per step, the monitor's logging steps included, amortised). Figur
 each as the median over rounds and its range [min, max]:
   direct      the time spent inside the monitor's hooks (norms, host transfer, metric dict,
               logger calls, the angle of a logging step) and, with the ledger, inside its
-              optimiser step pre/post hooks, amortised over the timed steps, divided by the
-              reference step time of the same round. Robust on a loaded machine: it times only
+              optimiser step pre/post hooks (timed from outside by torch's public optimiser
+              step hooks registered around them), amortised over the timed steps, divided by
+              the reference step time of the same round. Robust on a loaded machine: it times only
               the work the monitor adds.
   end-to-end  (step time with monitor / reference step time in the same round) - 1. Includes
               indirect effects, but on a shared machine its noise (several %) can exceed the
@@ -80,7 +81,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
 from torch_momentum.callbacks import LayerBalanceMonitor
 from torch_momentum.demos import ReluMLP, ResNetCNN, TinyViT
@@ -172,7 +178,18 @@ BLOCK = 4  # steps per on/off block of the ledger A/B run
 
 class _TimedMonitor(LayerBalanceMonitor):
     """The monitor, with the time spent in its hooks recorded (after the warm-up), and the time
-    of its first batch (the default mode's discovery)."""
+    of its first batch (the default mode's discovery).
+
+    With ``ledger=True`` the time of the ledger's optimiser step hooks is recorded too, from
+    outside, by torch's public optimiser hooks. ``Optimizer.step`` runs the global pre-hooks, then
+    the optimiser's own pre-hooks in registration order, the step (with Lightning's closure:
+    forward, backward, ``on_before_optimizer_step``), the optimiser's own post-hooks in
+    registration order, then the global post-hooks. The monitor attaches the ledger's hooks at the
+    start of training (layer mode) or at the first batch (default mode); this class registers its
+    post-hook before that and its pre-hook after, so that the ledger's pre-hook is what runs
+    between the global pre-hook and this pre-hook, and its post-hook what runs between this
+    post-hook and the global one. Call :meth:`remove_hooks` after the fit (the global hooks
+    would see every later optimiser step of the process)."""
 
     def __init__(self, warmup: int, stop: int, alternate: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -181,48 +198,69 @@ class _TimedMonitor(LayerBalanceMonitor):
         self.first_batch_seconds: float | None = None
         self.alternate = alternate  # > 0: ledger on/off in blocks of this many steps
         self.ledger_on: list[bool] = []
-        self._timed = False
-        self._wrapped = False
+        self.timed = False  # whether the current step is a timed one
+        self.marks: dict[str, float] = {}  # perf_counter() at the last "start" and "post" mark
+        self.handles: list[RemovableHandle] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ledger:  # before the monitor attaches the ledger (layer mode: in this hook)
+            self.handles += [
+                register_optimizer_step_pre_hook(self.mark("start")),
+                trainer.optimizers[0].register_step_post_hook(self.mark("post")),
+                register_optimizer_step_post_hook(self.add_since("post")),
+            ]
+        super().on_train_start(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_train_batch_start(trainer, *args)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - start
+            if self.ledger:  # the ledger is attached by now: this pre-hook runs after its one
+                pre = trainer.optimizers[0].register_step_pre_hook(self.add_since("start"))
+                self.handles.append(pre)
+        self.timed = self.warmup <= trainer.global_step < self.stop
         ledger = self.balance_ledger
-        if ledger is not None and self.ledger and not self._wrapped:
-            self._wrapped = True  # time the ledger's optimiser step hooks too
-            ledger.detach()
-            for name in ("_before", "_after"):
-                setattr(ledger, name, self._timing(getattr(ledger, name)))
-            ledger.attach()
         if self.alternate and ledger is not None:
             on = (trainer.global_step // self.alternate) % 2 == 0
-            ledger.active = on  # while off, its step hook returns at once
+            ledger.active = on  # while off, its step hooks return at once
             self.ledger_on.append(on)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_before_optimizer_step(trainer, *args)
-        self._timed = self.warmup <= trainer.global_step < self.stop
-        if self._timed:
+        if self.timed:
             self.hook_seconds += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_train_batch_end(trainer, *args)  # the angle of a logging step
-        if self._timed:
+        if self.timed:
             self.hook_seconds += time.perf_counter() - start
 
-    def _timing(self, hook: Callable) -> Callable:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = hook(*args, **kwargs)
-            if self._timed:
-                self.hook_seconds += time.perf_counter() - start
-            return out
+    def remove_hooks(self) -> None:
+        """Remove the optimiser hooks this class registered."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
-        return timed
+    def mark(self, key: str) -> Callable[..., None]:
+        """An optimiser hook that records the time as ``marks[key]``."""
+
+        def mark(*args: Any) -> None:
+            self.marks[key] = time.perf_counter()
+
+        return mark
+
+    def add_since(self, key: str) -> Callable[..., None]:
+        """An optimiser hook that adds the time since ``marks[key]`` to ``hook_seconds`` (timed
+        steps only)."""
+
+        def add(*args: Any) -> None:
+            if self.timed:
+                self.hook_seconds += time.perf_counter() - self.marks[key]
+
+        return add
 
 
 class _Result(NamedTuple):
@@ -264,7 +302,11 @@ def _run(
     with warnings.catch_warnings():  # what the monitor says about the model, once per fit
         warnings.filterwarnings("ignore", ".*LayerBalanceMonitor.*")
         loader = DataLoader(RepeatedBatch(batch, warmup + steps), batch_size=None)
-        trainer.fit(LossModule(net, loss, lr=1e-3, momentum=0.9), loader)
+        try:
+            trainer.fit(LossModule(net, loss, lr=1e-3, momentum=0.9), loader)
+        finally:
+            if monitor is not None:
+                monitor.remove_hooks()
     if alternate:
         assert monitor is not None
         ratio = _on_off_ratio(timer.starts, monitor.ledger_on, warmup, alternate) - 1.0
