@@ -11,6 +11,8 @@ Everything here is written for noisy, shared machines:
 * :func:`step_memory` measures what one call allocates: on CPU from the allocator events recorded
   by ``torch.profiler.profile(profile_memory=True)``, on CUDA from the caching allocator's
   statistics (``max_memory_allocated`` and the allocation counter).
+* :func:`operators` names the operators one call runs (from ``torch.profiler``), e.g. to see
+  which kernel path an optimiser step took.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "MemoryUse",
     "interleave",
     "median",
+    "operators",
     "paired_ratio",
     "quantile",
     "step_memory",
@@ -215,3 +218,13 @@ def step_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     if device.type == "cuda":
         return _cuda_memory(fn, device)
     return _cpu_memory(fn)
+
+
+def operators(fn: Callable[[], object]) -> set[str]:
+    """The names of the operators one call of ``fn`` runs (``torch.profiler`` CPU events, which
+    record every dispatched ``aten::`` operator on any device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}

@@ -31,8 +31,9 @@ Lightning does per step, the monitor's logging steps included, amortised). Figur
 each as the median over rounds and its range [min, max]:
   direct      the time spent inside the monitor's hooks (norms, host transfer, metric dict,
               logger calls, the angle of a logging step) and, with the ledger, inside its
-              optimiser step pre/post hooks, amortised over the timed steps, divided by the
-              reference step time of the same round. Robust on a loaded machine: it times only
+              optimiser step pre/post hooks (timed from outside by torch's public optimiser
+              step hooks registered around them), amortised over the timed steps, divided by
+              the reference step time of the same round. Robust on a loaded machine: it times only
               the work the monitor adds.
   end-to-end  (step time with monitor / reference step time in the same round) - 1. Includes
               indirect effects, but on a shared machine its noise (several %) can exceed the
@@ -79,70 +80,30 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
-from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
-from torch_momentum.demos import ResNetCNN, TinyViT, gpt2_tiny
+from torch_momentum.demos import ReluMLP, ResNetCNN, TinyViT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import quiet_lightning
+from _fit import LossModule, RepeatedBatch, Task, cross_entropy, gpt2, images, model_names
 from _steptimer import StepTimer
 
-Batch = tuple[Tensor, Tensor]
-LossFn = Callable[[nn.Module, Batch], Tensor]
 
-
-class _Repeated(Dataset):
-    """The same batch ``length`` times (one epoch)."""
-
-    def __init__(self, batch: Batch, length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.batch
-
-
-class _Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, loss: LossFn) -> None:
-        super().__init__()
-        self.net, self.loss = net, loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.loss(self.net, batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return PolyakSGD(self.parameters(), lr=1e-3, momentum=0.9)
-
-
-def _cross_entropy(net: nn.Module, batch: Batch) -> Tensor:
-    return nn.functional.cross_entropy(net(batch[0]), batch[1])
-
-
-def _next_token(net: nn.Module, batch: Batch) -> Tensor:
-    logits = net(batch[0]).logits[:, :-1]
-    return nn.functional.cross_entropy(logits.flatten(0, 1), batch[1][:, 1:].flatten())
-
-
-def _mlp() -> tuple[nn.Module, Batch, LossFn]:
-    net = nn.Sequential(
-        nn.Linear(1000, 100, bias=False),
-        nn.ReLU(),
-        nn.Linear(100, 100, bias=False),
-        nn.ReLU(),
-        nn.Linear(100, 10, bias=False),
-    )
+def _mlp() -> Task:
+    net = ReluMLP(1000, (100, 100), 10, bias=False)
     batch = (torch.randn(1000, 1000), torch.randn(1000, 10))
     return net, batch, lambda net, b: ((net(b[0]) - b[1]) ** 2).mean()
 
 
-def _cnn() -> tuple[nn.Module, Batch, LossFn]:
+def _cnn() -> Task:
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
@@ -154,23 +115,14 @@ def _cnn() -> tuple[nn.Module, Batch, LossFn]:
         nn.Linear(32 * 8 * 8, 10),
     )
     batch = (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
-    return net, batch, _cross_entropy
-
-
-def _images(net: nn.Module) -> tuple[nn.Module, Batch, LossFn]:
-    return net, (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))), _cross_entropy
-
-
-def _gpt2() -> tuple[nn.Module, Batch, LossFn]:
-    ids = torch.randint(0, 64, (16, 32))
-    return gpt2_tiny(n_layer=4), (ids, ids), _next_token
+    return net, batch, cross_entropy
 
 
 class Model(NamedTuple):
     """A benchmarked model: its maker, configurations (None: the reference), targets, and the
     configuration whose ledger the on/off run switches."""
 
-    make: Callable[[], tuple[nn.Module, Batch, LossFn]]
+    make: Callable[[], Task]
     configs: dict[str, dict[str, Any] | None]
     targets: dict[str, str]
     ledger: str
@@ -206,25 +158,38 @@ MODELS = {
     "mlp": Model(_mlp, _layer_mode(["net.0", "net.2", "net.4"]), LAYER_TARGETS, "ledger, every 50"),
     "cnn": Model(_cnn, _layer_mode(["net.0", "net.3", "net.7"]), LAYER_TARGETS, "ledger, every 50"),
     "resnet": Model(
-        lambda: _images(ResNetCNN()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
+        lambda: images(ResNetCNN(), 64), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
     ),
     "resnet18": Model(  # ~0.5 s per step: fewer steps and rounds by default (~12 minutes)
-        lambda: _images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2)),
+        lambda: images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2), 64),
         DEFAULT_MODE,
         DEFAULT_TARGETS,
         "ledger, every step",
         steps=100,
         rounds=3,
     ),
-    "vit": Model(lambda: _images(TinyViT()), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
-    "gpt2": Model(_gpt2, DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
+    "vit": Model(
+        lambda: images(TinyViT(), 64), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"
+    ),
+    "gpt2": Model(lambda: gpt2(16), DEFAULT_MODE, DEFAULT_TARGETS, "ledger, every step"),
 }
 BLOCK = 4  # steps per on/off block of the ledger A/B run
 
 
 class _TimedMonitor(LayerBalanceMonitor):
     """The monitor, with the time spent in its hooks recorded (after the warm-up), and the time
-    of its first batch (the default mode's discovery)."""
+    of its first batch (the default mode's discovery).
+
+    With ``ledger=True`` the time of the ledger's optimiser step hooks is recorded too, from
+    outside, by torch's public optimiser hooks. ``Optimizer.step`` runs the global pre-hooks, then
+    the optimiser's own pre-hooks in registration order, the step (with Lightning's closure:
+    forward, backward, ``on_before_optimizer_step``), the optimiser's own post-hooks in
+    registration order, then the global post-hooks. The monitor attaches the ledger's hooks at the
+    start of training (layer mode) or at the first batch (default mode); this class registers its
+    post-hook before that and its pre-hook after, so that the ledger's pre-hook is what runs
+    between the global pre-hook and this pre-hook, and its post-hook what runs between this
+    post-hook and the global one. Call :meth:`remove_hooks` after the fit (the global hooks
+    would see every later optimiser step of the process)."""
 
     def __init__(self, warmup: int, stop: int, alternate: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -233,48 +198,69 @@ class _TimedMonitor(LayerBalanceMonitor):
         self.first_batch_seconds: float | None = None
         self.alternate = alternate  # > 0: ledger on/off in blocks of this many steps
         self.ledger_on: list[bool] = []
-        self._timed = False
-        self._wrapped = False
+        self.timed = False  # whether the current step is a timed one
+        self.marks: dict[str, float] = {}  # perf_counter() at the last "start" and "post" mark
+        self.handles: list[RemovableHandle] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ledger:  # before the monitor attaches the ledger (layer mode: in this hook)
+            self.handles += [
+                register_optimizer_step_pre_hook(self.mark("start")),
+                trainer.optimizers[0].register_step_post_hook(self.mark("post")),
+                register_optimizer_step_post_hook(self.add_since("post")),
+            ]
+        super().on_train_start(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_train_batch_start(trainer, *args)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - start
+            if self.ledger:  # the ledger is attached by now: this pre-hook runs after its one
+                pre = trainer.optimizers[0].register_step_pre_hook(self.add_since("start"))
+                self.handles.append(pre)
+        self.timed = self.warmup <= trainer.global_step < self.stop
         ledger = self.balance_ledger
-        if ledger is not None and self.ledger and not self._wrapped:
-            self._wrapped = True  # time the ledger's optimiser step hooks too
-            ledger.detach()
-            for name in ("_before", "_after"):
-                setattr(ledger, name, self._timing(getattr(ledger, name)))
-            ledger.attach()
         if self.alternate and ledger is not None:
             on = (trainer.global_step // self.alternate) % 2 == 0
-            ledger.active = on  # while off, its step hook returns at once
+            ledger.active = on  # while off, its step hooks return at once
             self.ledger_on.append(on)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_before_optimizer_step(trainer, *args)
-        self._timed = self.warmup <= trainer.global_step < self.stop
-        if self._timed:
+        if self.timed:
             self.hook_seconds += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         start = time.perf_counter()
         super().on_train_batch_end(trainer, *args)  # the angle of a logging step
-        if self._timed:
+        if self.timed:
             self.hook_seconds += time.perf_counter() - start
 
-    def _timing(self, hook: Callable) -> Callable:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = hook(*args, **kwargs)
-            if self._timed:
-                self.hook_seconds += time.perf_counter() - start
-            return out
+    def remove_hooks(self) -> None:
+        """Remove the optimiser hooks this class registered."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
-        return timed
+    def mark(self, key: str) -> Callable[..., None]:
+        """An optimiser hook that records the time as ``marks[key]``."""
+
+        def mark(*args: Any) -> None:
+            self.marks[key] = time.perf_counter()
+
+        return mark
+
+    def add_since(self, key: str) -> Callable[..., None]:
+        """An optimiser hook that adds the time since ``marks[key]`` to ``hook_seconds`` (timed
+        steps only)."""
+
+        def add(*args: Any) -> None:
+            if self.timed:
+                self.hook_seconds += time.perf_counter() - self.marks[key]
+
+        return add
 
 
 class _Result(NamedTuple):
@@ -315,8 +301,12 @@ def _run(
     )
     with warnings.catch_warnings():  # what the monitor says about the model, once per fit
         warnings.filterwarnings("ignore", ".*LayerBalanceMonitor.*")
-        loader = DataLoader(_Repeated(batch, warmup + steps), batch_size=None)
-        trainer.fit(_Module(net, loss), loader)
+        loader = DataLoader(RepeatedBatch(batch, warmup + steps), batch_size=None)
+        try:
+            trainer.fit(LossModule(net, loss, lr=1e-3, momentum=0.9), loader)
+        finally:
+            if monitor is not None:
+                monitor.remove_hooks()
     if alternate:
         assert monitor is not None
         ratio = _on_off_ratio(timer.starts, monitor.ledger_on, warmup, alternate) - 1.0
@@ -409,10 +399,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps")
     args = parser.parse_args()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    names = model_names(parser, args.models, MODELS)
     block = BLOCK
     if args.quick:
         args.rounds, args.steps, args.warmup, block = 1, 3, 1, 2

@@ -36,7 +36,10 @@ default certificate (sized to one epoch of the data: ``certificate_sizes``): per
 training time (on_train_epoch_start to the end of the epoch) and the certificate's time that
 follows it, and the same with the previous defaults (64 samples over up to 1024 examples,
 vectorised); for the LSTM also one certificate with vmap forced on every block
-(``vectorize=True`` of the first release, by calling the gradient functions directly).
+(``vectorize=True`` of the first release: ``torch.func.vmap(torch.func.grad(f))`` on one block).
+
+The MLPs are ``torch_momentum.demos.ReluMLP`` and the language model is
+``torch_momentum.demos.LSTMLanguageModel``.
 
 Run: python benchmarks/clarke.py [--reps 30] [--threads 1] [--quick]
                                 [--parts clarke,profile,chunked,monitor]
@@ -60,19 +63,8 @@ import torch
 from torch.func import functional_call
 
 from torch_momentum import clarke_subgradient
-from torch_momentum._sampling import (
-    check_x as _check_x,
-)
-from torch_momentum._sampling import (
-    grads_loop as _grads_loop,
-)
-from torch_momentum._sampling import (
-    grads_vmap as _grads_vmap,
-)
-from torch_momentum._sampling import (
-    scalar_output as _scalar_output,
-)
 from torch_momentum.clarke import min_norm_element
+from torch_momentum.demos import LSTMLanguageModel, ReluMLP
 from torch_momentum.stationarity import stationarity_profile
 
 K = 64
@@ -104,13 +96,7 @@ def pl10_stationary() -> tuple[Callable, torch.Tensor]:
 
 def mlp(width_in: int, hidden: int, batch: int) -> tuple[Callable, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(width_in, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, 1),
-    )
+    net = ReluMLP(width_in, (hidden, hidden), 1)
     data, target = torch.randn(batch, width_in), torch.randn(batch, 1)
 
     def f(p):
@@ -119,19 +105,43 @@ def mlp(width_in: int, hidden: int, batch: int) -> tuple[Callable, dict[str, tor
     return f, {n: p.detach() for n, p in net.named_parameters()}
 
 
-def loop_grads(f: Callable, points) -> torch.Tensor:
-    """The baseline: one torch.autograd.grad call per point."""
+Points = torch.Tensor | dict[str, torch.Tensor]  # k points: leading dimension k
+
+
+def flat_rows(points: Points) -> torch.Tensor:
+    """``k`` points (a tensor or a dict of tensors, leading dimension ``k``) as a ``(k, d)``
+    matrix, the dict's tensors concatenated in its order."""
+    if isinstance(points, dict):
+        return torch.cat([p.flatten(1) for p in points.values()], dim=1)
+    return points.flatten(1)
+
+
+def as_points(rows: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flat_rows`: ``(k, d)`` rows as points shaped like the tensors of
+    ``like``."""
+    parts = rows.split([p.numel() for p in like.values()], dim=1)
+    return {n: part.reshape(-1, *p.shape) for (n, p), part in zip(like.items(), parts, strict=True)}
+
+
+def vmap_grads(f: Callable, points: Points) -> torch.Tensor:
+    """The gradients of ``f`` at ``k`` points by ``torch.func.vmap(torch.func.grad(f))`` (what
+    ``clarke_subgradient`` runs vectorised), as ``(k, d)`` rows."""
+    return flat_rows(torch.func.vmap(torch.func.grad(lambda z: f(z).reshape(())))(points))
+
+
+def loop_grads(f: Callable, points: Points) -> torch.Tensor:
+    """The baseline: one torch.autograd.grad call per point, as ``(k, d)`` rows."""
     out = []
     if isinstance(points, dict):
         names = list(points)
-        for i in range(K):
+        for i in range(len(points[names[0]])):
             leaves = [points[n][i].clone().requires_grad_(True) for n in names]
             grads = torch.autograd.grad(f(dict(zip(names, leaves, strict=True))), leaves)
             out.append(torch.cat([g.reshape(-1) for g in grads]))
     else:
-        for i in range(K):
+        for i in range(len(points)):
             z = points[i].clone().requires_grad_(True)
-            out.append(torch.autograd.grad(f(z), z)[0])
+            out.append(torch.autograd.grad(f(z), z)[0].reshape(-1))
     return torch.stack(out)
 
 
@@ -142,18 +152,7 @@ def measure(cases: dict[str, tuple[Callable, Any]], reps: int) -> dict[str, dict
     jobs: dict[tuple[str, str], Callable[[], object]] = {}
     for name, (f, x) in cases.items():
         res = clarke_subgradient(f, x, num_samples=K, generator=torch.Generator().manual_seed(0))
-        spec, _ = _check_x(x)
-        flat_points = (
-            torch.cat([p.reshape(K, -1) for p in res.points.values()], dim=1)
-            if isinstance(res.points, dict)
-            else res.points
-        )
-        samples = (
-            torch.cat([s.reshape(K, -1) for s in res.samples.values()], dim=1)
-            if isinstance(res.samples, dict)
-            else res.samples
-        )
-        f_scalar = _scalar_output(f)
+        samples = flat_rows(res.samples)
         points = res.points
         gen = torch.Generator()
 
@@ -161,7 +160,7 @@ def measure(cases: dict[str, tuple[Callable, Any]], reps: int) -> dict[str, dict
             gen.manual_seed(0)
             return clarke_subgradient(f, x, num_samples=K, generator=gen, vectorize=vectorize)
 
-        jobs[name, "sampling vmap"] = partial(_grads_vmap, f_scalar, flat_points, spec)
+        jobs[name, "sampling vmap"] = partial(vmap_grads, f, points)
         jobs[name, "sampling loop"] = partial(loop_grads, f, points)
         jobs[name, "min-norm"] = partial(min_norm_element, samples)
         jobs[name, "e2e vmap"] = e2e
@@ -190,13 +189,7 @@ def measure(cases: dict[str, tuple[Callable, Any]], reps: int) -> dict[str, dict
 def profile_case(hidden: tuple[int, int], batch: int) -> tuple[Callable, dict[str, torch.Tensor]]:
     """MLP 64-h1-h2-10, mean cross-entropy over ``batch`` random examples, float32."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, hidden[0]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden[0], hidden[1]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden[1], 10),
-    )
+    net = ReluMLP(64, hidden, 10)
     data, target = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
 
     def f(p):
@@ -209,7 +202,8 @@ def measure_profile(quick: bool, reps: int) -> dict[str, float]:
     k, radii = (8, [1e-3, 1e-2, 1e-1, 1.0]) if quick else (64, [1e-3, 1e-2, 1e-1, 1.0])
     f, params = profile_case((32, 32) if quick else (300, 256), 64 if quick else 1024)
     d = sum(p.numel() for p in params.values())
-    spec, flat = _check_x(params)
+    flat = flat_rows({n: p[None] for n, p in params.items()})[0]
+    numels = [p.numel() for p in params.values()]
     gen = torch.Generator()
     points = [
         flat + r * torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=1)
@@ -223,13 +217,13 @@ def measure_profile(quick: bool, reps: int) -> dict[str, float]:
         )
 
     def batched():
-        return [_grads_vmap(f, p, spec) for p in points]
+        return [vmap_grads(f, as_points(p, params)) for p in points]
 
     def loop():
         out = []
         for p in points:
             for i in range(k):
-                leaves = [t.clone().requires_grad_(True) for t in p[i].split(list(spec.numels))]
+                leaves = [t.clone().requires_grad_(True) for t in p[i].split(numels)]
                 tree = {n: t.reshape(params[n].shape) for n, t in zip(names, leaves, strict=True)}
                 out.append(torch.autograd.grad(f(tree), leaves))
         return out
@@ -262,13 +256,7 @@ def chunked_run(quick: bool, memory: str) -> dict[str, float]:
     """The profile of a large MLP in one memory mode (run in a fresh process for its memory)."""
     width, batch, k = (256, 8, 16) if quick else (3200, 32, 64)
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(256, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, 10),
-    )
+    net = ReluMLP(256, (width, width), 10)
     data, target = torch.randn(batch, 256), torch.randint(0, 10, (batch,))
     params = {n: p.detach() for n, p in net.named_parameters()}
     d = sum(p.numel() for p in params.values())
@@ -326,8 +314,7 @@ def reference_tasks(
     torch.manual_seed(0)
     scale = 4 if quick else 1
     x = torch.randn(256 // scale, 10)
-    mlp_task = (nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1)), "mse", x,
-                torch.tanh(x @ torch.randn(10, 1)))  # fmt: skip
+    mlp_task = (ReluMLP(10, (32,), 1), "mse", x, torch.tanh(x @ torch.randn(10, 1)))
     cnn = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -339,18 +326,8 @@ def reference_tasks(
         torch.randn(128 // scale, 1, 8, 8),
         torch.randint(0, 10, (128 // scale,)),
     )
-
-    class LSTMLanguageModel(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.lstm = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True)
-            self.out = nn.Linear(32, 50)
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.out(self.lstm(self.emb(tokens))[0])
-
     tokens = torch.randint(0, 50, (160 // scale, 13))
-    lstm_task = (LSTMLanguageModel(), "ce", tokens[:, :-1], tokens[:, 1:])
+    lstm_task = (LSTMLanguageModel(50, 16, 32), "ce", tokens[:, :-1], tokens[:, 1:])
     return {"MLP": mlp_task, "CNN+BatchNorm": cnn_task, "LSTM LM": lstm_task}
 
 
@@ -448,17 +425,18 @@ def lstm_vmap_vs_loop(task: tuple) -> None:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1))
 
     params = {n: p.detach() for n, p in net.named_parameters()}
-    spec, flat = _check_x(params)
-    points = flat + 1e-3 * torch.randn(8, flat.numel(), generator=torch.Generator().manual_seed(0))
+    flat = flat_rows({n: p[None] for n, p in params.items()})
+    noise = 1e-3 * torch.randn(8, flat.shape[1], generator=torch.Generator().manual_seed(0))
+    points = as_points(flat + noise, params)
     import warnings
 
     times: dict[str, list[float]] = {"vmap": [], "loop": []}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(3):
-            for name, fn in (("vmap", _grads_vmap), ("loop", _grads_loop)):
+            for name, fn in (("vmap", vmap_grads), ("loop", loop_grads)):
                 t0 = time.perf_counter()
-                fn(f, points, spec)
+                fn(f, points)
                 times[name].append(time.perf_counter() - t0)
     first = times["vmap"][0] / times["loop"][0]
     warm = statistics.median(times["vmap"][1:]) / statistics.median(times["loop"][1:])

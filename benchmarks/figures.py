@@ -42,71 +42,33 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
 from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
-from torch_momentum.demos import ResNetCNN, TinyViT, gpt2_tiny
+from torch_momentum.demos import ResNetCNN, TinyViT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import quiet_lightning
+from _fit import LossModule, RepeatedBatch, Task, gpt2, images, model_names
 
-Batch = tuple[Tensor, Tensor]
 TARGET_S = 2.0
 MAX_PIXELS = 2400
 DPI = 120
 
 
-class _Repeated(Dataset):
-    def __init__(self, batch: Batch, length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.batch
-
-
-class _Module(pl.LightningModule):
-    def __init__(self, net: nn.Module, tokens: bool) -> None:
-        super().__init__()
-        self.net, self.tokens = net, tokens
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        x, y = batch
-        if self.tokens:  # next-token cross-entropy
-            logits = self.net(x).logits[:, :-1]
-            return nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return PolyakSGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def _images(net: nn.Module) -> tuple[nn.Module, Batch, bool]:
-    return net, (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), False
-
-
-def _gpt2() -> tuple[nn.Module, Batch, bool]:
-    ids = torch.randint(0, 64, (4, 32))
-    return gpt2_tiny(n_layer=4), (ids, ids), True
-
-
-MODELS: dict[str, Callable[[], tuple[nn.Module, Batch, bool]]] = {
-    "resnet": lambda: _images(ResNetCNN()),
-    "resnet18": lambda: _images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2)),
-    "vit": lambda: _images(TinyViT()),
-    "gpt2": _gpt2,
+MODELS: dict[str, Callable[[], Task]] = {
+    "resnet": lambda: images(ResNetCNN(), 8),
+    "resnet18": lambda: images(ResNetCNN(widths=(64, 128, 256, 512), blocks=2), 8),
+    "vit": lambda: images(TinyViT(), 8),
+    "gpt2": lambda: gpt2(4),
 }
 
 
 def _monitored_fit(make: Callable, rows: int, every: int) -> LayerBalanceMonitor:
     """A fit whose monitor holds ``rows`` logging steps (the first step is logged too)."""
     torch.manual_seed(0)
-    net, batch, tokens = make()
+    net, batch, loss = make()
     monitor = LayerBalanceMonitor(ledger=True, log_every_n_steps=every, save_figure=False)
     steps = (rows - 1) * every + 1
     trainer = pl.Trainer(
@@ -121,7 +83,8 @@ def _monitored_fit(make: Callable, rows: int, every: int) -> LayerBalanceMonitor
     )
     with warnings.catch_warnings():  # what the monitor says about the model
         warnings.filterwarnings("ignore", ".*LayerBalanceMonitor.*")
-        trainer.fit(_Module(net, tokens), DataLoader(_Repeated(batch, steps), batch_size=None))
+        module = LossModule(net, loss, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        trainer.fit(module, DataLoader(RepeatedBatch(batch, steps), batch_size=None))
     return monitor
 
 
@@ -151,10 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke test: small ResNet, 1 round")
     args = parser.parse_args()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    names = model_names(parser, args.models, MODELS)
     if args.quick:
         args.rounds, args.rows, args.every, names = 1, 6, 1, ["resnet"]
     if args.threads:

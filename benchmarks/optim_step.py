@@ -86,15 +86,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from torch_momentum import NesterovSGD, PolyakSGD
-from torch_momentum._kernels import default_implementation
 
 if __package__:
-    from ._timing import MemoryUse, interleave, median, paired_ratio, quantile, step_memory
+    from ._timing import (
+        MemoryUse,
+        interleave,
+        median,
+        operators,
+        paired_ratio,
+        quantile,
+        step_memory,
+    )
 else:  # run as a script: benchmarks/ is on sys.path
-    from _timing import MemoryUse, interleave, median, paired_ratio, quantile, step_memory
+    from _timing import (
+        MemoryUse,
+        interleave,
+        median,
+        operators,
+        paired_ratio,
+        quantile,
+        step_memory,
+    )
 
 LR = 1e-3
 MOMENTUM = 0.9
@@ -153,9 +167,23 @@ class Candidate:
         return f"{self.family}{suffix}/{self.path}"
 
 
+OURS = (("PolyakSGD", False), ("NesterovSGD", True))  # our families and their built-in twin
+
+
+def builtin_key(nesterov: bool, path: str) -> str:
+    """The key of ``torch.optim.SGD`` on ``path`` with this ``nesterov``, e.g.
+    ``"SGD(nesterov)/fused"``."""
+    return Candidate("SGD", path, nesterov).key
+
+
+def twin_path(path: str) -> str:
+    """The built-in's path of the same kind as our ``path`` (our for-loop is ``reference``)."""
+    return "for-loop" if path == "reference" else path
+
+
 def candidates() -> list[Candidate]:
     out: list[Candidate] = []
-    for nesterov, ours in ((False, "PolyakSGD"), (True, "NesterovSGD")):
+    for ours, nesterov in OURS:
         out += [Candidate(ours, path, nesterov) for path in PATHS]
         out += [Candidate("SGD", path, nesterov) for path in BUILTIN_PATHS]
     return out
@@ -182,13 +210,17 @@ def build(cand: Candidate, params: list[torch.nn.Parameter]) -> torch.optim.Opti
     return cls(params, lr=LR, momentum=MOMENTUM, foreach=foreach, fused=fused)
 
 
-def resolved_default(cand: Candidate, params: list[torch.Tensor]) -> str:
-    """The path that ``foreach=None, fused=None`` resolves to for these parameters."""
-    if cand.family == "SGD":
-        fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        return "fused" if fused else "foreach" if foreach else "for-loop"
-    path = default_implementation(params, differentiable=False)
-    return "reference" if path == "forloop" else path
+def resolved_default(cand: Candidate, opt: torch.optim.Optimizer) -> str:
+    """The path that ``foreach=None, fused=None`` took in one ``opt.step()`` (which it takes),
+    read from the operators it ran: ``fused`` (a ``_fused_`` operator), ``foreach`` (a
+    ``_foreach_`` operator), else the for-loop (``"for-loop"`` for the built-in, ``"reference"``
+    for ours)."""
+    names = operators(opt.step)
+    if any("_fused_" in name for name in names):
+        return "fused"
+    if any("_foreach_" in name for name in names):
+        return "foreach"
+    return "for-loop" if cand.family == "SGD" else "reference"
 
 
 @dataclass
@@ -241,7 +273,7 @@ def run_case(case: Case, device: torch.device, seed: int, clock: str = "wall") -
             p.grad = g.clone() if writes_grads else g
         opts[cand.key] = build(cand, params)
         if cand.path == "default":
-            default_paths[cand.key] = resolved_default(cand, list(params))
+            default_paths[cand.key] = resolved_default(cand, opts[cand.key])
     fns: dict[str, Callable[[], object]] = {key: opt.step for key, opt in opts.items()}
     fns.update(_stream_ops(case.numel, device))
 
@@ -301,8 +333,8 @@ def report(res: CaseResult) -> list[tuple[str, bool | None, str]]:
     print(header)
     print("-" * len(header))
     for cand in candidates():
-        fused_ref = times[f"{'SGD(nesterov)' if cand.nesterov else 'SGD'}/fused"]
-        default_ref = times[f"{'SGD(nesterov)' if cand.nesterov else 'SGD'}/default"]
+        fused_ref = times[builtin_key(cand.nesterov, "fused")]
+        default_ref = times[builtin_key(cand.nesterov, "default")]
         ts = times[cand.key]
         med = median(ts)
         path = cand.path
@@ -348,13 +380,12 @@ def _print_memory(res: CaseResult) -> None:
     for cand in candidates():
         if cand.family == "SGD" or not res.memory:
             continue
-        sgd = "SGD(nesterov)" if cand.nesterov else "SGD"
-        other_path = "for-loop" if cand.path == "reference" else cand.path
-        ours, theirs = res.memory[cand.key], res.memory[f"{sgd}/{other_path}"]
+        twin = builtin_key(cand.nesterov, twin_path(cand.path))
+        ours, theirs = res.memory[cand.key], res.memory[twin]
         ok = ours.peak <= theirs.peak
         print(
             f"{cand.family + ' / ' + cand.path:<32}{ours.count:8d}{ours.allocated / 1e6:10.2f}"
-            f"{ours.peak / 1e6:9.2f}   {sgd + ' / ' + other_path:<30}{theirs.count:8d}"
+            f"{ours.peak / 1e6:9.2f}   {twin.replace('/', ' / '):<30}{theirs.count:8d}"
             f"{theirs.allocated / 1e6:10.2f}{theirs.peak / 1e6:9.2f}  {_verdict(ok)}"
         )
 
@@ -367,20 +398,18 @@ def _targets(res: CaseResult, copy_bw: float) -> list[tuple[str, bool | None, st
     # Targets. The default path is the built-in's default (bit for bit, so the same work): it
     # must cost what the built-in's default costs. The speed is on request: fused=True.
     is_cpu = res.device.type == "cpu"
-    for ours in ("PolyakSGD", "NesterovSGD"):
-        nesterov = ours == "NesterovSGD"
-        sgd = "SGD(nesterov)" if nesterov else "SGD"
-        r_same = paired_ratio(times[f"{ours}/default"], times[f"{sgd}/default"])
+    for ours, nesterov in OURS:
+        r_same = paired_ratio(times[f"{ours}/default"], times[builtin_key(nesterov, "default")])
         targets.append(
             (
                 f"[{case.name}] {ours} default <= 1.05 x {_sgd_label(nesterov)} default",
                 r_same <= 1.05,
                 f"{r_same:.2f}x ({res.default_paths[f'{ours}/default']} vs "
-                f"{res.default_paths[f'{sgd}/default']})",
+                f"{res.default_paths[builtin_key(nesterov, 'default')]})",
             )
         )
         ts = times[f"{ours}/fused"]
-        r_fused = paired_ratio(ts, times[f"{sgd}/fused"])
+        r_fused = paired_ratio(ts, times[builtin_key(nesterov, "fused")])
         limit = 1.05 if case.large else 1.1
         targets.append(
             (
@@ -389,7 +418,7 @@ def _targets(res: CaseResult, copy_bw: float) -> list[tuple[str, bool | None, st
                 f"{r_fused:.2f}x",
             )
         )
-        r_default = paired_ratio(ts, times[f"{sgd}/default"])
+        r_default = paired_ratio(ts, times[builtin_key(nesterov, "default")])
         targets.append(
             (
                 f"[{case.name}] {ours} fused <= 0.6 x {_sgd_label(nesterov)} default"
@@ -409,9 +438,9 @@ def _targets(res: CaseResult, copy_bw: float) -> list[tuple[str, bool | None, st
             )
         if not res.memory:
             continue
-        path = res.default_paths[f"{ours}/default"]
-        builtin_path = "for-loop" if path == "reference" else path
-        mine, theirs = res.memory[f"{ours}/default"], res.memory[f"{sgd}/{builtin_path}"]
+        builtin_path = twin_path(res.default_paths[f"{ours}/default"])
+        mine = res.memory[f"{ours}/default"]
+        theirs = res.memory[builtin_key(nesterov, builtin_path)]
         targets.append(
             (
                 f"[{case.name}] {ours} default temp memory <= "
@@ -478,30 +507,17 @@ def run_fsdp(
 
     created, rank = _init_process_group(device)
     try:
-        makers: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-            "PolyakSGD/default": lambda ps: PolyakSGD(ps, lr=LR, momentum=MOMENTUM),
-            "NesterovSGD/default": lambda ps: NesterovSGD(ps, lr=LR, momentum=MOMENTUM),
-            "SGD/foreach": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, foreach=True),
-            "SGD(nesterov)/foreach": lambda ps: torch.optim.SGD(
-                ps, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=True
-            ),
-            "SGD/default": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM),
-            "SGD(nesterov)/default": lambda ps: torch.optim.SGD(
-                ps, lr=LR, momentum=MOMENTUM, nesterov=True
-            ),
-        }
+        makers = [Candidate(ours, "default", nesterov) for ours, nesterov in OURS]
+        makers += [
+            Candidate("SGD", path, n) for path in ("foreach", "default") for n in (False, True)
+        ]
         opts: dict[str, torch.optim.Optimizer] = {}
         paths: dict[str, str] = {}
-        for key, make in makers.items():
-            params: list[torch.Tensor] = list(_fsdp_model(device, seed, layers).parameters())
-            opts[key] = make(params)
-            if key.endswith("default"):
-                if key.startswith("SGD"):
-                    fused, foreach = _default_to_fused_or_foreach(params, False, False)
-                    path = "fused" if fused else "foreach" if foreach else "forloop"
-                else:
-                    path = default_implementation(params, False)
-                paths[key] = "for-loop/reference" if path == "forloop" else path
+        for cand in makers:
+            params = list(_fsdp_model(device, seed, layers).parameters())
+            opts[cand.key] = build(cand, params)
+            if cand.path == "default":
+                paths[cand.key] = resolved_default(cand, opts[cand.key])
         kind = type(params[0]).__name__
         times = interleave(
             {k: o.step for k, o in opts.items()},
@@ -525,9 +541,8 @@ def run_fsdp(
             print(header)
             print("-" * len(header))
             for key, ts in times.items():
-                sgd = "SGD(nesterov)" if "esterov" in key else "SGD"
                 label = key + (f" ({paths[key]})" if key in paths else "")
-                ratio = paired_ratio(ts, times[f"{sgd}/foreach"])
+                ratio = paired_ratio(ts, times[builtin_key("esterov" in key, "foreach")])
                 print(f"{label:<46}{median(ts) * 1e3:10.3f}{_fmt_ratio(ratio):>15}")
     finally:
         if created:

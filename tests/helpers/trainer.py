@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from torch_momentum import NesterovSGD, PolyakSGD
+from torch_momentum.demos import ReluMLP
 
 D_IN, HIDDEN, D_OUT, N_POINTS = 12, 16, 3, 64
 
@@ -72,14 +73,11 @@ def make_loader(
 def make_net(
     bias: bool = False, dtype: torch.dtype = torch.float64, scales: tuple[float, ...] | None = None
 ) -> nn.Sequential:
-    """Three-layer ReLU MLP ``D_IN -> HIDDEN -> HIDDEN -> D_OUT``; ``scales`` scale the layers."""
-    net = nn.Sequential(
-        nn.Linear(D_IN, HIDDEN, bias=bias),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, HIDDEN, bias=bias),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, D_OUT, bias=bias),
-    ).to(dtype)
+    """Three-layer ReLU MLP ``D_IN -> HIDDEN -> HIDDEN -> D_OUT``: the layers of ``demos.ReluMLP``
+    (Linear at ``0, 2, 4``, as :data:`LAYERS` names them) in a plain ``nn.Sequential``, which the
+    tests slice (``net[::2]``: ``nn.Sequential`` builds the slice as ``type(self)(OrderedDict)``,
+    which ``ReluMLP``'s constructor does not take); ``scales`` scale the layers."""
+    net = nn.Sequential(*ReluMLP(D_IN, (HIDDEN, HIDDEN), D_OUT, bias=bias)).to(dtype)
     if scales is not None:
         with torch.no_grad():
             for layer, scale in zip(list(net)[::2], scales, strict=True):
