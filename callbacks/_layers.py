@@ -47,7 +47,6 @@ class LayerMode:
         self._refs: list[list[tuple[nn.Module, str]]] = []
         self.sharded = False
         self._sq0: list[float] | None = None
-        self.cleared_history = False
 
     @property
     def names(self) -> list[str]:
@@ -62,7 +61,6 @@ class LayerMode:
         """At ``on_train_start``: ``"restored"``, ``"continued"`` or ``"new"`` (see
         :meth:`_restore`)."""
         previous = self._names, self._ledger_state()
-        self.cleared_history = False  # set when the checkpoint's series cannot continue
         self._resolve(pl_module)
         restored, self.restored = self.restored, None
         self._build_ledger(trainer, pl_module)
@@ -153,7 +151,6 @@ class LayerMode:
                     f" W(0) is recorded afresh from the weights at step {step}.",
                     category=RuntimeWarning,
                 )
-                self.cleared_history = True
         elif step != 0 and self._sq0 is not None and names == self._names:
             origin = "continued"
         if origin == "new":

@@ -38,7 +38,9 @@ from torch_momentum.callbacks.plotting import (
 
 __all__ = ["LayerBalanceMonitor"]
 
-_STATE_VERSION = 2
+#: 3: the state names its mode (``"mode"``); before, ``layers=None`` meant the layer mode with
+#: discovered layers and saved a layer-mode state under the default mode's key
+_STATE_VERSION = 3
 
 
 class LayerBalanceMonitor(Callback):
@@ -243,6 +245,7 @@ class LayerBalanceMonitor(Callback):
         #: every figure written: ``{"balance": path, "ledger": path, "unit_drift": path}``
         self.figure_paths: dict[str, str] = {}
         self._restored: dict[str, Any] | None = None
+        self._refused: str | None = None  # why a loaded state cannot continue a series
         self._last_step = -1
         self._started = True
         self._new_series = True
@@ -325,17 +328,24 @@ class LayerBalanceMonitor(Callback):
         if self._network is not None:
             return {
                 "version": _STATE_VERSION,
+                "mode": "default",
                 "history": [dict(row) for row in self.history],
                 "network": self._network.state_dict(),
             }
         assert self._layer_mode is not None
-        return {"version": _STATE_VERSION, **self._layer_mode.state_dict(self.history)}
+        state = self._layer_mode.state_dict(self.history)
+        return {"version": _STATE_VERSION, "mode": "layer", **state}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``W(0)``, the history and the ledger; applied when training starts."""
+        """Restore ``W(0)``, the history and the ledger; applied when training starts. A state
+        of the other mode or of an unknown version starts a new series instead (with a warning
+        when training starts)."""
         self._restored = dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        self._refused = _refusal(state_dict, "default" if self._network is not None else "layer")
+        if self._refused is not None:
+            return
         if self._network is not None:
             self._network.restored = state_dict.get("network")
         if self._layer_mode is not None:
@@ -370,6 +380,7 @@ class LayerBalanceMonitor(Callback):
         series."""
         self.history = []
         self._restored = None
+        self._refused = None
         self._last_step = -1
         self.figure_path = None
         self.figure_paths = {}
@@ -405,18 +416,22 @@ class LayerBalanceMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._network is not None:
-            step = logging_step(trainer)
-            origin = self._network.start(trainer, pl_module, step)
-            if origin == "new" and self._restored is None:
-                self.history = [] if step == 0 else self.history
-            self._begin(origin, step)
-            return
-        assert self._layer_mode is not None
         step = logging_step(trainer)
-        self._restored = None
-        origin = self._layer_mode.start(trainer, pl_module, step)
-        if self._layer_mode.cleared_history:
+        restored, self._restored = self._restored is not None, None
+        if self._refused is not None:
+            rank_zero_warn(
+                f"`LayerBalanceMonitor`: the checkpoint's state {self._refused}; this monitor"
+                f" starts a new series at step {step} (W(0) from the weights now) and drops the"
+                " checkpoint's history.",
+                category=RuntimeWarning,
+            )
+            self._refused = None
+        mode = self._network or self._layer_mode
+        assert mode is not None
+        origin = mode.start(trainer, pl_module, step)
+        if origin == "new" and (restored or step == 0):
+            # a new series: rows of the checkpoint's (or a previous fit's) series would mix two
+            # origins in one history
             self.history = []
         self._begin(origin, step)
 
@@ -571,3 +586,21 @@ class LayerBalanceMonitor(Callback):
         self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _refusal(state: Mapping[str, Any], mode: str) -> str | None:
+    """Why ``state`` cannot continue a series of ``mode`` (``"default"`` or ``"layer"``), or
+    ``None``. A state without ``"mode"`` (versions 1 and 2) is of the mode its fields show."""
+    version = state.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > _STATE_VERSION:
+        return f"has version {version!r}, which this monitor (version {_STATE_VERSION}) cannot read"
+    saved = state.get("mode") or ("default" if "network" in state else "layer")
+    if saved != mode:
+        why = (
+            " (before version 3 of the state, `layers=None` meant the layer mode with discovered"
+            " layers)"
+            if saved == "layer" and version < 3
+            else ""
+        )
+        return f"was saved by the {saved} mode{why} and this monitor runs the {mode} mode"
+    return None
