@@ -26,11 +26,16 @@ from torch_momentum.balance import (
     unit_symmetry,
 )
 from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.balance.symmetry import Symmetry
 from torch_momentum.balance.watch import pair_ledger_metrics, unit_metrics
 
 
 class LayerMode:
-    """The state and metrics of the layer mode (the monitor's hooks call it)."""
+    """The state and metrics of the layer mode (the monitor's hooks call it;
+    :class:`~torch_momentum.callbacks._network.NetworkMode` has the same interface)."""
+
+    #: the mode a checkpoint's state records
+    name = "layer"
 
     def __init__(self, layers: Any, neurons: bool, ledger: bool, track_grad_norm: bool) -> None:
         self.layers, self.neurons, self.ledger = layers, neurons, ledger
@@ -53,6 +58,16 @@ class LayerMode:
         return list(self._names)
 
     @property
+    def symmetries(self) -> list[Symmetry] | None:
+        """None: the layer mode watches chosen layers, not the model's symmetries."""
+        return None
+
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        """Empty: the per-group details are the default mode's."""
+        return []
+
+    @property
     def balance_ledger(self) -> BalanceLedger | None:
         """The ledger of the layer pairs (and units), once training started."""
         return self._ledger
@@ -70,15 +85,14 @@ class LayerMode:
             self._start_ledger(state.get(origin), step)
         return origin
 
-    def state_dict(self, history: list[dict[str, float]]) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
-        history, the per-unit ``D_i(0)`` and the ledger's cumulative sums."""
+        per-unit ``D_i(0)`` and the ledger's cumulative sums."""
         sq0 = None if self._sq0 is None else list(self._sq0)
         state: dict[str, Any] = {
             "layer_names": list(self._names),
             "sq_norms0": sq0,
             "sq_norm_diffs0": None if sq0 is None else [a - b for a, b in itertools.pairwise(sq0)],
-            "history": [dict(row) for row in history],
             "unit_d0": None
             if self._unit_d0 is None
             else {k: v.tolist() for k, v in self._unit_d0.items()},
@@ -87,6 +101,10 @@ class LayerMode:
         if self._ledger is not None and self.ledger and self._ledger.D0 is not None:
             state["ledger"] = self._ledger.state_dict()  # a collective when sharded
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's state (:meth:`state_dict`'s) for :meth:`start`."""
+        self.restored = dict(state)
 
     def reset(self) -> None:
         self._sq0 = None
@@ -99,8 +117,34 @@ class LayerMode:
         if self._ledger is not None:
             self._ledger.detach()
 
+    def first_batch(self, trainer: Trainer, module: LightningModule, batch: Any) -> None:
+        """Nothing to discover: the layers are known at :meth:`start`."""
+
+    def before_step(self) -> bool:
+        """No angle is measured across the update in the layer mode."""
+        return False
+
+    def after_step(self) -> dict[str, float]:
+        return {}
+
+    def figures(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """The four balance panels and, when tracked, the ledger and the per-unit drift."""
+        from torch_momentum.callbacks.plotting import plot_balance, plot_ledger, plot_unit_drift
+
+        figures = {"balance": plot_balance(history)}
+        if self.ledger and any(k.startswith("ledger/") for k in history[-1]):
+            figures["ledger"] = plot_ledger(history)
+        if self.neurons and self.unit_drift:
+            figures["unit_drift"] = plot_unit_drift(self.unit_drift)
+        return figures
+
     def metrics(
-        self, trainer: Trainer, pl_module: LightningModule, with_grads: bool, scale: float
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        with_grads: bool,
+        scale: float,
     ) -> dict[str, float] | None:
         """The metrics now on rank zero (None elsewhere); every rank calls it when sharded."""
         if not self.sharded and not trainer.is_global_zero:
