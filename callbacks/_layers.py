@@ -162,10 +162,13 @@ class LayerMode:
         else:
             (sq,), grad_sq = layer_sq_norms_host([params], reduce=self.sharded), None
         extra: dict[str, float] = {}
+        unit_d: dict[str, Tensor] | None = None
         if self._ledger is not None and self.ledger:
             extra.update(self._ledger_metrics())  # every rank joins (sharded)
+            # the ledger just read the per-unit D_i(t) of the iterate: not computed a second time
+            unit_d = {name: entry["D"] for name, entry in self.unit_ledger.items()}
         if self._units:
-            extra.update(self._unit_metrics(pl_module, with_grads, scale))
+            extra.update(self._unit_metrics(with_grads, scale, unit_d or self._unit_values()))
         if not trainer.is_global_zero:
             return None
         metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
@@ -252,9 +255,10 @@ class LayerMode:
         return unit_balance(self._module, self._units, iterate)
 
     def _unit_metrics(
-        self, pl_module: LightningModule, with_grads: bool, scale: float
+        self, with_grads: bool, scale: float, values: dict[str, Tensor]
     ) -> dict[str, float]:
-        values = self._unit_values()
+        """The per-unit drift of ``values`` (:math:`D_i(t)` per hidden layer) and, with the
+        gradients, the per-unit symmetry :math:`R_i`."""
         assert self._unit_d0 is not None
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
         metrics, self.unit_drift = unit_metrics(values, self._unit_d0, symmetry, scale)
