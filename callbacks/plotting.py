@@ -478,16 +478,22 @@ def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Fi
     """
     from matplotlib.figure import Figure
 
-    if not isinstance(drift, Mapping) or not drift:
-        raise ValueError(
-            "`drift` must be a non-empty dict {layer: values} or {run: {layer: values}}"
+    if not isinstance(drift, Mapping):
+        raise TypeError(
+            "`drift` must be a non-empty dict {layer: values} or {run: {layer: values}}, got"
+            f" {type(drift).__name__}"
         )
+    if not drift:
+        raise ValueError("`drift` must be a non-empty dict {layer: values}, got {}")
     several = all(isinstance(v, Mapping) for v in drift.values())
     runs: dict[str, Mapping[str, Any]] = dict(drift) if several else {"": drift}
     layers: list[str] = []
-    for per_layer in runs.values():
-        if not isinstance(per_layer, Mapping) or not per_layer:
-            raise ValueError("every run of `drift` must be a non-empty dict {layer: values}")
+    for label, per_layer in runs.items():
+        if not per_layer:
+            raise ValueError(
+                "every run of `drift` must be a non-empty dict {layer: values};"
+                f" `drift[{label!r}]` is empty"
+            )
         layers += [name for name in per_layer if name not in layers]
     data = {
         label: {name: sorted(_abs_floats(v, name), reverse=True) for name, v in per_layer.items()}
