@@ -20,17 +20,22 @@ from torch_momentum.balance import (
     BalanceLedger,
     balance_metrics,
     discover_layers,
+    is_dtensor,
     layer_sq_norms_host,
     pair_units,
     unit_balance,
     unit_symmetry,
 )
-from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.balance.symmetry import Symmetry
 from torch_momentum.balance.watch import pair_ledger_metrics, unit_metrics
 
 
 class LayerMode:
-    """The state and metrics of the layer mode (the monitor's hooks call it)."""
+    """The state and metrics of the layer mode (the monitor's hooks call it;
+    :class:`~torch_momentum.callbacks._network.NetworkMode` has the same interface)."""
+
+    #: the mode a checkpoint's state records
+    name = "layer"
 
     def __init__(self, layers: Any, neurons: bool, ledger: bool, track_grad_norm: bool) -> None:
         self.layers, self.neurons, self.ledger = layers, neurons, ledger
@@ -47,11 +52,20 @@ class LayerMode:
         self._refs: list[list[tuple[nn.Module, str]]] = []
         self.sharded = False
         self._sq0: list[float] | None = None
-        self.cleared_history = False
 
     @property
     def names(self) -> list[str]:
         return list(self._names)
+
+    @property
+    def symmetries(self) -> list[Symmetry] | None:
+        """None: the layer mode watches chosen layers, not the model's symmetries."""
+        return None
+
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        """Empty: the per-group details are the default mode's."""
+        return []
 
     @property
     def balance_ledger(self) -> BalanceLedger | None:
@@ -62,7 +76,6 @@ class LayerMode:
         """At ``on_train_start``: ``"restored"``, ``"continued"`` or ``"new"`` (see
         :meth:`_restore`)."""
         previous = self._names, self._ledger_state()
-        self.cleared_history = False  # set when the checkpoint's series cannot continue
         self._resolve(pl_module)
         restored, self.restored = self.restored, None
         self._build_ledger(trainer, pl_module)
@@ -72,15 +85,14 @@ class LayerMode:
             self._start_ledger(state.get(origin), step)
         return origin
 
-    def state_dict(self, history: list[dict[str, float]]) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
-        history, the per-unit ``D_i(0)`` and the ledger's cumulative sums."""
+        per-unit ``D_i(0)`` and the ledger's cumulative sums."""
         sq0 = None if self._sq0 is None else list(self._sq0)
         state: dict[str, Any] = {
             "layer_names": list(self._names),
             "sq_norms0": sq0,
             "sq_norm_diffs0": None if sq0 is None else [a - b for a, b in itertools.pairwise(sq0)],
-            "history": [dict(row) for row in history],
             "unit_d0": None
             if self._unit_d0 is None
             else {k: v.tolist() for k, v in self._unit_d0.items()},
@@ -89,6 +101,10 @@ class LayerMode:
         if self._ledger is not None and self.ledger and self._ledger.D0 is not None:
             state["ledger"] = self._ledger.state_dict()  # a collective when sharded
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's state (:meth:`state_dict`'s) for :meth:`start`."""
+        self.restored = dict(state)
 
     def reset(self) -> None:
         self._sq0 = None
@@ -101,8 +117,34 @@ class LayerMode:
         if self._ledger is not None:
             self._ledger.detach()
 
+    def first_batch(self, trainer: Trainer, module: LightningModule, batch: Any) -> None:
+        """Nothing to discover: the layers are known at :meth:`start`."""
+
+    def before_step(self) -> bool:
+        """No angle is measured across the update in the layer mode."""
+        return False
+
+    def after_step(self) -> dict[str, float]:
+        return {}
+
+    def figures(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """The four balance panels and, when tracked, the ledger and the per-unit drift."""
+        from torch_momentum.callbacks.plotting import plot_balance, plot_ledger, plot_unit_drift
+
+        figures = {"balance": plot_balance(history)}
+        if self.ledger and any(k.startswith("ledger/") for k in history[-1]):
+            figures["ledger"] = plot_ledger(history)
+        if self.neurons and self.unit_drift:
+            figures["unit_drift"] = plot_unit_drift(self.unit_drift)
+        return figures
+
     def metrics(
-        self, trainer: Trainer, pl_module: LightningModule, with_grads: bool, scale: float
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        with_grads: bool,
+        scale: float,
     ) -> dict[str, float] | None:
         """The metrics now on rank zero (None elsewhere); every rank calls it when sharded."""
         if not self.sharded and not trainer.is_global_zero:
@@ -120,10 +162,13 @@ class LayerMode:
         else:
             (sq,), grad_sq = layer_sq_norms_host([params], reduce=self.sharded), None
         extra: dict[str, float] = {}
+        unit_d: dict[str, Tensor] | None = None
         if self._ledger is not None and self.ledger:
             extra.update(self._ledger_metrics())  # every rank joins (sharded)
+            # the ledger just read the per-unit D_i(t) of the iterate: not computed a second time
+            unit_d = {name: entry["D"] for name, entry in self.unit_ledger.items()}
         if self._units:
-            extra.update(self._unit_metrics(pl_module, with_grads, scale))
+            extra.update(self._unit_metrics(with_grads, scale, unit_d or self._unit_values()))
         if not trainer.is_global_zero:
             return None
         metrics = balance_metrics(sq, self._sq0, grad_sq, self._names)
@@ -153,7 +198,6 @@ class LayerMode:
                     f" W(0) is recorded afresh from the weights at step {step}.",
                     category=RuntimeWarning,
                 )
-                self.cleared_history = True
         elif step != 0 and self._sq0 is not None and names == self._names:
             origin = "continued"
         if origin == "new":
@@ -211,9 +255,10 @@ class LayerMode:
         return unit_balance(self._module, self._units, iterate)
 
     def _unit_metrics(
-        self, pl_module: LightningModule, with_grads: bool, scale: float
+        self, with_grads: bool, scale: float, values: dict[str, Tensor]
     ) -> dict[str, float]:
-        values = self._unit_values()
+        """The per-unit drift of ``values`` (:math:`D_i(t)` per hidden layer) and, with the
+        gradients, the per-unit symmetry :math:`R_i`."""
         assert self._unit_d0 is not None
         symmetry = unit_symmetry(self._module, self._units) if with_grads else {}
         metrics, self.unit_drift = unit_metrics(values, self._unit_d0, symmetry, scale)

@@ -15,8 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from torch_momentum.balance import find_symmetries
-from torch_momentum.balance._dtensor import is_dtensor
+from torch_momentum.balance import BalanceLedger, find_symmetries, is_dtensor
 from torch_momentum.balance.groups import OTHER_GROUP, weight_groups
 from torch_momentum.balance.symmetry import Symmetry, SymmetryList
 from torch_momentum.balance.watch import NetworkWatch
@@ -25,24 +24,52 @@ LossFn = Callable[[LightningModule, Any], Tensor]
 
 
 class NetworkMode:
-    """Discovery, the watch, and their state across fits and checkpoints."""
+    """Discovery, the watch, and their state across fits and checkpoints (the monitor's hooks
+    call it; :class:`~torch_momentum.callbacks._layers.LayerMode` has the same interface)."""
+
+    #: the mode a checkpoint's state records
+    name = "default"
 
     def __init__(
-        self, per_layer: bool, neurons: bool, ledger: bool, loss_fn: LossFn | None
+        self,
+        per_layer: bool,
+        neurons: bool,
+        ledger: bool,
+        loss_fn: LossFn | None,
+        track_grad_norm: bool = True,
     ) -> None:
-        self.per_layer, self.neurons, self.ledger, self.loss_fn = (
-            per_layer,
-            neurons,
-            ledger,
-            loss_fn,
-        )
-        self.symmetries: list[Symmetry] | None = None
+        self.per_layer, self.neurons, self.ledger = per_layer, neurons, ledger
+        self.loss_fn, self.track_grad_norm = loss_fn, track_grad_norm
         self.watch: NetworkWatch | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the symmetries, the origin and the details: the next fit starts anew."""
+        self.close()
+        self.watch = None
+        self.symmetries: list[Symmetry] | None = None
         self.restored: dict[str, Any] | None = None
         self.sharded = False
         #: per logging step: ``{"step", "groups": {G: change}, "charges": {S: max |dQ|},
-        #: "ledger": {S: term sums}}``, kept for the figures (not logged)
+        #: "kinds": {S: kind}, "ledger": {S: term sums}}``, kept for the figures (not logged)
         self.details: list[dict[str, Any]] = []
+
+    @property
+    def names(self) -> list[str]:
+        """Empty: the monitored layers are the layer mode's."""
+        return []
+
+    @property
+    def balance_ledger(self) -> BalanceLedger | None:
+        return None if self.watch is None else self.watch.ledger
+
+    @property
+    def unit_drift(self) -> dict[str, Tensor]:
+        return {} if self.watch is None else self.watch.unit_drift
+
+    @property
+    def unit_ledger(self) -> dict[str, dict[str, Tensor]]:
+        return {} if self.watch is None else self.watch.unit_ledger
 
     # ------------------------------------------------------------------------------------------
     # start
@@ -184,14 +211,14 @@ class NetworkMode:
     # ------------------------------------------------------------------------------------------
 
     def metrics(
-        self, trainer: Trainer, step: int, with_grads: bool, scale: float
+        self, trainer: Trainer, module: LightningModule, step: int, with_grads: bool, scale: float
     ) -> dict[str, float] | None:
         """The metrics of ``step`` on rank zero (None elsewhere); every rank calls it when
         sharded (the norms are summed over ranks)."""
         watch = self.watch
         if watch is None or not (trainer.is_global_zero or self.sharded):
             return None
-        metrics = watch.metrics(with_grads, scale)
+        metrics = watch.metrics(with_grads and self.track_grad_norm, scale)
         if not trainer.is_global_zero:
             return None
         summary = watch.summary
@@ -209,13 +236,41 @@ class NetworkMode:
         )
         return metrics
 
-    def state_dict(self) -> dict[str, Any] | None:
+    def before_step(self) -> bool:
+        """At a logging step, before the update: whether :meth:`after_step` has an angle."""
+        if self.watch is None:
+            return False
+        self.watch.before_step()
+        return True
+
+    def after_step(self) -> dict[str, float]:
+        """The angle of the update just taken (after :meth:`before_step`)."""
+        return {} if self.watch is None else self.watch.after_step()
+
+    def figures(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """The balance of the network and, with the ledger, the ledger of the charges that
+        moved most."""
+        from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
+
+        figures = {"balance": plot_network((history, self.details))}
+        if self.ledger and any(d.get("ledger") for d in self.details):
+            figures["ledger"] = plot_network_ledger((history, self.details))
+        return figures
+
+    def state_dict(self) -> dict[str, Any]:
+        """The symmetries and the watch's origin and ledger, under ``"network"``."""
         if self.watch is None or self.symmetries is None:
-            return None
+            return {"network": None}
         return {
-            "symmetries": [s.to_state() for s in self.symmetries],
-            "watch": self.watch.state_dict(),
+            "network": {
+                "symmetries": [s.to_state() for s in self.symmetries],
+                "watch": self.watch.state_dict(),
+            }
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's state (:meth:`state_dict`'s) for :meth:`start`."""
+        self.restored = state.get("network")
 
     def close(self) -> None:
         if self.watch is not None:

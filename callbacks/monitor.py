@@ -27,18 +27,13 @@ from torch_momentum.balance.symmetry import Symmetry
 from torch_momentum.callbacks._layers import LayerMode
 from torch_momentum.callbacks._network import LossFn, NetworkMode
 from torch_momentum.callbacks._trainer import is_last_step, logging_step, loss_scale
-from torch_momentum.callbacks.network_plots import plot_network, plot_network_ledger
-from torch_momentum.callbacks.plotting import (
-    log_figure,
-    plot_balance,
-    plot_ledger,
-    plot_unit_drift,
-    save_figures,
-)
+from torch_momentum.callbacks.plotting import log_figure, save_figures
 
 __all__ = ["LayerBalanceMonitor"]
 
-_STATE_VERSION = 2
+#: 3: the state names its mode (``"mode"``); before, ``layers=None`` meant the layer mode with
+#: discovered layers and saved a layer-mode state under the default mode's key
+_STATE_VERSION = 3
 
 
 class LayerBalanceMonitor(Callback):
@@ -224,13 +219,10 @@ class LayerBalanceMonitor(Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable or None, got {loss_fn!r}")
         self.loss_fn = loss_fn
-        # the default mode (no `layers=`): the model's symmetries, found at the first batch
-        self._network = (
-            None if self.layers is not None else NetworkMode(per_layer, neurons, ledger, loss_fn)
-        )
+        # the default mode (no `layers=`): the model's symmetries, found at the first batch;
         # the layer mode (`layers=` given): per-layer norms and adjacent pairs
-        self._layer_mode = (
-            None
+        self._mode: NetworkMode | LayerMode = (
+            NetworkMode(per_layer, neurons, ledger, loss_fn, track_grad_norm)
             if self.layers is None
             else LayerMode(self.layers, neurons, ledger, track_grad_norm)
         )
@@ -242,7 +234,8 @@ class LayerBalanceMonitor(Callback):
         self.figure_path: str | None = None
         #: every figure written: ``{"balance": path, "ledger": path, "unit_drift": path}``
         self.figure_paths: dict[str, str] = {}
-        self._restored: dict[str, Any] | None = None
+        self._restored = False  # a checkpoint's state was loaded since the last fit started
+        self._refused: str | None = None  # why a loaded state cannot continue a series
         self._last_step = -1
         self._started = True
         self._new_series = True
@@ -266,20 +259,18 @@ class LayerBalanceMonitor(Callback):
         """Default mode: per logging step, each weight matrix's relative change of its squared
         norm, each symmetry's largest change of a unit's charge, and (``ledger=True``) each
         symmetry's ledger summed over units; for :func:`plot_network` (not logged)."""
-        return [] if self._network is None else list(self._network.details)
+        return list(self._mode.details)
 
     @property
     def symmetries(self) -> list[Symmetry]:
         """The model's symmetries the default mode tracks (known after the first batch)."""
-        if self._network is None or self._network.symmetries is None:
-            return []
-        return list(self._network.symmetries)
+        return list(self._mode.symmetries or [])
 
     @property
     def layer_names(self) -> list[str]:
         """The monitored layers, in adjacency order (known once training started; the layer
         mode)."""
-        return [] if self._layer_mode is None else self._layer_mode.names
+        return self._mode.names
 
     @property
     def balance_ledger(self) -> BalanceLedger | None:
@@ -288,58 +279,48 @@ class LayerBalanceMonitor(Callback):
         mode (``ledger=True``); ``None`` before training starts, without one, and on the ranks
         of the default mode other than zero. Read it, e.g. ``read_charges()``; the monitor
         attaches and detaches it."""
-        if self._layer_mode is not None:
-            return self._layer_mode.balance_ledger
-        assert self._network is not None
-        return None if self._network.watch is None else self._network.watch.ledger
+        return self._mode.balance_ledger
 
     @property
     def sharded(self) -> bool:
         """Whether the monitored parameters are sharded (DTensor: FSDP2, tensor parallelism)."""
-        mode = self._layer_mode or self._network
-        return bool(mode is not None and mode.sharded)
+        return self._mode.sharded
 
     @property
     def unit_drift(self) -> dict[str, Tensor]:
         """Per hidden layer (per rescale symmetry in the default mode), :math:`D_i(t) - D_i(0)`
         per unit at the last logging step (``neurons=True``; CPU tensors)."""
-        if self._layer_mode is not None:
-            return self._layer_mode.unit_drift
-        assert self._network is not None
-        return {} if self._network.watch is None else self._network.watch.unit_drift
+        return self._mode.unit_drift
 
     @property
     def unit_ledger(self) -> dict[str, dict[str, Tensor]]:
         """Per hidden layer (per rescale symmetry in the default mode), the per-unit ledger at
         the last logging step (``neurons=True`` and ``ledger=True``)."""
-        if self._layer_mode is not None:
-            return self._layer_mode.unit_ledger
-        assert self._network is not None
-        return {} if self._network.watch is None else self._network.watch.unit_ledger
+        return self._mode.unit_ledger
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """``W(0)``'s squared norms, the initial adjacent differences, the layer names, the
-        history (rank zero's; other ranks hold an empty list), the per-unit ``D_i(0)`` and the
-        ledger's cumulative sums."""
-        if self._network is not None:
-            return {
-                "version": _STATE_VERSION,
-                "history": [dict(row) for row in self.history],
-                "network": self._network.state_dict(),
-            }
-        assert self._layer_mode is not None
-        return {"version": _STATE_VERSION, **self._layer_mode.state_dict(self.history)}
+        """The version, the mode, the history (rank zero's; other ranks hold an empty list) and
+        the mode's origin: in the layer mode ``W(0)``'s squared norms, the initial adjacent
+        differences, the layer names, the per-unit ``D_i(0)`` and the ledger's cumulative sums;
+        in the default mode the symmetries, their charges at the origin and the ledger."""
+        return {
+            "version": _STATE_VERSION,
+            "mode": self._mode.name,
+            "history": [dict(row) for row in self.history],
+            **self._mode.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``W(0)``, the history and the ledger; applied when training starts."""
-        self._restored = dict(state_dict)
+        """Restore ``W(0)``, the history and the ledger; applied when training starts. A state
+        of the other mode or of an unknown version starts a new series instead (with a warning
+        when training starts)."""
+        self._restored = True
         self.history = [dict(row) for row in state_dict.get("history", [])]
-        if self._network is not None:
-            self._network.restored = state_dict.get("network")
-        if self._layer_mode is not None:
-            self._layer_mode.restored = dict(state_dict)
+        self._refused = _refusal(state_dict, self._mode.name)
+        if self._refused is None:
+            self._mode.load_state_dict(state_dict)
 
     @override
     def on_load_checkpoint(
@@ -369,15 +350,12 @@ class LayerBalanceMonitor(Callback):
         """Forget ``W(0)``, the history and the ledger: the next training run starts a new
         series."""
         self.history = []
-        self._restored = None
+        self._restored = False
+        self._refused = None
         self._last_step = -1
         self.figure_path = None
         self.figure_paths = {}
-        if self._layer_mode is not None:
-            self._layer_mode.reset()
-        if self._network is not None:
-            self._network.close()
-            self._network = NetworkMode(self.per_layer, self.neurons, self.ledger, self.loss_fn)
+        self._mode.reset()
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -405,18 +383,20 @@ class LayerBalanceMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._network is not None:
-            step = logging_step(trainer)
-            origin = self._network.start(trainer, pl_module, step)
-            if origin == "new" and self._restored is None:
-                self.history = [] if step == 0 else self.history
-            self._begin(origin, step)
-            return
-        assert self._layer_mode is not None
         step = logging_step(trainer)
-        self._restored = None
-        origin = self._layer_mode.start(trainer, pl_module, step)
-        if self._layer_mode.cleared_history:
+        restored, self._restored = self._restored, False
+        if self._refused is not None:
+            rank_zero_warn(
+                f"`LayerBalanceMonitor`: the checkpoint's state {self._refused}; this monitor"
+                f" starts a new series at step {step} (W(0) from the weights now) and drops the"
+                " checkpoint's history.",
+                category=RuntimeWarning,
+            )
+            self._refused = None
+        origin = self._mode.start(trainer, pl_module, step)
+        if origin == "new" and (restored or step == 0):
+            # a new series: rows of the checkpoint's (or a previous fit's) series would mix two
+            # origins in one history
             self.history = []
         self._begin(origin, step)
 
@@ -435,8 +415,7 @@ class LayerBalanceMonitor(Callback):
         if self._started:
             return
         self._started = True
-        if self._network is not None:
-            self._network.first_batch(trainer, pl_module, batch)
+        self._mode.first_batch(trainer, pl_module, batch)
         step = logging_step(trainer)
         # a new series logs its first step; a resumed or continued one keeps the cadence
         self._first_step = step if self._new_series else -1
@@ -462,8 +441,7 @@ class LayerBalanceMonitor(Callback):
             return
         self._last_step = step
         self._log(trainer, pl_module, step, with_grads=True, scale=loss_scale(trainer, optimizer))
-        if self._network is not None and self._network.watch is not None:
-            self._network.watch.before_step()
+        if self._mode.before_step():
             self._angle_step = step
 
     @override
@@ -471,9 +449,9 @@ class LayerBalanceMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step, self._angle_step = self._angle_step, None
-        if step is None or self._network is None or self._network.watch is None:
+        if step is None:
             return
-        extra = self._network.watch.after_step()  # the angle of the step just taken
+        extra = self._mode.after_step()  # the angle of the step just taken
         if extra and trainer.is_global_zero and self.history and self.history[-1]["step"] == step:
             self.history[-1].update(extra)
             for logger in trainer.loggers:
@@ -487,14 +465,14 @@ class LayerBalanceMonitor(Callback):
             # after it, at the next step's index (every rank joins the collectives)
             self._last_step = step
             self._log(trainer, pl_module, step, with_grads=False)
-        self._close()
+        self._mode.close()
         if not self.save_figure:
             return
         log_dir = trainer.log_dir  # a broadcast: every rank calls it
         if not trainer.is_global_zero or not self.history:
             return
         try:
-            figures = self._figures()
+            figures = self._mode.figures(self.history)
         except ImportError as err:
             rank_zero_warn(
                 f"`LayerBalanceMonitor(save_figure=True)` needs matplotlib ({err}); install"
@@ -519,29 +497,9 @@ class LayerBalanceMonitor(Callback):
             for name, figure in figures.items():
                 log_figure(logger, figure, step, name)
 
-    def _figures(self) -> dict[str, Any]:
-        """The figures saved at the end of training: the balance, and the ledger and per-unit
-        drift when they were tracked."""
-        if self._network is not None:
-            figures = {"balance": plot_network(self)}
-            if self.ledger and any(d.get("ledger") for d in self.details):
-                figures["ledger"] = plot_network_ledger(self)
-            return figures
-        figures = {"balance": plot_balance(self.history)}
-        if self.ledger and any(k.startswith("ledger/") for k in self.history[-1]):
-            figures["ledger"] = plot_ledger(self.history)
-        if self.neurons and self.unit_drift:
-            figures["unit_drift"] = plot_unit_drift(self.unit_drift)
-        return figures
-
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        for mode in (self._layer_mode, self._network):
-            if mode is not None:
-                mode.close()
+        self._mode.close()
 
     # ------------------------------------------------------------------------------------------
     # internals
@@ -557,17 +515,27 @@ class LayerBalanceMonitor(Callback):
     ) -> None:
         """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
         gradients (divided out of gradient norms and per-unit symmetries)."""
-        if self._network is not None:
-            found = self._network.metrics(trainer, step, with_grads and self.track_grad_norm, scale)
-            if found is not None:
-                self._emit(trainer, step, found)
+        metrics = self._mode.metrics(trainer, pl_module, step, with_grads, scale)
+        if metrics is None:  # a rank other than zero
             return
-        assert self._layer_mode is not None
-        found = self._layer_mode.metrics(trainer, pl_module, with_grads, scale)
-        if found is not None:
-            self._emit(trainer, step, found)
-
-    def _emit(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _refusal(state: Mapping[str, Any], mode: str) -> str | None:
+    """Why ``state`` cannot continue a series of ``mode`` (``"default"`` or ``"layer"``), or
+    ``None``. A state without ``"mode"`` (versions 1 and 2) is of the mode its fields show."""
+    version = state.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > _STATE_VERSION:
+        return f"has version {version!r}, which this monitor (version {_STATE_VERSION}) cannot read"
+    saved = state.get("mode") or ("default" if "network" in state else "layer")
+    if saved != mode:
+        why = (
+            " (before version 3 of the state, `layers=None` meant the layer mode with discovered"
+            " layers)"
+            if saved == "layer" and version < 3
+            else ""
+        )
+        return f"was saved by the {saved} mode{why} and this monitor runs the {mode} mode"
+    return None

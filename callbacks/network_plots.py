@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch_momentum.balance.rules import LEDGER_TERMS
 from torch_momentum.balance.symmetry import KINDS
+from torch_momentum.callbacks._ledger_panel import draw_ledger_terms, marker
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -25,8 +26,6 @@ __all__ = ["plot_network", "plot_network_ledger"]
 
 #: above this many rows a panel is a heatmap instead of lines
 HEATMAP_ABOVE = 10
-#: series with at most this many points get markers (a short run logs few steps)
-MARKERS_BELOW = 30
 _KIND_COLOURS = {"scale": "tab:blue", "rescale": "tab:orange", "translation": "tab:green"}
 
 
@@ -60,9 +59,8 @@ def _rows(
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     if len(names) <= HEATMAP_ABOVE:
-        marker = "o" if len(steps) <= MARKERS_BELOW else None
         for name, row in zip(names, values, strict=True):
-            ax.plot(steps, row, linewidth=1.2, label=name, marker=marker, markersize=3)
+            ax.plot(steps, row, linewidth=1.2, label=name, marker=marker(steps), markersize=3)
         if log and any(v > 0 for row in values for v in row):
             ax.set_yscale("log")
         ax.set_ylabel(label)
@@ -153,10 +151,6 @@ def plot_network(source: Any, *, title: str | None = None) -> Figure:
     return fig
 
 
-def _marker(steps: Sequence[Any]) -> str | None:
-    return "o" if len(steps) <= MARKERS_BELOW else None
-
-
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list, list]:
     rows = [r for r in history if key in r and isinstance(r[key], (int, float))]
     return [r["step"] for r in rows], [float(r[key]) for r in rows]
@@ -176,7 +170,7 @@ def _kinds(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
                     color=_KIND_COLOURS[kind],
                     label=label,
                     lw=1.3,
-                    marker=_marker(steps),
+                    marker=marker(steps),
                     markersize=3,
                 )
                 drawn = True
@@ -189,7 +183,7 @@ def _kinds(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
             color="black",
             label="layer-balance drift",
             lw=1.3,
-            marker=_marker(steps),
+            marker=marker(steps),
             markersize=3,
         )
         drawn = True
@@ -217,7 +211,7 @@ def _angles(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
             color="tab:blue",
             lw=1.3,
             label="angle between $x_t$ and $x_{t+1}$",
-            marker=_marker(steps),
+            marker=marker(steps),
             markersize=3,
         )
         p_steps, predicted = _series(history, "angle/prediction")
@@ -240,36 +234,15 @@ def _angles(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
     ax.set_title("(d) gradient norm (no scale-invariant group)", fontsize=10)
 
 
-def _terms(ax: Axes, terms: Mapping[str, Sequence[float]], steps: Sequence[Any]) -> None:
-    """One line per term; terms that stay at zero (relative to the largest) are named in a note
-    instead of drawn on top of each other."""
-    scale = max((abs(v) for values in terms.values() for v in values), default=0.0)
-    zero = [t for t, values in terms.items() if max(map(abs, values), default=0.0) <= 1e-9 * scale]
-    for term, values in terms.items():
-        if term not in zero:
-            ax.plot(steps, values, lw=1.1, label=term, marker=_marker(steps), markersize=2)
-    if zero:
-        ax.text(
-            0.99,
-            0.01,
-            "zero: " + ", ".join(zero),
-            transform=ax.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=7,
-            color="0.35",
-        )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, loc="best")
-
-
 def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None) -> Figure:
     r"""The ledger of the ``top_k`` symmetries whose charges moved most, and a summary panel.
 
-    Each symmetry's panel shows :math:`\sum_u Q_u(t) - Q_u(0)` (black) and each term of the
-    ledger summed over units (cumulative); the terms add up to the black line (closure). The
+    Each symmetry's panel shows each term of the ledger summed over units (cumulative) and
+    :math:`\sum_u Q_u(t) - Q_u(0)` dashed black on top; the terms add up to it (closure). The
     summary panel shows the terms summed over all quadratic charges, as logged
-    (``ledger/{term}``).
+    (``ledger/{term}``). The panels are drawn as :func:`~torch_momentum.callbacks.plot_ledger`
+    draws a pair's: one colour per term, terms near 0 dashed on top and named in a note with
+    their size, terms that are 0 throughout named, not drawn.
 
     Args:
         source: as :func:`plot_network`; the monitor ran with ``ledger=True``.
@@ -290,7 +263,10 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
         ...            for t in range(3)]
         >>> history = [{"step": t, "ledger/momentum": 0.2 * t} for t in range(3)]
         >>> fig = plot_network_ledger((history, details))
-        >>> [round(float(y), 2) for y in fig.axes[1].lines[0].get_ydata()]  # the change of q/k
+        >>> ax = fig.axes[1]  # q/k: the terms that are not always 0, then the change, dashed
+        >>> [line.get_label() for line in ax.lines][:4]
+        ['momentum', 'weight_decay', 'discretisation', '$\\sum_u Q_u(t)-Q_u(0)$']
+        >>> [round(float(y), 2) for y in ax.lines[3].get_ydata()]
         [0.0, 0.15, 0.3]
     """
     from matplotlib.figure import Figure
@@ -310,26 +286,21 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
     axes = fig.subplots(n_rows, cols, squeeze=False).reshape(-1)
     steps = [int(d["step"]) for d in rows]
     summary = {t: _series(history, f"ledger/{t}") for t in LEDGER_TERMS}
-    _terms(axes[0], {t: v for t, (s, v) in summary.items() if s}, summary[LEDGER_TERMS[0]][0])
+    draw_ledger_terms(axes[0], {t: series for t, series in summary.items() if series[0]})
     closure = _series(history, "ledger/closure")[1]
     note = f" (largest relative closure {max(closure):.1e})" if closure else ""
     axes[0].set_title(f"all quadratic charges: cumulative terms{note}", fontsize=9)
     for ax, name in zip(axes[1:], worst, strict=False):
-        ax.plot(
-            steps,
-            [d["ledger"][name]["change"] for d in rows],
-            color="black",
-            lw=2.0,
-            label=r"$\sum_u Q_u(t)-Q_u(0)$",
-            marker=_marker(steps),
-            markersize=3,
-        )
-        _terms(ax, {t: [d["ledger"][name][t] for d in rows] for t in LEDGER_TERMS}, steps)
+        terms = {t: (steps, [d["ledger"][name][t] for d in rows]) for t in LEDGER_TERMS}
+        change = (steps, [d["ledger"][name]["change"] for d in rows])
+        draw_ledger_terms(ax, terms, change, change_label=r"$\sum_u Q_u(t)-Q_u(0)$")
         ax.set_title(name, fontsize=9)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     for ax in axes[:n_panels]:
         ax.set_xlabel("step")
         ax.axhline(0.0, color="0.6", lw=0.6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
     fig.suptitle(title or f"Ledger of the {len(worst)} charges that moved most")
     return fig

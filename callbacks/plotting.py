@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch_momentum.balance.rules import LEDGER_TERMS
+from torch_momentum.callbacks._ledger_panel import draw_ledger_terms
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -341,25 +342,6 @@ def ledger_series(source: Any) -> dict[str, dict[str, tuple[list, list]]]:
     return out
 
 
-_TERM_STYLE = {
-    "momentum": {"color": "tab:red"},
-    "weight_decay": {"color": "tab:purple"},
-    "symmetry": {"color": "tab:green"},
-    "discretisation": {"color": "tab:blue"},
-    "other": {"color": "tab:orange"},
-    "rounding": {"color": "tab:brown"},
-}
-# Terms that stay within this fraction of the panel's largest value look like the zero line:
-# they are drawn on top of the larger ones, each with its own dash pattern (so that two of them,
-# e.g. a round-off symmetry term and an "other" of 1e-16, do not hide one another), and their
-# largest magnitude is written in the panel's note.
-_NEGLIGIBLE = 1e-3
-_NEGLIGIBLE_DASHES = [(0, (6, 3)), (3, (2, 4)), (0, (1, 2)), (0, (8, 2, 1, 2))]
-# The note sits in a band added below the data (this fraction of the data's range), so that it
-# never covers a curve, however the terms move.
-_NOTE_BAND = 0.24
-
-
 def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
     r"""Plot where each adjacent pair's balance drift comes from, and return the figure.
 
@@ -419,7 +401,8 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
             if cols is None or not cols["drift"][0]:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
                 continue
-            _draw_ledger_panel(ax, cols)
+            closure = max(abs(v) for v in cols["closure"][1])
+            draw_ledger_terms(ax, cols, cols["drift"], closure=closure)
             if r == n_rows - 1:
                 ax.set_xlabel("step")
             if c == 0:
@@ -441,42 +424,6 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
         )
     fig.suptitle(title or "Balance ledger: D(t) − D(0) = sum of the terms")
     return fig
-
-
-def _draw_ledger_panel(ax: Axes, cols: Mapping[str, tuple[list, list]]) -> None:
-    """One pair of one run: the terms that are not identically 0 (the negligible ones on top,
-    dashed), the measured drift dashed black, and a note with the closure and the terms that are
-    (nearly) 0, in a band below the curves."""
-    drift_steps, drift = cols["drift"]
-    drawn = {t: cols[t] for t in LEDGER_TERMS if any(v != 0.0 for v in cols[t][1])}
-    zero = [t for t in LEDGER_TERMS if t not in drawn]
-    size = {t: max(abs(v) for v in values) for t, (_, values) in drawn.items()}
-    scale = max([*size.values(), *(abs(v) for v in drift)], default=0.0)
-    negligible = [t for t in drawn if size[t] <= _NEGLIGIBLE * scale]
-    dashes = iter(_NEGLIGIBLE_DASHES * 2)
-    for term, (steps, values) in drawn.items():
-        style: dict[str, Any] = {"linewidth": 1.5, "zorder": 2, **_TERM_STYLE[term]}
-        if term in negligible:  # drawn last and dashed: visible beside another one near 0
-            style.update(linewidth=1.6, zorder=3, linestyle=next(dashes))
-        ax.plot(steps, values, label=term, **style)
-    ax.plot(
-        drift_steps,
-        drift,
-        label="D(t) − D(0)",
-        color="black",
-        linestyle="--",
-        linewidth=1.2,
-        zorder=4,
-    )
-    closure = max(abs(v) for v in cols["closure"][1])
-    lines = [f"max |closure| = {closure:.1e}"]
-    if negligible:
-        lines.append("≈ 0: " + ", ".join(f"{t} (≤ {size[t]:.0e})" for t in negligible))
-    if zero:
-        lines.append("= 0: " + ", ".join(zero))
-    low, high = ax.get_ylim()
-    ax.set_ylim(low - _NOTE_BAND * (high - low), high)
-    ax.text(0.02, 0.02, "\n".join(lines), fontsize=7, transform=ax.transAxes, va="bottom")
 
 
 def _abs_floats(values: Any, name: str) -> list[float]:
@@ -531,16 +478,22 @@ def plot_unit_drift(drift: Mapping[str, Any], *, title: str | None = None) -> Fi
     """
     from matplotlib.figure import Figure
 
-    if not isinstance(drift, Mapping) or not drift:
-        raise ValueError(
-            "`drift` must be a non-empty dict {layer: values} or {run: {layer: values}}"
+    if not isinstance(drift, Mapping):
+        raise TypeError(
+            "`drift` must be a non-empty dict {layer: values} or {run: {layer: values}}, got"
+            f" {type(drift).__name__}"
         )
+    if not drift:
+        raise ValueError("`drift` must be a non-empty dict {layer: values}, got {}")
     several = all(isinstance(v, Mapping) for v in drift.values())
     runs: dict[str, Mapping[str, Any]] = dict(drift) if several else {"": drift}
     layers: list[str] = []
-    for per_layer in runs.values():
-        if not isinstance(per_layer, Mapping) or not per_layer:
-            raise ValueError("every run of `drift` must be a non-empty dict {layer: values}")
+    for label, per_layer in runs.items():
+        if not per_layer:
+            raise ValueError(
+                "every run of `drift` must be a non-empty dict {layer: values};"
+                f" `drift[{label!r}]` is empty"
+            )
         layers += [name for name in per_layer if name not in layers]
     data = {
         label: {name: sorted(_abs_floats(v, name), reverse=True) for name, v in per_layer.items()}

@@ -9,7 +9,6 @@ function of the parameters, sizes the certificate, shows its progress and logs.
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 import time
@@ -539,6 +538,6 @@ def _optional_seconds(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`max_seconds` must be a number or None, got {value!r}")
-    if not float(value) > 0 or math.isnan(float(value)):
+    if not float(value) > 0:  # NaN too
         raise ValueError(f"`max_seconds` must be > 0, got {value!r}")
     return float(value)

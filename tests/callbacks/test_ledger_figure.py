@@ -100,3 +100,47 @@ def test_a_summed_ledger_is_refused_with_a_pointer_to_the_network_figure() -> No
     for draw in (ledger_series, plot_ledger):
         with pytest.raises(ValueError, match="plot_network_ledger"):
             draw(rows)
+
+
+def test_the_network_ledger_draws_its_panels_as_the_pair_ledger() -> None:
+    """plot_network_ledger had its own copy of the panel: its terms took matplotlib's colour
+    cycle (momentum blue there, red in plot_ledger), terms near 0 were drawn under the others
+    and named as "zero". One panel function now draws both figures."""
+    from matplotlib.colors import to_hex
+
+    from torch_momentum.callbacks import plot_network_ledger
+
+    rows = history()
+    terms = [{k: r[f"ledger/{k}/a-b"] for k in LEDGER_TERMS} for r in rows]
+    details = [
+        {
+            "step": r["step"],
+            "groups": {},
+            "charges": {},
+            "kinds": {},
+            "ledger": {"q/k": {"change": sum(t.values()) + 1e-12, **t}},
+        }
+        for r, t in zip(rows, terms, strict=True)
+    ]
+    summary = [
+        {"step": r["step"], **{f"ledger/{k}": v for k, v in t.items()}}
+        for r, t in zip(rows, terms, strict=True)
+    ]
+    pair_ax = plot_ledger(rows).axes[0]
+    summary_ax, charge_ax = plot_network_ledger((summary, details), top_k=1).axes[:2]
+
+    def colours(ax) -> dict[str, str]:
+        return {line.get_label(): to_hex(line.get_color()) for line in ax.lines}
+
+    expected = {t: c for t, c in colours(pair_ax).items() if t in LEDGER_TERMS}
+    assert set(expected) == set(LEDGER_TERMS) - {"weight_decay", "rounding"}
+    for ax in (summary_ax, charge_ax):
+        assert {t: c for t, c in colours(ax).items() if t in LEDGER_TERMS} == expected
+        (note,) = [t.get_text() for t in ax.texts]
+        assert "≈ 0: symmetry (≤ 1e-08), other (≤ 4e-15)" in note, note
+        assert "= 0: weight_decay, rounding" in note, note
+        lines = {line.get_label(): line for line in ax.lines}
+        assert lines["other"].get_zorder() > lines["momentum"].get_zorder()
+    # the charge's change is drawn as the pair's D(t) - D(0): dashed black, on top
+    change = charge_ax.lines[len(expected)]
+    assert to_hex(change.get_color()) == "#000000" and change.get_linestyle() == "--"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,35 @@ def test_keys_closure_and_units(optimizer: str) -> None:
         torch.testing.assert_close(drift, monitor.unit_drift[name], rtol=0, atol=1e-13)
         scale = float(entry["D0"].abs().max() + entry["sums"].abs().max())
         assert float(entry["closure"].abs().max()) < 1e-10 * scale
+
+
+@pytest.mark.parametrize("ledger", [True, False])
+def test_unit_balance_is_computed_once_a_logged_step(
+    ledger: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the ledger tracking the units, the per-unit D_i(t) it reads is the one the drift
+    uses: the layer mode computed it a second time (unit_balance) at every logged step."""
+    from torch_momentum.callbacks import _layers
+
+    calls: list[int] = []
+    original = _layers.unit_balance
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_layers, "unit_balance", counting)
+    torch.manual_seed(0)
+    monitor = LayerBalanceMonitor(layers=LAYERS, save_figure=False, ledger=ledger, neurons=True)
+    fit(BalanceModel(make_net(), lr=0.05, momentum=0.9), [monitor], max_steps=8)
+    assert [r["step"] for r in monitor.history] == list(range(8))
+    # one call for D_i(0) at the start; without the ledger's units one more per logged step
+    assert len(calls) == (1 if ledger else 1 + 8)
+    if ledger:  # the drift is the ledger's own D_i(t) - D_i(0), bit for bit
+        for name, entry in monitor.unit_ledger.items():
+            torch.testing.assert_close(
+                entry["D"] - entry["D0"], monitor.unit_drift[name], rtol=0, atol=0
+            )
 
 
 def test_clipping_ledger_uses_the_update_applied() -> None:

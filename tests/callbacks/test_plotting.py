@@ -192,13 +192,14 @@ def test_plot_unit_drift_single_run_linear_scale_and_zero_floor() -> None:
 def test_plot_unit_drift_bad_input() -> None:
     with pytest.raises(ValueError, match="non-empty dict"):
         plot_unit_drift({})
-    with pytest.raises(ValueError, match="non-empty dict"):
+    # a list was a ValueError that named neither its type nor the value
+    with pytest.raises(TypeError, match=r"non-empty dict .*, got list"):
         plot_unit_drift([1.0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`drift\['h'\]` is empty"):
         plot_unit_drift({"h": []})
     with pytest.raises(TypeError, match=r"`drift\['h'\]` must be"):
         plot_unit_drift({"h": ["a"]})
-    with pytest.raises(ValueError, match="every run"):
+    with pytest.raises(ValueError, match=r"every run .*`drift\['HB'\]` is empty"):
         plot_unit_drift({"GD": {"h": [1.0]}, "HB": {}})
 
 

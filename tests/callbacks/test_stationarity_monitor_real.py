@@ -180,6 +180,8 @@ def test_max_seconds_stops_after_the_first_block():
     assert monitor.history[0]["stationarity/num_samples"] == 8.0
     with pytest.raises(ValueError, match="`max_seconds` must be > 0"):
         StationarityMonitor(radii=RADII, max_seconds=0)
+    with pytest.raises(ValueError, match="`max_seconds` must be > 0, got nan"):
+        StationarityMonitor(radii=RADII, max_seconds=float("nan"))
     with pytest.raises(TypeError, match="`max_seconds` must be a number"):
         StationarityMonitor(radii=RADII, max_seconds="1")  # type: ignore[arg-type]
 
