@@ -164,22 +164,20 @@ def run_kernel(
     grads: list[Tensor],
     velocities: list[Tensor],
     *,
-    strict: bool = False,
     has_sparse_grad: bool = False,
     differentiable: bool = False,
     **hyper: Any,
 ) -> None:
     """Run the chosen path. Tensors with a sparse gradient or velocity go through the reference
     path whatever the choice (``has_sparse_grad`` says whether to look for them). The fused path
-    checks the layouts, devices and dtypes of this step itself; with ``strict`` (an explicit
-    ``fused=True``) a device or dtype without fused support is a ``RuntimeError`` instead of a
-    fallback."""
+    (only ever chosen by an explicit ``fused=True``) checks the layouts, devices and dtypes of
+    this step itself: a device or dtype without fused support is a ``RuntimeError``."""
     if has_sparse_grad and implementation != "forloop":
         sparse, dense = _split_sparse(params, grads, velocities)
         _single_tensor_momentum_sgd(*sparse, **hyper)
         params, grads, velocities = dense
     if implementation == "fused":
-        _fused_momentum_sgd(params, grads, velocities, strict=strict, **hyper)
+        _fused_momentum_sgd(params, grads, velocities, **hyper)
     elif implementation == "foreach":
         _multi_tensor_momentum_sgd(params, grads, velocities, **hyper)
     else:
@@ -427,21 +425,20 @@ def _fused_momentum_sgd(
     weight_decay: float,
     maximize: bool,
     nesterov: bool,
-    strict: bool = False,
 ) -> None:
     """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring,
-    for the tensors it can update correctly; the others through foreach (or the reference)."""
+    for the tensors it can update correctly; the others through foreach (or the reference).
+
+    Raises a ``RuntimeError`` (in the built-in's words) for a device or dtype that the fused
+    kernel does not support at all, e.g. a parameter moved to the meta device since the path was
+    resolved."""
     if not params:
         return
     neg_lr = _neg(lr)
     rest: list[list[Tensor]] = [[], [], []]
     for (device, dtype), lists in _grouped(params, grads, velocities, momentum):
         if not _fused_device_dtype(device, dtype):
-            if strict:
-                raise _fused_error(lists[0][0], "a parameter of this step")
-            for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
-                out += ts
-            continue
+            raise _fused_error(lists[0][0], "a parameter of this step")
         if not _fused_correct(device, dtype):
             for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
                 out += ts

@@ -175,7 +175,6 @@ def momentum_sgd(
         weight_decay=weight_decay,
         maximize=maximize,
         nesterov=nesterov,
-        strict=bool(fused),
         has_sparse_grad=has_sparse_grad,
         differentiable=differentiable,
     )

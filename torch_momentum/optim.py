@@ -278,7 +278,6 @@ class _MomentumSGD(Optimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 nesterov=self._nesterov,
-                strict=bool(group["fused"]),
                 has_sparse_grad=has_sparse_grad,
                 differentiable=group["differentiable"],
             )
