@@ -86,22 +86,13 @@ def foreach_supported(t: Tensor) -> bool:
     )
 
 
-def _foreach_by_default(t: Tensor) -> bool:
-    """The built-in's default test (``_default_to_fused_or_foreach`` with ``use_fused=False``):
-    a type it runs foreach on, on a device with foreach kernels (the CPU is not one)."""
-    return (
-        type(t) in _optimizer._foreach_supported_types
-        and t.device.type in _get_foreach_kernels_supported_devices()
-    )
-
-
 def default_implementation(params: list[Tensor], differentiable: bool) -> Implementation:
-    """The path ``torch.optim.SGD`` takes by default on these tensors: ``"foreach"`` when every
-    tensor is a plain tensor or ``DTensor`` on a device with foreach kernels (CUDA, XPU, ...),
-    else ``"forloop"`` (the CPU, the meta device, ``differentiable=True``, TorchScript)."""
-    if differentiable or torch.jit.is_scripting():
-        return "forloop"
-    return "foreach" if all(_foreach_by_default(p) for p in params) else "forloop"
+    """The path ``torch.optim.SGD`` takes by default on these tensors, by torch's own rule
+    (``_default_to_fused_or_foreach`` with ``use_fused=False``): ``"foreach"`` when every tensor
+    is a plain tensor or ``DTensor`` on a device with foreach kernels (CUDA, XPU, ...), else
+    ``"forloop"`` (the CPU, the meta device, ``differentiable=True``, TorchScript)."""
+    _, foreach = _optimizer._default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    return "foreach" if foreach else "forloop"
 
 
 def _fused_error(t: Tensor, detail: str) -> RuntimeError:
