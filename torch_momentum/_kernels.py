@@ -56,10 +56,6 @@ def _fused_correct(device: torch.device, dtype: torch.dtype) -> bool:
     return not (device.type == "cpu" and dtype in _CPU_FUSED_BROKEN)
 
 
-def _foreach_device(device: torch.device) -> bool:
-    return device.type == "cpu" or device.type in _get_foreach_kernels_supported_devices()
-
-
 def fused_supported(t: Tensor) -> bool:
     """Whether the fused kernel can update ``t``: a plain strided floating point or complex tensor
     on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...). The layout of its
@@ -177,23 +173,29 @@ def run_kernel(
         )
 
 
-_Lists = tuple[list[Tensor], list[Tensor], list[Tensor]]
+def split(mask: list[bool], *lists: list[Tensor]) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """``(chosen, others)``: the entries of each list where ``mask`` is true, and the rest, in
+    order. An empty list (no velocities: ``momentum == 0``) stays empty in both."""
+    chosen: list[list[Tensor]] = [[] for _ in lists]
+    others: list[list[Tensor]] = [[] for _ in lists]
+    if all(mask):  # the common cases: no copies
+        return list(lists), others
+    if not any(mask):
+        return chosen, list(lists)
+    for i, keep in enumerate(mask):
+        for ts, c, o in zip(lists, chosen, others, strict=True):
+            if ts:
+                (c if keep else o).append(ts[i])
+    return chosen, others
 
 
 def _split_sparse(
     params: list[Tensor], grads: list[Tensor], velocities: list[Tensor]
-) -> tuple[_Lists, _Lists]:
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
     """``(sparse, dense)``: the tensors whose gradient or velocity is sparse, and the others."""
-    sparse: _Lists = ([], [], [])
-    dense: _Lists = ([], [], [])
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        v = velocities[i] if velocities else None
-        target = sparse if g.is_sparse or (v is not None and v.is_sparse) else dense
-        target[0].append(p)
-        target[1].append(g)
-        if v is not None:
-            target[2].append(v)
-    return sparse, dense
+    sparse_v = [v.is_sparse for v in velocities] or [False] * len(grads)  # no velocities: dense
+    mask = [g.is_sparse or v for g, v in zip(grads, sparse_v, strict=True)]
+    return split(mask, params, grads, velocities)
 
 
 def _single_tensor_momentum_sgd(
@@ -467,11 +469,8 @@ def _fused_momentum_sgd(
 
 
 def _fallback(rest: list[list[Tensor]], **hyper: Any) -> None:
-    """Tensors the fused kernel cannot take: foreach where the device has it, else the loop."""
-    params, grads, velocities = rest
-    for (device, _), lists in _grouped(params, grads, velocities, hyper["momentum"]):
-        vs = lists[2] if len(lists) > 2 else []
-        if _foreach_device(device) and all(foreach_supported(p) for p in lists[0]):
-            _multi_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)
-        else:
-            _single_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)
+    """Tensors the fused kernel cannot take: foreach for those it can update (which the foreach
+    kernel groups by device and dtype), the loop for the others."""
+    foreach, loop = split([foreach_supported(p) for p in rest[0]], *rest)
+    _multi_tensor_momentum_sgd(*foreach, **hyper)
+    _single_tensor_momentum_sgd(*loop, **hyper)
