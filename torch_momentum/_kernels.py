@@ -151,6 +151,7 @@ def run_kernel(
     grads: list[Tensor],
     velocities: list[Tensor],
     *,
+    lr: float | Tensor,
     has_sparse_grad: bool = False,
     differentiable: bool = False,
     **hyper: Any,
@@ -158,18 +159,28 @@ def run_kernel(
     """Run the chosen path. Tensors with a sparse gradient or velocity go through the reference
     path whatever the choice (``has_sparse_grad`` says whether to look for them). The fused path
     (only ever chosen by an explicit ``fused=True``) checks the layouts, devices and dtypes of
-    this step itself: a device or dtype without fused support is a ``RuntimeError``."""
+    this step itself: a device or dtype without fused support is a ``RuntimeError``; the tensors
+    it can update but not correctly (or not in their layout) go through foreach or the loop.
+
+    ``lr`` is a number or a (1-element) Tensor; it is read once here: the fused kernel takes the
+    Tensor as is, the for-loop and foreach kernels take :func:`_host_lr` of it."""
+    lr = scalar_lr(lr)
+    alpha = _host_lr(lr)
     if has_sparse_grad and implementation != "forloop":
         sparse, dense = _split_sparse(params, grads, velocities)
-        _single_tensor_momentum_sgd(*sparse, **hyper)
+        _single_tensor_momentum_sgd(*sparse, lr=alpha, **hyper)
         params, grads, velocities = dense
     if implementation == "fused":
-        _fused_momentum_sgd(params, grads, velocities, **hyper)
+        rest = _fused_momentum_sgd(params, grads, velocities, lr=lr, **hyper)
+        if rest[0]:  # foreach for the tensors it can update, the loop for the others
+            foreach, loop = split([foreach_supported(p) for p in rest[0]], *rest)
+            _multi_tensor_momentum_sgd(*foreach, lr=alpha, **hyper)
+            _single_tensor_momentum_sgd(*loop, lr=alpha, **hyper)
     elif implementation == "foreach":
-        _multi_tensor_momentum_sgd(params, grads, velocities, **hyper)
+        _multi_tensor_momentum_sgd(params, grads, velocities, lr=alpha, **hyper)
     else:
         _single_tensor_momentum_sgd(
-            params, grads, velocities, differentiable=differentiable, **hyper
+            params, grads, velocities, lr=alpha, differentiable=differentiable, **hyper
         )
 
 
@@ -217,10 +228,10 @@ def _single_tensor_momentum_sgd(
     :math:`d - \mu v`). Temporaries, as in the built-in: ``-g`` (maximize), ``g + λp`` (weight
     decay) and, for Nesterov, ``d - μv``. With ``differentiable`` the velocity is replaced by a new
     tensor instead of being updated in place (autograd may have saved the old one). A host Tensor
-    lr is read as a number, as the built-in does. Sparse gradients (and velocities) take the same
-    operations, which ATen runs on sparse tensors as it does for the built-in's buffer.
+    lr arrives read as a number (:func:`_host_lr`, in :func:`run_kernel`), as the built-in reads
+    it. Sparse gradients (and velocities) take the same operations, which ATen runs on sparse
+    tensors as it does for the built-in's buffer.
     """
-    lr = _host_lr(lr)
     for i, p in enumerate(params):
         d = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
@@ -313,13 +324,13 @@ def _multi_tensor_momentum_sgd(
     gradients alone and compute ``d - momentum * v`` in chunks of at most the largest tensor or
     2**20 elements, whichever is more (the built-in's for-loop needs the largest tensor); for
     DTensor, where temporaries are expensive, we add ``lr * momentum * v`` and ``-lr * d`` to the
-    parameters separately instead (one more rounding)."""
+    parameters separately instead (one more rounding). ``lr`` is a number where the caller could
+    read it on the host for free (:func:`_host_lr`), else a 0-dim Tensor."""
     if not params:
         return
     for _, lists in _grouped(params, grads, velocities, momentum):
         device_params = cast(list[Tensor], lists[0])
         device_grads = cast(list[Tensor], lists[1])
-        alpha = _host_lr(lr)
         fresh = maximize or weight_decay != 0  # d is a temporary of ours, not the gradients
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
@@ -329,26 +340,26 @@ def _multi_tensor_momentum_sgd(
             device_grads = list(torch._foreach_add(device_grads, device_params, alpha=weight_decay))
         d = device_grads  # the descent direction d
         if momentum == 0:
-            _axpy_(device_params, d, _neg(alpha))
+            _axpy_(device_params, d, _neg(lr))
             continue
         v = cast(list[Tensor], lists[2])
         torch._foreach_mul_(v, momentum)
         torch._foreach_sub_(v, d)  # v <- -d + momentum * v
         if nesterov and fresh:  # y <- y - lr * (d - momentum * v), d - momentum * v rounded once
             torch._foreach_add_(d, v, alpha=-momentum)  # as the built-in (d is our temporary)
-            _axpy_(device_params, d, _neg(alpha))
+            _axpy_(device_params, d, _neg(lr))
         elif nesterov and type(d[0]) not in _PLAIN_TENSOR_TYPES:
             # DTensor: a temporary costs a new wrapper per tensor (4-5x the step), so no
             # temporary and one more rounding of the parameters than the built-in
-            _axpy_(device_params, v, alpha * momentum)
-            _axpy_(device_params, d, _neg(alpha))
+            _axpy_(device_params, v, lr * momentum)
+            _axpy_(device_params, d, _neg(lr))
         elif nesterov:  # d is the gradient, which we do not overwrite (the built-in does)
             for lo, hi in _chunks(d):
                 tmp = torch._foreach_add(d[lo:hi], v[lo:hi], alpha=-momentum)
-                _axpy_(device_params[lo:hi], tmp, _neg(alpha))
+                _axpy_(device_params[lo:hi], tmp, _neg(lr))
                 del tmp  # peak temporary: one chunk
         else:  # x <- x + lr * v
-            _axpy_(device_params, v, alpha)
+            _axpy_(device_params, v, lr)
 
 
 _CHUNK_ELEMENTS = 2**20  # smallest chunk bound: few calls for many small tensors (DTensor shards)
@@ -418,17 +429,18 @@ def _fused_momentum_sgd(
     weight_decay: float,
     maximize: bool,
     nesterov: bool,
-) -> None:
+) -> list[list[Tensor]]:
     """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring,
-    for the tensors it can update correctly; the others through foreach (or the reference).
+    for the tensors it can update correctly; returns the others (``[params, grads, velocities]``,
+    which :func:`run_kernel` sends through foreach or the reference).
 
     Raises a ``RuntimeError`` (in the built-in's words) for a device or dtype that the fused
     kernel does not support at all, e.g. a parameter moved to the meta device since the path was
     resolved."""
-    if not params:
-        return
-    neg_lr = _neg(lr)
     rest: list[list[Tensor]] = [[], [], []]
+    if not params:
+        return rest
+    neg_lr = _neg(lr)
     for (device, dtype), lists in _grouped(params, grads, velocities, momentum):
         if not _fused_device_dtype(device, dtype):
             raise _fused_error(lists[0][0], "a parameter of this step")
@@ -457,20 +469,4 @@ def _fused_momentum_sgd(
             maximize=not maximize,
             is_first_step=False,
         )
-    if rest[0]:
-        _fallback(
-            rest,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            nesterov=nesterov,
-        )
-
-
-def _fallback(rest: list[list[Tensor]], **hyper: Any) -> None:
-    """Tensors the fused kernel cannot take: foreach for those it can update (which the foreach
-    kernel groups by device and dtype), the loop for the others."""
-    foreach, loop = split([foreach_supported(p) for p in rest[0]], *rest)
-    _multi_tensor_momentum_sgd(*foreach, **hyper)
-    _single_tensor_momentum_sgd(*loop, **hyper)
+    return rest

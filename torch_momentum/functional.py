@@ -170,7 +170,7 @@ def momentum_sgd(
         params,
         grads,
         velocities,
-        lr=_kernels.scalar_lr(lr),
+        lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
         maximize=maximize,

@@ -273,7 +273,7 @@ class _MomentumSGD(Optimizer):
                 params,
                 grads,
                 velocities,
-                lr=scalar_lr(group["lr"]),
+                lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
