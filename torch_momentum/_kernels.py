@@ -163,9 +163,9 @@ def run_kernel(
     it can update but not correctly (or not in their layout) go through foreach or the loop.
 
     ``lr`` is a number or a (1-element) Tensor; it is read once here: the fused kernel takes the
-    Tensor as is, the for-loop and foreach kernels take :func:`_host_lr` of it."""
+    Tensor as is, the for-loop and foreach kernels take :func:`host_lr` of it."""
     lr = scalar_lr(lr)
-    alpha = _host_lr(lr)
+    alpha = host_lr(lr)
     if has_sparse_grad and implementation != "forloop":
         sparse, dense = _split_sparse(params, grads, velocities)
         _single_tensor_momentum_sgd(*sparse, lr=alpha, **hyper)
@@ -228,7 +228,7 @@ def _single_tensor_momentum_sgd(
     :math:`d - \mu v`). Temporaries, as in the built-in: ``-g`` (maximize), ``g + λp`` (weight
     decay) and, for Nesterov, ``d - μv``. With ``differentiable`` the velocity is replaced by a new
     tensor instead of being updated in place (autograd may have saved the old one). A host Tensor
-    lr arrives read as a number (:func:`_host_lr`, in :func:`run_kernel`), as the built-in reads
+    lr arrives read as a number (:func:`host_lr`, in :func:`run_kernel`), as the built-in reads
     it. Sparse gradients (and velocities) take the same operations, which ATen runs on sparse
     tensors as it does for the built-in's buffer.
     """
@@ -238,7 +238,7 @@ def _single_tensor_momentum_sgd(
             d = d.add(p, alpha=weight_decay)  # d = grad + weight_decay * p
         if momentum == 0:
             # v = -d;  x <- x + lr * v   (Nesterov's look-ahead coincides with x)
-            _axpy(p, d, _neg(lr))
+            axpy(p, d, _neg(lr))
             continue
         v = velocities[i]
         if differentiable:
@@ -246,12 +246,12 @@ def _single_tensor_momentum_sgd(
         else:
             v.mul_(momentum).sub_(d)  # v <- -d + momentum * v
         if nesterov:
-            _axpy(p, d.add(v, alpha=-momentum), _neg(lr))  # y <- y - lr * (d - momentum * v)
+            axpy(p, d.add(v, alpha=-momentum), _neg(lr))  # y <- y - lr * (d - momentum * v)
         else:
-            _axpy(p, v, lr)  # x <- x + lr * v
+            axpy(p, v, lr)  # x <- x + lr * v
 
 
-def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
+def axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
     """In place ``x += alpha * y`` without a temporary, for a float or 0-dim Tensor ``alpha``."""
     if isinstance(alpha, Tensor):
         if y.is_sparse:  # no sparse addcmul_: a sparse temporary of y's stored values
@@ -262,7 +262,7 @@ def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
         x.add_(y, alpha=alpha)
 
 
-def _host_lr(lr: float | Tensor) -> float | Tensor:
+def host_lr(lr: float | Tensor) -> float | Tensor:
     """``lr`` as an ``alpha``: a Python number when reading it costs no device synchronisation
     (a host Tensor that autograd does not track, outside ``torch.compile``). The built-in reads a
     Tensor lr on the host the same way (``add_(..., alpha=-lr)``), so this is also its rounding:
@@ -278,7 +278,9 @@ def _host_lr(lr: float | Tensor) -> float | Tensor:
     return lr
 
 
-def _axpy_(xs: list[Tensor], ys: list[Tensor] | tuple[Tensor, ...], alpha: float | Tensor) -> None:
+def foreach_axpy(
+    xs: list[Tensor], ys: list[Tensor] | tuple[Tensor, ...], alpha: float | Tensor
+) -> None:
     """``xs += alpha * ys`` for a float or a (device) Tensor ``alpha``."""
     if isinstance(alpha, Tensor):
         torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
@@ -325,7 +327,7 @@ def _multi_tensor_momentum_sgd(
     2**20 elements, whichever is more (the built-in's for-loop needs the largest tensor); for
     DTensor, where temporaries are expensive, we add ``lr * momentum * v`` and ``-lr * d`` to the
     parameters separately instead (one more rounding). ``lr`` is a number where the caller could
-    read it on the host for free (:func:`_host_lr`), else a 0-dim Tensor."""
+    read it on the host for free (:func:`host_lr`), else a 0-dim Tensor."""
     if not params:
         return
     for _, lists in _grouped(params, grads, velocities, momentum):
@@ -340,26 +342,26 @@ def _multi_tensor_momentum_sgd(
             device_grads = list(torch._foreach_add(device_grads, device_params, alpha=weight_decay))
         d = device_grads  # the descent direction d
         if momentum == 0:
-            _axpy_(device_params, d, _neg(lr))
+            foreach_axpy(device_params, d, _neg(lr))
             continue
         v = cast(list[Tensor], lists[2])
         torch._foreach_mul_(v, momentum)
         torch._foreach_sub_(v, d)  # v <- -d + momentum * v
         if nesterov and fresh:  # y <- y - lr * (d - momentum * v), d - momentum * v rounded once
             torch._foreach_add_(d, v, alpha=-momentum)  # as the built-in (d is our temporary)
-            _axpy_(device_params, d, _neg(lr))
+            foreach_axpy(device_params, d, _neg(lr))
         elif nesterov and type(d[0]) not in _PLAIN_TENSOR_TYPES:
             # DTensor: a temporary costs a new wrapper per tensor (4-5x the step), so no
             # temporary and one more rounding of the parameters than the built-in
-            _axpy_(device_params, v, lr * momentum)
-            _axpy_(device_params, d, _neg(lr))
+            foreach_axpy(device_params, v, lr * momentum)
+            foreach_axpy(device_params, d, _neg(lr))
         elif nesterov:  # d is the gradient, which we do not overwrite (the built-in does)
             for lo, hi in _chunks(d):
                 tmp = torch._foreach_add(d[lo:hi], v[lo:hi], alpha=-momentum)
-                _axpy_(device_params[lo:hi], tmp, _neg(lr))
+                foreach_axpy(device_params[lo:hi], tmp, _neg(lr))
                 del tmp  # peak temporary: one chunk
         else:  # x <- x + lr * v
-            _axpy_(device_params, v, lr)
+            foreach_axpy(device_params, v, lr)
 
 
 _CHUNK_ELEMENTS = 2**20  # smallest chunk bound: few calls for many small tensors (DTensor shards)

@@ -102,24 +102,14 @@ def lookahead_shift(
     """
     if not params:
         return
-    if isinstance(alpha, Tensor) and alpha.device.type == "cpu" and not alpha.requires_grad:
-        alpha = alpha.item()  # free on the host, and no full-size temporary below
-    if foreach and any(v.layout is not torch.strided for v in velocities):
-        foreach = False  # the foreach kernels take strided tensors only
-    if isinstance(alpha, Tensor):
-        if foreach:
-            torch._foreach_add_(params, torch._foreach_mul(velocities, alpha))
-        else:
-            for p, v in zip(params, velocities, strict=True):
-                p.add_(v * alpha)
+    alpha = _kernels.host_lr(alpha)  # free on the host, and no full-size temporary below
+    if not isinstance(alpha, Tensor) and alpha == 0:
         return
-    if alpha == 0:
-        return
-    if foreach:
-        torch._foreach_add_(params, velocities, alpha=alpha)
+    if foreach and all(v.layout is torch.strided for v in velocities):  # strided only
+        _kernels.foreach_axpy(params, velocities, alpha)
     else:
         for p, v in zip(params, velocities, strict=True):
-            p.add_(v, alpha=alpha)
+            _kernels.axpy(p, v, alpha)
 
 
 def momentum_sgd(
