@@ -114,13 +114,21 @@ def _neg(x: float | Tensor) -> float | Tensor:
     return -x
 
 
-def sparse_weight_decay_error(weight_decay: float, where: str = "") -> RuntimeError:
-    return RuntimeError(
-        f"{where}weight_decay={weight_decay} is not supported with sparse gradients: the decay "
-        "term weight_decay * p is dense (torch.optim.SGD fails here too, with 'add(sparse, "
-        "dense) is not supported'); use weight_decay=0 for parameters with sparse gradients "
-        "(a param group of their own) or dense gradients"
-    )
+def check_sparse_grads(grads: list[Tensor], weight_decay: float, where: str = "") -> bool:
+    """Whether one of ``grads`` is sparse; a ``RuntimeError`` naming ``weight_decay`` if one is
+    and ``weight_decay != 0`` (``where`` says which parameter list, e.g. ``"param group 0: "``).
+
+    The decay term ``weight_decay * p`` is dense, so the step would be dense: the built-in fails
+    here too."""
+    sparse = any(g.is_sparse for g in grads)
+    if sparse and weight_decay != 0:
+        raise RuntimeError(
+            f"{where}weight_decay={weight_decay} is not supported with sparse gradients: the "
+            "decay term weight_decay * p is dense (torch.optim.SGD fails here too, with "
+            "'add(sparse, dense) is not supported'); use weight_decay=0 for parameters with "
+            "sparse gradients (a param group of their own) or dense gradients"
+        )
+    return sparse
 
 
 def scalar_lr(lr: float | Tensor) -> float | Tensor:

@@ -152,9 +152,7 @@ def momentum_sgd(
         (tensor([-1.5500]), tensor([0.8450]))
     """
     implementation = _kernels.resolve_implementation(params, foreach, fused, differentiable)
-    has_sparse_grad = any(g.is_sparse for g in grads)
-    if has_sparse_grad and weight_decay != 0:
-        raise _kernels.sparse_weight_decay_error(weight_decay)
+    has_sparse_grad = _kernels.check_sparse_grads(grads, weight_decay)
     _kernels.run_kernel(
         implementation,
         params,
