@@ -62,7 +62,7 @@ def test_public_names_resolve():
 
 # Every name of every public module's ``__all__`` (main at ae6b782, after the restructure of issue
 # 17), by the module path users import it from. A name that leaves one of these lists must leave
-# on purpose (with a CHANGELOG entry): move it to RETIRED_NAMES or delete it in the same change.
+# on purpose (with a CHANGELOG entry), deleted from here in the same change.
 PUBLIC_NAMES: dict[str, list[str]] = {
     "torch_momentum": [
         "ClarkeSubgradient",
@@ -138,21 +138,15 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "training_step_loss",
     ],
 }
-# Names that left a module's ``__all__`` on purpose and still import from their old path (users'
-# code keeps working): issue 17 made the path selection of torch_momentum.functional private.
-RETIRED_NAMES: dict[str, list[str]] = {
-    "torch_momentum.functional": ["default_implementation", "resolve_implementation", "run_kernel"],
-}
 
 
 @pytest.mark.parametrize("module", list(PUBLIC_NAMES))
 def test_public_import_paths(module: str) -> None:
-    """``from <module> import <name>`` works for every public name (and every retired one), and
-    the module still lists the public ones in ``__all__`` (a restructure that drops or moves a
-    name fails here, never silently)."""
+    """``from <module> import <name>`` works for every public name, and the module still lists
+    them in ``__all__`` (a restructure that drops or moves a name fails here, never silently)."""
     imported = importlib.import_module(module)
     names = PUBLIC_NAMES[module]
-    missing = [n for n in names + RETIRED_NAMES.get(module, []) if not hasattr(imported, n)]
+    missing = [n for n in names if not hasattr(imported, n)]
     assert not missing, f"cannot import {missing} from {module}"
     unlisted = [name for name in names if name not in imported.__all__]
     assert not unlisted, f"{module}.__all__ no longer lists {unlisted}"

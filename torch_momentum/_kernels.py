@@ -56,10 +56,6 @@ def _fused_correct(device: torch.device, dtype: torch.dtype) -> bool:
     return not (device.type == "cpu" and dtype in _CPU_FUSED_BROKEN)
 
 
-def _foreach_device(device: torch.device) -> bool:
-    return device.type == "cpu" or device.type in _get_foreach_kernels_supported_devices()
-
-
 def fused_supported(t: Tensor) -> bool:
     """Whether the fused kernel can update ``t``: a plain strided floating point or complex tensor
     on a device with fused optimiser kernels (CPU, CUDA, XPU, MPS, ...). The layout of its
@@ -86,22 +82,13 @@ def foreach_supported(t: Tensor) -> bool:
     )
 
 
-def _foreach_by_default(t: Tensor) -> bool:
-    """The built-in's default test (``_default_to_fused_or_foreach`` with ``use_fused=False``):
-    a type it runs foreach on, on a device with foreach kernels (the CPU is not one)."""
-    return (
-        type(t) in _optimizer._foreach_supported_types
-        and t.device.type in _get_foreach_kernels_supported_devices()
-    )
-
-
 def default_implementation(params: list[Tensor], differentiable: bool) -> Implementation:
-    """The path ``torch.optim.SGD`` takes by default on these tensors: ``"foreach"`` when every
-    tensor is a plain tensor or ``DTensor`` on a device with foreach kernels (CUDA, XPU, ...),
-    else ``"forloop"`` (the CPU, the meta device, ``differentiable=True``, TorchScript)."""
-    if differentiable or torch.jit.is_scripting():
-        return "forloop"
-    return "foreach" if all(_foreach_by_default(p) for p in params) else "forloop"
+    """The path ``torch.optim.SGD`` takes by default on these tensors, by torch's own rule
+    (``_default_to_fused_or_foreach`` with ``use_fused=False``): ``"foreach"`` when every tensor
+    is a plain tensor or ``DTensor`` on a device with foreach kernels (CUDA, XPU, ...), else
+    ``"forloop"`` (the CPU, the meta device, ``differentiable=True``, TorchScript)."""
+    _, foreach = _optimizer._default_to_fused_or_foreach(params, differentiable, use_fused=False)
+    return "foreach" if foreach else "forloop"
 
 
 def _fused_error(t: Tensor, detail: str) -> RuntimeError:
@@ -127,13 +114,21 @@ def _neg(x: float | Tensor) -> float | Tensor:
     return -x
 
 
-def sparse_weight_decay_error(weight_decay: float, where: str = "") -> RuntimeError:
-    return RuntimeError(
-        f"{where}weight_decay={weight_decay} is not supported with sparse gradients: the decay "
-        "term weight_decay * p is dense (torch.optim.SGD fails here too, with 'add(sparse, "
-        "dense) is not supported'); use weight_decay=0 for parameters with sparse gradients "
-        "(a param group of their own) or dense gradients"
-    )
+def check_sparse_grads(grads: list[Tensor], weight_decay: float, where: str = "") -> bool:
+    """Whether one of ``grads`` is sparse; a ``RuntimeError`` naming ``weight_decay`` if one is
+    and ``weight_decay != 0`` (``where`` says which parameter list, e.g. ``"param group 0: "``).
+
+    The decay term ``weight_decay * p`` is dense, so the step would be dense: the built-in fails
+    here too."""
+    sparse = any(g.is_sparse for g in grads)
+    if sparse and weight_decay != 0:
+        raise RuntimeError(
+            f"{where}weight_decay={weight_decay} is not supported with sparse gradients: the "
+            "decay term weight_decay * p is dense (torch.optim.SGD fails here too, with "
+            "'add(sparse, dense) is not supported'); use weight_decay=0 for parameters with "
+            "sparse gradients (a param group of their own) or dense gradients"
+        )
+    return sparse
 
 
 def scalar_lr(lr: float | Tensor) -> float | Tensor:
@@ -164,47 +159,62 @@ def run_kernel(
     grads: list[Tensor],
     velocities: list[Tensor],
     *,
-    strict: bool = False,
+    lr: float | Tensor,
     has_sparse_grad: bool = False,
     differentiable: bool = False,
     **hyper: Any,
 ) -> None:
     """Run the chosen path. Tensors with a sparse gradient or velocity go through the reference
     path whatever the choice (``has_sparse_grad`` says whether to look for them). The fused path
-    checks the layouts, devices and dtypes of this step itself; with ``strict`` (an explicit
-    ``fused=True``) a device or dtype without fused support is a ``RuntimeError`` instead of a
-    fallback."""
+    (only ever chosen by an explicit ``fused=True``) checks the layouts, devices and dtypes of
+    this step itself: a device or dtype without fused support is a ``RuntimeError``; the tensors
+    it can update but not correctly (or not in their layout) go through foreach or the loop.
+
+    ``lr`` is a number or a (1-element) Tensor; it is read once here: the fused kernel takes the
+    Tensor as is, the for-loop and foreach kernels take :func:`host_lr` of it."""
+    lr = scalar_lr(lr)
+    alpha = host_lr(lr)
     if has_sparse_grad and implementation != "forloop":
         sparse, dense = _split_sparse(params, grads, velocities)
-        _single_tensor_momentum_sgd(*sparse, **hyper)
+        _single_tensor_momentum_sgd(*sparse, lr=alpha, **hyper)
         params, grads, velocities = dense
     if implementation == "fused":
-        _fused_momentum_sgd(params, grads, velocities, strict=strict, **hyper)
+        rest = _fused_momentum_sgd(params, grads, velocities, lr=lr, **hyper)
+        if rest[0]:  # foreach for the tensors it can update, the loop for the others
+            foreach, loop = split([foreach_supported(p) for p in rest[0]], *rest)
+            _multi_tensor_momentum_sgd(*foreach, lr=alpha, **hyper)
+            _single_tensor_momentum_sgd(*loop, lr=alpha, **hyper)
     elif implementation == "foreach":
-        _multi_tensor_momentum_sgd(params, grads, velocities, **hyper)
+        _multi_tensor_momentum_sgd(params, grads, velocities, lr=alpha, **hyper)
     else:
         _single_tensor_momentum_sgd(
-            params, grads, velocities, differentiable=differentiable, **hyper
+            params, grads, velocities, lr=alpha, differentiable=differentiable, **hyper
         )
 
 
-_Lists = tuple[list[Tensor], list[Tensor], list[Tensor]]
+def split(mask: list[bool], *lists: list[Tensor]) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """``(chosen, others)``: the entries of each list where ``mask`` is true, and the rest, in
+    order. An empty list (no velocities: ``momentum == 0``) stays empty in both."""
+    chosen: list[list[Tensor]] = [[] for _ in lists]
+    others: list[list[Tensor]] = [[] for _ in lists]
+    if all(mask):  # the common cases: no copies
+        return list(lists), others
+    if not any(mask):
+        return chosen, list(lists)
+    for i, keep in enumerate(mask):
+        for ts, c, o in zip(lists, chosen, others, strict=True):
+            if ts:
+                (c if keep else o).append(ts[i])
+    return chosen, others
 
 
 def _split_sparse(
     params: list[Tensor], grads: list[Tensor], velocities: list[Tensor]
-) -> tuple[_Lists, _Lists]:
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
     """``(sparse, dense)``: the tensors whose gradient or velocity is sparse, and the others."""
-    sparse: _Lists = ([], [], [])
-    dense: _Lists = ([], [], [])
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        v = velocities[i] if velocities else None
-        target = sparse if g.is_sparse or (v is not None and v.is_sparse) else dense
-        target[0].append(p)
-        target[1].append(g)
-        if v is not None:
-            target[2].append(v)
-    return sparse, dense
+    sparse_v = [v.is_sparse for v in velocities] or [False] * len(grads)  # no velocities: dense
+    mask = [g.is_sparse or v for g, v in zip(grads, sparse_v, strict=True)]
+    return split(mask, params, grads, velocities)
 
 
 def _single_tensor_momentum_sgd(
@@ -226,17 +236,17 @@ def _single_tensor_momentum_sgd(
     :math:`d - \mu v`). Temporaries, as in the built-in: ``-g`` (maximize), ``g + λp`` (weight
     decay) and, for Nesterov, ``d - μv``. With ``differentiable`` the velocity is replaced by a new
     tensor instead of being updated in place (autograd may have saved the old one). A host Tensor
-    lr is read as a number, as the built-in does. Sparse gradients (and velocities) take the same
-    operations, which ATen runs on sparse tensors as it does for the built-in's buffer.
+    lr arrives read as a number (:func:`host_lr`, in :func:`run_kernel`), as the built-in reads
+    it. Sparse gradients (and velocities) take the same operations, which ATen runs on sparse
+    tensors as it does for the built-in's buffer.
     """
-    lr = _host_lr(lr)
     for i, p in enumerate(params):
         d = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
             d = d.add(p, alpha=weight_decay)  # d = grad + weight_decay * p
         if momentum == 0:
             # v = -d;  x <- x + lr * v   (Nesterov's look-ahead coincides with x)
-            _axpy(p, d, _neg(lr))
+            axpy(p, d, _neg(lr))
             continue
         v = velocities[i]
         if differentiable:
@@ -244,12 +254,12 @@ def _single_tensor_momentum_sgd(
         else:
             v.mul_(momentum).sub_(d)  # v <- -d + momentum * v
         if nesterov:
-            _axpy(p, d.add(v, alpha=-momentum), _neg(lr))  # y <- y - lr * (d - momentum * v)
+            axpy(p, d.add(v, alpha=-momentum), _neg(lr))  # y <- y - lr * (d - momentum * v)
         else:
-            _axpy(p, v, lr)  # x <- x + lr * v
+            axpy(p, v, lr)  # x <- x + lr * v
 
 
-def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
+def axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
     """In place ``x += alpha * y`` without a temporary, for a float or 0-dim Tensor ``alpha``."""
     if isinstance(alpha, Tensor):
         if y.is_sparse:  # no sparse addcmul_: a sparse temporary of y's stored values
@@ -260,7 +270,7 @@ def _axpy(x: Tensor, y: Tensor, alpha: float | Tensor) -> None:
         x.add_(y, alpha=alpha)
 
 
-def _host_lr(lr: float | Tensor) -> float | Tensor:
+def host_lr(lr: float | Tensor) -> float | Tensor:
     """``lr`` as an ``alpha``: a Python number when reading it costs no device synchronisation
     (a host Tensor that autograd does not track, outside ``torch.compile``). The built-in reads a
     Tensor lr on the host the same way (``add_(..., alpha=-lr)``), so this is also its rounding:
@@ -276,7 +286,9 @@ def _host_lr(lr: float | Tensor) -> float | Tensor:
     return lr
 
 
-def _axpy_(xs: list[Tensor], ys: list[Tensor] | tuple[Tensor, ...], alpha: float | Tensor) -> None:
+def foreach_axpy(
+    xs: list[Tensor], ys: list[Tensor] | tuple[Tensor, ...], alpha: float | Tensor
+) -> None:
     """``xs += alpha * ys`` for a float or a (device) Tensor ``alpha``."""
     if isinstance(alpha, Tensor):
         torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
@@ -322,13 +334,13 @@ def _multi_tensor_momentum_sgd(
     gradients alone and compute ``d - momentum * v`` in chunks of at most the largest tensor or
     2**20 elements, whichever is more (the built-in's for-loop needs the largest tensor); for
     DTensor, where temporaries are expensive, we add ``lr * momentum * v`` and ``-lr * d`` to the
-    parameters separately instead (one more rounding)."""
+    parameters separately instead (one more rounding). ``lr`` is a number where the caller could
+    read it on the host for free (:func:`host_lr`), else a 0-dim Tensor."""
     if not params:
         return
     for _, lists in _grouped(params, grads, velocities, momentum):
         device_params = cast(list[Tensor], lists[0])
         device_grads = cast(list[Tensor], lists[1])
-        alpha = _host_lr(lr)
         fresh = maximize or weight_decay != 0  # d is a temporary of ours, not the gradients
         if maximize:
             device_grads = list(torch._foreach_neg(device_grads))
@@ -338,26 +350,26 @@ def _multi_tensor_momentum_sgd(
             device_grads = list(torch._foreach_add(device_grads, device_params, alpha=weight_decay))
         d = device_grads  # the descent direction d
         if momentum == 0:
-            _axpy_(device_params, d, _neg(alpha))
+            foreach_axpy(device_params, d, _neg(lr))
             continue
         v = cast(list[Tensor], lists[2])
         torch._foreach_mul_(v, momentum)
         torch._foreach_sub_(v, d)  # v <- -d + momentum * v
         if nesterov and fresh:  # y <- y - lr * (d - momentum * v), d - momentum * v rounded once
             torch._foreach_add_(d, v, alpha=-momentum)  # as the built-in (d is our temporary)
-            _axpy_(device_params, d, _neg(alpha))
+            foreach_axpy(device_params, d, _neg(lr))
         elif nesterov and type(d[0]) not in _PLAIN_TENSOR_TYPES:
             # DTensor: a temporary costs a new wrapper per tensor (4-5x the step), so no
             # temporary and one more rounding of the parameters than the built-in
-            _axpy_(device_params, v, alpha * momentum)
-            _axpy_(device_params, d, _neg(alpha))
+            foreach_axpy(device_params, v, lr * momentum)
+            foreach_axpy(device_params, d, _neg(lr))
         elif nesterov:  # d is the gradient, which we do not overwrite (the built-in does)
             for lo, hi in _chunks(d):
                 tmp = torch._foreach_add(d[lo:hi], v[lo:hi], alpha=-momentum)
-                _axpy_(device_params[lo:hi], tmp, _neg(alpha))
+                foreach_axpy(device_params[lo:hi], tmp, _neg(lr))
                 del tmp  # peak temporary: one chunk
         else:  # x <- x + lr * v
-            _axpy_(device_params, v, alpha)
+            foreach_axpy(device_params, v, lr)
 
 
 _CHUNK_ELEMENTS = 2**20  # smallest chunk bound: few calls for many small tensors (DTensor shards)
@@ -427,21 +439,21 @@ def _fused_momentum_sgd(
     weight_decay: float,
     maximize: bool,
     nesterov: bool,
-    strict: bool = False,
-) -> None:
+) -> list[list[Tensor]]:
     """Fused path: ``torch._fused_sgd_`` through the exact sign mapping of the module docstring,
-    for the tensors it can update correctly; the others through foreach (or the reference)."""
-    if not params:
-        return
-    neg_lr = _neg(lr)
+    for the tensors it can update correctly; returns the others (``[params, grads, velocities]``,
+    which :func:`run_kernel` sends through foreach or the reference).
+
+    Raises a ``RuntimeError`` (in the built-in's words) for a device or dtype that the fused
+    kernel does not support at all, e.g. a parameter moved to the meta device since the path was
+    resolved."""
     rest: list[list[Tensor]] = [[], [], []]
+    if not params:
+        return rest
+    neg_lr = _neg(lr)
     for (device, dtype), lists in _grouped(params, grads, velocities, momentum):
         if not _fused_device_dtype(device, dtype):
-            if strict:
-                raise _fused_error(lists[0][0], "a parameter of this step")
-            for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
-                out += ts
-            continue
+            raise _fused_error(lists[0][0], "a parameter of this step")
         if not _fused_correct(device, dtype):
             for out, ts in zip(rest, lists, strict=False):  # rest has 3 lists
                 out += ts
@@ -467,23 +479,4 @@ def _fused_momentum_sgd(
             maximize=not maximize,
             is_first_step=False,
         )
-    if rest[0]:
-        _fallback(
-            rest,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            nesterov=nesterov,
-        )
-
-
-def _fallback(rest: list[list[Tensor]], **hyper: Any) -> None:
-    """Tensors the fused kernel cannot take: foreach where the device has it, else the loop."""
-    params, grads, velocities = rest
-    for (device, _), lists in _grouped(params, grads, velocities, hyper["momentum"]):
-        vs = lists[2] if len(lists) > 2 else []
-        if _foreach_device(device) and all(foreach_supported(p) for p in lists[0]):
-            _multi_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)
-        else:
-            _single_tensor_momentum_sgd(lists[0], lists[1], vs, **hyper)
+    return rest

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -218,6 +220,59 @@ def is_oom(err: BaseException) -> bool:
     return "out of memory" in msg or "can't allocate memory" in msg
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: on CUDA the free memory plus what torch's
+    caching allocator holds unused; on the CPU ``MemAvailable`` of ``/proc/meminfo`` (Linux),
+    else the physical memory; ``None`` where unknown (other devices)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the value is in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_sample_memory(
+    k: int, d: int, dtype: torch.dtype, device: torch.device, arrays: int, caller: str
+) -> None:
+    """A ``RuntimeError`` naming ``num_samples`` when ``arrays`` arrays of ``k x d`` numbers of
+    ``dtype`` exceed the memory available on ``device`` (:func:`available_memory`), checked
+    before they are allocated: a clear message instead of an allocator error part way through
+    or, on the CPU, the process being killed."""
+    need = arrays * k * d * dtype.itemsize
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise RuntimeError(
+            f"{caller}: num_samples={k} samples of the {d} entries of x need about "
+            f"{need / 2**30:.3g} GiB ({arrays} arrays of {k} x {d} {dtype}), more than the "
+            f"{have / 2**30:.3g} GiB available on {device}; pass a smaller num_samples, or use "
+            "stationarity_profile, which samples in blocks (chunk_size, memory)"
+        )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # torch_momentum/
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a ``warnings.warn`` in the calling function names the first
+    frame outside this package: the user's call of the public function, however deep inside
+    the package the warning is raised."""
+    level, frame = 1, sys._getframe(1)  # level 1: the function that calls warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients
 # --------------------------------------------------------------------------------------------
@@ -361,11 +416,12 @@ class GradientSampler:
             f"{self.caller}: {why}; using a Python loop of torch.autograd.grad calls instead of "
             "torch.func.vmap. Pass vectorize=False to use the loop without this check",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _first_block(self, points: Tensor) -> Tensor:
-        self._decided = True
+        """vmap on the first block, then the decision; an error (out of memory: the caller may
+        retry with fewer points) leaves the sampler undecided."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out, t_vmap = _timed(lambda: grads_vmap(self.f_scalar, points, self.spec))
@@ -384,6 +440,7 @@ class GradientSampler:
             )
         else:
             self._compare_with_loop(points, t_vmap)
+        self._decided = True
         return out
 
     def _compare_with_loop(self, points: Tensor, t_vmap: float) -> None:

@@ -59,6 +59,7 @@ from torch_momentum._sampling import (
     check_common,
     check_num_samples,
     check_radius,
+    check_sample_memory,
     check_x,
     default_radius,
     grad_at,
@@ -192,7 +193,9 @@ def clarke_subgradient(
             through autograd (e.g. ``torch.tensor(max(z.tolist()))`` or ``z.detach()``: every
             sampled gradient would be 0, a false certificate); ``radius <= 0`` or not finite;
             ``num_samples < 1``; ``x`` is empty.
-        RuntimeError: some sampled gradients contain NaN or inf (the message says how many).
+        RuntimeError: some sampled gradients contain NaN or inf (the message says how many);
+            the ``num_samples x d`` sample arrays would not fit in the memory available on
+            ``x``'s device (checked before they are allocated).
 
     Example:
 
@@ -227,7 +230,9 @@ def clarke_subgradient(
     value, _ = grad_at(f, flat, spec)
     f_scalar = f if value.dim() == 0 else scalar_output(f)  # one-element tensors: reshape
 
-    # Uniform points in the ball B(x, radius).
+    # Uniform points in the ball B(x, radius): the directions, the points and the gradients are
+    # three k x d arrays.
+    check_sample_memory(k, d, dtype, device, 3, "clarke_subgradient")
     gen_device = generator.device if generator is not None else device
     direction = torch.randn(k, d, generator=generator, dtype=dtype, device=gen_device)
     u = 1.0 - torch.rand(k, 1, generator=generator, dtype=dtype, device=gen_device)  # (0, 1]

@@ -502,8 +502,7 @@ def gpt2_tiny(
         "attn_pdrop": 0.0,
         "bos_token_id": vocab_size - 1,
         "eos_token_id": vocab_size - 1,
+        "attn_implementation": "eager",  # not SDPA, whose backend (and rounding) varies
         **config,
     }
-    cfg = transformers.GPT2Config(**settings)
-    cfg._attn_implementation = "eager"
-    return transformers.GPT2LMHeadModel(cfg)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))

@@ -73,13 +73,10 @@ a sparse gradient is not supported (the built-in fails too, ``add(sparse, dense)
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from torch_momentum import _kernels
-from torch_momentum._kernels import Implementation
 
 __all__ = ["lookahead_shift", "momentum_sgd"]
 
@@ -105,24 +102,14 @@ def lookahead_shift(
     """
     if not params:
         return
-    if isinstance(alpha, Tensor) and alpha.device.type == "cpu" and not alpha.requires_grad:
-        alpha = alpha.item()  # free on the host, and no full-size temporary below
-    if foreach and any(v.layout is not torch.strided for v in velocities):
-        foreach = False  # the foreach kernels take strided tensors only
-    if isinstance(alpha, Tensor):
-        if foreach:
-            torch._foreach_add_(params, torch._foreach_mul(velocities, alpha))
-        else:
-            for p, v in zip(params, velocities, strict=True):
-                p.add_(v * alpha)
+    alpha = _kernels.host_lr(alpha)  # free on the host, and no full-size temporary below
+    if not isinstance(alpha, Tensor) and alpha == 0:
         return
-    if alpha == 0:
-        return
-    if foreach:
-        torch._foreach_add_(params, velocities, alpha=alpha)
+    if foreach and all(v.layout is torch.strided for v in velocities):  # strided only
+        _kernels.foreach_axpy(params, velocities, alpha)
     else:
         for p, v in zip(params, velocities, strict=True):
-            p.add_(v, alpha=alpha)
+            _kernels.axpy(p, v, alpha)
 
 
 def momentum_sgd(
@@ -165,97 +152,17 @@ def momentum_sgd(
         (tensor([-1.5500]), tensor([0.8450]))
     """
     implementation = _kernels.resolve_implementation(params, foreach, fused, differentiable)
-    has_sparse_grad = any(g.is_sparse for g in grads)
-    if has_sparse_grad and weight_decay != 0:
-        raise _kernels.sparse_weight_decay_error(weight_decay)
+    has_sparse_grad = _kernels.check_sparse_grads(grads, weight_decay)
     _kernels.run_kernel(
         implementation,
         params,
         grads,
         velocities,
-        lr=_kernels.scalar_lr(lr),
+        lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
         maximize=maximize,
         nesterov=nesterov,
-        strict=bool(fused),
         has_sparse_grad=has_sparse_grad,
         differentiable=differentiable,
-    )
-
-
-def _flags(implementation: Implementation) -> tuple[bool, bool]:
-    return implementation == "fused", implementation == "foreach"
-
-
-def _implementation_of(fused: bool, foreach: bool) -> Implementation:
-    return "fused" if fused else "foreach" if foreach else "forloop"
-
-
-# Kept for compatibility with code written against the first release, which named the path by a
-# (fused, foreach) pair of flags; the optimisers use the one-word Implementation instead.
-
-
-def default_implementation(params: list[Tensor], differentiable: bool) -> tuple[bool, bool]:
-    """``(fused, foreach)`` of the path used when neither ``foreach`` nor ``fused`` is given.
-
-    Kept for compatibility (not in ``__all__``): the rule is :func:`_default_implementation`'s,
-    the built-in's default for the same tensors (for-loop on the CPU, foreach on CUDA).
-
-    Example:
-        >>> import torch
-        >>> from torch_momentum.functional import default_implementation
-        >>> default_implementation([torch.zeros(3)], differentiable=False)  # the CPU: for-loop
-        (False, False)
-    """
-    return _flags(_kernels.default_implementation(params, differentiable))
-
-
-def resolve_implementation(
-    params: list[Tensor], foreach: bool | None, fused: bool | None, differentiable: bool
-) -> tuple[bool, bool]:
-    """``(fused, foreach)`` for these tensors and flags (the default rule when both are ``None``;
-    ``fused=True`` is checked). Kept for compatibility (not in ``__all__``).
-
-    Example:
-        >>> import torch
-        >>> from torch_momentum.functional import resolve_implementation
-        >>> resolve_implementation([torch.zeros(2)], foreach=True, fused=None, differentiable=False)
-        (False, True)
-    """
-    return _flags(_kernels.resolve_implementation(params, foreach, fused, differentiable))
-
-
-def run_kernel(
-    fused: bool,
-    foreach: bool,
-    params: list[Tensor],
-    grads: list[Tensor],
-    velocities: list[Tensor],
-    *,
-    strict: bool = False,
-    differentiable: bool = False,
-    **hyper: Any,
-) -> None:
-    """Run the path named by ``(fused, foreach)`` (see :func:`resolve_implementation`). Kept for
-    compatibility (not in ``__all__``); :func:`momentum_sgd` is the functional interface.
-
-    Example:
-        >>> import torch
-        >>> from torch_momentum.functional import run_kernel
-        >>> p, g = torch.tensor([1.0]), torch.tensor([2.0])
-        >>> run_kernel(True, False, [p], [g], [], lr=0.5, momentum=0.0, weight_decay=0.0,
-        ...            maximize=False, nesterov=False)
-        >>> p  # 1 - 0.5 * 2
-        tensor([0.])
-    """
-    _kernels.run_kernel(
-        _implementation_of(fused, foreach),
-        params,
-        grads,
-        velocities,
-        strict=strict,
-        has_sparse_grad=any(g.is_sparse for g in grads),
-        differentiable=differentiable,
-        **hyper,
     )

@@ -18,11 +18,11 @@ from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiab
 from torch_momentum._hyperparameters import check_hyperparameters
 from torch_momentum._kernels import (
     Implementation,
+    check_sparse_grads,
     foreach_supported,
     resolve_implementation,
     run_kernel,
     scalar_lr,
-    sparse_weight_decay_error,
 )
 from torch_momentum.functional import lookahead_shift
 
@@ -192,19 +192,12 @@ class _MomentumSGD(Optimizer):
         gradients are supported as the built-in supports them: not with weight decay)."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        has_sparse_grad = False
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                has_sparse_grad = True
-            params.append(p)
-            grads.append(p.grad)
-        if has_sparse_grad and group["weight_decay"] != 0:
-            raise sparse_weight_decay_error(
-                group["weight_decay"], f"{type(self).__name__}: param group {index}: "
-            )
-        return params, grads, has_sparse_grad
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+        where = f"{type(self).__name__}: param group {index}: "
+        return params, grads, check_sparse_grads(grads, group["weight_decay"], where)
 
     def _velocities_of(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
@@ -273,12 +266,11 @@ class _MomentumSGD(Optimizer):
                 params,
                 grads,
                 velocities,
-                lr=scalar_lr(group["lr"]),
+                lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 nesterov=self._nesterov,
-                strict=bool(group["fused"]),
                 has_sparse_grad=has_sparse_grad,
                 differentiable=group["differentiable"],
             )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum import _kernels as K
@@ -101,37 +100,6 @@ def test_default_equals_builtin_default_on_mixed_dtypes(cls):
             opt.step()
         results.append([p.detach() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-
-
-def _builtin_rule(params: list[torch.Tensor], differentiable: bool) -> str:
-    fused, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
-    assert not fused  # the built-in never defaults to its fused kernel (torch 2.13)
-    return "foreach" if foreach else "forloop"
-
-
-def _tensor_sets() -> dict[str, list[torch.Tensor]]:
-    sets = {
-        "cpu": [torch.zeros(3), torch.zeros(2, dtype=torch.bfloat16)],
-        "cpu-complex": [torch.zeros(2, dtype=torch.complex64)],
-        "cpu-int": [torch.zeros(3, dtype=torch.int64)],
-        "meta": [torch.zeros(3, device="meta")],
-    }
-    if torch.cuda.is_available():
-        sets["cuda"] = [torch.zeros(3, device="cuda"), torch.zeros(2, device="cuda").half()]
-        sets["cuda+cpu"] = [torch.zeros(3, device="cuda"), torch.zeros(3)]
-    return sets
-
-
-@pytest.mark.parametrize("name", list(_tensor_sets()))
-@pytest.mark.parametrize("differentiable", [False, True])
-def test_default_rule_is_the_builtins_on_every_device(name, differentiable):
-    """The rule itself, against torch's own: the for-loop on the CPU and the meta device,
-    foreach on CUDA (checked where a GPU is present).
-
-    This test pins which kernel runs; it calls a private torch API
-    (``torch.optim.optimizer._default_to_fused_or_foreach``, the built-in's rule)."""
-    params = _tensor_sets()[name]
-    assert K.default_implementation(params, differentiable) == _builtin_rule(params, differentiable)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

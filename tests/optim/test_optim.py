@@ -15,7 +15,7 @@ from torch import nn
 
 from tests.helpers.optim_db import CLASSES, F64_RTOL, OPTIMIZERS, PATHS, max_rel_diff
 from torch_momentum import NesterovSGD, PolyakSGD
-from torch_momentum.functional import default_implementation
+from torch_momentum import _kernels as K
 
 
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -266,14 +266,15 @@ def test_mode_survives_state_dict():
 
 
 def test_default_path_rule():
-    # the built-in's default: the for-loop on the CPU (its foreach devices are CUDA, XPU, ...)
+    # without foreach= or fused=, the built-in's default: the for-loop on the CPU (its foreach
+    # devices are CUDA, XPU, ...), for differentiable=True, and where there is no kernel at all
     cpu = [torch.zeros(3), torch.zeros(2, dtype=torch.complex64)]
-    assert default_implementation(cpu, differentiable=False) == (False, False)
-    assert default_implementation(cpu, differentiable=True) == (False, False)
+    assert K.resolve_implementation(cpu, None, None, differentiable=False) == "forloop"
+    assert K.resolve_implementation(cpu, None, None, differentiable=True) == "forloop"
     ints = [torch.zeros(3, dtype=torch.int64)]
-    assert default_implementation(ints, differentiable=False) == (False, False)
+    assert K.resolve_implementation(ints, None, None, differentiable=False) == "forloop"
     meta = [torch.zeros(3, device="meta")]  # no fused or foreach kernels: the reference
-    assert default_implementation(meta, differentiable=False) == (False, False)
+    assert K.resolve_implementation(meta, None, None, differentiable=False) == "forloop"
 
 
 # --------------------------------------------------------------------------- features
