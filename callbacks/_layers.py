@@ -20,12 +20,12 @@ from torch_momentum.balance import (
     BalanceLedger,
     balance_metrics,
     discover_layers,
-    is_dtensor,
     layer_sq_norms_host,
     pair_units,
     unit_balance,
     unit_symmetry,
 )
+from torch_momentum.balance._dtensor import is_dtensor
 from torch_momentum.balance.symmetry import Symmetry
 from torch_momentum.balance.watch import pair_ledger_metrics, unit_metrics
 

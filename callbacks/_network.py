@@ -15,7 +15,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from torch_momentum.balance import BalanceLedger, find_symmetries, is_dtensor
+from torch_momentum.balance import BalanceLedger, find_symmetries
+from torch_momentum.balance._dtensor import is_dtensor
 from torch_momentum.balance.groups import OTHER_GROUP, weight_groups
 from torch_momentum.balance.symmetry import Symmetry, SymmetryList
 from torch_momentum.balance.watch import NetworkWatch

@@ -48,7 +48,6 @@ Layout, one topic a module (every public name is also importable from here):
   readable names for them.
 """
 
-from torch_momentum.balance._dtensor import is_dtensor
 from torch_momentum.balance._parts import SymmetryPart
 from torch_momentum.balance.layers import (
     ROOT_LAYER_NAME,
@@ -81,7 +80,6 @@ __all__ = [
     "check_layers_spec",
     "discover_layers",
     "find_symmetries",
-    "is_dtensor",
     "layer_grad_sq_norms",
     "layer_sq_norms",
     "layer_sq_norms_host",

@@ -6,8 +6,7 @@ contributes the values of its local shard; contributions are summed over ranks b
 replicated on ``k`` ranks weights its contribution by ``1/k``, so replicated mesh dimensions are
 not counted twice. Plain tensors are assumed replicated (DDP) and are never reduced.
 
-Private module: the names here are shared by the balance modules, not user API, except
-:func:`is_dtensor`, re-exported by :mod:`torch_momentum.balance` (the callbacks use it too).
+Private module: the names here are shared by the balance modules, not user API.
 """
 
 from __future__ import annotations
@@ -20,17 +19,7 @@ _DTENSOR: list[type | None] = []
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (``torch.distributed.tensor`` imported lazily, once): a
-    sharded parameter (FSDP2 ``fully_shard``, tensor parallelism), whose squared norms the
-    balance functions sum over ranks. Re-exported as ``torch_momentum.balance.is_dtensor``.
-
-    Example:
-
-        >>> import torch
-        >>> from torch_momentum.balance import is_dtensor
-        >>> is_dtensor(torch.ones(2)), is_dtensor(torch.nn.Linear(2, 2).weight)
-        (False, False)
-    """
+    """Whether ``t`` is a DTensor (``torch.distributed.tensor`` imported lazily, once)."""
     if not _DTENSOR:
         cls: type | None
         try:
