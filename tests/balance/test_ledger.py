@@ -257,6 +257,19 @@ def test_q_not_given_for_look_ahead_optimisers() -> None:
     assert ledger.read()["Q"] is None
 
 
+def _resumed(net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> BalanceLedger:
+    """A fresh ledger of ``net``'s layers and units, restored from ``state`` and attached."""
+    ledger = BalanceLedger(
+        {k: [p for _, p in v] for k, v in discover_layers(net).items()},
+        opt,
+        units=pair_units(net),
+        module=net,
+    )
+    ledger.load_state_dict(state)
+    ledger.attach()
+    return ledger
+
+
 def test_state_dict_continues_exactly() -> None:
     data = regression_data()
     net = mlp()
@@ -268,14 +281,7 @@ def test_state_dict_continues_exactly() -> None:
     half = _run(net2, opt2, 5, data)
     state = half.state_dict()
     half.detach()
-    resumed = BalanceLedger(
-        {k: [p for _, p in v] for k, v in discover_layers(net2).items()},
-        opt2,
-        units=pair_units(net2),
-        module=net2,
-    )
-    resumed.load_state_dict(state)
-    resumed.attach()
+    resumed = _resumed(net2, opt2, state)
     x, y = data
     for _ in range(5):
         opt2.zero_grad()
@@ -311,14 +317,7 @@ def test_state_dict_keeps_the_torch_nesterov_lookahead_format() -> None:
     half.detach()
     # the fifth step ran at 0.05 * 0.8**4, the scheduler has set 0.05 * 0.8**5 since
     assert state["sgd_lookahead"] == [[[0, 0], pytest.approx(0.05 * 0.8**4 * 0.9, rel=1e-12)]]
-    resumed = BalanceLedger(
-        {k: [p for _, p in v] for k, v in discover_layers(net2).items()},
-        opt2,
-        units=pair_units(net2),
-        module=net2,
-    )
-    resumed.load_state_dict(state)
-    resumed.attach()
+    resumed = _resumed(net2, opt2, state)
     x, y = data
     for _ in range(5):
         opt2.zero_grad()
