@@ -21,6 +21,7 @@ from torch_momentum.balance.rules import LEDGER_TERMS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: one colour per ledger term, the same in every figure
 TERM_STYLE: dict[str, dict[str, Any]] = {
@@ -105,3 +106,23 @@ def draw_ledger_terms(
     low, high = ax.get_ylim()
     ax.set_ylim(low - _NOTE_BAND * (high - low), high)
     ax.text(0.02, 0.02, "\n".join(lines), fontsize=7, transform=ax.transAxes, va="bottom")
+
+
+def figure_legend(fig: Figure, change_label: str) -> None:
+    """One legend for every panel of ``fig``, below them (no panel's curves are covered): the
+    terms drawn in any panel, in :data:`~torch_momentum.balance.LEDGER_TERMS` order, then the
+    measured change ``change_label``."""
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            handles.setdefault(str(line.get_label()), line)
+    labels = [label for label in (*LEDGER_TERMS, change_label) if label in handles]
+    if labels:
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="outside lower center",
+            ncol=len(labels),
+            fontsize=8,
+            frameon=False,
+        )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch_momentum.balance.rules import LEDGER_TERMS
 from torch_momentum.balance.symmetry import KINDS
-from torch_momentum.callbacks._ledger_panel import draw_ledger_terms, marker
+from torch_momentum.callbacks._ledger_panel import draw_ledger_terms, figure_legend, marker
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,6 +27,8 @@ __all__ = ["plot_network", "plot_network_ledger"]
 #: above this many rows a panel is a heatmap instead of lines
 HEATMAP_ABOVE = 10
 _KIND_COLOURS = {"scale": "tab:blue", "rescale": "tab:orange", "translation": "tab:green"}
+#: the label of the measured change of a charge in the ledger panels
+_CHANGE = r"$\sum_u Q_u(t)-Q_u(0)$"
 
 
 def _source(source: Any) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
@@ -293,14 +295,13 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
     for ax, name in zip(axes[1:], worst, strict=False):
         terms = {t: (steps, [d["ledger"][name][t] for d in rows]) for t in LEDGER_TERMS}
         change = (steps, [d["ledger"][name]["change"] for d in rows])
-        draw_ledger_terms(ax, terms, change, change_label=r"$\sum_u Q_u(t)-Q_u(0)$")
+        draw_ledger_terms(ax, terms, change, change_label=_CHANGE)
         ax.set_title(name, fontsize=9)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     for ax in axes[:n_panels]:
         ax.set_xlabel("step")
         ax.axhline(0.0, color="0.6", lw=0.6)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="best")
+    figure_legend(fig, _CHANGE)
     fig.suptitle(title or f"Ledger of the {len(worst)} charges that moved most")
     return fig

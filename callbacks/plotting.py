@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch_momentum.balance.rules import LEDGER_TERMS
-from torch_momentum.callbacks._ledger_panel import draw_ledger_terms
+from torch_momentum.callbacks._ledger_panel import draw_ledger_terms, figure_legend
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -407,21 +407,7 @@ def plot_ledger(source: Any, *, title: str | None = None) -> Figure:
                 ax.set_xlabel("step")
             if c == 0:
                 ax.set_ylabel("cumulative change of D")
-    handles: dict[str, Any] = {}
-    for ax in fig.axes:
-        for line in ax.lines:
-            handles.setdefault(str(line.get_label()), line)
-    order = [*LEDGER_TERMS, "D(t) − D(0)"]
-    labels = [label for label in order if label in handles]
-    if labels:  # one legend for every panel, below them: no panel's curves are covered
-        fig.legend(
-            [handles[label] for label in labels],
-            labels,
-            loc="outside lower center",
-            ncol=len(labels),
-            fontsize=8,
-            frameon=False,
-        )
+    figure_legend(fig, "D(t) − D(0)")
     fig.suptitle(title or "Balance ledger: D(t) − D(0) = sum of the terms")
     return fig
 
