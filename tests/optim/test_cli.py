@@ -145,3 +145,29 @@ def test_fit_subcommand_with_config_file(tmp_path: Path) -> None:
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.7)
     assert cli.trainer.global_step == 2
     assert weights_changed(cli.model)
+
+
+@pytest.mark.slow
+def test_torch_compile_after_the_cli_in_one_process() -> None:
+    """The suite's warnings-as-errors configuration holds whatever the order of the tests: once
+    LightningCLI has imported jsonargparse, inductor's cache key pickles objects that touch
+    jsonargparse's deprecated import paths, and a later ``torch.compile`` in the same process
+    warned, an error under pytest's configuration (the two tests passed alone and failed in this
+    order; the suite's order hid it). Runs the pair in a fresh pytest process, in that order."""
+    from tests.helpers.processes import run_python
+
+    proc = run_python(
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            "tests/optim/test_cli.py::test_fit_subcommand_with_config_file",
+            "tests/optim/test_optim.py::test_torch_compile_step_matches_eager",
+        ],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
