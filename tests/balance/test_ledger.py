@@ -72,6 +72,21 @@ def _run(
     each: Callable[[BalanceLedger], None] | None = None,
 ) -> BalanceLedger:
     ledger = _ledger(net, opt, layers)
+    after = None if each is None else (lambda: each(ledger))
+    _train(net, opt, steps, data, scheduler=scheduler, each=after)
+    return ledger
+
+
+def _train(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    scheduler: Any = None,
+    each: Callable[[], Any] | None = None,
+) -> None:
+    """``steps`` full-batch steps of the square loss (then ``scheduler.step()`` and ``each()``)."""
     x, y = data
     for _ in range(steps):
         opt.zero_grad()
@@ -80,8 +95,7 @@ def _run(
         if scheduler is not None:
             scheduler.step()
         if each is not None:
-            each(ledger)
-    return ledger
+            each()
 
 
 def _rel(closure: torch.Tensor, d: torch.Tensor, d0: torch.Tensor, sums: torch.Tensor) -> float:
@@ -282,11 +296,7 @@ def test_state_dict_continues_exactly() -> None:
     state = half.state_dict()
     half.detach()
     resumed = _resumed(net2, opt2, state)
-    x, y = data
-    for _ in range(5):
-        opt2.zero_grad()
-        ((net2(x) - y) ** 2).mean().backward()
-        opt2.step()
+    _train(net2, opt2, 5, data)
     a, b = resumed.read(), whole.read()
     # same operations in the same order, sums restored through Python floats (exact)
     torch.testing.assert_close(a["sums"], b["sums"], rtol=1e-13, atol=0)
@@ -318,12 +328,7 @@ def test_state_dict_keeps_the_torch_nesterov_lookahead_format() -> None:
     # the fifth step ran at 0.05 * 0.8**4, the scheduler has set 0.05 * 0.8**5 since
     assert state["sgd_lookahead"] == [[[0, 0], pytest.approx(0.05 * 0.8**4 * 0.9, rel=1e-12)]]
     resumed = _resumed(net2, opt2, state)
-    x, y = data
-    for _ in range(5):
-        opt2.zero_grad()
-        ((net2(x) - y) ** 2).mean().backward()
-        opt2.step()
-        schedule.step()
+    _train(net2, opt2, 5, data, scheduler=schedule)
     # same operations in the same order, sums restored through Python floats (exact up to the
     # last bits of the restored sums' re-association)
     torch.testing.assert_close(resumed.read()["sums"], whole.read()["sums"], rtol=1e-13, atol=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.helpers.nets import mlp
 from torch_momentum import NesterovSGD
 from torch_momentum.balance import find_symmetries
 from torch_momentum.balance.summary import BalanceSummary
@@ -13,14 +14,7 @@ from torch_momentum.balance.watch import NetworkWatch
 
 
 def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 8, bias=False),
-        nn.ReLU(),
-        nn.Linear(8, 6, bias=False),
-        nn.ReLU(),
-        nn.Linear(6, 3, bias=False),
-    ).double()
+    return mlp(bias=False)  # float64, 6 -> 8 -> 5 -> 2, ReLU and LeakyReLU: 1-homogeneous units
 
 
 def _loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -29,8 +23,8 @@ def _loss(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 def _batch() -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randint(
-        0, 3, (32,), generator=g
+    return torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 2, (32,), generator=g
     )
 
 
@@ -65,7 +59,7 @@ def test_iterate_follows_torch_sgd_nesterov_under_a_scheduler(ledger: bool) -> N
     the step's eta_t mu v (recorded after the step), not the new lr's; with or without the
     ledger, and for the parameters the ledger does not track (the last layer's bias here)."""
     net, batch = _mlp(), _batch()
-    net.append(nn.Linear(3, 3)).double()
+    net.append(nn.Linear(2, 2)).double()
     symmetries = find_symmetries(net, _loss, [batch], kinds=("rescale",))
     mu = 0.9
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=mu, nesterov=True)
