@@ -100,15 +100,16 @@ class NetworkMode:
     def _resume(
         self, trainer: Trainer, module: LightningModule, symmetries: list[Symmetry], state: Any
     ) -> bool:
-        self._build(trainer, module, symmetries)
-        assert self.watch is not None
-        try:
+        try:  # the saved symmetries may name parameters this model does not have
+            self._build(trainer, module, symmetries)
+            assert self.watch is not None
             self.watch.load_state_dict(state)
         except (ValueError, KeyError, TypeError) as err:
             rank_zero_warn(
                 f"`LayerBalanceMonitor`: {err}; the series starts afresh.", category=RuntimeWarning
             )
-            self.watch.close()
+            if self.watch is not None:
+                self.watch.close()
             self.watch, self.symmetries = None, None
             return False
         return True

@@ -126,3 +126,28 @@ def test_step_angle_reads_only_the_scale_parameters_found_at_construction(
         # loses half the digits near 0; the angles are ~1e-2)
         assert angle == pytest.approx(float(torch.acos(cos.clamp(-1, 1))), rel=1e-6)
     watch.close()
+
+
+def test_a_lookahead_state_of_other_optimizers_is_refused_by_name() -> None:
+    """The watch's look-ahead rows name optimisers by index: a state saved with two optimisers
+    (the second a torch Nesterov SGD) loaded into a watch of one is a ValueError that says so
+    (before: IndexError, which the monitor's resume does not catch, so the fit crashed instead
+    of starting a new series)."""
+    net, batch = _mlp(), _batch()
+    first = torch.optim.SGD(net[0].parameters(), lr=0.1, momentum=0.9)
+    rest = [p for m in list(net)[1:] for p in m.parameters()]
+    second = torch.optim.SGD(rest, lr=0.1, momentum=0.9, nesterov=True)
+    saved = NetworkWatch(net, [first, second], [])
+    saved.start()
+    for opt in (first, second):
+        opt.zero_grad()
+    _loss(net, batch).backward()
+    first.step()
+    second.step()
+    state = saved.state_dict()
+    assert [row[0] for row in state["lookahead"]] == [[1, 0]]
+    saved.close()
+    one = NetworkWatch(net, [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)], [])
+    with pytest.raises(ValueError, match="optimizer 1, param group 0"):
+        one.load_state_dict(state)
+    one.close()

@@ -97,3 +97,21 @@ def test_a_default_mode_resume_that_cannot_continue_clears_the_history(tmp_path:
     assert [r["step"] for r in monitor.history] == [3, 4]
     assert monitor.history[0]["balance/sq_norm_change/max"] == 0.0
     assert monitor.history[0]["ledger/closure"] == 0.0
+
+
+def test_saved_symmetries_naming_missing_parameters_start_a_new_series(tmp_path: Path) -> None:
+    """The checkpoint's symmetries name a parameter this model does not have (the model was
+    wrapped or renamed since): the watch refuses them when it is built, and the fit goes on
+    with a new series and a warning (before: the ValueError escaped from ``on_train_start``
+    and the fit crashed)."""
+    from torch_momentum.balance import Symmetry, SymmetryPart
+
+    checkpoint = _checkpoint(tmp_path, LayerBalanceMonitor(save_figure=False))
+    ghost = SymmetryPart("ghost.weight", None, 0, 0, 1, 1.0, 0)
+    saved = checkpoint["callbacks"][DEFAULT_KEY]["network"]["symmetries"]
+    saved.append(Symmetry("scale", "ghost", ("ghost.weight",), 1, (ghost,), 0.0).to_state())
+    monitor = LayerBalanceMonitor(save_figure=False)
+    _resume(tmp_path, checkpoint, monitor, r"ghost\.weight.*starts afresh")
+    assert [r["step"] for r in monitor.history] == [3, 4]
+    assert monitor.history[0]["balance/sq_norm_change/max"] == 0.0
+    assert all("ghost" not in s.name for s in monitor.symmetries or [])

@@ -82,7 +82,22 @@ class Iterates:
         return [[[index[o], g], value] for (o, g), value in self.memory.items()]
 
     def load_state_dict(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Restore the memory from :meth:`state_dict` rows (replacing it)."""
-        self.memory.clear()
+        """Restore the memory from :meth:`state_dict` rows (replacing it).
+
+        Raises:
+            ValueError: a row naming an optimiser or param group that is not there (a state
+                saved with other optimisers); nothing is changed then.
+        """
+        memory = {}
         for (o, g), value in rows:
-            self.memory[(id(self.optimizers[o]), g)] = float(value)
+            if not (
+                0 <= o < len(self.optimizers) and 0 <= g < len(self.optimizers[o].param_groups)
+            ):
+                raise ValueError(
+                    f"the saved look-ahead state names optimizer {o}, param group {g}, which"
+                    f" are not here ({len(self.optimizers)} optimizer(s)): saved with other"
+                    " optimizers"
+                )
+            memory[(id(self.optimizers[o]), g)] = float(value)
+        self.memory.clear()
+        self.memory.update(memory)

@@ -44,8 +44,8 @@ _N_TERMS = len(LEDGER_TERMS)
 class _Plan(NamedTuple):
     """One param group of an optimiser that updates tracked tensors."""
 
-    group_index: int  # the group's index in ``opt.param_groups``
-    group: dict[str, Any]
+    group_index: int  # the group's index in ``opt.param_groups`` (read there at every step:
+    # ``Optimizer.load_state_dict`` replaces the group dicts)
     tracked: list[int]  # the tracked tensors it updates
 
 
@@ -302,7 +302,7 @@ class BalanceLedger:
             for g, group in enumerate(opt.param_groups):
                 idx = [ids[id(p)] for p in group["params"] if id(p) in ids]
                 if idx:
-                    plans.append(_Plan(g, group, idx))
+                    plans.append(_Plan(g, idx))
             self._plans[id(opt)] = plans
 
     def _iterate(self, i: int, *, local: bool = True) -> Tensor:
@@ -344,7 +344,11 @@ class BalanceLedger:
             rule = self._rule_of[id(opt)]
             plans = self._plans.get(id(opt), [])
             low = any(is_low_precision(self._tracked[i]) for pl in plans for i in pl.tracked)
-            if rule.pre_step or low or any(rule.fresh(pl.group) for pl in plans):
+            if (
+                rule.pre_step
+                or low
+                or any(rule.fresh(opt.param_groups[pl.group_index]) for pl in plans)
+            ):
                 self._handles.append(opt.register_step_pre_hook(self._before))
             else:
                 # heavy ball needs nothing from before the step: the post-step state determines
@@ -374,7 +378,8 @@ class BalanceLedger:
         pending = []
         for plan in self._plans.get(id(opt), []):
             tensors = [self._tracked[i] for i in plan.tracked]
-            if not rule.known(plan.group):
+            group = opt.param_groups[plan.group_index]
+            if not rule.known(group):
                 copies = [local(p.detach()).clone() for p in tensors]
                 pending.append(_Pending(plan, copies, 0.0, {}, frozenset()))
                 continue
@@ -385,7 +390,7 @@ class BalanceLedger:
                     v = opt.state.get(p, {}).get(rule.velocity_key) if rule.velocity_key else None
                     low[i] = (local(p.detach()).clone(), None if v is None else local(v).clone())
             fresh: frozenset[int] = frozenset()
-            if rule.fresh(plan.group):
+            if rule.fresh(group):
                 key = rule.velocity_key
                 fresh = frozenset(
                     i
@@ -403,7 +408,12 @@ class BalanceLedger:
             rule = GENERIC_RULE  # the group was copied: its rule does not explain it
         plan = entry.plan
         key, build = rule.maps(
-            opt, plan.group_index, plan.group, entry.c0, self.iterates.memory, first_step
+            opt,
+            plan.group_index,
+            opt.param_groups[plan.group_index],
+            entry.c0,
+            self.iterates.memory,
+            first_step,
         )
         maps = self._maps.get(key)
         if maps is None:
