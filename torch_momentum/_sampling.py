@@ -223,12 +223,24 @@ def is_oom(err: BaseException) -> bool:
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation on ``device`` can take: on CUDA the free memory plus what torch's
     caching allocator holds unused; on the CPU ``MemAvailable`` of ``/proc/meminfo`` (Linux),
-    else the physical memory; ``None`` where unknown (other devices)."""
+    else the physical memory, and at most what the process's cgroup (v2) limit leaves, as in a
+    container; ``None`` where unknown (other devices)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
+    have = _meminfo_available()
+    if have is None:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            return None
+    limit = _cgroup_headroom()
+    return have if limit is None else min(have, limit)
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -236,27 +248,69 @@ def available_memory(device: torch.device) -> int | None:
                     return int(line.split()[1]) * 1024  # the value is in kB
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _cgroup_headroom(cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup minus its use (cgroup v2 ``memory.max`` and
+    ``memory.current``, or v1 ``memory.limit_in_bytes`` and ``memory.usage_in_bytes``); None
+    without a limit or where none can be read."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
+        with open(cgroup) as f:
+            lines = [line.strip().split(":", 2) for line in f]
+    except OSError:
         return None
+    candidates = []
+    for _, controllers, path in (line for line in lines if len(line) == 3):
+        if controllers == "":  # v2
+            base = os.path.join(root, path.lstrip("/"))
+            candidates.append((base, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):  # v1
+            memory = os.path.join(root, "memory")
+            for base in (os.path.join(memory, path.lstrip("/")), memory):
+                candidates.append((base, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    for base, limit_file, use_file in candidates:
+        try:
+            with open(os.path.join(base, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(base, use_file)) as f:
+                use = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**62:  # no limit (v1 writes a huge number)
+            return None
+        return max(0, int(limit) - use)
+    return None
+
+
+def sample_bytes(k: int, d: int, dtype: torch.dtype) -> int:
+    """Peak bytes of one :func:`~torch_momentum.clarke_subgradient` call beyond ``f``'s own:
+    three ``k x d`` arrays of ``dtype`` (directions, points, gradients), the float64 ``k x d``
+    copies of the min-norm solve (the rows scaled by a power of two and its temporary; a third,
+    the conversion, for other dtypes than float64) and two float64 ``k x k`` matrices (the Gram
+    matrix and the solver's normalised copy)."""
+    copies = 2 if dtype == torch.float64 else 3
+    return 3 * k * d * dtype.itemsize + copies * k * d * 8 + 2 * k * k * 8
 
 
 def check_sample_memory(
-    k: int, d: int, dtype: torch.dtype, device: torch.device, arrays: int, caller: str
+    k: int, d: int, dtype: torch.dtype, device: torch.device, caller: str
 ) -> None:
-    """A ``RuntimeError`` naming ``num_samples`` when ``arrays`` arrays of ``k x d`` numbers of
-    ``dtype`` exceed the memory available on ``device`` (:func:`available_memory`), checked
-    before they are allocated: a clear message instead of an allocator error part way through
-    or, on the CPU, the process being killed."""
-    need = arrays * k * d * dtype.itemsize
+    """A ``RuntimeError`` naming ``num_samples`` when the sampling and the min-norm solve of
+    ``k`` samples of ``d`` numbers of ``dtype`` (:func:`sample_bytes`) exceed the memory
+    available on ``device`` (:func:`available_memory`), checked before anything is allocated: a
+    clear message instead of an allocator error part way through or, on the CPU, the process
+    being killed."""
+    need = sample_bytes(k, d, dtype)
     have = available_memory(device)
     if have is not None and need > have:
         raise RuntimeError(
             f"{caller}: num_samples={k} samples of the {d} entries of x need about "
-            f"{need / 2**30:.3g} GiB ({arrays} arrays of {k} x {d} {dtype}), more than the "
-            f"{have / 2**30:.3g} GiB available on {device}; pass a smaller num_samples, or use "
-            "stationarity_profile, which samples in blocks (chunk_size, memory)"
+            f"{need / 2**30:.3g} GiB (three {k} x {d} arrays of {dtype}, the min-norm solve's "
+            f"float64 copies and {k} x {k} matrices), more than the {have / 2**30:.3g} GiB "
+            "available on "
+            f"{device}; pass a smaller num_samples, or use stationarity_profile, which samples "
+            "in blocks (chunk_size, memory)"
         )
 
 

@@ -231,8 +231,8 @@ def clarke_subgradient(
     f_scalar = f if value.dim() == 0 else scalar_output(f)  # one-element tensors: reshape
 
     # Uniform points in the ball B(x, radius): the directions, the points and the gradients are
-    # three k x d arrays.
-    check_sample_memory(k, d, dtype, device, 3, "clarke_subgradient")
+    # three k x d arrays, then the min-norm solve (checked together, before any allocation).
+    check_sample_memory(k, d, dtype, device, "clarke_subgradient")
     gen_device = generator.device if generator is not None else device
     direction = torch.randn(k, d, generator=generator, dtype=dtype, device=gen_device)
     u = 1.0 - torch.rand(k, 1, generator=generator, dtype=dtype, device=gen_device)  # (0, 1]

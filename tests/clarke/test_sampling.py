@@ -106,7 +106,62 @@ def test_memory_check_uses_the_available_memory(monkeypatch):
     assert (S.available_memory(torch.device("cpu")) or 0) > 0
     monkeypatch.setattr(S, "available_memory", lambda device: 2**20)  # 1 MiB
     x = torch.zeros(1000, dtype=F64)
-    # 3 x 64 x 1000 float64 = 1.5 MB > 1 MiB
+    # 64 samples of 1000 float64: 5 x 64 x 1000 x 8 + 2 x 64^2 x 8 = 2.6 MB > 1 MiB
     with pytest.raises(RuntimeError, match=r"num_samples=64 .* 0\.000977 GiB available on cpu"):
         clarke_subgradient(lambda z: z.abs().sum(), x, num_samples=64)
-    clarke_subgradient(lambda z: z.abs().sum(), x, num_samples=32)  # 0.77 MB fits
+    # 16 samples: 0.64 MB + 4 kB fits
+    clarke_subgradient(lambda z: z.abs().sum(), x, num_samples=16)
+
+
+def test_memory_check_counts_the_min_norm_solve(monkeypatch):
+    """Many samples of a small x: the k x k float64 Gram matrix of the solve, not the k x d
+    sample arrays, is what does not fit (before, only the three k x d arrays were counted:
+    here 3 x 4000 x 10 x 8 = 0.96 MB passed a 32 MB budget, and the 2 x 4000^2 x 8 = 256 MB of
+    the solve then went to the allocator)."""
+    monkeypatch.setattr(S, "available_memory", lambda device: 32 * 2**20)
+    x = torch.zeros(10, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"num_samples=4000 .* 4000 x 4000 matrices"):
+        clarke_subgradient(lambda z: z.abs().sum(), x, num_samples=4000)
+    assert S.sample_bytes(4000, 10, F64) == 3 * 4000 * 10 * 8 + 2 * 4000 * 10 * 8 + 2 * 4000**2 * 8
+    # float32 samples: a third float64 copy (the conversion) in the solve
+    assert S.sample_bytes(8, 10, torch.float32) == 3 * 8 * 10 * 4 + 3 * 8 * 10 * 8 + 2 * 8 * 8 * 8
+
+
+def test_cpu_memory_is_capped_by_the_cgroup_limit(monkeypatch):
+    """In a container the host's MemAvailable overstates what the process may take: the
+    cgroup's memory.max - memory.current caps it."""
+    monkeypatch.setattr(S, "_meminfo_available", lambda: 64 * 2**30)
+    monkeypatch.setattr(S, "_cgroup_headroom", lambda: 2**30)
+    assert S.available_memory(torch.device("cpu")) == 2**30
+    monkeypatch.setattr(S, "_cgroup_headroom", lambda: None)  # no limit
+    assert S.available_memory(torch.device("cpu")) == 64 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "files", "expected"),
+    [
+        ("0::/job\n", {"job/memory.max": "1000", "job/memory.current": "300"}, 700),
+        ("0::/job\n", {"job/memory.max": "max", "job/memory.current": "300"}, None),
+        (
+            "4:memory:/job\n0::/\n",
+            {"memory/job/memory.limit_in_bytes": "1000", "memory/job/memory.usage_in_bytes": "1"},
+            999,
+        ),
+        (  # v1 without a limit: a huge number
+            "4:memory:/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/memory.usage_in_bytes": "5",
+            },
+            None,
+        ),
+        ("4:memory:/gone\n", {}, None),  # nothing readable
+    ],
+)
+def test_cgroup_headroom_reads_v1_and_v2(tmp_path, cgroup, files, expected):
+    (tmp_path / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text + "\n")
+    got = S._cgroup_headroom(str(tmp_path / "cgroup"), str(tmp_path / "fs"))
+    assert got == expected
