@@ -395,7 +395,9 @@ def unit_metrics(
     """
     names = list(values)
     parts = [values[k] for k in names] + [symmetry[k] for k in names if k in symmetry]
-    device = parts[0].device
+    # gathered on the accelerator where any part is there (the ledger's D_i may already be on
+    # the host): one transfer to the host, not one per part
+    device = next((t.device for t in parts if t.device.type != "cpu"), parts[0].device)
     host = torch.cat([t.to(device) for t in parts]).cpu()
     metrics: dict[str, float] = {}
     drift_of: dict[str, Tensor] = {}
