@@ -199,7 +199,8 @@ def _kinds(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
         ):
             ax.set_yscale("log")
         ax.set_ylabel(r"$|Q(t)-Q(0)|$")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        # inside the axes: outside, it widened the column and moved (a)'s colour bar away
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
     else:
         ax.text(0.5, 0.5, "no symmetry found", ha="center", va="center", transform=ax.transAxes)
 

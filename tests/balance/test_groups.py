@@ -58,3 +58,29 @@ def test_clean_names_pads_indices_only() -> None:
         "stream into head (12 layers)",
         "03/04",
     ]
+
+
+class _Wrapper(nn.Module):
+    """What a LightningModule is to its network: one child holding every parameter (and a
+    child without parameters, e.g. a loss)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = nn.CrossEntropyLoss()
+
+
+def test_the_name_of_a_wrapped_network_is_stripped() -> None:
+    """``net.`` of a module that only wraps ``self.net`` goes, as ``model.`` always did (the
+    monitor's keys read ``net.3`` on a LightningModule holding ``self.net`` before); a module
+    with two parameter holders, or a container, keeps its names."""
+    wrapped = _Wrapper(_deep())
+    assert list(weight_groups(wrapped))[:2] == ["00", "02"]
+    twice = _Wrapper(_Wrapper(_deep()))
+    named = clean_names(["net.net.4.weight", "net.net 0/2"], module=twice)
+    assert list(named.values()) == ["04.weight", "00/02"]
+    both = nn.Module()
+    both.a, both.b = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert list(clean_names(["a.weight", "b"], module=both).values()) == ["a.weight", "b"]
+    container = nn.Sequential(nn.Linear(2, 2))
+    assert list(weight_groups(container)) == ["0", "other"]  # the bias is in "other"

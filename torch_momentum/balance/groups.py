@@ -38,12 +38,26 @@ def _strip(name: str) -> str:
     return name
 
 
+def _sole_child_prefix(module: nn.Module) -> str:
+    """``"net."`` where ``module`` only wraps one child that holds all its parameters (a
+    LightningModule's ``self.net``), repeated down the chain of such wrappers; ``""`` else."""
+    prefix = ""
+    while not any(True for _ in module.parameters(recurse=False)):
+        holders = [(n, m) for n, m in module.named_children() if any(True for _ in m.parameters())]
+        if len(holders) != 1 or isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            break
+        name, module = holders[0]
+        prefix += f"{name}."
+    return prefix
+
+
 def _index_width(names: Iterable[str]) -> int:
     return max((len(m) for name in names for m in _INDEX.findall(name)), default=1)
 
 
 def clean_names(names: Iterable[str], *, module: nn.Module | None = None) -> dict[str, str]:
-    """``{name: readable name}``: wrapper prefixes (:data:`WRAPPER_PREFIXES`) stripped, and the
+    """``{name: readable name}``: wrapper prefixes stripped (:data:`WRAPPER_PREFIXES` and, given
+    ``module``, the name of a child it merely wraps: a LightningModule's ``self.net``), and the
     indices zero-padded to one width: the number of digits of the largest index among the
     names and, given ``module``, among its module and parameter names (so that the labels of a
     model's groups and of its symmetries pad alike). An index is a run of digits between the
@@ -65,12 +79,21 @@ def clean_names(names: Iterable[str], *, module: nn.Module | None = None) -> dic
         >>> list(clean_names(["0/2", "10 (columns + bias)"], module=net).values())
         ['00/02', '10 (columns + bias)']
     """
-    stripped = {name: _strip(name) for name in names}
+    wrapper = "" if module is None else _sole_child_prefix(module)
+
+    def strip(name: str) -> str:
+        # "net.0.weight", and "net 0/2" (a symmetry named by the wrapper, its parent module)
+        for head in (wrapper, wrapper[:-1] + " ") if wrapper else ():
+            if name.startswith(head):
+                return _strip(name[len(head) :])
+        return _strip(name)
+
+    stripped = {name: strip(name) for name in names}
     width = _index_width(stripped.values())
     if module is not None:
         named = [n for n, _ in module.named_modules()]
         named += [n for n, _ in module.named_parameters(remove_duplicate=False)]
-        width = max(width, _index_width(_strip(n) for n in named))
+        width = max(width, _index_width(strip(n) for n in named))
     return {name: _INDEX.sub(lambda m: m[0].zfill(width), s) for name, s in stripped.items()}
 
 
