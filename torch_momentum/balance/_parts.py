@@ -238,10 +238,14 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
     if d is not None and d > 0:  # blocks along dim 0, summed
         shape = tensors[0].shape
         pre, n = math.prod(shape[:d]), shape[d]
+        post = group.numel // (pre * n)
         if op == "gram" and count * group.numel <= CHUNK_CAP:
-            # small: the products of all slot pairs at once (moving dim to the front would be
-            # a strided copy costlier than these products)
-            x = torch.stack(list(tensors)).view(k, per_member, pre, n, -1)
+            x = torch.stack(list(tensors)).view(k, per_member, pre, n, post)
+            if post >= 4:  # a convolution's kernel entries: dim to the front, one bmm
+                y = x.permute(3, 0, 1, 2, 4).reshape(n * k, per_member, pre * post)
+                return torch.bmm(y, y.transpose(1, 2)).view(n, k, per_member * per_member)
+            # a matrix's columns: the products of all slot pairs at once (moving dim to the
+            # front would be a strided copy costlier than these products)
             g = (x.unsqueeze(2) * x.unsqueeze(1)).sum((3, 5))  # (k, r, r, n)
             return g.permute(3, 0, 1, 2).reshape(n, k, per_member * per_member)
         step = max(1, CHUNK_CAP // max(1, count * group.numel // pre))

@@ -1,0 +1,55 @@
+"""The stacked per-unit reductions of the ledger's charges (``_parts.reduce_rows``) against a
+plain loop, on every branch: whole tensors, rows along dim 0, and units along a later dimension
+of a matrix (columns) and of a convolution (input channels, whose kernel entries take a batched
+matrix product), small enough for one block and large enough for several."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torch_momentum.balance._parts import CHUNK_CAP, UnitGroup, reduce_rows, row_split
+
+SHAPES = [
+    ((10, 32), None),  # a whole tensor: one unit
+    ((16, 16, 3, 3), 0),  # a convolution's output channels
+    ((10, 32), 1),  # a matrix's columns
+    ((32, 16, 3, 3), 1),  # a convolution's input channels (kernel entries: the bmm branch)
+    ((16, 8, 2, 2), 1),
+    ((64, 64, 1, 1), 1),  # a 1x1 convolution: one entry per kernel
+    ((512, 256, 3, 3), 1),  # larger than one block (CHUNK_CAP)
+]
+
+
+def _reference(tensors: list[torch.Tensor], dim: int | None, r: int) -> torch.Tensor:
+    """``(n, members, r * r)``: per index along ``dim`` and member, the Gram matrix of the
+    member's ``r`` slots, in float64, one row at a time."""
+    rows = [t.reshape(1, -1) if dim is None else t.movedim(dim, 0).flatten(1) for t in tensors]
+    n, k = rows[0].shape[0], len(tensors) // r
+    out = torch.zeros(n, k, r * r, dtype=torch.float64)
+    for m in range(k):
+        slots = [rows[m * r + a].double() for a in range(r)]
+        for a in range(r):
+            for b in range(r):
+                out[:, m, a * r + b] = (slots[a] * slots[b]).sum(1)
+    return out
+
+
+@pytest.mark.parametrize(("shape", "dim"), SHAPES)
+@pytest.mark.parametrize("members", [1, 2])
+def test_gram_rows_equal_a_loop(shape: tuple[int, ...], dim: int | None, members: int) -> None:
+    torch.manual_seed(0)
+    r = 3
+    tensors = [torch.randn(shape, dtype=torch.float64) for _ in range(members * r)]
+    n, s = row_split(shape, dim)
+    assert s == 1  # rows not cut into sub-rows at these sizes
+    group = UnitGroup(None, dim, False, n, s, math.prod(shape), list(range(members)))
+    if shape == (512, 256, 3, 3):
+        assert members * r * group.numel > CHUNK_CAP  # the blocked branch
+    got = reduce_rows(tensors, group, r, "gram")
+    # float64 sums of at most 4608 products of O(1) entries in another order: ~1e-13 absolute
+    torch.testing.assert_close(
+        got.reshape(n, members, r * r), _reference(tensors, dim, r), rtol=1e-12, atol=1e-11
+    )
