@@ -251,6 +251,90 @@ def test_a_symmetry_of_a_special_point_only_is_rejected() -> None:
     assert float(residual_here) == 0.0  # it holds at the point itself
 
 
+class _LayerScale(nn.Module):
+    """x -> x + gamma * fc2(relu(fc1(x))) -> head, with gamma tiny (ConvNeXt/CaiT's LayerScale):
+    fc1 and fc2 get gradients ~1e-7 of the rest, yet they train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32, bias=False)
+        self.fc2 = nn.Linear(32, 64, bias=False)
+        self.gamma = nn.Parameter(torch.full((64,), 1e-6))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x + self.gamma * self.fc2(torch.relu(self.fc1(x))))
+
+
+def _clamped_head(model: nn.Module, batch: Any) -> Tensor:
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs).clamp(-3.0, 3.0), targets)
+
+
+def _shrunk(model: nn.Module, index: int, factor: float) -> nn.Module:
+    """``model`` with the weight of its layer ``index`` times ``factor`` (no unit clamps)."""
+    with torch.no_grad():
+        model[index].weight.mul_(factor)
+    return model
+
+
+def _mlp(activation: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 32), activation, nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize(
+    ("make", "loss_fn", "false"),
+    [  # at these points no unit reaches the clamp, so the gradient test passes
+        (lambda: _shrunk(_mlp(nn.ReLU6()), 0, 0.05), ce, "0/2"),
+        (lambda: _shrunk(_mlp(nn.Hardtanh()), 0, 0.05), ce, "0/2"),
+        (lambda: _shrunk(_mlp(nn.Tanh()), 0, 1e-6), ce, "0/2"),
+        (lambda: _shrunk(ReluMLP(), 2, 0.1), _clamped_head, "2 (columns + bias)"),
+        (_LayerScale, ce, "fc2.weight"),
+    ],
+    ids=["relu6", "hardtanh", "tanh", "clamped-logits", "layerscale-zero-gradient"],
+)
+def test_a_symmetry_only_near_the_point_is_rejected_by_a_finite_move(
+    make: Callable[[], nn.Module], loss_fn: Callable[..., Tensor], false: str
+) -> None:
+    """Functions that are homogeneous (or constant) only where they do not clamp or bend pass
+    the gradient test wherever no unit leaves that range: ReLU6 and Hardtanh at small weights,
+    tanh at 1e-6, logits clamped at 3 from a small head; and a LayerScale branch with
+    gamma = 1e-6 looks gradient-free. Moved far along the candidate (factors 10-1000, shifts
+    10-100 rms, noise 10 rms), the loss changes by far more than round-off: rejected, with the
+    relative change as its residual (before: reported, a charge that is not conserved)."""
+    torch.manual_seed(0)
+    found = find_symmetries(make(), loss_fn, vectors())
+    assert all(false not in s.name for s in found), found.summary()
+    rejected = next(s for s in found.rejected if false in s.name)
+    # the gradient residual of these candidates is below 1e-6; the finite move's change is
+    # orders above the 1e-9 tolerance of a float64 evaluation
+    assert rejected.residual > 1e-8, found.summary()
+
+
+def test_finite_moves_detect_a_broken_scale_symmetry() -> None:
+    """``confirm`` on its own: the scale symmetries of a ResNet found in training mode (batch
+    statistics), moved along in eval mode (running statistics: a fixed affine map, no scale
+    symmetry), change the loss and are all rejected. That it keeps true symmetries is what
+    every reference model's test shows (discovery runs it on everything it reports)."""
+    from torch_momentum.balance._symmetry_moves import confirm
+
+    torch.manual_seed(0)
+    model = ResNetCNN().double()
+    batch = images(1)[0]
+    batch = (batch[0].double(), batch[1])
+    found = find_symmetries(model, ce, [batch])
+    assert {s.kind for s in found} >= {"scale", "rescale", "translation"}
+    point = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()  # BatchNorm with running statistics: the scale symmetries do not hold
+
+    def loss(params: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model, params, (batch[0],)).logsumexp(1).mean()
+
+    scale = [s for s in found if s.kind == "scale"]
+    kept, rejected = confirm(scale, point, loss, lambda n: n, 1e-6, 0)
+    assert kept == [] and len(rejected) == len(scale)
+
+
 def test_eps_residual_names_the_norm_layers_eps() -> None:
     model = BatchNormMLP()
     found = find_symmetries(model, ce, vectors())
@@ -319,15 +403,16 @@ def test_cost_in_loss_evaluations() -> None:
 
     batches = vectors(3)
     first = find_symmetries(ReluMLP(), counting, batches)
-    # x and x' on every batch (no norm layer: no real-eps evaluation)
-    assert len(calls) == 2 * 3
+    # x and x' on every batch (no norm layer: no real-eps evaluation), then the loss at x and
+    # after the finite moves along every symmetry found (all hold: no move one at a time)
+    assert len(calls) == 2 * 3 + 2
     calls.clear()
     cheap = find_symmetries(ReluMLP(), counting, batches, perturbed_batches=1)
-    assert len(calls) == 3 + 1
+    assert len(calls) == 3 + 1 + 2
     assert described(cheap) == described(first)
     calls.clear()
     find_symmetries(BatchNormMLP(), counting, batches)
-    assert len(calls) == 2 * 3 + 1  # and once with the real eps
+    assert len(calls) == 2 * 3 + 1 + 2  # and once with the real eps
 
 
 def test_dropout_in_training_mode() -> None:

@@ -126,21 +126,37 @@ class Evaluator:
             n: p.detach().to(self.dtype or p.dtype, copy=True) for n, p in self.trainable.items()
         }
 
+    def _call(
+        self, point: Mapping[str, Tensor], batch: Any, index: int, tiny_eps: bool, check: bool
+    ) -> Tensor:
+        """``loss_fn(model, batch)`` with the parameters ``point`` (``check``: a finite,
+        differentiable scalar, else a clear error)."""
+        state = {f"model.{n}": t for n, t in point.items()}
+        for n, t in (*self.frozen.items(), *self.buffers.items()):
+            dtype = self.dtype if t.is_floating_point() and self.dtype else t.dtype
+            state[f"model.{n}"] = t.detach().to(dtype, copy=True)
+        with _norm_eps(self.norms, TINY_EPS if tiny_eps else None):
+            try:
+                loss = functional_call(self.module, state, (cast(batch, self.dtype),))
+            except Exception as exc:
+                raise CallFailedError(exc) from exc
+        if check:
+            _check_loss(loss, index)
+        return loss
+
+    def loss(self, point: Mapping[str, Tensor], batch: Any, index: int) -> Tensor:
+        """The loss at ``point`` on ``batch``, without gradients (the norms' eps set to ~0); may
+        be inf or nan."""
+        with torch.no_grad():
+            return self._call(point, batch, index, tiny_eps=True, check=False).detach()
+
     def grad(
         self, point: Mapping[str, Tensor], batch: Any, index: int, *, tiny_eps: bool
     ) -> dict[str, Tensor]:
         """The gradient at ``point`` on ``batch`` (``tiny_eps``: the norms' eps set to ~0)."""
         leaves = {n: t.detach().requires_grad_() for n, t in point.items()}
-        state = {f"model.{n}": t for n, t in leaves.items()}
-        for n, t in (*self.frozen.items(), *self.buffers.items()):
-            dtype = self.dtype if t.is_floating_point() and self.dtype else t.dtype
-            state[f"model.{n}"] = t.detach().to(dtype, copy=True)
-        with torch.enable_grad(), _norm_eps(self.norms, TINY_EPS if tiny_eps else None):
-            try:
-                loss = functional_call(self.module, state, (cast(batch, self.dtype),))
-            except Exception as exc:
-                raise CallFailedError(exc) from exc
-            _check_loss(loss, index)
+        with torch.enable_grad():
+            loss = self._call(leaves, batch, index, tiny_eps, check=True)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         if all(g is None for g in grads):
             raise ValueError(f"loss_fn(model, batches[{index}]): no parameter gets a gradient")

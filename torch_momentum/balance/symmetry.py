@@ -53,6 +53,7 @@ from torch_momentum.balance._symmetry_candidates import (
     display_prefix,
     propose,
 )
+from torch_momentum.balance._symmetry_moves import confirm
 from torch_momentum.balance._symmetry_trace import CallRecorder
 from torch_momentum.balance._symmetry_verify import (
     QUADRATIC,
@@ -478,8 +479,19 @@ def find_symmetries(
     residual with the real eps (current parameters, first batch) is reported as
     ``eps_residual`` where it exceeds ``rtol``.
 
+    A symmetry is a group action, so the candidates that pass are then moved far along their
+    groups, all at once, on the first batch: each unit scaled by a factor between 10 and 1000
+    (either way; a rescale's B side divided), shifted by 10 to 100 times the parameters' rms
+    (translation), or given noise of 10 times its rms (zero gradient). The loss must stay
+    within round-off (relative ``max(1e-3 * rtol, 1000 * eps)`` of the evaluation and loss
+    dtypes); otherwise each is moved alone and the ones that change it are rejected, with the
+    relative change as residual. This catches functions homogeneous only where they do not
+    clamp (ReLU6, Hardtanh, clamped logits, tanh at tiny weights) and parameters whose gradient
+    is merely tiny, which the gradient test passes wherever no unit reaches the clamp.
+
     Cost: two float64 forward and backward passes per batch (one with ``perturbed_batches=1``
-    beyond the first batch), one more if the model has norm layers, and inner products (a few
+    beyond the first batch), one more if the model has norm layers, two forward passes for the
+    finite moves (one more per symmetry where they fail), and inner products (a few
     tensor operations per parameter). On a CPU a float64 pass costs 1.5x (small transformers)
     to 3x (convolutions, which have no fast float64 kernel) a float32 training step: see
     ``benchmarks/symmetry_discovery.py`` for measured ratios. ``dtype=torch.float32`` with
@@ -564,4 +576,25 @@ def find_symmetries(
     devices = sorted({p.device.index or 0 for p in inner.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         verifier, proposals = _verify(evaluator, inner, batch_list, settings)
-    return _result(verifier, proposals, settings.kinds, list(evaluator.trainable), prefix)
+        found = _result(verifier, proposals, settings.kinds, list(evaluator.trainable), prefix)
+        return _moved_far(found, evaluator, batch_list[0], settings, prefix)
+
+
+def _moved_far(
+    found: SymmetryList, evaluator: Evaluator, batch: Any, settings: _Settings, prefix: str
+) -> SymmetryList:
+    """The found symmetries that also keep the loss on the first batch under a large move
+    along them (:func:`~torch_momentum.balance._symmetry_moves.confirm`); the others join the
+    rejected, with the relative change of the loss as their residual."""
+
+    def loss(point: Mapping[str, Tensor]) -> Tensor:
+        torch.manual_seed(settings.seed)  # the first batch's dropout masks, as verified
+        try:
+            return evaluator.loss(point, batch, 0)
+        except CallFailedError as exc:
+            raise _batch_error(exc.__cause__ or exc, 0) from exc.__cause__
+
+    kept, rejected = confirm(
+        found, evaluator.point(), loss, lambda n: n[len(prefix) :], settings.rtol, settings.seed
+    )
+    return SymmetryList(kept, (*found.rejected, *rejected))
