@@ -240,6 +240,7 @@ class LayerBalanceMonitor(Callback):
         self._started = True
         self._new_series = True
         self._angle_step: int | None = None
+        self._pending: dict[str, float] | None = None  # metrics waiting for their angle
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -440,25 +441,35 @@ class LayerBalanceMonitor(Callback):
         ):
             return
         self._last_step = step
-        self._log(trainer, pl_module, step, with_grads=True, scale=loss_scale(trainer, optimizer))
-        if self._mode.before_step():
-            self._angle_step = step
+        scale = loss_scale(trainer, optimizer)
+        metrics = self._metrics(trainer, pl_module, step, with_grads=True, scale=scale)
+        if self._mode.before_step():  # logged with the angle of this step's update, after it
+            self._angle_step, self._pending = step, metrics
+        else:
+            self._emit(trainer, step, metrics)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._flush(trainer)
+
+    def _flush(self, trainer: Trainer) -> None:
+        """Log the pending metrics of the last logging step with the angle of its update (one
+        row per step in every logger)."""
         step, self._angle_step = self._angle_step, None
+        metrics, self._pending = self._pending, None
         if step is None:
             return
         extra = self._mode.after_step()  # the angle of the step just taken
-        if extra and trainer.is_global_zero and self.history and self.history[-1]["step"] == step:
+        if metrics is not None:
+            metrics.update(extra)
             self.history[-1].update(extra)
-            for logger in trainer.loggers:
-                logger.log_metrics(extra, step=step)
+        self._emit(trainer, step, metrics)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)  # a step whose batch end never came (an exception, a skip)
         step = logging_step(trainer)
         if self._last_step < step - 1:
             # the last update was not foreseen (early stopping, max_time): record the weights
@@ -515,10 +526,26 @@ class LayerBalanceMonitor(Callback):
     ) -> None:
         """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
         gradients (divided out of gradient norms and per-unit symmetries)."""
+        self._emit(trainer, step, self._metrics(trainer, pl_module, step, with_grads, scale))
+
+    def _metrics(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        with_grads: bool,
+        scale: float = 1.0,
+    ) -> dict[str, float] | None:
+        """The metrics of ``step``, appended to the history (None on ranks other than zero)."""
         metrics = self._mode.metrics(trainer, pl_module, step, with_grads, scale)
+        if metrics is not None:
+            self.history.append({"step": step, **metrics})
+        return metrics
+
+    @staticmethod
+    def _emit(trainer: Trainer, step: int, metrics: dict[str, float] | None) -> None:
         if metrics is None:  # a rank other than zero
             return
-        self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

@@ -378,6 +378,10 @@ def test_restore_checks_the_saved_totals_against_the_charges() -> None:
         r"`charge_sums\[0\]` \('0/2'\) has shape \(1, 6\), expected \(8, 6\)": {"charge_sums": bad},
         r"`charge_sums`: 0 saved totals for the 2 charges": {"charge_sums": []},
         r"`unit_sums`: 0 saved totals for the 1 charges": {"unit_sums": []},
+        # the unread steps' angle statistics: one row per scale charge (there is none here)
+        r"angle statistics have shape \(1, 1, 3\), expected \(steps, 0, 3\)": {
+            "angle_stats": [[[1.0, 0.0, 0.0]]]
+        },
     }
     for message, change in cases.items():
         resumed = new_ledger()

@@ -166,6 +166,7 @@ class ChargeBook:
             device=device,
         )
         self._angle_count = 0  # steps written since the last read
+        self._angle_offset: Tensor | None = None  # restored unread steps, summed over ranks
         self._layouts: dict[Any, _Layout] = {}
         self._coefs: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
         self._values: dict[tuple[int, int | None], PartSums] = {}
@@ -174,7 +175,7 @@ class ChargeBook:
         self._flat.zero_()
         for t in self.offset:
             t.zero_()
-        self._angle_count = 0
+        self._angle_count, self._angle_offset = 0, None
 
     def accumulate(
         self, rows: dict[int, Row], inv_scale: Tensor | None, found_inf: Tensor | None
@@ -344,22 +345,37 @@ class ChargeBook:
             )
         return [v.to(self.device) for v in sums(iterate)]
 
+    def angle_stats(self, sharded: bool) -> Tensor:
+        r"""The unread steps' :math:`\|x\|^2, \langle x, d\rangle, \|d\|^2` per scale charge,
+        ``(steps, scale charges, 3)``, in order, summed over ranks (a collective when sharded),
+        after the ones restored by :meth:`restore`; nothing is cleared."""
+        count, capacity = self._angle_count, len(self._ring)
+        # the oldest kept step is at count % capacity once the ring has wrapped
+        ring = self._ring[:count] if count <= capacity else self._ring.roll(-(count % capacity), 0)
+        stats = ring[:, :-1].clone()  # the dump row dropped
+        if sharded and len(self._scale):
+            _dtensor.all_reduce_sum(stats)
+        if self._angle_offset is not None:
+            stats = torch.cat([self._angle_offset.to(stats.device), stats])
+        return stats[-capacity:] if capacity else stats
+
     def angles(self, sharded: bool) -> Tensor:
         """Per step since the last call, at most the last ``angle_steps``, in order: the angle
         between :math:`x_t` and :math:`x_{t+1}` of every scale charge (all its units together),
         ``(steps, scale charges)``; the buffer is cleared. Skipped steps are NaN."""
-        count, capacity = self._angle_count, len(self._ring)
-        self._angle_count = 0
-        if count == 0:
-            return torch.zeros(0, len(self._scale), dtype=torch.float64)
-        # the oldest kept step is at count % capacity once the ring has wrapped
-        ring = self._ring[:count] if count <= capacity else self._ring.roll(-(count % capacity), 0)
-        stats = ring[:, :-1].clone()  # (steps, charges, 3), the dump row dropped
-        if sharded:
-            _dtensor.all_reduce_sum(stats)
+        stats = self.angle_stats(sharded)
+        self._angle_count, self._angle_offset = 0, None
         xx, xd, dd = stats.unbind(-1)
         cross = (xx * dd - xd * xd).clamp_min(0.0).sqrt()
         return torch.atan2(cross, xx + xd).cpu()
+
+    def check_angle_stats(self, stats: Tensor) -> None:
+        """Raise ``ValueError`` unless ``stats`` is ``(steps, scale charges, 3)``."""
+        if stats.dim() != 3 or tuple(stats.shape[1:]) != (len(self._scale), 3):
+            raise ValueError(
+                f"the saved angle statistics have shape {tuple(stats.shape)}, expected (steps,"
+                f" {len(self._scale)}, 3) for the {len(self._scale)} scale charges"
+            )
 
     def split(self, sums: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``(unit_sums, charge_sums)``: a list over all charges (:meth:`reduced`) as the
@@ -367,17 +383,26 @@ class ChargeBook:
         return list(sums[: self.n_units]), list(sums[self.n_units :])
 
     def restore(
-        self, unit_sums: Sequence[Tensor], charge_sums: Sequence[Tensor], sharded: bool
+        self,
+        unit_sums: Sequence[Tensor],
+        charge_sums: Sequence[Tensor],
+        sharded: bool,
+        angle_stats: Tensor | None = None,
     ) -> None:
         """Continue from saved totals (:meth:`split` of :meth:`reduced`): per hidden layer and
-        per symmetry, ``(units, terms)``.
+        per symmetry, ``(units, terms)``; and from the unread steps' angle statistics
+        (:meth:`angle_stats`) where saved.
 
         Raises:
             ValueError: a list has another length, or a total another shape, than the book's
-                charges.
+                charges; the angle statistics are not ``(steps, scale charges, 3)``. Nothing is
+                changed then.
         """
         saved = _checked("unit_sums", unit_sums, self.charges[: self.n_units])
         saved += _checked("charge_sums", charge_sums, self.charges[self.n_units :])
+        if angle_stats is not None:
+            self.check_angle_stats(angle_stats)
+        self._angle_count, self._angle_offset = 0, angle_stats
         if sharded:  # the saved totals are added once, after the sum over ranks
             self.offset = saved
             self._flat.zero_()

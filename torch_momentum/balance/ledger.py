@@ -42,10 +42,10 @@ _N_TERMS = len(LEDGER_TERMS)
 
 
 class _Plan(NamedTuple):
-    """One param group of an optimiser that updates tracked tensors."""
+    """One param group of an optimiser that updates tracked tensors (the group is read from
+    ``opt.param_groups`` at every step: ``Optimizer.load_state_dict`` replaces the dicts)."""
 
-    group_index: int  # the group's index in ``opt.param_groups`` (read there at every step:
-    # ``Optimizer.load_state_dict`` replaces the group dicts)
+    group_index: int  # the group's index in ``opt.param_groups``
     tracked: list[int]  # the tracked tensors it updates
 
 
@@ -407,14 +407,9 @@ class BalanceLedger:
         if entry.copies is not None:
             rule = GENERIC_RULE  # the group was copied: its rule does not explain it
         plan = entry.plan
-        key, build = rule.maps(
-            opt,
-            plan.group_index,
-            opt.param_groups[plan.group_index],
-            entry.c0,
-            self.iterates.memory,
-            first_step,
-        )
+        g = plan.group_index
+        memory = self.iterates.memory
+        key, build = rule.maps(opt, g, opt.param_groups[g], entry.c0, memory, first_step)
         maps = self._maps.get(key)
         if maps is None:
             if len(self._maps) > 256:  # a scheduler changes lr every step
@@ -661,6 +656,8 @@ class BalanceLedger:
             "charge_D0": None if self._charge0 is None else [t.tolist() for t in self._charge0],
             "charge_sums": [t.tolist() for t in charge_sums],
             "sgd_lookahead": self.iterates.state_dict(),
+            # the scale charges' angle statistics of the steps no read_angles() has seen yet
+            "angle_stats": self._book.angle_stats(self._sharded).tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -682,11 +679,13 @@ class BalanceLedger:
         def as_tensor(v: Any) -> Tensor:
             return torch.tensor(v, dtype=torch.float64).to(self.device)
 
-        # the per-unit totals first: they are checked against the charges before anything changes
+        # the per-unit totals (and the unread steps' angle statistics) first: they are checked
+        # against the charges before anything changes
         self._book.restore(
             [_terms(as_tensor(v)) for v in state["unit_sums"]],
             [_terms(as_tensor(v)) for v in state.get("charge_sums", [])],
             self._sharded,
+            as_tensor(state["angle_stats"]) if state.get("angle_stats") else None,
         )
         self.D0 = None if state["D0"] is None else as_tensor(state["D0"])
         self._offset = _terms(as_tensor(state["sums"])).reshape(self._local_sums.shape)

@@ -8,8 +8,9 @@ the fixed summary of :class:`~torch_momentum.balance.summary.BalanceSummary`, an
 * the ledger of every charge (``ledger=True``): the terms summed over the quadratic charges
   (``ledger/{term}``) and the largest relative closure over all charges (``ledger/closure``);
 * the angular update of the scale-invariant groups: the angle between :math:`x_t` and
-  :math:`x_{t+1}` (``angle/mean``, averaged over the scale symmetries and the steps since the
-  last report), its equilibrium under heavy ball with weight decay,
+  :math:`x_{t+1}` of the update a logging step takes (``angle/mean``, averaged over the scale
+  symmetries; with the ledger, which records every step's, also over the steps since the last
+  report), its equilibrium under heavy ball with weight decay,
   :math:`\sqrt{2\eta\lambda/(1+\mu)}` (``angle/prediction``; Wan, Zhu, Zhang & Sun 2021), and
   the effective learning rate :math:`\eta/\|x_A\|^2` (``effective_lr/median``);
 * per-unit detail of the rescale symmetries (``neurons=True``): ``balance/unit_drift_max``
@@ -225,9 +226,10 @@ class NetworkWatch:
             self._snapshot = dict(zip(point, copies, strict=True))
 
     def after_step(self) -> dict[str, float]:
-        """After the step :meth:`before_step` prepared: ``{"angle/mean": ...}`` of that step."""
+        """After the step :meth:`before_step` prepared: ``{"angle/mean": ...}`` of that step
+        (with the ledger: the mean over the steps since the last call, this one included)."""
         if self._snapshot is None:
-            return {}
+            return self._ledger_angle() if self.ledger is not None and self._scale else {}
         before, self._snapshot = self._snapshot, None
         now = self._scale_iterate()
         names = list(before)
@@ -249,13 +251,15 @@ class NetworkWatch:
         """The iterate of the scale symmetries' parameters."""
         return {n: self._iterates.iterate(p).detach() for n, p in self._scale_params.items()}
 
+    def _ledger_angle(self) -> dict[str, float]:
+        """The ledger's angles of the steps since the last read, averaged (skipped steps out)."""
+        assert self.ledger is not None
+        per_step = self.ledger.read_angles()
+        values = torch.cat([a[~torch.isnan(a)] for a in per_step.values()])
+        return {"angle/mean": float(values.mean())} if values.numel() else {}
+
     def _angle_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.ledger is not None:
-            per_step = self.ledger.read_angles()
-            values = torch.cat([a[~torch.isnan(a)] for a in per_step.values()])
-            if values.numel():
-                out["angle/mean"] = float(values.mean())
         # |x_A|^2 of every scale symmetry: the charges the summary just computed at this point
         charge_of = dict(zip(self.summary.symmetries, self.summary.last_values, strict=True))
         norms = torch.stack([charge_of[s].sum() for s in self._scale]).tolist()
