@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from torch import Tensor, nn
 
 
 def logging_step(trainer: Any) -> int:
@@ -53,3 +57,48 @@ def loss_scale(trainer: Any, optimizer: Any) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
+
+
+@contextmanager
+def metric_states_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the accumulated state of every torchmetrics ``Metric`` inside ``module`` on exit:
+    a ``training_step`` called for a callback's own evaluations (symmetry discovery,
+    certificates) updates the metrics it holds, which would count those calls as training
+    batches.
+
+    Example:
+        >>> import torch
+        >>> from torchmetrics.aggregation import SumMetric
+        >>> from torch_momentum.callbacks._trainer import metric_states_kept
+        >>> total = SumMetric()
+        >>> total.update(torch.tensor(1.0))
+        >>> with metric_states_kept(total):
+        ...     total.update(torch.tensor(5.0))
+        >>> total.compute()
+        tensor(1.)
+    """
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # no metric can be inside
+        yield
+        return
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Metric):
+            # the states registered with add_state, and the bookkeeping of update/compute
+            names = [*m._defaults, "_update_count", "_computed", "_forward_cache"]
+            saved.append((m, {n: _copied(getattr(m, n)) for n in names if hasattr(m, n)}))
+    try:
+        yield
+    finally:
+        for m, states in saved:
+            for name, value in states.items():
+                setattr(m, name, value)

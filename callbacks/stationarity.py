@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from torch_momentum._sampling import MEMORY_MODES, check_radii
-from torch_momentum.callbacks._trainer import logging_step
+from torch_momentum.callbacks._trainer import logging_step, metric_states_kept
 from torch_momentum.stationarity import StationarityProfile, stationarity_profile
 
 __all__ = ["StationarityMonitor", "certificate_sizes", "training_step_loss"]
@@ -42,7 +42,9 @@ def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
     """The loss of ``module.training_step(batch, 0)`` (the tensor, or its ``"loss"`` entry).
 
     ``module.log`` and ``module.log_dict`` are silenced during the call, so that metrics logged
-    inside ``training_step`` are not logged again (and never see vmapped tensors).
+    inside ``training_step`` are not logged again (and never see vmapped tensors), and the
+    torchmetrics ``Metric`` states inside the module are restored after it, so that metrics
+    updated there do not count the call as a training batch.
 
     Args:
         module: the LightningModule.
@@ -76,7 +78,8 @@ def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
     for name in had:  # instance attributes that shadow the methods for this call
         setattr(module, name, _no_log)
     try:
-        out = module.training_step(batch, 0)
+        with metric_states_kept(module):  # the call is no training batch for its metrics
+            out = module.training_step(batch, 0)
     finally:
         for name, present in had.items():
             if not present:
