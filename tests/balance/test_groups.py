@@ -84,3 +84,15 @@ def test_the_name_of_a_wrapped_network_is_stripped() -> None:
     assert list(clean_names(["a.weight", "b"], module=both).values()) == ["a.weight", "b"]
     container = nn.Sequential(nn.Linear(2, 2))
     assert list(weight_groups(container)) == ["0", "other"]  # the bias is in "other"
+
+
+def test_a_compiled_submodule_leaves_no_orig_mod_in_labels() -> None:
+    """``torch.compile`` of a submodule names its parameters ``3._orig_mod.weight``: the labels
+    drop ``._orig_mod`` wherever it stands (before, only a leading ``_orig_mod.`` went)."""
+    names = ["3._orig_mod.weight", "1/3._orig_mod", "3._orig_mod (per channel)", "a._orig_modx"]
+    assert list(clean_names(names).values()) == [
+        "3.weight",
+        "1/3",
+        "3 (per channel)",
+        "a._orig_modx",
+    ]

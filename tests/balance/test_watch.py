@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.helpers.nets import mlp
-from torch_momentum import NesterovSGD
+from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.balance import find_symmetries
 from torch_momentum.balance.summary import BalanceSummary
 from torch_momentum.balance.watch import NetworkWatch
@@ -151,3 +151,27 @@ def test_a_lookahead_state_of_other_optimizers_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="optimizer 1, param group 0"):
         one.load_state_dict(state)
     one.close()
+
+
+def test_parameters_frozen_or_unfrozen_after_the_watch_was_built() -> None:
+    """Freezing a layer after the watch was built (``requires_grad_(False)``) raised KeyError at
+    the next metrics; it stays in the groups, without a gradient. Unfreezing one that was frozen
+    then (Lightning's ``BaseFinetuning``) left it out of the gradient norms silently; a warning
+    now says so, once."""
+    net, batch = _mlp(), _batch()
+    first = net[0]
+    assert isinstance(first, nn.Linear)
+    first.weight.requires_grad_(False)
+    opt = PolyakSGD(net.parameters(), lr=0.1, momentum=0.9)
+    watch = NetworkWatch(net, [opt], find_symmetries(net, _loss, [batch]))
+    watch.start()
+    net[2].weight.requires_grad_(False)  # frozen after the watch was built
+    first.weight.requires_grad_(True)  # unfrozen after it
+    opt.zero_grad()
+    _loss(net, batch).backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match=r"1 parameter\(s\) became trainable .*\(0.weight\)"):
+        metrics = watch.metrics()
+    assert metrics["grad_norm/total"] > 0
+    watch.metrics()  # once: no second warning (warnings are errors in this suite)
+    watch.close()

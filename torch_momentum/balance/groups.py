@@ -25,10 +25,13 @@ OTHER_GROUP = "other"
 _MATRIX_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.MultiheadAttention)
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 #: an index: digits between the ends of a name, ".", "/" and spaces
+_COMPILED = re.compile(r"\._orig_mod(?=[./ ]|$)")
 _INDEX = re.compile(r"(?<![^./ ])\d+(?![^./ ])")
 
 
 def _strip(name: str) -> str:
+    # a torch.compile'd submodule holds the original as ``_orig_mod``: not part of the name
+    name = _COMPILED.sub("", name)
     changed = True
     while changed:
         changed = False

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,10 @@ class NetworkWatch:
         neurons: bool = False,
     ) -> None:
         self.module = module
+        self._params: dict[str, Tensor] = {
+            n: p for n, p in module.named_parameters() if p.requires_grad
+        }
+        self._warned_unfrozen = False
         self.optimizers = list(optimizers)
         self.symmetries = list(symmetries)
         self.summary = BalanceSummary(module, self.symmetries, per_layer=per_layer)
@@ -130,8 +135,9 @@ class NetworkWatch:
     # ------------------------------------------------------------------------------------------
 
     def params(self) -> dict[str, Tensor]:
-        """The trainable parameters by name."""
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        """The parameters trainable when the watch was built, by name (the ones its groups and
+        symmetries cover; frozen since, they stay, without gradients)."""
+        return self._params
 
     def iterate(self) -> dict[str, Tensor]:
         """The iterate :math:`x_t` of every trainable parameter (the parameters themselves unless
@@ -166,6 +172,7 @@ class NetworkWatch:
     def metrics(self, with_grads: bool = True, grad_scale: float = 1.0) -> dict[str, float]:
         """The metrics now (gradient norms and per-unit symmetries from ``.grad`` when
         ``with_grads``, divided by ``grad_scale``)."""
+        self._check_unfrozen()
         point = self.iterate()
         params = self.params() if with_grads else None
         out = self.summary.metrics(point, params, grad_scale)
@@ -176,6 +183,25 @@ class NetworkWatch:
         if self.neurons and self._rescale:
             out.update(self._unit_metrics(params, grad_scale))
         return out
+
+    def _check_unfrozen(self) -> None:
+        """Warn once if parameters became trainable after the watch was built (e.g. Lightning's
+        ``BaseFinetuning``): its groups, symmetries and gradient norms do not cover them."""
+        if self._warned_unfrozen:
+            return
+        new = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        new = [n for n in new if n not in self._params]
+        if new:
+            self._warned_unfrozen = True
+            shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            warnings.warn(
+                f"{len(new)} parameter(s) became trainable after the balance watch was built"
+                f" ({shown}): its groups, symmetries and gradient norms cover only the"
+                f" {len(self._params)} trainable then; start a new watch (a new monitor) to"
+                " include them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _ledger_metrics(self) -> dict[str, float]:
         assert self.ledger is not None
