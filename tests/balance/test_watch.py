@@ -175,3 +175,19 @@ def test_parameters_frozen_or_unfrozen_after_the_watch_was_built() -> None:
     assert metrics["grad_norm/total"] > 0
     watch.metrics()  # once: no second warning (warnings are errors in this suite)
     watch.close()
+
+
+def test_a_ledger_added_at_a_resume_is_said() -> None:
+    """A state saved without the ledger, restored into a watch with one: the ledger can only
+    start now while the charges keep their origin; the two differ silently unless said."""
+    net, batch = _mlp(), _batch()
+    opt = PolyakSGD(net.parameters(), lr=0.1, momentum=0.9)
+    symmetries = find_symmetries(net, _loss, [batch])
+    plain = NetworkWatch(net, [opt], symmetries)
+    plain.start()
+    state = plain.state_dict()
+    plain.close()
+    with_ledger = NetworkWatch(net, [opt], symmetries, ledger=True)
+    with pytest.warns(RuntimeWarning, match="has no ledger: the ledger starts now"):
+        with_ledger.load_state_dict(state)
+    with_ledger.close()

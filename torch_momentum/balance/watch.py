@@ -362,6 +362,14 @@ class NetworkWatch:
         if self.ledger is not None and state.get("ledger") is not None:
             self.ledger.load_state_dict(state["ledger"])
             restored = True
+        elif self.ledger is not None:
+            warnings.warn(
+                "the restored balance state has no ledger: the ledger starts now, while the"
+                " charges and norms continue from the series' origin (its terms explain the"
+                " change since now only); start a new series to have one origin",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._attach(restored)
 
 
