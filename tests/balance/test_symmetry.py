@@ -520,6 +520,9 @@ def _bad(**changes: Any) -> dict[str, Any]:
         ({"batches": torch.randn(4, 64)}, TypeError, r"pass \[batch\] for a single batch"),
         ({"model": nn.ReLU()}, ValueError, "model has no trainable parameters"),
         ({"model": nn.LazyLinear(3)}, ValueError, "uninitialised"),
+        ({"seed": "a"}, TypeError, "seed must be an int, got 'a'"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+        ({"seed": True}, TypeError, "seed must be an int, got True"),
     ],
 )
 def test_bad_arguments(changes: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -565,3 +568,23 @@ def test_no_warning_on_a_clean_run() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         find_symmetries(PreLNTransformer(), lm, tokens(32))
+
+
+def test_the_ledger_checks_the_symmetries_it_is_given() -> None:
+    """``BalanceLedger(symmetries=...)``: names instead of symmetries, one symmetry instead of a
+    list (an AttributeError / a bare TypeError before), and two symmetries of one name (their
+    charges were merged silently in ``read_charges``)."""
+    from torch_momentum import PolyakSGD
+    from torch_momentum.balance import BalanceLedger
+
+    model = ReluMLP()
+    found = find_symmetries(model, ce, vectors())
+    opt = PolyakSGD(model.parameters(), lr=0.1)
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (["0/2"], TypeError, r"symmetries\[0\] must be a Symmetry, got str"),
+        (found[0], TypeError, "symmetries must be a list of Symmetry"),
+        ([found[0], found[0]], ValueError, r"names must be distinct, \['0/2'\]"),
+    ]
+    for symmetries, error, match in cases:
+        with pytest.raises(error, match=match):
+            BalanceLedger(None, opt, module=model, symmetries=symmetries)

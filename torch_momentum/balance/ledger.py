@@ -34,6 +34,7 @@ from torch_momentum.balance._gram import (
 from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
 from torch_momentum.balance.rules import GENERIC_RULE, LEDGER_TERMS, Maps, Rule
+from torch_momentum.balance.symmetry import checked_symmetries
 from torch_momentum.balance.units import UnitLayer, unit_parts
 
 __all__ = ["BalanceLedger"]
@@ -180,7 +181,7 @@ class BalanceLedger:
         layers = dict(layers or {})
         self.names = list(layers)
         self.units = list(units or [])
-        self.symmetries = list(symmetries or [])
+        self.symmetries = checked_symmetries(symmetries)
         self._check(layers, module)
         self.pairs = [f"{a}-{b}" for a, b in adjacent_pairs(self.names)]
         self.optimizers = list(optimizers)

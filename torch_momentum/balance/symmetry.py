@@ -237,6 +237,32 @@ class SymmetryList(list[Symmetry]):
         return "\n".join(lines)
 
 
+def checked_symmetries(symmetries: Any) -> list[Symmetry]:
+    """``symmetries`` (None: none) as a list, checked: every item a :class:`Symmetry`, the
+    names distinct (charges are read by name).
+
+    Raises:
+        TypeError: not an iterable of :class:`Symmetry` (e.g. one symmetry, or names).
+        ValueError: two symmetries of one name.
+    """
+    if symmetries is None:
+        return []
+    if isinstance(symmetries, (Symmetry, str)) or not isinstance(symmetries, Iterable):
+        raise TypeError(
+            "symmetries must be a list of Symmetry (from find_symmetries), got a"
+            f" {type(symmetries).__name__}"
+        )
+    out = list(symmetries)
+    for k, s in enumerate(out):
+        if not isinstance(s, Symmetry):
+            raise TypeError(f"symmetries[{k}] must be a Symmetry, got {type(s).__name__}: {s!r}")
+    names = [s.name for s in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"symmetries: the names must be distinct, {twice} stand more than once")
+    return out
+
+
 def _only_zero(proposal: Proposal, zero: list[ZeroSlice]) -> bool:
     """Whether every entry of the candidate lies in a zero-gradient slice."""
 
@@ -325,6 +351,9 @@ def _check_args(model: Any, loss_fn: Any, kinds: Any, settings: dict[str, Any]) 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"kinds: unknown kind(s) {unknown}; the kinds are {KINDS}")
+    seed = settings["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     _check_number("rtol", settings["rtol"])
     _check_number("perturbation", settings["perturbation"])
     count = settings["perturbed_batches"]
