@@ -238,11 +238,12 @@ class SymmetryList(list[Symmetry]):
 
 
 def checked_symmetries(symmetries: Any) -> list[Symmetry]:
-    """``symmetries`` (None: none) as a list, checked: every item a :class:`Symmetry`, the
-    names distinct (charges are read by name).
+    """``symmetries`` (None: none) as a list, checked: every item a :class:`Symmetry` or an
+    object with its ``name``, ``kind``, ``units`` and ``parts``, the names distinct (charges are
+    read by name).
 
     Raises:
-        TypeError: not an iterable of :class:`Symmetry` (e.g. one symmetry, or names).
+        TypeError: not an iterable of such objects (e.g. one symmetry, or names).
         ValueError: two symmetries of one name.
     """
     if symmetries is None:
@@ -254,7 +255,7 @@ def checked_symmetries(symmetries: Any) -> list[Symmetry]:
         )
     out = list(symmetries)
     for k, s in enumerate(out):
-        if not isinstance(s, Symmetry):
+        if not all(hasattr(s, a) for a in ("name", "kind", "units", "parts")):
             raise TypeError(f"symmetries[{k}] must be a Symmetry, got {type(s).__name__}: {s!r}")
     names = [s.name for s in out]
     twice = sorted({n for n in names if names.count(n) > 1})
