@@ -33,13 +33,14 @@ Measured on the 2-core development machine (shared, ``--clock cpu``, 1 thread), 
 =========  ==========================  ============================  ========================
 model      float64 (default)           float64, perturbed_batches=1  float32, rtol=1e-4, pb=1
 =========  ==========================  ============================  ========================
-resnet     7.0x [6.5, 7.1] / 4.9x      4.7x [4.2, 4.8] / 2.6x        1.9x [1.7, 2.0] / 1.1x
-gpt2       4.7x [4.2, 4.8] / 4.1x      3.2x [3.1, 3.6] / 2.3x        2.5x [2.4, 2.8] / 1.7x
+resnet     7.9x [7.1, 9.0] / 6.4x      5.9x [5.5, 6.1] / 3.5x        2.5x [2.3, 2.6] / 1.5x
+gpt2       6.1x [5.8, 6.4] / 4.4x      4.6x [4.3, 4.8] / 2.6x        3.7x [3.5, 4.0] / 2.1x
 =========  ==========================  ============================  ========================
 
-The default (every batch at both points, float64) does not reach 3x on a CPU: it runs two
-float64 passes per batch. The target is met with ``perturbed_batches=1`` from about 16 batches
-on, and with float32 verification at any B.
+(3 rounds each, with the finite moves along every found symmetry: two forward passes more per
+discovery.) The default (every batch at both points, float64) does not reach 3x on a CPU: it
+runs two float64 passes per batch. The target is met with ``perturbed_batches=1`` at 16 batches
+for GPT-2, and with float32 verification at 16 batches for both (at 4 for the CNN).
 
 Run: python benchmarks/symmetry_discovery.py [--rounds 7] [--batches 4] [--threads 1]
 [--clock wall|cpu] [--device cpu|cuda] [--quick]. On a machine shared with other jobs,
