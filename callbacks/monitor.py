@@ -475,7 +475,7 @@ class LayerBalanceMonitor(Callback):
             # the last update was not foreseen (early stopping, max_time): record the weights
             # after it, at the next step's index (every rank joins the collectives)
             self._last_step = step
-            self._log(trainer, pl_module, step, with_grads=False)
+            self._emit(trainer, step, self._metrics(trainer, pl_module, step, with_grads=False))
         self._mode.close()
         if not self.save_figure:
             return
@@ -516,18 +516,6 @@ class LayerBalanceMonitor(Callback):
     # internals
     # ------------------------------------------------------------------------------------------
 
-    def _log(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        step: int,
-        with_grads: bool,
-        scale: float = 1.0,
-    ) -> None:
-        """Compute and log the metrics of ``step``; ``scale``: the loss scale still in the
-        gradients (divided out of gradient norms and per-unit symmetries)."""
-        self._emit(trainer, step, self._metrics(trainer, pl_module, step, with_grads, scale))
-
     def _metrics(
         self,
         trainer: Trainer,
@@ -536,7 +524,9 @@ class LayerBalanceMonitor(Callback):
         with_grads: bool,
         scale: float = 1.0,
     ) -> dict[str, float] | None:
-        """The metrics of ``step``, appended to the history (None on ranks other than zero)."""
+        """The metrics of ``step``, appended to the history (None on ranks other than zero);
+        ``scale``: the loss scale still in the gradients (divided out of gradient norms and
+        per-unit symmetries)."""
         metrics = self._mode.metrics(trainer, pl_module, step, with_grads, scale)
         if metrics is not None:
             self.history.append({"step": step, **metrics})
