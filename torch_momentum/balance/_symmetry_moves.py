@@ -66,17 +66,23 @@ def _target(t: Tensor, part: SymmetryPart) -> tuple[Tensor, list[int]]:
 
 
 def move(
-    point: dict[str, Tensor], symmetry: Any, name: Callable[[str], str], gen: torch.Generator
+    point: dict[str, Tensor],
+    symmetry: Any,
+    name: Callable[[str], str],
+    gen: torch.Generator,
+    origin: Mapping[str, Tensor],
+    overall: float,
 ) -> None:
     """Move ``point`` (in place) far along ``symmetry``'s group; ``name`` maps a part's
-    parameter name to the key of ``point``."""
+    parameter name to the key of ``point``. Sizes come from ``origin`` (the unmoved point, so
+    that moves made before this one do not scale it) and ``overall`` (its rms over all
+    tensors, for all-zero tensors)."""
     units = symmetry.units
     size = torch.rand(units, generator=gen, dtype=torch.float64)
     sign = torch.where(torch.rand(units, generator=gen) < 0.5, -1.0, 1.0).double()
-    overall = math.sqrt(sum(_rms(t) ** 2 for t in point.values()) / max(len(point), 1)) or 1.0
     # one size per unit for all parts: a unit spanning two tensors (bias_ih/bias_hh) moves by
     # the same amount in both
-    tensors = [point[name(n)] for n in dict.fromkeys(p.param for p in symmetry.parts)]
+    tensors = [origin[name(n)] for n in dict.fromkeys(p.param for p in symmetry.parts)]
     scale = math.sqrt(sum(_rms(t) ** 2 for t in tensors) / len(tensors)) or overall
     for part in symmetry.parts:
         t = point[name(part.param)]
@@ -93,7 +99,8 @@ def move(
             view.add_((shift[0] if part.dim is None else shift.view(shape)).to(t))
         else:  # zero gradient: any move
             noise = torch.randn(view.shape, generator=gen, dtype=torch.float64)
-            view.add_((10.0 * (_rms(view) or overall) * noise).to(t))
+            rms = _rms(_target(origin[name(part.param)], part)[0])
+            view.add_((10.0 * (rms or overall) * noise).to(t))
 
 
 def confirm(
@@ -114,12 +121,13 @@ def confirm(
     base = float(first)
     dtypes = {t.dtype for t in point.values() if t.is_floating_point()} | {first.dtype}
     tol = tolerance(rtol, *dtypes)
+    overall = math.sqrt(sum(_rms(t) ** 2 for t in point.values()) / max(len(point), 1)) or 1.0
 
     def change(chosen: Sequence[Any]) -> float:
         gen = torch.Generator().manual_seed(seed)
         moved = {k: t.clone() for k, t in point.items()}
         for symmetry in chosen:
-            move(moved, symmetry, name, gen)
+            move(moved, symmetry, name, gen, point, overall)
         after = float(loss(moved))
         if not math.isfinite(after):
             return math.inf
