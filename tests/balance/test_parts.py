@@ -1,7 +1,8 @@
-"""The stacked per-unit reductions of the ledger's charges (``_parts.reduce_rows``) against a
-plain loop, on every branch: whole tensors, rows along dim 0, and units along a later dimension
-of a matrix (columns) and of a convolution (input channels, whose kernel entries take a batched
-matrix product), small enough for one block and large enough for several."""
+"""The stacked per-unit reductions of the ledger's charges (``_parts.reduce_rows`` and its
+per-layout specialisation ``row_reducer``) against a plain loop, on every branch: whole tensors,
+rows along dim 0 (one entry per row too), and units along a later dimension of a matrix
+(columns) and of a convolution (input channels, whose kernel entries take a batched matrix
+product), small enough for one block and large enough for several."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import math
 import pytest
 import torch
 
-from torch_momentum.balance._parts import CHUNK_CAP, UnitGroup, reduce_rows, row_split
+from torch_momentum.balance._parts import (
+    CHUNK_CAP,
+    UnitGroup,
+    reduce_rows,
+    row_reducer,
+    row_split,
+)
 
 SHAPES = [
     ((10, 32), None),  # a whole tensor: one unit
     ((16, 16, 3, 3), 0),  # a convolution's output channels
+    ((16,), 0),  # a norm layer's gain: one entry per row
     ((10, 32), 1),  # a matrix's columns
     ((32, 16, 3, 3), 1),  # a convolution's input channels (kernel entries: the bmm branch)
     ((16, 8, 2, 2), 1),
@@ -26,7 +34,10 @@ SHAPES = [
 def _reference(tensors: list[torch.Tensor], dim: int | None, r: int) -> torch.Tensor:
     """``(n, members, r * r)``: per index along ``dim`` and member, the Gram matrix of the
     member's ``r`` slots, in float64, one row at a time."""
-    rows = [t.reshape(1, -1) if dim is None else t.movedim(dim, 0).flatten(1) for t in tensors]
+    rows = [
+        t.reshape(1, -1) if dim is None else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+        for t in tensors
+    ]
     n, k = rows[0].shape[0], len(tensors) // r
     out = torch.zeros(n, k, r * r, dtype=torch.float64)
     for m in range(k):
@@ -53,3 +64,29 @@ def test_gram_rows_equal_a_loop(shape: tuple[int, ...], dim: int | None, members
     torch.testing.assert_close(
         got.reshape(n, members, r * r), _reference(tensors, dim, r), rtol=1e-12, atol=1e-11
     )
+
+
+@pytest.mark.parametrize(("shape", "dim"), SHAPES)
+@pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.parametrize("op", ["gram", "sum"])
+def test_row_reducer_equals_a_loop(
+    shape: tuple[int, ...], dim: int | None, members: int, op: str
+) -> None:
+    # the specialised layouts (whole tensor, rows along dim 0) and the fallback to reduce_rows
+    # give the same per-row values, flattened to (rows * members, values)
+    torch.manual_seed(0)
+    r = 3
+    tensors = [torch.randn(shape, dtype=torch.float64) for _ in range(members * r)]
+    n, s = row_split(shape, dim)
+    group = UnitGroup(None, dim, op == "sum", n, s, math.prod(shape), list(range(members)))
+    got = row_reducer(group, r, op)(tensors)
+    if op == "gram":
+        want = _reference(tensors, dim, r).reshape(n * members, r * r)
+    else:
+        rows = [
+            t.reshape(1, -1) if dim is None else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+            for t in tensors
+        ]
+        want = torch.stack([row.sum(1) for row in rows], 1).reshape(n * members, r)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-11)

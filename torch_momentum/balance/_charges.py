@@ -28,7 +28,7 @@ from torch_momentum.balance._parts import (
     SymmetryPart,
     UnitIndex,
     index_units,
-    reduce_rows,
+    row_reducer,
 )
 from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS
 
@@ -98,6 +98,7 @@ class _Layout(NamedTuple):
     convert: list[bool]  # per group: converted to the accumulation dtype before stacking
     complex: list[bool]  # per group: complex tensors, read as real
     angle_dst: Tensor  # per entry of the index: its scale charge's position (or a dump row)
+    reducers: list[Callable[[list[Tensor]], Tensor]]  # per group: its rows' reductions
 
 
 class ChargeBook:
@@ -253,6 +254,10 @@ class ChargeBook:
             convert,
             cplx,
             angle_dst.to(device),
+            [
+                row_reducer(group, len(present[g]), "sum" if group.linear else "gram")
+                for g, group in enumerate(index.groups)
+            ],
         )
 
     def _step_values(
@@ -265,29 +270,33 @@ class ChargeBook:
         run: list[Tensor] = []  # reductions of consecutive groups with one coefficient matrix
         run_key: tuple[Any, ...] | None = None
         run_coef: Tensor | None = None
+        plain = inv_scale is None
         for g, group in enumerate(layout.units.groups):
-            present, acc = layout.present[g], layout.acc[g]
+            present = layout.present[g]
             members = [rows[i] for i in group.members]
-            if layout.complex[g] or layout.convert[g] or inv_scale is not None:
+            if layout.complex[g] or layout.convert[g] or not plain:
+                acc = layout.acc[g]
                 tensors = [_slot(row, k, acc, inv_scale) for row in members for k in present]
-            else:  # the present slots are the rows' tensors that are not None
-                tensors = [t for row in members for t in row.slots if t is not None]
-                if tensors[0].dtype != layout.dtype[g]:
+            else:  # the present slots as they are
+                tensors = [cast(Tensor, row.slots[k]) for row in members for k in present]
+                if tensors[0].dtype is not layout.dtype[g]:
                     return None
-            x = reduce_rows(tensors, group, len(present), "sum" if group.linear else "gram")
+            x = layout.reducers[g](tensors)  # (rows * members, values)
             first = members[0]
+            maps = first.maps
             key = None
-            if all(row.maps is first.maps for row in members):
-                key = (id(first.maps), first.plain, first.low, present, group.linear, x.dtype)
+            if all(row.maps is maps for row in members):
+                key = (id(maps), first.plain, first.low, present, group.linear, x.dtype)
             if run and key != run_key:  # the run ends
                 pieces.append(_map_run(run, cast(Tensor, run_coef)))
                 run = []
             if key is None:  # several rule maps in one group: per member
-                pieces.append(self._apply(x.to(torch.float64), members, group.linear, present))
+                x = x.to(torch.float64).view(-1, len(members), x.shape[-1])
+                pieces.append(self._apply(x, members, group.linear, present))
                 continue
             if not run:
                 run_key, run_coef = key, self._coef(first, group.linear, present, x.device)
-            run.append(x.reshape(-1, x.shape[-1]))
+            run.append(x)
         if run:
             pieces.append(_map_run(run, cast(Tensor, run_coef)))
         if not pieces:

@@ -259,18 +259,66 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
         assert out is not None
         return out
     if d is None and group.s == 1:
-        return _reduce(torch.stack(list(tensors)).view(1, k, per_member, -1), op)
+        return _reduce_flat(torch.stack(list(tensors)), 1, k, per_member, op)
     rows = group.rows
     views = list(tensors) if group.s == 1 else [t.reshape(rows, -1) for t in tensors]
     block = max(1, CHUNK_CAP * rows // max(1, count * group.numel))
     if block >= rows:
-        return _reduce(torch.stack(views, 1).view(rows, k, per_member, -1), op)
+        return _reduce_flat(torch.stack(views, 1), rows, k, per_member, op)
     length = group.numel // rows  # entries per row
     blocks = []
     for a in range(0, rows, block):
         x = torch.stack([v[a : a + block] for v in views], 1)
         blocks.append(_reduce(x.view(-1, k, per_member, length), op))
     return torch.cat(blocks)
+
+
+def row_reducer(group: UnitGroup, per_member: int, op: str) -> Callable[[list[Tensor]], Tensor]:
+    """:func:`reduce_rows` for this group's layout as a function of the tensors, its result
+    flattened to ``(rows * members, values)``. The common layouts (rows along dim 0 or the
+    whole tensor, stacked in one block) are specialised once: per call, one stack and one
+    kernel, without re-deciding the layout."""
+    count = len(group.members) * per_member
+    rows, k = group.rows, len(group.members)
+    rest = group.numel // rows if rows else 0
+    e = per_member * per_member if op == "gram" else per_member
+    one_block = group.s == 1 and count * group.numel <= CHUNK_CAP
+    if group.dim not in (None, 0) or not one_block or op == "sumsq" or rows == 0:
+        return lambda tensors: reduce_rows(tensors, group, per_member, op).reshape(-1, e)
+    axis = 0 if group.dim is None else 1
+    shape = (rows * k, per_member, rest)
+    if op == "sum":
+        return lambda tensors: torch.stack(tensors, axis).view(shape).sum(2, dtype=torch.float64)
+    if rest == 1:  # one entry per row: outer products
+
+        def outer(tensors: list[Tensor]) -> Tensor:
+            y = torch.stack(tensors, axis).view(shape)
+            return (y * y.transpose(1, 2)).view(-1, e)
+
+        return outer
+
+    def gram(tensors: list[Tensor]) -> Tensor:
+        y = torch.stack(tensors, axis).view(shape)
+        return torch.bmm(y, y.transpose(1, 2)).view(-1, e)
+
+    return gram
+
+
+def _reduce_flat(x: Tensor, rows: int, k: int, per_member: int, op: str) -> Tensor:
+    """:func:`_reduce` of a contiguous ``x`` holding ``(rows, k, per_member, ...)`` entries,
+    with the fewest kernels: one batched matrix product (outer products for one entry per
+    row) or one sum."""
+    y = x.view(rows * k, per_member, -1)
+    if op == "gram":
+        if y.shape[-1] == 1:
+            y = y.view(rows * k, per_member)
+            g = y.unsqueeze(2) * y.unsqueeze(1)
+        else:
+            g = torch.bmm(y, y.transpose(1, 2))
+        return g.view(rows, k, per_member * per_member)
+    if op == "sum":
+        return y.sum(2, dtype=torch.float64).view(rows, k, per_member)
+    return torch.linalg.vector_norm(y, dim=2, dtype=torch.float64).square().view(rows, k, -1)
 
 
 def _reduce(x: Tensor, op: str) -> Tensor:
