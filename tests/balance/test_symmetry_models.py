@@ -342,6 +342,84 @@ def test_weight_norm_direction() -> None:
     ]
 
 
+def _weight_norm(module: nn.Module, api: str, dim: int = 0) -> nn.Module:
+    if api == "parametrizations":
+        return nn.utils.parametrizations.weight_norm(module, dim=dim)
+    with pytest.warns(FutureWarning, match="weight_norm"):  # the older API is deprecated
+        return nn.utils.weight_norm(module, dim=dim)
+
+
+WEIGHT_NORM_NAMES = {
+    "parametrizations": ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+    "legacy": ("weight_g", "weight_v"),
+}
+
+
+@pytest.mark.parametrize("api", list(WEIGHT_NORM_NAMES))
+def test_weight_norm_producer_rescales_through_its_gain(api: str) -> None:
+    # W = g * v / |v| per row: v is scale-free per row (scale); a ReLU unit's output scales
+    # with (g_i, b_i) alone, against the next layer's column i (rescale). Before, the legacy
+    # API gave neither, and the parametrized module was not recorded (it is no leaf): no rescale
+    torch.manual_seed(0)
+    model = nn.Sequential(_weight_norm(nn.Linear(64, 16), api), nn.ReLU(), nn.Linear(16, 10))
+    found = find_symmetries(model, ce, vectors())
+    assert [(s.kind, s.name, s.units) for s in found] == [
+        ("rescale", "0/2", 16),
+        ("scale", "0.weight (weight-norm direction)", 16),
+        ("translation", "2 (columns + bias)", 17),
+    ]
+    g, v = (f"0.{n}" for n in WEIGHT_NORM_NAMES[api])
+    rescale, scale = found[0], found[1]
+    assert [(p.param, p.dim, p.length, p.sign) for p in rescale.parts] == [
+        (g, 0, 16, 1.0),
+        ("0.bias", 0, 16, 1.0),
+        ("2.weight", 1, 16, -1.0),
+    ]
+    assert [(p.param, p.dim, p.length) for p in scale.parts] == [(v, 0, 16)]
+    assert all(s.residual <= ROUND_OFF for s in found)
+
+
+@pytest.mark.parametrize("api", list(WEIGHT_NORM_NAMES))
+def test_weight_norm_consumer(api: str) -> None:
+    # rows normalised (dim 0): no move of g and v scales one column, so no rescale is proposed;
+    # columns normalised (dim 1): the column scales with its gain g_j
+    torch.manual_seed(0)
+    rows = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), _weight_norm(nn.Linear(16, 10), api))
+    found = find_symmetries(rows, ce, vectors())
+    assert not [s for s in [*found, *found.rejected] if s.kind == "rescale"]
+    cols = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), _weight_norm(nn.Linear(16, 10), api, 1))
+    rescale = next(s for s in find_symmetries(cols, ce, vectors()) if s.kind == "rescale")
+    g = f"2.{WEIGHT_NORM_NAMES[api][0]}"
+    assert [(p.param, p.dim, p.sign) for p in rescale.parts][-1] == (g, 1, -1.0)
+    assert rescale.units == 16 and rescale.residual <= ROUND_OFF
+
+
+def test_weight_norm_charges_are_conserved_by_gradient_flow() -> None:
+    # small steps of gradient descent in float64: each charge moves only at second order
+    # (discretisation), and the ledger splits it exactly
+    from torch_momentum.balance import LEDGER_TERMS, BalanceLedger
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _weight_norm(nn.Linear(64, 16), "parametrizations"), nn.ReLU(), nn.Linear(16, 10)
+    ).double()
+    batch = (torch.randn(24, 64, dtype=torch.float64), torch.randint(0, 10, (24,)))
+    found = find_symmetries(model, ce, [batch])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ledger = BalanceLedger(None, opt, module=model, symmetries=found)
+    ledger.attach()
+    for _ in range(10):
+        opt.zero_grad()
+        ce(model, batch).backward()
+        opt.step()
+    for name, row in ledger.read_charges().items():
+        scale = float(row["D0"].abs().max()) + 1e-300
+        # 10 float64 steps: round-off ~1e-15 of the charge; 1e-12 leaves a margin
+        assert float(row["closure"].abs().max()) <= 1e-12 * scale, name
+        symmetry = row["sums"][:, LEDGER_TERMS.index("symmetry")]
+        assert float(symmetry.abs().max()) <= 1e-12 * scale, name
+
+
 class _MyLSTM(nn.LSTM):
     """A subclass, as libraries write them (the gate count was once looked up by exact type)."""
 

@@ -176,12 +176,61 @@ def _affine_norm(module: nn.Module) -> bool:
     )
 
 
+class _WeightNorm(NamedTuple):
+    """A weight written ``g * v / |v|`` by weight norm: the names of ``g`` and ``v`` and the
+    dimension ``dim`` whose slices are normalised one by one (None: the whole tensor)."""
+
+    g: str
+    v: str
+    dim: int | None
+    shape: tuple[int, ...]  # of the weight (and of v)
+
+
+def _weight_norm(names: _Names, module: nn.Module) -> _WeightNorm | None:
+    """``module.weight``'s weight norm: ``torch.nn.utils.parametrizations.weight_norm``
+    (``original0``, ``original1``) or the older ``torch.nn.utils.weight_norm`` (``weight_g``,
+    ``weight_v``, a forward pre-hook); None if it has none."""
+    chains = getattr(module, "parametrizations", None)
+    if chains is not None and "weight" in chains:
+        chain = chains["weight"]
+        norm = next((p for p in chain if type(p).__name__ == "_WeightNorm"), None)
+        owner, attrs = chain, ("original0", "original1")
+    else:
+        hooks = getattr(module, "_forward_pre_hooks", {}).values()
+        norm = next((h for h in hooks if type(h).__name__ == "WeightNorm"), None)
+        if norm is None or getattr(norm, "name", None) != "weight":
+            return None
+        owner, attrs = module, ("weight_g", "weight_v")
+    g, v = names.of(owner, attrs[0]), names.of(owner, attrs[1])
+    if norm is None or g is None or v is None:
+        return None
+    dim = getattr(norm, "dim", -1)
+    shape = tuple(getattr(owner, attrs[1]).shape)
+    return _WeightNorm(g, v, None if dim in (None, -1) else dim % len(shape), shape)
+
+
+def _weight_parts(names: _Names, module: nn.Module, dim: int, n: int, bias: bool) -> _Units:
+    """The units of ``module.weight`` along ``dim`` (and of its bias with ``bias``). Under
+    weight norm a slice along the normalised dimension scales with its gain ``g`` alone (its
+    direction ``v`` is scale-free); along another dimension no move of ``g`` and ``v``
+    scales it: no units."""
+    norm = _weight_norm(names, module)
+    if norm is None:
+        spec: list[tuple[str, int | None]] = [("weight", dim)]
+        return _parts(names, module, spec + [("bias", 0)] if bias else spec, n)
+    if norm.dim != dim:
+        return _Units(n, ())
+    parts = [PartSpec(norm.g, dim, 0, n)]
+    b = names.of(module, "bias") if bias else None
+    return _Units(n, tuple(parts + ([PartSpec(b, 0, 0, n)] if b is not None else [])))
+
+
 def _output_units(names: _Names, module: nn.Module) -> _Units | None:
     """The units of a module's output: rows and bias of a Linear/Conv, gain and bias of a norm."""
     if isinstance(module, nn.Linear):
-        return _parts(names, module, [("weight", 0), ("bias", 0)], module.out_features)
+        return _weight_parts(names, module, 0, module.out_features, bias=True)
     if isinstance(module, _CONV):
-        return _parts(names, module, [("weight", 0), ("bias", 0)], module.out_channels)
+        return _weight_parts(names, module, 0, module.out_channels, bias=True)
     if _is_conv1d_gpt(module):
         return _parts(names, module, [("weight", 1), ("bias", 0)], _weight_shape(module)[1])
     if isinstance(module, nn.Embedding):
@@ -198,9 +247,9 @@ def _output_units(names: _Names, module: nn.Module) -> _Units | None:
 def _input_units(names: _Names, module: nn.Module) -> _Units | None:
     """The units of a module's input: the columns its weights apply to them."""
     if isinstance(module, nn.Linear):
-        return _parts(names, module, [("weight", 1)], module.in_features)
+        return _weight_parts(names, module, 1, module.in_features, bias=False)
     if isinstance(module, _CONV) and module.groups == 1:
-        return _parts(names, module, [("weight", 1)], module.in_channels)
+        return _weight_parts(names, module, 1, module.in_channels, bias=False)
     if _is_conv1d_gpt(module):
         return _parts(names, module, [("weight", 0)], _weight_shape(module)[0])
     if isinstance(module, nn.RNNBase):
@@ -353,19 +402,17 @@ def _stream_scales(ctx: _Context) -> list[Proposal]:
 
 
 def _weight_norms(ctx: _Context) -> list[Proposal]:
-    """The direction ``v`` of ``torch.nn.utils.parametrizations.weight_norm`` (g * v / |v|)."""
+    """The direction ``v`` of a weight norm (``g * v / |v|``, either API): scale-free per slice
+    along the normalised dimension."""
     found = []
     for name, module in ctx.modules.items():
-        for attr, chain in getattr(module, "parametrizations", {}).items():
-            direction = ctx.names.of(chain, "original1")
-            norm = next((p for p in chain if type(p).__name__ == "_WeightNorm"), None)
-            if norm is None or direction is None:
-                continue
-            dim = getattr(norm, "dim", -1)
-            size = chain.original1.shape[dim] if dim not in (None, -1) else 0
-            part = PartSpec(direction, None if size == 0 else dim, 0, size)
-            label = f"{ctx.short(name)}.{attr} (weight-norm direction)"
-            found.append(Proposal("scale", label, (part,), max(size, 1)))
+        norm = _weight_norm(ctx.names, module)
+        if norm is None:
+            continue
+        size = 0 if norm.dim is None else norm.shape[norm.dim]
+        part = PartSpec(norm.v, norm.dim, 0, size)
+        label = f"{ctx.short(name)}.weight (weight-norm direction)"
+        found.append(Proposal("scale", label, (part,), max(size, 1)))
     return found
 
 

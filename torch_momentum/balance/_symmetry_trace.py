@@ -121,7 +121,7 @@ class CallRecorder:
 
     def __enter__(self) -> CallRecorder:
         for name, module in self.model.named_modules():
-            if next(module.children(), None) is None or isinstance(module, nn.MultiheadAttention):
+            if _recorded(name, module):
                 self._handles.append(
                     module.register_forward_hook(self._hook(name), with_kwargs=True)
                 )
@@ -138,6 +138,16 @@ class CallRecorder:
             self.calls.append(Call(name, module, inputs, tuple(_tensors(output))))
 
         return hook
+
+
+def _recorded(name: str, module: nn.Module) -> bool:
+    """Leaf modules and MultiheadAttention are recorded; a module whose only child holds its
+    parametrizations (``torch.nn.utils.parametrize``: weight norm, spectral norm...) counts as
+    a leaf, and the parametrizations themselves are not recorded."""
+    if "parametrizations" in name.split("."):
+        return False
+    children = [n for n, _ in module.named_children() if n != "parametrizations"]
+    return not children or isinstance(module, nn.MultiheadAttention)
 
 
 def _flatten_block(module: nn.Flatten, shape: torch.Size) -> int | None:
