@@ -27,6 +27,7 @@ from torch_momentum.demos import (
     PreLNTransformer,
     ReluMLP,
     ResNetCNN,
+    TinyViT,
     gpt2_tiny,
 )
 
@@ -418,6 +419,79 @@ def test_weight_norm_charges_are_conserved_by_gradient_flow() -> None:
         assert float(row["closure"].abs().max()) <= 1e-12 * scale, name
         symmetry = row["sums"][:, LEDGER_TERMS.index("symmetry")]
         assert float(symmetry.abs().max()) <= 1e-12 * scale, name
+
+
+def test_depthwise_convolution_rescales_each_input_channel() -> None:
+    # a depthwise convolution (groups = in_channels, 2 output channels per input channel) reads
+    # input channel c through its rows 2c, 2c + 1 only: ReLU unit c of the convolution before
+    # rescales against them. Before, only groups == 1 had input units: no candidate
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, groups=8, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4, 5),
+    )
+    batches = [(torch.randn(16, 2, 6, 6), torch.randint(0, 5, (16,))) for _ in range(2)]
+    found = find_symmetries(model, ce, batches)
+    rescale = next(s for s in found if s.name == "0/2")
+    assert rescale.kind == "rescale" and rescale.units == 8 and rescale.residual <= ROUND_OFF
+    assert [(p.param, p.dim, p.length, p.block, p.sign) for p in rescale.parts] == [
+        ("0.weight", 0, 8, 1, 1.0),
+        ("0.bias", 0, 8, 1, 1.0),
+        ("2.weight", 0, 16, 2, -1.0),
+    ]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        a = params["0.weight"].flatten(1).square().sum(1) + params["0.bias"].square()
+        b = params["2.weight"].flatten(1).square().sum(1).view(8, 2).sum(1)
+    torch.testing.assert_close(rescale.charge(params), (a - b).double())
+    # a grouped convolution with several channels per group reads a channel through a block of
+    # rows and one column: not a slice along one dimension, so not proposed
+    grouped = nn.Sequential(
+        nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(32, 5)
+    )
+    assert "0/2" not in {s.name for s in [*find_symmetries(grouped, ce, batches), *found.rejected]}
+
+
+def test_raw_parameters_added_to_a_pre_ln_stream_translate() -> None:
+    # a ViT's cls_token and pos_embed are raw parameters of the root, added to the residual
+    # stream in functional code; every read of the stream is a LayerNorm, so shifting a token's
+    # entries by a constant is invisible: one translation per token (per row of pos_embed) and
+    # one for the class token. Before, raw parameters got no candidate
+    torch.manual_seed(0)
+    model = TinyViT(depth=2)
+    found = find_symmetries(model, ce, images())
+    raw = [(s.kind, s.name, s.units) for s in found if s.params[0] in ("cls_token", "pos_embed")]
+    assert raw == [("translation", "cls_token", 1), ("translation", "pos_embed (per row)", 17)]
+    assert all(s.residual <= ROUND_OFF for s in found)
+    part = next(s for s in found if s.name == "pos_embed (per row)").parts[0]
+    assert (part.param, part.dim, part.length) == ("pos_embed", 1, 17)
+
+
+class _Scaled(nn.Module):
+    """A raw gain and a raw offset used in functional code, before a ReLU: not shift-free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.gain = nn.Parameter(torch.ones(16))
+        self.offset = nn.Parameter(torch.zeros(4, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x) * self.gain + self.offset.mean(0))
+        return self.head(h)
+
+
+def test_raw_parameters_that_are_not_shift_free_are_rejected() -> None:
+    torch.manual_seed(0)
+    found = find_symmetries(_Scaled(), ce, vectors())
+    rejected = {s.name for s in found.rejected}
+    assert {"gain", "offset (per row)"} <= rejected
+    assert not [s for s in found if s.params[0] in ("gain", "offset")]
 
 
 class _MyLSTM(nn.LSTM):

@@ -217,7 +217,7 @@ def _weight_parts(names: _Names, module: nn.Module, dim: int, n: int, bias: bool
     norm = _weight_norm(names, module)
     if norm is None:
         spec: list[tuple[str, int | None]] = [("weight", dim)]
-        return _parts(names, module, spec + [("bias", 0)] if bias else spec, n)
+        return _parts(names, module, [*spec, ("bias", 0)] if bias else spec, n)
     if norm.dim != dim:
         return _Units(n, ())
     parts = [PartSpec(norm.g, dim, 0, n)]
@@ -250,6 +250,11 @@ def _input_units(names: _Names, module: nn.Module) -> _Units | None:
         return _weight_parts(names, module, 1, module.in_features, bias=False)
     if isinstance(module, _CONV) and module.groups == 1:
         return _weight_parts(names, module, 1, module.in_channels, bias=False)
+    if isinstance(module, _CONV) and module.groups == module.in_channels:
+        # depthwise: input channel c feeds only the rows c*m .. c*m + m - 1 (m = out / in)
+        rows = _weight_parts(names, module, 0, module.out_channels, bias=False)
+        m = module.out_channels // module.in_channels
+        return _Units(module.in_channels, tuple(p._replace(block=m) for p in rows.parts))
     if _is_conv1d_gpt(module):
         return _parts(names, module, [("weight", 0)], _weight_shape(module)[0])
     if isinstance(module, nn.RNNBase):
@@ -276,7 +281,7 @@ def _join(parent: str, rest: str) -> str:
 def _signed(units: _Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
     """``units``' parts with ``sign``; a consumer's input units grouped ``block`` per unit."""
     return tuple(
-        p._replace(sign=sign, block=block) if p.dim is not None else p._replace(sign=sign)
+        p._replace(sign=sign, block=p.block * block) if p.dim is not None else p._replace(sign=sign)
         for p in units.parts
     )
 
@@ -565,6 +570,36 @@ def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
     return [Proposal("translation", label, parts, n + (bias is not None))] if parts else []
 
 
+def _known_owner(module: nn.Module) -> bool:
+    """Whether the candidates of the layer types above cover ``module``'s own parameters."""
+    known = (nn.Linear, *_CONV, nn.Embedding, nn.RNNBase, nn.MultiheadAttention, nn.GroupNorm)
+    return isinstance(module, known) or _is_conv1d_gpt(module) or _affine_norm(module)
+
+
+def _raw_translations(ctx: _Context) -> list[Proposal]:
+    """Parameters of other modules (a ViT's ``cls_token`` and ``pos_embed``, added to the
+    stream in functional code): each shifted along its last dimension, one unit per index of
+    its one leading dimension longer than 1 (per token), or as a whole."""
+    found = []
+    for name, p in ctx.modules[""].named_parameters():
+        owner, _, attr = name.rpartition(".")
+        module = ctx.modules[owner]
+        if not p.requires_grad or _known_owner(module) or "parametrizations" in name.split("."):
+            continue
+        if ctx.names.of(module, attr) != name or p.dim() == 0:
+            continue  # shared: proposed under its first name
+        lead = [d for d in range(p.dim() - 1) if p.shape[d] > 1]
+        if len(lead) > 1:
+            continue
+        dim = lead[0] if lead else None
+        n = 1 if dim is None else p.shape[dim]
+        label = f"{ctx.short(name)} (per row)" if dim is not None else ctx.short(name)
+        found.append(
+            Proposal("translation", label, (PartSpec(name, dim, 0, n if n > 1 else 0),), n)
+        )
+    return found
+
+
 def _rnn_biases(ctx: _Context, short: str, module: nn.RNNBase) -> list[Proposal]:
     """``bias_ih`` against ``bias_hh``: only their sum enters the gates they share."""
     # LSTM: all four gates; GRU: r and z (not n, where b_hn is multiplied by r); RNN: one
@@ -625,6 +660,7 @@ def propose(
     if "translation" in kinds:
         for name, module in ctx.modules.items():
             proposals += _translation(ctx, name, module)
+        proposals += _raw_translations(ctx)
     whole = [
         ZeroSlice(n, None, 0, 0, ctx.short(n))
         for n, p in model.named_parameters()
