@@ -494,6 +494,40 @@ def test_raw_parameters_that_are_not_shift_free_are_rejected() -> None:
     assert not [s for s in found if s.params[0] in ("gain", "offset")]
 
 
+class _CrossAttention(nn.Module):
+    """Queries of width 8 attending to keys and values of width 5 (``kdim``, ``vdim``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(6, 8), nn.Linear(6, 5)
+        self.mha = nn.MultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.kv(x)
+        return self.head(self.mha(self.q(x), kv, kv)[0].mean(1))
+
+
+def test_attention_with_kdim_and_vdim() -> None:
+    # separate q/k/v projection weights: the head dimensions of q and k pair up, those of v
+    # with out_proj's columns, as with the packed in_proj; the key bias gets no gradient.
+    # Before, only the packed in_proj was looked at
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 7, 6), torch.randint(0, 5, (4,))) for _ in range(2)]
+    found = find_symmetries(_CrossAttention(), ce, batches)
+    by_name = {s.name: s for s in found}
+    qk, vo = by_name["mha q/k"], by_name["mha v/out_proj"]
+    assert [(p.param, p.start, p.length, p.sign) for p in qk.parts] == [
+        ("mha.q_proj_weight", 0, 8, 1.0),
+        ("mha.in_proj_bias", 0, 8, 1.0),
+        ("mha.k_proj_weight", 0, 8, -1.0),
+        ("mha.in_proj_bias", 8, 8, -1.0),
+    ]
+    assert [(p.param, p.dim, p.sign) for p in vo.parts][-1] == ("mha.out_proj.weight", 1, -1.0)
+    assert by_name["mha.in_proj_bias[k]"].kind == "zero_gradient"
+    assert all(s.residual <= ROUND_OFF for s in found)
+
+
 class _MyLSTM(nn.LSTM):
     """A subclass, as libraries write them (the gate count was once looked up by exact type)."""
 

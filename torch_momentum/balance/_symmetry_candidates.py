@@ -526,14 +526,15 @@ def _zero_thirds(ctx: _Context, packed: list[tuple[str, _Units]]) -> list[ZeroSl
 
 
 def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
-    """``nn.MultiheadAttention`` with packed ``in_proj``: q/k rows and v rows against out_proj."""
+    """``nn.MultiheadAttention``: q/k rows and v rows against out_proj's columns, from the packed
+    ``in_proj`` or from the separate ``q/k/v_proj_weight`` (``kdim``/``vdim``)."""
     found: list[Proposal] = []
     thirds: list[ZeroSlice] = []
     for name, m in ctx.modules.items():
-        if not isinstance(m, nn.MultiheadAttention) or m.in_proj_weight is None:
+        if not isinstance(m, nn.MultiheadAttention):
             continue
-        packed = _parts(ctx.names, m, [("in_proj_weight", 0), ("in_proj_bias", 0)], 3 * m.embed_dim)
-        qkv = dict(_thirds(packed))
+        qkv = _attention_thirds(ctx, m)
+        thirds += _zero_thirds(ctx, list(qkv.items()))
         bias_k = ctx.names.of(m, "bias_k")
         if bias_k is not None:  # the extra key (add_bias_kv) scales with the keys
             k = qkv["k"]
@@ -543,8 +544,22 @@ def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             proposal = None if b is None else _rescale(_join(ctx.short(name), label), a, b)
             if proposal is not None:
                 found.append(proposal)
-        thirds += _zero_thirds(ctx, _thirds(packed))
     return found, thirds
+
+
+def _attention_thirds(ctx: _Context, m: nn.MultiheadAttention) -> dict[str, _Units]:
+    """The rows (and bias slices) of the q, k and v projections of ``m``."""
+    if m.in_proj_weight is not None:
+        packed: list[tuple[str, int | None]] = [("in_proj_weight", 0), ("in_proj_bias", 0)]
+        return dict(_thirds(_parts(ctx.names, m, packed, 3 * m.embed_dim)))
+    e, bias = m.embed_dim, ctx.names.of(m, "in_proj_bias")
+    out = {}
+    for k, label in enumerate(("q", "k", "v")):
+        weight = ctx.names.of(m, f"{label}_proj_weight")
+        parts = [PartSpec(weight, 0, 0, e)] if weight is not None else []
+        parts += [PartSpec(bias, 0, k * e, e)] if bias is not None else []
+        out[label] = _Units(e, tuple(parts))
+    return out
 
 
 def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
