@@ -485,6 +485,22 @@ def test_compiled_model_is_verified_through_the_original_module() -> None:
     assert found[0].charge(dict(compiled.named_parameters())).shape == (32,)
 
 
+def test_names_leave_out_the_orig_mod_of_a_compiled_submodule() -> None:
+    class Compiled(nn.Module):  # what torch.compile(module) holds: the original as _orig_mod
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self._orig_mod(x)
+
+    model = ReluMLP()
+    model[0] = Compiled(model[0])
+    found = find_symmetries(model, ce, vectors())
+    assert described(found)[0] == ("rescale", "0/2", 32)  # was "0._orig_mod/2"
+    assert found[0].params == ("0._orig_mod.weight", "0._orig_mod.bias", "2.weight")
+
+
 def test_summary_and_rejected() -> None:
     found = find_symmetries(GeluMLP(), ce, vectors())
     assert isinstance(found, SymmetryList) and isinstance(found, list)

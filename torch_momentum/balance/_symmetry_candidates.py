@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from torch_momentum.balance._symmetry_trace import Call, DataFlow
+from torch_momentum.balance.groups import uncompiled
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_CHANNEL_NORM = (
@@ -329,8 +330,9 @@ class _Context:
         self.called = {c.name for c in calls}
 
     def short(self, name: str) -> str:
-        """A module or parameter name without the wrapper prefix."""
-        return name[len(self.prefix) :] if name.startswith(self.prefix) else name
+        """A module or parameter name without the wrapper prefix and compiled submodules'
+        ``._orig_mod`` (a label: parameters keep their own names)."""
+        return uncompiled(name[len(self.prefix) :] if name.startswith(self.prefix) else name)
 
 
 def _last_dim_producer(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["OTHER_GROUP", "WRAPPER_PREFIXES", "clean_names", "weight_groups"]
+__all__ = ["OTHER_GROUP", "WRAPPER_PREFIXES", "clean_names", "uncompiled", "weight_groups"]
 
 #: Leading name components added by wrappers (LightningModule attributes, DDP, torch.compile).
 WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")
@@ -29,9 +29,20 @@ _COMPILED = re.compile(r"\._orig_mod(?=[./ ]|$)")
 _INDEX = re.compile(r"(?<![^./ ])\d+(?![^./ ])")
 
 
+def uncompiled(name: str) -> str:
+    """``name`` without the ``._orig_mod`` of a ``torch.compile``'d submodule (which holds the
+    original module under that attribute: not part of the name a reader knows).
+
+    Example:
+        >>> from torch_momentum.balance.groups import uncompiled
+        >>> uncompiled("blocks.0._orig_mod.attn q/k")
+        'blocks.0.attn q/k'
+    """
+    return _COMPILED.sub("", name)
+
+
 def _strip(name: str) -> str:
-    # a torch.compile'd submodule holds the original as ``_orig_mod``: not part of the name
-    name = _COMPILED.sub("", name)
+    name = uncompiled(name)
     changed = True
     while changed:
         changed = False
