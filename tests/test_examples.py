@@ -26,6 +26,7 @@ BENCHMARKS = [
     "clarke.py",
     "symmetry_discovery.py",
     "figures.py",
+    "ledger_floor.py",
 ]
 TERMS = ("momentum", "weight_decay", "symmetry", "discretisation", "other")
 PUBLISHED = ("layer_balance*.png", "ledger*.png", "unit_drift*.png")

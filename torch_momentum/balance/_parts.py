@@ -276,32 +276,19 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
 def row_reducer(group: UnitGroup, per_member: int, op: str) -> Callable[[list[Tensor]], Tensor]:
     """:func:`reduce_rows` for this group's layout as a function of the tensors, its result
     flattened to ``(rows * members, values)``. The common layouts (rows along dim 0 or the
-    whole tensor, stacked in one block) are specialised once: per call, one stack and one
-    kernel, without re-deciding the layout."""
+    whole tensor, stacked in one block) are decided once: per call, one stack and one kernel."""
     count = len(group.members) * per_member
     rows, k = group.rows, len(group.members)
-    rest = group.numel // rows if rows else 0
     e = per_member * per_member if op == "gram" else per_member
     one_block = group.s == 1 and count * group.numel <= CHUNK_CAP
-    if group.dim not in (None, 0) or not one_block or op == "sumsq" or rows == 0:
+    if group.dim not in (None, 0) or not one_block or rows == 0:
         return lambda tensors: reduce_rows(tensors, group, per_member, op).reshape(-1, e)
     axis = 0 if group.dim is None else 1
-    shape = (rows * k, per_member, rest)
-    if op == "sum":
-        return lambda tensors: torch.stack(tensors, axis).view(shape).sum(2, dtype=torch.float64)
-    if rest == 1:  # one entry per row: outer products
 
-        def outer(tensors: list[Tensor]) -> Tensor:
-            y = torch.stack(tensors, axis).view(shape)
-            return (y * y.transpose(1, 2)).view(-1, e)
+    def reduce(tensors: list[Tensor]) -> Tensor:
+        return _reduce_flat(torch.stack(tensors, axis), rows, k, per_member, op).view(-1, e)
 
-        return outer
-
-    def gram(tensors: list[Tensor]) -> Tensor:
-        y = torch.stack(tensors, axis).view(shape)
-        return torch.bmm(y, y.transpose(1, 2)).view(-1, e)
-
-    return gram
+    return reduce
 
 
 def _reduce_flat(x: Tensor, rows: int, k: int, per_member: int, op: str) -> Tensor:
