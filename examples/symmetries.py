@@ -116,7 +116,7 @@ def read(ledger: BalanceLedger) -> dict[str, Any]:
     for kind in KINDS:
         best = (0.0, 0.0, None)
         for entry in charges.values():
-            scale = max(float(entry["D"].abs().max()), float(entry["D0"].abs().max()), 1e-300)
+            scale = max(float(entry["scale"].max()), 1e-300)  # the charge's magnitude
             closure = max(closure, float(entry["closure"].abs().max()) / scale)
             if entry["kind"] != kind:
                 continue

@@ -394,3 +394,43 @@ def test_restore_checks_the_saved_totals_against_the_charges() -> None:
         torch.testing.assert_close(a[name]["sums"], b[name]["sums"], rtol=0, atol=0)
     for name, row in ledger.read_units().items():
         torch.testing.assert_close(row["sums"], resumed.read_units()[name]["sums"], rtol=0, atol=0)
+
+
+def test_scale_is_the_charges_magnitude_also_where_the_charge_is_zero() -> None:
+    """``read_charges()[name]["scale"]``: the charge with its signs dropped (|x| for a linear
+    one), so that ``closure / scale`` is relative even for a charge that stays 0 (a ViT's
+    zero-initialised class token under heavy ball: its sum is 0 at every step)."""
+    from torch_momentum.balance import find_symmetries
+    from torch_momentum.demos import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT(depth=1).double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(8))
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    found = find_symmetries(model, loss, [batch])
+    opt = PolyakSGD(model.parameters(), lr=0.05, momentum=0.9)
+    ledger = BalanceLedger(None, opt, module=model, symmetries=found)
+    ledger.attach()
+    for _ in range(3):
+        opt.zero_grad()
+        loss(model, batch).backward()
+        opt.step()
+    charges = ledger.read_charges()
+    params = dict(model.named_parameters())
+    cls = charges["cls_token"]
+    assert float(cls["D0"].abs().max()) == 0.0  # zero-initialised
+    assert torch.equal(cls["scale"], params["cls_token"].detach().abs().sum().reshape(1))
+    assert float(cls["scale"].min()) > 0.0  # it moved off 0 (its sum did not)
+    rescale = next(s for s in found if s.kind == "rescale")
+    unsigned = sum(
+        part.entries(params[part.param].detach()).square().sum(1) for part in rescale.parts
+    )
+    torch.testing.assert_close(charges[rescale.name]["scale"], unsigned, rtol=1e-14, atol=0.0)
+    for name, row in charges.items():
+        assert bool((row["scale"] >= row["D"].abs()).all()), name
+        # 3 float64 steps: round-off ~1e-16 of the magnitude; 1e-12 leaves a margin
+        assert float((row["closure"].abs() / row["scale"]).max()) <= 1e-12, name

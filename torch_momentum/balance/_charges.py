@@ -170,7 +170,7 @@ class ChargeBook:
         self._angle_offset: Tensor | None = None  # restored unread steps, summed over ranks
         self._layouts: dict[Any, _Layout] = {}
         self._coefs: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
-        self._values: dict[tuple[int, int | None], PartSums] = {}
+        self._values: dict[tuple[int, int | None, bool], PartSums] = {}
 
     def zero(self) -> None:
         self._flat.zero_()
@@ -342,15 +342,20 @@ class ChargeBook:
         return [off + t for off, t in zip(self.offset, sums, strict=True)]
 
     def values(
-        self, iterate: Callable[[int], Tensor], first: int = 0, stop: int | None = None
+        self,
+        iterate: Callable[[int], Tensor],
+        first: int = 0,
+        stop: int | None = None,
+        magnitude: bool = False,
     ) -> list[Tensor]:
         """Charges ``first..stop`` now, from the full iterate of every tensor (a gather when
-        sharded)."""
-        sums = self._values.get((first, stop))
+        sharded); with ``magnitude`` their magnitudes instead (see :class:`PartSums`)."""
+        sums = self._values.get((first, stop, magnitude))
         if sums is None:
-            sums = self._values[(first, stop)] = PartSums(
+            sums = self._values[(first, stop, magnitude)] = PartSums(
                 [(c.units, c.linear, c.parts) for c in self.charges[first:stop]],
                 lambda part: self._position[part.param],
+                magnitude,
             )
         return [v.to(self.device) for v in sums(iterate)]
 

@@ -228,7 +228,8 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
     ``tensors``: the members' tensors in order, ``per_member`` consecutive ones (slots) per
     member, each of the group's layout. ``op``: ``"gram"``, the products of the member's slots,
     ``(rows, members, per_member ** 2)`` in the tensors' dtype (one batched matrix product);
-    ``"sum"`` or ``"sumsq"``, the sums or sums of squares of each slot, ``(rows, members,
+    ``"sum"``, ``"sumabs"`` or ``"sumsq"``, the sums, sums of absolute values or sums of
+    squares of each slot, ``(rows, members,
     per_member)`` in float64. The tensors are stacked (one copy) in blocks of about
     :data:`CHUNK_CAP` entries, so that the copy stays small and in cache.
     """
@@ -305,6 +306,8 @@ def _reduce_flat(x: Tensor, rows: int, k: int, per_member: int, op: str) -> Tens
         return g.view(rows, k, per_member * per_member)
     if op == "sum":
         return y.sum(2, dtype=torch.float64).view(rows, k, per_member)
+    if op == "sumabs":
+        return y.abs().sum(2, dtype=torch.float64).view(rows, k, per_member)
     return torch.linalg.vector_norm(y, dim=2, dtype=torch.float64).square().view(rows, k, -1)
 
 
@@ -318,6 +321,8 @@ def _reduce(x: Tensor, op: str) -> Tensor:
     dims = tuple(range(3, x.dim()))
     if op == "sum":
         return x.sum(dims, dtype=torch.float64)
+    if op == "sumabs":
+        return x.abs().sum(dims, dtype=torch.float64)
     return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
 
 
@@ -329,13 +334,22 @@ class PartSums:
     x^2` (:math:`\\sum x` for linear charges), float64 ``(units,)``: what :func:`part_values` and
     :func:`signed_sum` give part by part (up to the order of the float64 sums), in a few stacked
     reductions. A sharded tensor is gathered (a collective every rank joins).
+
+    With ``magnitude``: :math:`\\sum_{parts} \\sum_{unit} x^2` and :math:`\\sum_{parts}
+    \\sum_{unit} |x|`, signs dropped: the size of the numbers whose sum the charge is, the scale
+    of its round-off (a charge that is zero, e.g. the sum of a zero-initialised class token,
+    still has one).
     """
 
     def __init__(
-        self, charges: Sequence[tuple[int, bool, Sequence[Any]]], key: Callable[[Any], Any]
+        self,
+        charges: Sequence[tuple[int, bool, Sequence[Any]]],
+        key: Callable[[Any], Any],
+        magnitude: bool = False,
     ) -> None:
         self.charges = [(units, linear, list(parts)) for units, linear, parts in charges]
         self.key = key
+        self.magnitude = magnitude
         self.keys = list(dict.fromkeys(key(p) for _, _, parts in self.charges for p in parts))
         self.sizes = [units for units, _, _ in self.charges]
         self._index: UnitIndex | None = None
@@ -345,7 +359,10 @@ class PartSums:
         layout = {k: ((t.shape, t.dtype, t.device), tuple(t.shape)) for k, t in tensors.items()}
         if self._index is None or layout != self._layout:
             index = index_units(
-                [(linear, parts) for _, linear, parts in self.charges], self.key, layout.get
+                [(linear, parts) for _, linear, parts in self.charges],
+                self.key,
+                layout.get,
+                (lambda part: abs(part.sign)) if self.magnitude else (lambda part: part.sign),
             )
             device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
             self._layout = layout
@@ -363,13 +380,14 @@ class PartSums:
         index = self._plan(tensors)
         if not index.groups:
             return [torch.zeros(n, dtype=torch.float64) for n in self.sizes]
+        linear_op = "sumabs" if self.magnitude else "sum"
         values = torch.cat(
             [
                 reduce_rows(
                     [tensors[k] for k in group.members],
                     group,
                     1,
-                    "sum" if group.linear else "sumsq",
+                    linear_op if group.linear else "sumsq",
                 ).reshape(-1)
                 for group in index.groups
             ]

@@ -200,9 +200,8 @@ class BalanceLedger:
         self._sign = self._pair_signs(layer_of).to(self.device)
         self._in_pairs = sorted({i for i, _ in layer_of})
         self._weights = [_dtensor.weight(p) for p in self._tracked]
-        self._local_sums = torch.zeros(len(self.pairs), _N_TERMS, dtype=torch.float64).to(
-            self.device
-        )
+        n_pairs = len(self.pairs)
+        self._local_sums = torch.zeros(n_pairs, _N_TERMS, dtype=torch.float64, device=self.device)
         self._offset = torch.zeros_like(self._local_sums)
         self._book = ChargeBook(
             charges, self._tracked, self._tensor_names, self._weights, self.device, angle_steps
@@ -561,8 +560,8 @@ class BalanceLedger:
         qk[i] = (xf @ vf).to(torch.float64) * self._weights[i] * coef
         return True
 
-    def _charge_values(self, first: int = 0, stop: int | None = None) -> list[Tensor]:
-        return self._book.values(lambda i: self._iterate(i, local=False), first, stop)
+    def _charge_values(self, first: int, stop: int | None, mag: bool = False) -> list[Tensor]:
+        return self._book.values(lambda i: self._iterate(i, local=False), first, stop, mag)
 
     def start(self) -> None:
         """Record :math:`D(0)` (per pair, per unit, per charge) at the current iterate and zero
@@ -572,7 +571,7 @@ class BalanceLedger:
         self._book.zero()
         self.steps = 0
         self.D0 = self._pair_values(False)[0].clone()
-        values = self._charge_values()
+        values = self._charge_values(0, None)
         self.unit_D0 = values[: len(self.units)] if self.units else None
         self._charge0 = values[len(self.units) :]
 
@@ -599,17 +598,16 @@ class BalanceLedger:
         }
 
     def _read_charges(self, first: int, stop: int, origin: list[Tensor]) -> list[dict[str, Any]]:
-        values = self._charge_values(first, stop)
-        sums = self._book.reduced(self._sharded)
-        out = []
-        for k in range(first, stop):
-            d, d0, s = values[k - first], origin[k - first], sums[k]
-            out.append({"D": d, "D0": d0, "sums": s, "closure": (d - d0) - s.sum(1)})
+        values, mag = self._charge_values(first, stop), self._charge_values(first, stop, True)
+        sums, out = self._book.reduced(self._sharded)[first:stop], []
+        for d, d0, s, m in zip(values, origin, sums, mag, strict=True):
+            scale, closure = torch.maximum(m, torch.maximum(d.abs(), d0.abs())), d - d0 - s.sum(1)
+            out.append({"D": d, "D0": d0, "sums": s, "closure": closure, "scale": scale})
         return out
 
     def read_units(self) -> dict[str, dict[str, Tensor]]:
-        """Per hidden layer: ``{"D": D_i(t), "D0": D_i(0), "sums": (units, 6), "closure":
-        (D_i(t) - D_i(0)) - sums.sum(1)}`` (float64); empty without ``units``."""
+        """Per hidden layer, :meth:`read_charges`' entries (without ``kind``) of the per-unit
+        balance :math:`D_i`; empty without ``units``."""
         if not self.units:
             return {}
         if self.unit_D0 is None:
@@ -619,9 +617,11 @@ class BalanceLedger:
         return {unit.name: row for unit, row in zip(self.units, rows, strict=True)}
 
     def read_charges(self) -> dict[str, dict[str, Any]]:
-        """Per symmetry: ``{"kind": ..., "D": Q(t), "D0": Q(0), "sums": (units, 6),
-        "closure": (Q(t) - Q(0)) - sums.sum(1)}`` (float64, one entry per unit of the charge);
-        empty without ``symmetries``. Every rank calls it when sharded."""
+        """Per symmetry: ``{"kind", "D": Q(t), "D0": Q(0), "sums": (units, 6), "closure": (Q(t) -
+        Q(0)) - sums.sum(1), "scale"}`` (float64, per unit); ``scale``: the charge's magnitude
+        (signs dropped, :math:`|x|` for a linear charge), or :math:`|Q(t)|, |Q(0)|` if larger,
+        the size of its round-off (``closure / scale`` is relative even for a zero charge).
+        Empty without ``symmetries``; every rank calls it when sharded."""
         if not self.symmetries:
             return {}
         if self._charge0 is None:
