@@ -241,7 +241,7 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
         pre, n = math.prod(shape[:d]), shape[d]
         post = group.numel // (pre * n)
         if op == "gram" and count * group.numel <= CHUNK_CAP:
-            x = torch.stack(list(tensors)).view(k, per_member, pre, n, post)
+            x = torch.stack(list(tensors)).reshape(k, per_member, pre, n, post)
             if post >= 4:  # a convolution's kernel entries: dim to the front, one bmm
                 y = x.permute(3, 0, 1, 2, 4).reshape(n * k, per_member, pre * post)
                 return torch.bmm(y, y.transpose(1, 2)).view(n, k, per_member * per_member)
@@ -254,7 +254,7 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
         out: Tensor | None = None
         for a in range(0, pre, step):
             views = flat if step >= pre else [t[a : a + step] for t in flat]
-            x = torch.stack(views).view(k, per_member, -1, n, group.numel // (pre * n))
+            x = torch.stack(views).reshape(k, per_member, -1, n, group.numel // (pre * n))
             x = _reduce(x.permute(3, 0, 1, 2, 4), op)
             out = x if out is None else out + x
         assert out is not None
@@ -270,7 +270,7 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
     blocks = []
     for a in range(0, rows, block):
         x = torch.stack([v[a : a + block] for v in views], 1)
-        blocks.append(_reduce(x.view(-1, k, per_member, length), op))
+        blocks.append(_reduce(x.reshape(-1, k, per_member, length), op))
     return torch.cat(blocks)
 
 
@@ -282,7 +282,7 @@ def row_reducer(group: UnitGroup, per_member: int, op: str) -> Callable[[list[Te
     rows, k = group.rows, len(group.members)
     e = per_member * per_member if op == "gram" else per_member
     one_block = group.s == 1 and count * group.numel <= CHUNK_CAP
-    if group.dim not in (None, 0) or not one_block or rows == 0:
+    if group.dim not in (None, 0) or not one_block:
         return lambda tensors: reduce_rows(tensors, group, per_member, op).reshape(-1, e)
     axis = 0 if group.dim is None else 1
 
@@ -296,10 +296,10 @@ def _reduce_flat(x: Tensor, rows: int, k: int, per_member: int, op: str) -> Tens
     """:func:`_reduce` of a contiguous ``x`` holding ``(rows, k, per_member, ...)`` entries,
     with the fewest kernels: one batched matrix product (outer products for one entry per
     row) or one sum."""
-    y = x.view(rows * k, per_member, -1)
+    y = x.reshape(rows * k, per_member, -1)  # a strided stack (channels_last) is copied
     if op == "gram":
         if y.shape[-1] == 1:
-            y = y.view(rows * k, per_member)
+            y = y.reshape(rows * k, per_member)
             g = y.unsqueeze(2) * y.unsqueeze(1)
         else:
             g = torch.bmm(y, y.transpose(1, 2))
