@@ -528,6 +528,44 @@ def test_attention_with_kdim_and_vdim() -> None:
     assert all(s.residual <= ROUND_OFF for s in found)
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x)[0].mean(1))
+
+
+def test_attention_with_an_extra_key_and_value() -> None:
+    # add_bias_kv appends a learned key and value to every sequence: they scale with the key's
+    # and the value's head dimensions. Before, bias_v was left out and v/out_proj was rejected
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 7, 8), torch.randint(0, 5, (4,))) for _ in range(2)]
+    found = find_symmetries(_SelfAttention(), ce, batches)
+    by_name = {s.name: s for s in found}
+    for name, extra in (("mha q/k", "mha.bias_k"), ("mha v/out_proj", "mha.bias_v")):
+        assert by_name[name].residual <= ROUND_OFF
+        assert (extra, 2) in [(p.param, p.dim) for p in by_name[name].parts]
+
+
+def test_weight_norm_with_a_frozen_gain_keeps_the_direction() -> None:
+    # g frozen: v / |v| per row is still scale-free (scale), but a unit can no longer scale
+    # (its gain cannot move), so no rescale through it
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _weight_norm(nn.Linear(64, 16), "parametrizations"), nn.ReLU(), nn.Linear(16, 10)
+    )
+    model[0].parametrizations.weight.original0.requires_grad_(False)
+    found = find_symmetries(model, ce, vectors())
+    assert [(s.kind, s.name) for s in found] == [
+        ("scale", "0.weight (weight-norm direction)"),
+        ("translation", "2 (columns + bias)"),
+    ]
+    assert not [s for s in found.rejected if s.kind == "rescale"]
+
+
 class _MyLSTM(nn.LSTM):
     """A subclass, as libraries write them (the gate count was once looked up by exact type)."""
 

@@ -178,11 +178,12 @@ def _affine_norm(module: nn.Module) -> bool:
 
 
 class _WeightNorm(NamedTuple):
-    """A weight written ``g * v / |v|`` by weight norm: the names of ``g`` and ``v`` and the
-    dimension ``dim`` whose slices are normalised one by one (None: the whole tensor)."""
+    """A weight written ``g * v / |v|`` by weight norm: the names of ``g`` and ``v`` (None:
+    frozen) and the dimension ``dim`` whose slices are normalised one by one (None: the whole
+    tensor)."""
 
-    g: str
-    v: str
+    g: str | None
+    v: str | None
     dim: int | None
     shape: tuple[int, ...]  # of the weight (and of v)
 
@@ -203,7 +204,7 @@ def _weight_norm(names: _Names, module: nn.Module) -> _WeightNorm | None:
             return None
         owner, attrs = module, ("weight_g", "weight_v")
     g, v = names.of(owner, attrs[0]), names.of(owner, attrs[1])
-    if norm is None or g is None or v is None:
+    if norm is None:
         return None
     dim = getattr(norm, "dim", -1)
     shape = tuple(getattr(owner, attrs[1]).shape)
@@ -219,7 +220,7 @@ def _weight_parts(names: _Names, module: nn.Module, dim: int, n: int, bias: bool
     if norm is None:
         spec: list[tuple[str, int | None]] = [("weight", dim)]
         return _parts(names, module, [*spec, ("bias", 0)] if bias else spec, n)
-    if norm.dim != dim:
+    if norm.dim != dim or norm.g is None:  # a frozen gain: the slice cannot scale
         return _Units(n, ())
     parts = [PartSpec(norm.g, dim, 0, n)]
     b = names.of(module, "bias") if bias else None
@@ -414,7 +415,7 @@ def _weight_norms(ctx: _Context) -> list[Proposal]:
     found = []
     for name, module in ctx.modules.items():
         norm = _weight_norm(ctx.names, module)
-        if norm is None:
+        if norm is None or norm.v is None:
             continue
         size = 0 if norm.dim is None else norm.shape[norm.dim]
         part = PartSpec(norm.v, norm.dim, 0, size)
@@ -537,10 +538,10 @@ def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             continue
         qkv = _attention_thirds(ctx, m)
         thirds += _zero_thirds(ctx, list(qkv.items()))
-        bias_k = ctx.names.of(m, "bias_k")
-        if bias_k is not None:  # the extra key (add_bias_kv) scales with the keys
-            k = qkv["k"]
-            qkv["k"] = _Units(k.n, (*k.parts, PartSpec(bias_k, 2, 0, m.embed_dim)))
+        for label in ("k", "v"):  # the extra key and value (add_bias_kv) scale with them
+            extra, u = ctx.names.of(m, f"bias_{label}"), qkv[label]
+            if extra is not None:
+                qkv[label] = _Units(u.n, (*u.parts, PartSpec(extra, 2, 0, m.embed_dim)))
         out = _input_units(ctx.names, m.out_proj)
         for label, a, b in (("q/k", qkv["q"], qkv["k"]), ("v/out_proj", qkv["v"], out)):
             proposal = None if b is None else _rescale(_join(ctx.short(name), label), a, b)
