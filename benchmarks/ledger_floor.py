@@ -20,13 +20,20 @@ part, on the reference models of the symmetry discovery, in float32, one thread:
 Rounds interleave all candidates in a shuffled order (``_timing.interleave``, CPU clock); the
 table shows each as a share of the step time of the same round, median and range over rounds.
 
-Measured on the 2-core development machine (shared; ``--rounds 5``):
+Measured on the 2-core development machine (shared; ``--rounds 5 --compile``), median [min,
+max] over rounds:
 
 =========  ========  =====================  =====================  =====================
 model      step ms   ledger                 floor                  floor, compiled
 =========  ========  =====================  =====================  =====================
-resnet     (filled in by the run below)
+resnet     9.60      7.6 % [6.9, 8.0]       3.2 % [3.0, 3.9]       3.8 % [3.6, 4.3]
+gpt2       14.61     7.1 % [6.3, 7.9]       4.0 % [3.5, 4.0]       5.6 % [5.1, 6.5]
 =========  ========  =====================  =====================  =====================
+
+The floor alone is 3-4 % of the step; the rest of the ledger (mapping the Gram entries to the
+terms, summing them into the units, the angle statistics, the Python that reads each step's
+slots) costs about as much again. Compiled, the floor is slower than eager: its guards check
+every tensor argument on each call, more than the kernels it saves.
 
 Usage: python benchmarks/ledger_floor.py [--rounds 5] [--models resnet,gpt2] [--compile]
 [--quick] (``--quick``: 2 rounds of the ResNet, a smoke test).
@@ -93,24 +100,25 @@ def layout_groups(
 
 
 def floor_step(
-    groups: list[tuple[list[nn.Parameter], int | None, bool]], opt: torch.optim.Optimizer
+    groups: list[tuple[list[nn.Parameter], int | None, bool]],
+    opt: torch.optim.Optimizer,
+    compile_it: bool = False,
 ) -> Callable[[], list[Tensor]]:
-    """The stacks and batched products of one ledger step, nothing else."""
+    """The stacks and batched products of one ledger step, nothing else (compiled: the
+    reductions, with the step's tensors passed in, so that new gradients do not recompile)."""
+    layout = [
+        (len(members), tuple(members[0].shape), dim, linear) for members, dim, linear in groups
+    ]
 
-    def run() -> list[Tensor]:
+    def reduce(tensors: list[list[Tensor]]) -> list[Tensor]:
         out = []
-        for members, dim, linear in groups:
-            tensors = []
-            for p in members:
-                assert p.grad is not None
-                tensors += [p.detach(), opt.state[p]["velocity"], p.grad]
-            k, shape = len(members), members[0].shape
+        for (k, shape, dim, linear), group in zip(layout, tensors, strict=True):
             d = 0 if dim is None else dim
             n = 1 if dim is None else shape[d]
             if d == 0:
-                y = torch.stack(tensors, 1 if dim is not None else 0).view(n * k, 3, -1)
+                y = torch.stack(group, 1 if dim is not None else 0).view(n * k, 3, -1)
             else:  # units along a later dimension: moved to the front (a copy)
-                y = torch.stack(tensors).movedim(d + 1, 0).reshape(n * k, 3, -1)
+                y = torch.stack(group).movedim(d + 1, 0).reshape(n * k, 3, -1)
             if linear:
                 out.append(y.sum(2, dtype=torch.float64))
             elif y.shape[-1] == 1:
@@ -118,6 +126,15 @@ def floor_step(
             else:
                 out.append(torch.bmm(y, y.transpose(1, 2)))
         return out
+
+    kernel = torch.compile(reduce, dynamic=False) if compile_it else reduce
+
+    def run() -> list[Tensor]:
+        tensors = [
+            [t for p in members for t in (p.detach(), opt.state[p]["velocity"], p.grad)]
+            for members, _, _ in groups
+        ]
+        return kernel(tensors)
 
     return run
 
@@ -154,7 +171,7 @@ def candidates(name: str, compile_floor: bool) -> dict[str, Callable[[], object]
         "floor": floor_step(layout_groups(model, symmetries), opt),
     }
     if compile_floor:
-        compiled = torch.compile(found["floor"], dynamic=False)
+        compiled = floor_step(layout_groups(model, symmetries), opt, compile_it=True)
         with torch.no_grad():
             compiled()  # compile once, untimed
         found["floor, compiled"] = compiled
