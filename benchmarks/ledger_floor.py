@@ -44,7 +44,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,11 @@ def floor_step(
 
     def run() -> list[Tensor]:
         tensors = [
-            [t for p in members for t in (p.detach(), opt.state[p]["velocity"], p.grad)]
+            [
+                t
+                for p in members
+                for t in (p.detach(), opt.state[p]["velocity"], cast(Tensor, p.grad))
+            ]
             for members, _, _ in groups
         ]
         return kernel(tensors)
