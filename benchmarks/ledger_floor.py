@@ -47,39 +47,25 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch_momentum import PolyakSGD
 from torch_momentum.balance import BalanceLedger, find_symmetries
-from torch_momentum.demos import ResNetCNN, gpt2_tiny
+from torch_momentum.demos import ResNetCNN
 
 try:
+    from ._fit import Task, gpt2, images, model_names
     from ._timing import interleave, quantile
 except ImportError:
+    from _fit import Task, gpt2, images, model_names
     from _timing import interleave, quantile
 
 TARGET = 0.05
 
 
-def image_loss(model: nn.Module, batch: Any) -> Tensor:
-    inputs, targets = batch
-    return F.cross_entropy(model(inputs), targets)
-
-
-def token_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    logits = model(ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-
-def cases() -> dict[str, tuple[nn.Module, Callable[..., Tensor], Any]]:
-    """The models of ``benchmarks/callback_overhead.py``'s resnet and gpt2 rows."""
-    torch.manual_seed(0)
-    images = (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
-    return {
-        "resnet": (ResNetCNN(), image_loss, images),
-        "gpt2": (gpt2_tiny(n_layer=4), token_loss, torch.randint(0, 64, (16, 32))),
-    }
+def cases() -> dict[str, Callable[[], Task]]:
+    """The models and batches of ``benchmarks/callback_overhead.py``'s resnet and gpt2 rows."""
+    return {"resnet": lambda: images(ResNetCNN(), 64), "gpt2": lambda: gpt2(16)}
 
 
 def layout_groups(
@@ -144,7 +130,8 @@ def floor_step(
 
 
 def candidates(name: str, compile_floor: bool) -> dict[str, Callable[[], object]]:
-    model, loss_fn, batch = cases()[name]
+    torch.manual_seed(0)
+    model, batch, loss_fn = cases()[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notices about the loss type
         symmetries = list(find_symmetries(model, loss_fn, [batch]))
@@ -198,7 +185,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds of the ResNet")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    models = ["resnet"] if args.quick else args.models.split(",")
+    models = ["resnet"] if args.quick else model_names(parser, args.models, cases())
     rounds = 2 if args.quick else args.rounds
     print(f"torch {torch.__version__}, 1 thread, {rounds} rounds, share of the step time")
     print(f"{'model':8s} {'step ms':>8s}  {'ledger':22s} {'floor':22s} floor, compiled")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.ledger import train_with_ledger
 from torch_momentum import NesterovSGD, PolyakSGD
 from torch_momentum.balance import (
     LEDGER_TERMS,
@@ -329,13 +330,7 @@ def test_discovered_charges_close_per_unit_for_every_optimizer(name: str) -> Non
     found = find_symmetries(model, loss, [batch])
     assert {s.kind for s in found} == {"scale", "rescale", "translation", "zero_gradient"}
     opt = ALL_OPTIMIZERS[name](model.parameters())
-    ledger = BalanceLedger(None, opt, module=model, symmetries=found)
-    ledger.attach()
-    for _ in range(12):
-        opt.zero_grad()
-        loss(model, batch).backward()
-        opt.step()
-    charges = ledger.read_charges()
+    charges = train_with_ledger(model, loss, batch, opt, found, 12).read_charges()
     assert len(charges) == len(found)
     for charge, row in charges.items():
         scale = float(row["D0"].abs().max() + row["D"].abs().max()) + 1e-300
@@ -413,13 +408,7 @@ def test_scale_is_the_charges_magnitude_also_where_the_charge_is_zero() -> None:
 
     found = find_symmetries(model, loss, [batch])
     opt = PolyakSGD(model.parameters(), lr=0.05, momentum=0.9)
-    ledger = BalanceLedger(None, opt, module=model, symmetries=found)
-    ledger.attach()
-    for _ in range(3):
-        opt.zero_grad()
-        loss(model, batch).backward()
-        opt.step()
-    charges = ledger.read_charges()
+    charges = train_with_ledger(model, loss, batch, opt, found, 3).read_charges()
     params = dict(model.named_parameters())
     cls = charges["cls_token"]
     assert float(cls["D0"].abs().max()) == 0.0  # zero-initialised
@@ -456,15 +445,8 @@ def test_charges_of_a_channels_last_model_close(optimizer: str) -> None:
             return nn.functional.cross_entropy(m(b[0]), b[1])
 
         found = find_symmetries(model, loss, [(x, y)])
-        make = ALL_OPTIMIZERS[optimizer]
-        opt = make(model.parameters())
-        ledger = BalanceLedger(None, opt, module=model, symmetries=found)
-        ledger.attach()
-        for _ in range(4):
-            opt.zero_grad()
-            loss(model, (x, y)).backward()
-            opt.step()
-        return ledger.read_charges()
+        opt = ALL_OPTIMIZERS[optimizer](model.parameters())
+        return train_with_ledger(model, loss, (x, y), opt, found, 4).read_charges()
 
     strided, plain = run(True), run(False)
     assert list(strided) == list(plain)

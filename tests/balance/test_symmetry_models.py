@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers.ledger import train_with_ledger
 from torch_momentum.balance.symmetry import find_symmetries
 from torch_momentum.demos import (
     BatchNormMLP,
@@ -398,7 +399,7 @@ def test_weight_norm_consumer(api: str) -> None:
 def test_weight_norm_charges_are_conserved_by_gradient_flow() -> None:
     # small steps of gradient descent in float64: each charge moves only at second order
     # (discretisation), and the ledger splits it exactly
-    from torch_momentum.balance import LEDGER_TERMS, BalanceLedger
+    from torch_momentum.balance import LEDGER_TERMS
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -407,13 +408,7 @@ def test_weight_norm_charges_are_conserved_by_gradient_flow() -> None:
     batch = (torch.randn(24, 64, dtype=torch.float64), torch.randint(0, 10, (24,)))
     found = find_symmetries(model, ce, [batch])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ledger = BalanceLedger(None, opt, module=model, symmetries=found)
-    ledger.attach()
-    for _ in range(10):
-        opt.zero_grad()
-        ce(model, batch).backward()
-        opt.step()
-    for name, row in ledger.read_charges().items():
+    for name, row in train_with_ledger(model, ce, batch, opt, found, 10).read_charges().items():
         scale = float(row["scale"].max())
         # 10 float64 steps: round-off ~1e-15 of the charge; 1e-12 leaves a margin
         assert float(row["closure"].abs().max()) <= 1e-12 * scale, name
