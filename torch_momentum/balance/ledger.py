@@ -479,7 +479,7 @@ class BalanceLedger:
     def _accumulate_pairs(
         self, rows: list[Row], inv_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
-        key = tuple((row.tracked, row.maps.key, row.plain, row.low) for row in rows)
+        key = tuple((row.tracked, row.maps.key, row.plain, row.low, row.mask) for row in rows)
         cached = self._matrices.get(key)
         if cached is None:
             if len(self._matrices) > 64:  # a scheduler changes lr every step

@@ -349,10 +349,16 @@ class Rule:
     def iterate(
         self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
     ) -> Tensor:
-        """The iterate :math:`x_t` of ``p`` (``p`` itself, detached, when it is the iterate)."""
+        r"""The iterate :math:`x_t` of ``p`` (``p`` itself, detached, when it is the iterate); of a
+        bfloat16/float16 ``p`` in float64: :math:`y - c\,v` rounded to ``p``'s dtype is not the
+        iterate the terms are booked at."""
         c = self.lookahead(opt, index, memory)
         v = self.velocity(opt, p) if c != 0.0 else None
-        return p.detach() if v is None else p.detach() - c * v
+        if v is None:
+            return p.detach()
+        if p.dtype in (torch.bfloat16, torch.float16):
+            return p.detach().double() - c * v.double()
+        return p.detach() - c * v
 
     def fresh(self, group: dict[str, Any]) -> bool:
         """Whether a tensor's first step (no velocity before it) needs maps of its own
@@ -500,6 +506,8 @@ class Nesterov(HeavyBall):
     def iterate(
         self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
     ) -> Tensor:
+        if p.dtype in (torch.bfloat16, torch.float16):  # exact, not rounded to p's dtype
+            return super().iterate(opt, index, p, memory)
         return cast(NesterovSGD, opt).iterate(p)
 
     def maps(
