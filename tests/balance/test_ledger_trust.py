@@ -82,6 +82,47 @@ def test_grad_scaler_with_optimisers_that_unscale_and_skip_themselves(make) -> N
         assert float(out["sums"][:, OTHER].abs().max()) <= 1e-12 * _scale(out)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, fused=True),
+        lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    ],
+    ids=["sgd-fused", "adam-fused", "sgd"],
+)
+def test_grad_scaler_leaves_the_terms_as_without_it(make) -> None:
+    """A power-of-two GradScaler changes nothing in float64: the parameters are bit for bit
+    those of the run without it, and so must be the terms. Fused optimisers unscale the
+    gradients in place; the ledger divided them by the scale once more (the symmetry term
+    came out 1024x too small, momentum half), which the closure alone cannot see."""
+
+    def run(scaled: bool) -> tuple[dict, dict]:
+        net = _mlp()
+        opt = make(net.parameters())
+        ledger = BalanceLedger(_layers(net), opt, units=pair_units(net), module=net)
+        ledger.attach()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        x, y = _data()
+        for _ in range(6):
+            opt.zero_grad()
+            loss = ((net(x) - y) ** 2).mean()
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        return ledger.read(), ledger.read_units()["0"]
+
+    (pair, unit), (pair0, unit0) = run(True), run(False)
+    assert torch.equal(pair["D"], pair0["D"])  # the same trajectory
+    # the same float64 numbers up to the order of a few sums: 1e-12 relative
+    torch.testing.assert_close(pair["sums"], pair0["sums"], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(unit["sums"], unit0["sums"], rtol=1e-12, atol=1e-15)
+
+
 def _bf16_run(ledger_on: bool, steps: int = 50) -> tuple[nn.Sequential, BalanceLedger | None]:
     net = _mlp(torch.bfloat16)
     opt = PolyakSGD(net.parameters(), lr=0.005, momentum=0.9)

@@ -5,11 +5,13 @@ Private module: the names here are shared by the ledger's modules, not user API.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
 
+from torch_momentum.balance._dtensor import local
 from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS, Maps
 
 #: The slot holding the gradient (scaled by a GradScaler that lets the optimiser unscale).
@@ -188,3 +190,43 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def entry_values(
+    rows: list[Row], cached: StepMatrix, vectors: Callable[[Row, frozenset[int]], dict[int, Tensor]]
+) -> list[Tensor]:
+    """The Gram entries of a step that ``cached`` (:func:`step_matrix`) needs, in its column
+    order: one dot product per off-diagonal entry, then one multi-tensor sum of squares per
+    slot. ``vectors(row, needed)``: the row's slots as flat vectors (:class:`FlatViews`)."""
+    dots = []
+    for row, (needed, pairs) in zip(rows, cached.entries, strict=True):
+        vecs = vectors(row, needed)
+        dots += [torch.dot(vecs[a], vecs[b]) for a, b in pairs]
+    for k, positions in enumerate(cached.squares):
+        if positions:
+            dots += sums_of_squares([cast(Tensor, rows[pos].slots[k]) for pos in positions])
+    return dots
+
+
+def grad_marks(tensors: Iterable[Tensor]) -> Tensor | None:
+    """The norms of the dense gradients of ``tensors`` (None: there are none), compared before
+    and after an optimiser step by :func:`inverse_scale`."""
+    grads = [local(p.grad) for p in tensors if p.grad is not None and not p.grad.is_sparse]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.to(grads[0].device, torch.float64) for n in norms])
+
+
+def inverse_scale(grad_scale: Tensor, before: Tensor | None, tensors: Iterable[Tensor]) -> Tensor:
+    """The factor that unscales the gradients of ``tensors`` read after a step that a GradScaler
+    handed to an optimiser unscaling itself (``_step_supports_amp_scaling``): :math:`1/s`, or 1
+    where the step changed the gradients (their :func:`grad_marks` ``before`` it and now), i.e.
+    unscaled them in place, as torch's fused SGD and Adam do on the CPU. Without marks:
+    :math:`1/s`."""
+    inv = torch.reciprocal(grad_scale.to(torch.float64))
+    after = grad_marks(tensors) if before is not None else None
+    if before is None or after is None or before.shape != after.shape:
+        return inv
+    changed = (before != after.to(before.device)).any().to(inv.device)
+    return torch.where(changed, torch.ones_like(inv), inv)

@@ -27,9 +27,11 @@ from torch_momentum.balance._gram import (
     StepMatrix,
     acc_dtype,
     as_vector,
+    entry_values,
+    grad_marks,
+    inverse_scale,
     is_low_precision,
     step_matrix,
-    sums_of_squares,
 )
 from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
@@ -227,6 +229,7 @@ class BalanceLedger:
         self._static: dict[int, list[_Pending]] = {}
         self._vectors = FlatViews()
         self._plans: dict[int, list[_Plan]] = {}
+        self._marks: dict[int, Tensor | None] = {}  # gradient norms before a scaled step
         self._locate()
 
     # ------------------------------------------------------------------------------------------
@@ -374,6 +377,8 @@ class BalanceLedger:
         # parameters.
         if not self.active:
             return
+        if getattr(opt, "grad_scale", None) is not None:  # does the step unscale in place?
+            self._marks[id(opt)] = grad_marks(self._tensors_of(opt))
         rule = self._rule_of[id(opt)]
         pending = []
         for plan in self._plans.get(id(opt), []):
@@ -432,16 +437,19 @@ class BalanceLedger:
         if not rows:
             return
         self.steps += 1
-        # a GradScaler lets optimisers with `_step_supports_amp_scaling` unscale and skip
-        # themselves: the gradients read here are scaled, and a step with found_inf did nothing
-        grad_scale = getattr(opt, "grad_scale", None)
-        found_inf = getattr(opt, "found_inf", None)
-        inv = None if grad_scale is None else torch.reciprocal(grad_scale.to(torch.float64))
+        # a GradScaler lets optimisers with `_step_supports_amp_scaling` unscale (in place or
+        # not) and skip themselves; a step with found_inf did nothing
+        inv, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+        if inv is not None:  # the factor that unscales the gradients read here
+            inv = inverse_scale(inv, self._marks.pop(id(opt), None), self._tensors_of(opt))
         if self.pairs:
             self._accumulate_pairs(rows, inv, found_inf)
         charge_rows = {row.tracked: row for row in rows if row.tracked in self._book.needs}
         if charge_rows:
             self._book.accumulate(charge_rows, inv, found_inf)
+
+    def _tensors_of(self, opt: torch.optim.Optimizer) -> list[Tensor]:
+        return [self._tracked[i] for plan in self._plans.get(id(opt), []) for i in plan.tracked]
 
     def _collect(self, opt: torch.optim.Optimizer, pending: list[_Pending]) -> list[Row]:
         rule = self._rule_of[id(opt)]
@@ -493,16 +501,7 @@ class BalanceLedger:
             cached = self._matrices[key] = step_matrix(
                 rows, self._sign, self._weights, self.device, split
             )
-        dots = []
-        dot = torch.dot
-        for row, (needed, pairs) in zip(rows, cached.entries, strict=True):
-            vecs = self._vectors(row, needed)
-            for a, b in pairs:
-                dots.append(dot(vecs[a], vecs[b]))
-        for k, positions in enumerate(cached.squares):
-            if positions:
-                squares = [cast(Tensor, rows[pos].slots[k]) for pos in positions]
-                dots.extend(sums_of_squares(squares))
+        dots = entry_values(rows, cached, self._vectors)
         if not dots:
             return
         if self._multi_device:
