@@ -455,3 +455,44 @@ def test_charges_of_a_channels_last_model_close(optimizer: str) -> None:
         assert float((row["closure"].abs() / row["scale"]).max()) <= 1e-12, name
         # the convolutions differ in their order of summation: ~1e-15 relative
         torch.testing.assert_close(row["sums"], plain[name]["sums"], rtol=1e-9, atol=1e-12)
+
+
+def test_scale_keeps_the_magnitude_at_the_origin() -> None:
+    """A charge that starts as a cancelling sum of large entries and decays under weight decay:
+    the round-off of its first steps stays in the closure while its magnitude shrinks by
+    (1 - lr wd)^t, so against today's magnitude the relative closure grew without bound
+    (8e-10 after 300 steps); against the origin's it stays round-off, also across a restore."""
+    from torch_momentum.balance.symmetry import Symmetry, SymmetryPart
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            b = torch.linspace(1.0, 2.0, 16, dtype=torch.float64) * torch.tensor([1.0, -1.0] * 8)
+            self.b = nn.Parameter(b - b.mean())  # entries ~1, sum ~0
+            self.w = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+    def step() -> None:
+        opt.zero_grad()
+        ((model.w**2).sum() + 0.0 * model.b.sum()).backward()  # b gets a zero gradient
+        opt.step()
+
+    torch.manual_seed(0)
+    model = Model()
+    part = SymmetryPart("b", None, 0, 0, 1, 1.0, 0)
+    zero = Symmetry("zero_gradient", "b", ("b",), 1, (part,), 0.0)
+    opt = PolyakSGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.5)
+    ledger = BalanceLedger(None, opt, module=model, symmetries=[zero])
+    ledger.attach()
+    for _ in range(150):
+        step()
+    state = ledger.state_dict()
+    ledger.detach()
+    ledger = BalanceLedger(None, opt, module=model, symmetries=[zero])
+    ledger.load_state_dict(state)
+    ledger.attach()
+    for _ in range(150):
+        step()
+    row = ledger.read_charges()["b"]
+    assert float(model.b.detach().abs().sum()) < 1e-6 * 24  # it decayed
+    # 300 float64 steps of O(1) terms: round-off ~1e-15 of the origin's magnitude (24)
+    assert float((row["closure"].abs() / row["scale"]).max()) <= 1e-12

@@ -211,6 +211,7 @@ class BalanceLedger:
         self.D0: Tensor | None = None
         self.unit_D0: list[Tensor] | None = None
         self._charge0: list[Tensor] | None = None
+        self._mag0: list[Tensor] | None = None  # every charge's magnitude at the origin
         self.steps = 0  # optimiser steps whose hooks ran (since start/restore)
         #: whether this process accumulates (replicated data parallel: rank zero only)
         self.active = True
@@ -573,6 +574,7 @@ class BalanceLedger:
         values = self._charge_values(0, None)
         self.unit_D0 = values[: len(self.units)] if self.units else None
         self._charge0 = values[len(self.units) :]
+        self._mag0 = self._charge_values(0, None, True)  # the magnitudes at the origin
 
     def read(self) -> dict[str, Any]:
         r"""The ledger of the layer pairs now (at step t, before it is taken).
@@ -587,21 +589,16 @@ class BalanceLedger:
             self.start()
         assert self.D0 is not None
         d, q, sums = self._pair_values(True)
-        return {
-            "pairs": list(self.pairs),
-            "D": d,
-            "D0": self.D0,
-            "sums": sums,
-            "closure": (d - self.D0) - sums.sum(1),
-            "Q": q,
-        }
+        closure = (d - self.D0) - sums.sum(1)
+        return dict(pairs=list(self.pairs), D=d, D0=self.D0, sums=sums, closure=closure, Q=q)
 
     def _read_charges(self, first: int, stop: int, origin: list[Tensor]) -> list[dict[str, Any]]:
         values, mag = self._charge_values(first, stop), self._charge_values(first, stop, True)
         sums, out = self._book.reduced(self._sharded)[first:stop], []
-        for d, d0, s, m in zip(values, origin, sums, mag, strict=True):
-            scale, closure = torch.maximum(m, torch.maximum(d.abs(), d0.abs())), d - d0 - s.sum(1)
-            out.append({"D": d, "D0": d0, "sums": s, "closure": closure, "scale": scale})
+        mag0 = self._mag0[first:stop] if self._mag0 is not None else [d.abs() for d in origin]
+        for d, d0, s, m, m0 in zip(values, origin, sums, mag, mag0, strict=True):
+            scale = torch.stack([m, m0, d.abs(), d0.abs()]).amax(0)
+            out.append({"D": d, "D0": d0, "sums": s, "closure": d - d0 - s.sum(1), "scale": scale})
         return out
 
     def read_units(self) -> dict[str, dict[str, Tensor]]:
@@ -618,8 +615,9 @@ class BalanceLedger:
     def read_charges(self) -> dict[str, dict[str, Any]]:
         """Per symmetry: ``{"kind", "D": Q(t), "D0": Q(0), "sums": (units, 6), "closure": (Q(t) -
         Q(0)) - sums.sum(1), "scale"}`` (float64, per unit); ``scale``: the charge's magnitude
-        (signs dropped, :math:`|x|` for a linear charge), or :math:`|Q(t)|, |Q(0)|` if larger,
-        the size of its round-off (``closure / scale`` is relative even for a zero charge).
+        (signs dropped, :math:`|x|` for a linear charge) now or at the origin, or
+        :math:`|Q(t)|, |Q(0)|`, the largest: the size of its round-off (``closure / scale`` is
+        relative even for a zero or decaying charge).
         Empty without ``symmetries``; every rank calls it when sharded."""
         if not self.symmetries:
             return {}
@@ -655,6 +653,7 @@ class BalanceLedger:
             "charges": [s.name for s in self.symmetries],
             "charge_D0": None if self._charge0 is None else [t.tolist() for t in self._charge0],
             "charge_sums": [t.tolist() for t in charge_sums],
+            "magnitude0": None if self._mag0 is None else [t.tolist() for t in self._mag0],
             "sgd_lookahead": self.iterates.state_dict(),
             # the scale charges' angle statistics of the steps no read_angles() has seen yet
             "angle_stats": self._book.angle_stats(self._sharded).tolist(),
@@ -696,4 +695,6 @@ class BalanceLedger:
         charge0 = state.get("charge_D0")
         # None: saved before start() (read_charges then starts the series, as a fresh ledger)
         self._charge0 = None if charge0 is None else [as_tensor(v) for v in charge0]
+        mag0 = state.get("magnitude0")  # None: saved before start() or by an older version
+        self._mag0 = None if mag0 is None else [as_tensor(v) for v in mag0]
         self.iterates.load_state_dict(state["sgd_lookahead"])
