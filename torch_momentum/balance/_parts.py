@@ -243,8 +243,7 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
         if op == "gram" and count * group.numel <= CHUNK_CAP:
             x = torch.stack(list(tensors)).reshape(k, per_member, pre, n, post)
             if post >= 4:  # a convolution's kernel entries: dim to the front, one bmm
-                y = x.permute(3, 0, 1, 2, 4).reshape(n * k, per_member, pre * post)
-                return torch.bmm(y, y.transpose(1, 2)).view(n, k, per_member * per_member)
+                return _reduce(x.permute(3, 0, 1, 2, 4), op)
             # a matrix's columns: the products of all slot pairs at once (moving dim to the
             # front would be a strided copy costlier than these products)
             g = (x.unsqueeze(2) * x.unsqueeze(1)).sum((3, 5))  # (k, r, r, n)
@@ -260,12 +259,12 @@ def reduce_rows(tensors: Sequence[Tensor], group: UnitGroup, per_member: int, op
         assert out is not None
         return out
     if d is None and group.s == 1:
-        return _reduce_flat(torch.stack(list(tensors)), 1, k, per_member, op)
+        return _reduce(torch.stack(list(tensors)).reshape(1, k, per_member, -1), op)
     rows = group.rows
     views = list(tensors) if group.s == 1 else [t.reshape(rows, -1) for t in tensors]
     block = max(1, CHUNK_CAP * rows // max(1, count * group.numel))
     if block >= rows:
-        return _reduce_flat(torch.stack(views, 1), rows, k, per_member, op)
+        return _reduce(torch.stack(views, 1).reshape(rows, k, per_member, -1), op)
     length = group.numel // rows  # entries per row
     blocks = []
     for a in range(0, rows, block):
@@ -284,40 +283,23 @@ def row_reducer(group: UnitGroup, per_member: int, op: str) -> Callable[[list[Te
     one_block = group.s == 1 and count * group.numel <= CHUNK_CAP
     if group.dim not in (None, 0) or not one_block:
         return lambda tensors: reduce_rows(tensors, group, per_member, op).reshape(-1, e)
-    axis = 0 if group.dim is None else 1
+    axis, shape = (0 if group.dim is None else 1), (rows, k, per_member, -1)
 
     def reduce(tensors: list[Tensor]) -> Tensor:
-        return _reduce_flat(torch.stack(tensors, axis), rows, k, per_member, op).view(-1, e)
+        return _reduce(torch.stack(tensors, axis).reshape(shape), op).view(-1, e)
 
     return reduce
 
 
-def _reduce_flat(x: Tensor, rows: int, k: int, per_member: int, op: str) -> Tensor:
-    """:func:`_reduce` of a contiguous ``x`` holding ``(rows, k, per_member, ...)`` entries,
-    with the fewest kernels: one batched matrix product (outer products for one entry per
-    row) or one sum."""
-    y = x.reshape(rows * k, per_member, -1)  # a strided stack (channels_last) is copied
-    if op == "gram":
-        if y.shape[-1] == 1:
-            y = y.reshape(rows * k, per_member)
-            g = y.unsqueeze(2) * y.unsqueeze(1)
-        else:
-            g = torch.bmm(y, y.transpose(1, 2))
-        return g.view(rows, k, per_member * per_member)
-    if op == "sum":
-        return y.sum(2, dtype=torch.float64).view(rows, k, per_member)
-    if op == "sumabs":
-        return y.abs().sum(2, dtype=torch.float64).view(rows, k, per_member)
-    return torch.linalg.vector_norm(y, dim=2, dtype=torch.float64).square().view(rows, k, -1)
-
-
 def _reduce(x: Tensor, op: str) -> Tensor:
-    """``x`` ``(rows, members, slots, ...)`` reduced over the trailing dimensions."""
+    """``x`` ``(rows, members, slots, ...)`` reduced over the trailing dimensions, with the
+    fewest kernels: the slots' products by one batched matrix product (outer products for one
+    entry per row; a strided ``x``, permuted or channels_last, is copied first), or one sum."""
+    rows, k, r = x.shape[:3]
     if op == "gram":
-        x = x.flatten(3)
-        if x.shape[-1] == 1:  # one entry per row: outer products
-            return (x * x.transpose(-1, -2)).flatten(2)
-        return (x @ x.transpose(-1, -2)).flatten(2)
+        y = x.reshape(rows * k, r, -1)
+        g = y * y.transpose(1, 2) if y.shape[-1] == 1 else torch.bmm(y, y.transpose(1, 2))
+        return g.view(rows, k, r * r)
     dims = tuple(range(3, x.dim()))
     if op == "sum":
         return x.sum(dims, dtype=torch.float64)
