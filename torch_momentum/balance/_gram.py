@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 
 from torch_momentum.balance._dtensor import local
-from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS, Maps
+from torch_momentum.balance.rules import (
+    GRAM_ENTRIES,
+    LEDGER_TERMS,
+    SLOTS,
+    Maps,
+    is_low_precision,
+)
 
 #: The slot holding the gradient (scaled by a GradScaler that lets the optimiser unscale).
 GRAD_SLOT = 2
@@ -30,11 +36,6 @@ def acc_dtype(t: Tensor) -> torch.dtype:
     fast), float64 otherwise (bfloat16/float16 too: their rounding is measured, so the
     accumulation must not add more)."""
     return torch.float32 if t.dtype in (torch.float32, torch.complex64) else torch.float64
-
-
-def is_low_precision(t: Tensor) -> bool:
-    """Whether ``t`` is bfloat16 or float16 (the ledger then measures the update's rounding)."""
-    return t.dtype in (torch.bfloat16, torch.float16)
 
 
 def sums_of_squares(tensors: list[Tensor]) -> list[Tensor]:

@@ -30,12 +30,11 @@ from torch_momentum.balance._gram import (
     entry_values,
     grad_marks,
     inverse_scale,
-    is_low_precision,
     step_matrix,
 )
 from torch_momentum.balance._iterates import Iterates
 from torch_momentum.balance.layers import adjacent_pairs, check_disjoint
-from torch_momentum.balance.rules import GENERIC_RULE, LEDGER_TERMS, Maps, Rule
+from torch_momentum.balance.rules import GENERIC_RULE, LEDGER_TERMS, Maps, Rule, is_low_precision
 from torch_momentum.balance.symmetry import checked_symmetries
 from torch_momentum.balance.units import UnitLayer, unit_parts
 

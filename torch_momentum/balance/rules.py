@@ -95,6 +95,11 @@ SLOTS = 5
 MapRows = list[list[float]]
 
 
+def is_low_precision(t: Tensor) -> bool:
+    """Whether ``t`` is bfloat16 or float16 (the ledger then measures the update's rounding)."""
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
 class Hyper(NamedTuple):
     """A param group's hyper-parameters as the ledger reads them.
 
@@ -356,7 +361,7 @@ class Rule:
         v = self.velocity(opt, p) if c != 0.0 else None
         if v is None:
             return p.detach()
-        if p.dtype in (torch.bfloat16, torch.float16):
+        if is_low_precision(p):
             return p.detach().double() - c * v.double()
         return p.detach() - c * v
 
@@ -506,7 +511,7 @@ class Nesterov(HeavyBall):
     def iterate(
         self, opt: torch.optim.Optimizer, index: int, p: Tensor, memory: MutableMapping[Any, float]
     ) -> Tensor:
-        if p.dtype in (torch.bfloat16, torch.float16):  # exact, not rounded to p's dtype
+        if is_low_precision(p):  # exact, not rounded to p's dtype
             return super().iterate(opt, index, p, memory)
         return cast(NesterovSGD, opt).iterate(p)
 
