@@ -90,3 +90,19 @@ def test_row_reducer_equals_a_loop(
         want = torch.stack([row.sum(1) for row in rows], 1).reshape(n * members, r)
     assert got.dtype == torch.float64 and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-11)
+
+
+def test_index_units_keeps_each_charge_in_place_when_its_parts_hold_some_units() -> None:
+    """One rank's shards of a charge may hold only some of its units (FSDP2 shards the rows of a
+    per-row charge): the next charge's units still start after all of its units (they started
+    after the units held, and its sums landed on the wrong units before the sum over ranks)."""
+    from torch_momentum.balance._parts import SymmetryPart, index_units
+
+    held = SymmetryPart("a", 0, 0, 4, 1, 1.0, 0)  # units 0-3 of the 8 of the first charge
+    nxt = SymmetryPart("b", 1, 0, 3, 1, 1.0, 0)
+    index = index_units(
+        [(8, False, [held]), (3, False, [nxt])],
+        lambda part: part.param,
+        lambda key: ((key,), (4, 5) if key == "a" else (2, 3)),
+    )
+    assert index.dst.tolist() == [0, 1, 2, 3, 8, 9, 10]

@@ -137,11 +137,12 @@ def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:
 
 
 def test_symmetry_charges_under_fsdp2_match_single_process(distributed: dict[str, Any]) -> None:
-    """A rescale charge (rows and bias of a sharded layer against the columns of the next) and a
-    translation charge (columns, and the whole bias as one unit: partial sums on each rank) of
-    an FSDP2-sharded model: every rank accumulates its shards, one all_reduce sums them."""
+    """A per-row charge (each rank holds half of its units), a rescale charge (rows and bias of
+    a sharded layer against the columns of the next) and a translation charge (columns, and the
+    whole bias as one unit: partial sums on each rank) of an FSDP2-sharded model: every rank
+    accumulates its shards, one all_reduce sums them."""
     got, expected = distributed["charges"]["sharded"], distributed["charges"]["single"]
-    assert set(got) == set(expected) == {"0/2", "2 (softmax)"}
+    assert set(got) == set(expected) == {"0 (per row)", "0/2", "2 (softmax)"}
     for name, entry in expected.items():
         scale = max(float(torch.tensor(entry["D0"]).abs().max()), 1.0)
         for key in ("D", "D0", "sums", "closure"):

@@ -105,6 +105,17 @@ def dtensor_checks() -> dict[str, list[float]]:
 
 def _symmetries() -> list[SimpleNamespace]:
     return [
+        # first, and with every unit along the dimension FSDP2 shards: each rank holds only some
+        # of its units (the next charges' units must still start after all of its units)
+        SimpleNamespace(
+            name="0 (per row)",
+            kind="scale",
+            units=8,
+            parts=(
+                SymmetryPart("0.weight", 0, 0, 8, 1, 1.0, 0),
+                SymmetryPart("0.bias", 0, 0, 8, 1, 1.0, 0),
+            ),
+        ),
         SimpleNamespace(
             name="0/2",
             kind="rescale",

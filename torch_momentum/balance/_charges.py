@@ -219,7 +219,10 @@ class ChargeBook:
 
         weights, position = self._weights, self._position
         index = index_units(
-            [(c.linear, parts) for c, parts in zip(self.charges, self._local, strict=True)],
+            [
+                (c.units, c.linear, parts)
+                for c, parts in zip(self.charges, self._local, strict=True)
+            ],
             lambda part: position[part.param],
             describe,
             lambda part: part.sign * weights[position[part.param]],

@@ -164,25 +164,25 @@ def row_split(shape: Sequence[int], dim: int | None) -> tuple[int, int]:
 
 
 def index_units(
-    charges: Sequence[tuple[bool, Sequence[Any]]],
+    charges: Sequence[tuple[int, bool, Sequence[Any]]],
     key: Callable[[Any], Any],
     describe: Callable[[Any], tuple[Any, Sequence[int]] | None],
     factor: Callable[[Any], float] = lambda part: part.sign,
     order: Callable[[UnitGroup], Any] | None = None,
 ) -> UnitIndex:
-    """Group the parts of ``charges`` (``(linear, parts)`` each) by the layout of their tensors
-    and index their units. ``describe(key(part))`` gives ``(signature, shape)`` of the tensor,
-    or ``None`` to leave the part out; tensors of one signature reduced along one dimension
+    """Group the parts of ``charges`` (``(units, linear, parts)`` each) by the layout of their
+    tensors and index their units (the charges' units follow one another, ``units`` each: a
+    charge whose parts hold only some of its units, e.g. one rank's shards, keeps its place).
+    ``describe(key(part))`` gives ``(signature, shape)`` of the tensor, or ``None`` to leave
+    the part out; tensors of one signature reduced along one dimension
     (sums or sums of products) form one group. ``order``: a sort key of the groups (default:
     first seen first)."""
     groups: dict[tuple[Any, int | None, bool], UnitGroup] = {}
     member_of: dict[tuple[Any, int | None, bool], dict[Any, int]] = {}
     entries = []  # (group key, member, part, first unit of its charge)
     base = 0
-    for linear, parts in charges:
-        units = 0
+    for units, linear, parts in charges:
         for part in parts:
-            units = max(units, part.unit_offset + part.units)
             found = describe(key(part))
             if found is None:
                 continue
@@ -341,7 +341,7 @@ class PartSums:
         layout = {k: ((t.shape, t.dtype, t.device), tuple(t.shape)) for k, t in tensors.items()}
         if self._index is None or layout != self._layout:
             index = index_units(
-                [(linear, parts) for _, linear, parts in self.charges],
+                self.charges,
                 self.key,
                 layout.get,
                 (lambda part: abs(part.sign)) if self.magnitude else (lambda part: part.sign),
