@@ -15,6 +15,12 @@ symmetries is one), and the loss must not change beyond round-off:
   the rms of the symmetry's parameters;
 * zero gradient: the slice plus 10 times its rms (at least the parameters') in N(0, 1) noise.
 
+Each move is made twice: with a random direction per unit, and with every unit moved the same
+way (up, or to the right). A symmetry broken only along the common direction (a shift of all
+of a layer's channels that a LayerNorm removes on one path but a branch scaled by a small
+LayerScale still sees, as in ConvNeXt's downsampling layers) changes the loss under the second
+even where the random signs of the first cancel its effect.
+
 If the loss changes, each symmetry is moved alone and the ones that change it are rejected,
 with the relative change of the loss as their residual. Private helper of
 :mod:`torch_momentum.balance.symmetry`.
@@ -72,14 +78,18 @@ def move(
     gen: torch.Generator,
     origin: Mapping[str, Tensor],
     overall: float,
+    aligned: bool = False,
 ) -> None:
     """Move ``point`` (in place) far along ``symmetry``'s group; ``name`` maps a part's
     parameter name to the key of ``point``. Sizes come from ``origin`` (the unmoved point, so
     that moves made before this one do not scale it) and ``overall`` (its rms over all
-    tensors, for all-zero tensors)."""
+    tensors, for all-zero tensors). ``aligned``: every unit moves the same way (up, or to
+    the right), not each its own random way."""
     units = symmetry.units
     size = torch.rand(units, generator=gen, dtype=torch.float64)
     sign = torch.where(torch.rand(units, generator=gen) < 0.5, -1.0, 1.0).double()
+    if aligned:
+        sign = torch.ones_like(sign)
     # one size per unit for all parts: a unit spanning two tensors (bias_ih/bias_hh) moves by
     # the same amount in both
     tensors = [origin[name(n)] for n in dict.fromkeys(p.param for p in symmetry.parts)]
@@ -112,9 +122,9 @@ def confirm(
     seed: int,
 ) -> tuple[list[Any], list[Any]]:
     """``(kept, rejected)``: the symmetries under whose finite moves ``loss`` (at ``point``,
-    moved copies of it) stays within :func:`tolerance` relative; the rejected ones carry the
-    relative change as ``residual``. One evaluation when all hold, one more per symmetry
-    otherwise."""
+    moved copies of it) stays within :func:`tolerance` relative under both moves; the rejected
+    ones carry the larger relative change as ``residual``. Two evaluations when all hold, two
+    more per symmetry otherwise."""
     if not symmetries:
         return [], []
     first = loss(point)
@@ -124,14 +134,18 @@ def confirm(
     overall = math.sqrt(sum(_rms(t) ** 2 for t in point.values()) / max(len(point), 1)) or 1.0
 
     def change(chosen: Sequence[Any]) -> float:
-        gen = torch.Generator().manual_seed(seed)
-        moved = {k: t.clone() for k, t in point.items()}
-        for symmetry in chosen:
-            move(moved, symmetry, name, gen, point, overall)
-        after = float(loss(moved))
-        if not math.isfinite(after):
-            return math.inf
-        return abs(after - base) / max(abs(base), abs(after), torch.finfo(torch.float64).tiny)
+        worst = 0.0
+        for aligned in (False, True):
+            gen = torch.Generator().manual_seed(seed)
+            moved = {k: t.clone() for k, t in point.items()}
+            for symmetry in chosen:
+                move(moved, symmetry, name, gen, point, overall, aligned)
+            after = float(loss(moved))
+            if not math.isfinite(after):
+                return math.inf
+            tiny = torch.finfo(torch.float64).tiny
+            worst = max(worst, abs(after - base) / max(abs(base), abs(after), tiny))
+        return worst
 
     if change(symmetries) <= tol:
         return list(symmetries), []

@@ -512,7 +512,8 @@ def find_symmetries(
     A symmetry is a group action, so the candidates that pass are then moved far along their
     groups, all at once, on the first batch: each unit scaled by a factor between 10 and 1000
     (either way; a rescale's B side divided), shifted by 10 to 100 times the parameters' rms
-    (translation), or given noise of 10 times its rms (zero gradient). The loss must stay
+    (translation), or given noise of 10 times its rms (zero gradient); once with a random
+    direction per unit, once with all units moved the same way. The loss must stay
     within round-off (relative ``max(1e-3 * rtol, 1000 * eps)`` of the evaluation and loss
     dtypes); otherwise each is moved alone and the ones that change it are rejected, with the
     relative change as residual. This catches functions homogeneous only where they do not
@@ -520,8 +521,9 @@ def find_symmetries(
     is merely tiny, which the gradient test passes wherever no unit reaches the clamp.
 
     Cost: two float64 forward and backward passes per batch (one with ``perturbed_batches=1``
-    beyond the first batch), one more if the model has norm layers, two forward passes for the
-    finite moves (one more per symmetry where they fail), and inner products (a few
+    beyond the first batch), one more if the model has norm layers, three forward passes for the
+    finite moves (the loss, then every unit moved in a random direction, and all units the same
+    way; two more per symmetry where they fail), and inner products (a few
     tensor operations per parameter). On a CPU a float64 pass costs 1.5x (small transformers)
     to 3x (convolutions, which have no fast float64 kernel) a float32 training step: see
     ``benchmarks/symmetry_discovery.py`` for measured ratios. ``dtype=torch.float32`` with
