@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from torch_momentum.balance import _dtensor
+from torch_momentum.balance._flat import FLAT_CAP, FlatRows
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
 from torch_momentum.balance._parts import (
     PartSums,
@@ -88,6 +89,25 @@ def localize(part: SymmetryPart, p: Any, name: str) -> SymmetryPart | None:
     )
 
 
+class _Flat(NamedTuple):
+    """The layout's reductions by :class:`~torch_momentum.balance._flat.FlatRows`, for steps
+    whose rows all have the three slots (p, v, g) of one dtype and one rule map: the per-row
+    Gram entries (quadratic charges) and sums (linear ones), times each part's factor, are
+    summed into the units first (``raw``: 9 Gram entries, and 3 sums, per unit of every
+    charge), then mapped to the terms and angle statistics once per unit."""
+
+    rows: FlatRows
+    keys: list[int]  # the tracked tensors, in the plan's order
+    gram: UnitIndex  # Gram rows (``src``) into units (``dst``), times ``factor``
+    sums: UnitIndex  # sums rows into units
+    wide: Tensor | None  # float32 Gram rows: their float64 copy
+    taken: tuple[Tensor, Tensor]  # the entries of both indexes (persistent buffers)
+    factors: tuple[Tensor, Tensor]  # both indexes' factors as columns
+    raw: tuple[Tensor, Tensor]  # per unit, the summed Gram entries (9) and sums (3)
+    terms_t: Tensor  # (9, units): the terms and angle statistics of every unit
+    angle_dst: Tensor  # per unit: its place in the angle statistics
+
+
 class _Layout(NamedTuple):
     """The cached layout of a step's charge rows (see :meth:`ChargeBook.accumulate`)."""
 
@@ -99,6 +119,7 @@ class _Layout(NamedTuple):
     complex: list[bool]  # per group: complex tensors, read as real
     angle_dst: Tensor  # per entry of the index: its scale charge's position (or a dump row)
     reducers: list[Callable[[list[Tensor]], Tensor]]  # per group: its rows' reductions
+    flat: _Flat | None  # the same reductions from one buffer, where the layout allows
 
 
 class ChargeBook:
@@ -155,6 +176,7 @@ class ChargeBook:
         self.sizes = [c.units for c in self.charges]
         self._flat = torch.zeros(sum(self.sizes), n_terms, dtype=torch.float64, device=device)
         self.sums = list(self._flat.split(self.sizes))
+        self._bases = [sum(self.sizes[:k]) for k in range(len(self.sizes))]  # first unit of each
         self.offset = [torch.zeros_like(t) for t in self.sums]
         self._scale = [k for k, c in enumerate(self.charges) if c.kind == "scale"]
         # per step, |x|^2, <x, d>, |d|^2 of each scale charge (and a dump row for the others),
@@ -170,6 +192,9 @@ class ChargeBook:
         self._angle_offset: Tensor | None = None  # restored unread steps, summed over ranks
         self._layouts: dict[Any, _Layout] = {}
         self._coefs: dict[tuple[Any, ...], tuple[Any, Tensor]] = {}
+        self._coefs_t_cache: dict[
+            tuple[int, int], tuple[Tensor, Tensor, tuple[Tensor, Tensor]]
+        ] = {}
         self._values: dict[tuple[int, int | None, bool], PartSums] = {}
 
     def zero(self) -> None:
@@ -184,23 +209,24 @@ class ChargeBook:
         """Add one step's terms (``rows``: the step's rows by tracked tensor)."""
         key = (tuple(rows), tuple([row.mask for row in rows.values()]))
         cached = self._layouts.get(key)
-        values = None if cached is None else self._step_values(cached, rows, inv_scale)
-        if cached is None or values is None:  # a new layout (or the dtypes changed under it)
+        found = None if cached is None else self._values_of(cached, rows, inv_scale)
+        if found is None:  # a new layout (or the dtypes or shapes changed under it)
             if len(self._layouts) > 16:
                 self._layouts.clear()
             cached = self._layouts[key] = self._layout(rows)
-            values = self._step_values(cached, rows, inv_scale)
-            assert values is not None
-        layout = cached
-        index = layout.units
-        terms = values.index_select(0, index.src) * index.factor[:, None]  # (entries, 9)
+            found = self._values_of(cached, rows, inv_scale)
+            assert found is not None
+        terms, dst, angle_dst = found  # (entries, 9): the units' shares of the terms
         if found_inf is not None:  # a step the optimiser skipped: nothing happened
             terms = torch.where(found_inf.to(terms.device) > 0, 0.0, terms)
         n_terms = len(LEDGER_TERMS)
-        self._flat.index_add_(0, index.dst, terms[:, :n_terms])
+        if dst is None:  # per unit, in order
+            self._flat.add_(terms[:, :n_terms])
+        else:
+            self._flat.index_add_(0, dst, terms[:, :n_terms])
         if self._scale:
             angle = self._ring[self._angle_count % len(self._ring)]
-            angle.zero_().index_add_(0, layout.angle_dst, terms[:, n_terms:])
+            angle.zero_().index_add_(0, angle_dst, terms[:, n_terms:])
             if found_inf is not None:
                 angle.masked_fill_(found_inf.to(angle.device) > 0, math.nan)
             self._angle_count += 1
@@ -239,13 +265,7 @@ class ChargeBook:
             real = torch.view_as_real(first).dtype if first.is_complex() else first.dtype
             dtype.append(real)
             convert.append(real != acc[-1] or any(d != dtypes[0] for d in dtypes))
-        # the scale charge of every entry (len(self._scale): not a scale charge)
-        charge_of_unit = torch.repeat_interleave(
-            torch.arange(len(self.charges)), torch.tensor(self.sizes, dtype=torch.long)
-        )
-        scale_pos = torch.full((len(self.charges) + 1,), len(self._scale), dtype=torch.long)
-        scale_pos[self._scale] = torch.arange(len(self._scale))
-        angle_dst = scale_pos[charge_of_unit[index.dst]] if len(index.dst) else index.dst
+        angle_dst = self._angle_dst(index.dst)
         device = self.device
         return _Layout(
             index._replace(
@@ -256,12 +276,157 @@ class ChargeBook:
             acc,
             convert,
             cplx,
-            angle_dst.to(device),
+            angle_dst,
             [
                 row_reducer(group, len(present[g]), "sum" if group.linear else "gram")
                 for g, group in enumerate(index.groups)
             ],
+            self._flat_layout(rows),
         )
+
+    def _angle_dst(self, dst: Tensor) -> Tensor:
+        """Per entry summed into the units ``dst``: the position of its scale charge in the
+        angle statistics (``len(self._scale)``, a dump row, for the other charges)."""
+        charge_of_unit = torch.repeat_interleave(
+            torch.arange(len(self.charges)), torch.tensor(self.sizes, dtype=torch.long)
+        )
+        scale_pos = torch.full((len(self.charges) + 1,), len(self._scale), dtype=torch.long)
+        scale_pos[self._scale] = torch.arange(len(self._scale))
+        out = scale_pos[charge_of_unit[dst.cpu()]] if len(dst) else dst.cpu()
+        return out.to(self.device)
+
+    def _flat_layout(self, rows: dict[int, Row]) -> _Flat | None:
+        """The reductions of ``rows`` from one buffer (:class:`FlatRows`), where every row has
+        the slots (p, v, g), dense, of one float dtype on one device, and the model is small
+        enough (:data:`FLAT_CAP`); None otherwise."""
+        keys = list(rows)
+        slots = [rows[i].slots[:3] for i in keys]
+        t0 = cast(Tensor, slots[0][0])
+        dtype, device = t0.dtype, t0.device
+        if dtype not in (torch.float32, torch.float64) or any(
+            rows[i].mask != 0b111 or rows[i].low or rows[i].plain for i in keys
+        ):
+            return None
+        shapes = [cast(Tensor, s[0]).shape for s in slots]
+        for shape, triple in zip(shapes, slots, strict=True):
+            for t in cast(tuple[Tensor, ...], triple):
+                if t.dtype is not dtype or t.device != device or t.is_sparse or t.shape != shape:
+                    return None
+        if not all(math.prod(s) for s in shapes) or 3 * sum(map(math.prod, shapes)) > FLAT_CAP:
+            return None
+        k_of = {i: k for k, i in enumerate(keys)}
+        entries = []  # (part, tensor, dim, linear, first unit of its charge)
+        for charge, parts, base in zip(self.charges, self._local, self._bases, strict=True):
+            for part in parts:
+                k = k_of.get(self._position[part.param])
+                if k is not None:
+                    dim = 0 if part.dim is None else part.dim
+                    entries.append((part, k, dim, charge.linear, base))
+        if not entries:
+            return None
+        flat = FlatRows(shapes, [(k, d, lin) for _, k, d, lin, _ in entries], dtype, device)
+        # (src, dst, factor) of the Gram rows and of the sums rows
+        index: dict[bool, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {
+            False: ([], [], []),
+            True: ([], [], []),
+        }
+        for part, k, d, linear, base in entries:
+            if part.dim is None:  # every row of the tensor, into one unit
+                j = torch.arange(flat.count(k, d))
+                unit = torch.full_like(j, base + part.unit_offset)
+            else:
+                j = torch.arange(part.start, part.start + part.length)
+                unit = base + part.unit_offset + (j - part.start) // part.block
+            src, dst, factor = index[linear]
+            src.append((flat.first_sum(k, d) if linear else flat.first(k, d)) + j)
+            dst.append(unit)
+            weight = part.sign * self._weights[self._position[part.param]]
+            factor.append(torch.full((len(j),), float(weight), dtype=torch.float64))
+
+        def cat(tensors: list[Tensor], dtype: torch.dtype = torch.long) -> Tensor:
+            return (torch.cat(tensors) if tensors else torch.zeros(0, dtype=dtype)).to(device)
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        gram, sums = (
+            UnitIndex([], cat(src), cat(dst), cat(factor, torch.float64))
+            for src, dst, factor in (index[False], index[True])
+        )
+        units = sum(self.sizes)
+        return _Flat(
+            flat,
+            keys,
+            gram,
+            sums,
+            None if dtype == torch.float64 else zeros(len(flat.gram), 9),
+            (zeros(len(gram.src), 9), zeros(len(sums.src), 3)),
+            (gram.factor[:, None], sums.factor[:, None]),
+            (zeros(units, 9), zeros(units, 3)),
+            zeros(_VALUES, units),
+            self._angle_dst(torch.arange(units)),
+        )
+
+    def _values_of(
+        self, layout: _Layout, rows: dict[int, Row], inv_scale: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor] | None:
+        """Per entry of the step's index: its share of the 6 terms and 3 angle statistics
+        (float64, ``(entries, 9)``), the unit it is summed into (None: one entry per unit, in
+        order) and its place in the angle statistics; None where the layout no longer fits."""
+        flat = layout.flat
+        if flat is not None and inv_scale is None:
+            first = rows[flat.keys[0]]
+            if all(rows[i].maps is first.maps for i in flat.keys):
+                if not self._flat_units(flat, rows, first):
+                    return None
+                return flat.terms_t.T, None, flat.angle_dst
+        values = self._step_values(layout, rows, inv_scale)
+        if values is None:
+            return None
+        index = layout.units
+        return (
+            values.index_select(0, index.src) * index.factor[:, None],
+            index.dst,
+            layout.angle_dst,
+        )
+
+    def _flat_units(self, flat: _Flat, rows: dict[int, Row], first: Row) -> bool:
+        """Fill ``flat.terms_t``: per unit, the 6 terms and 3 angle statistics of this step
+        (float64); False where a slot's dtype or shape changed (nothing computed). Every
+        buffer persists: fresh ones of these sizes cost page faults every step."""
+        if not flat.rows([cast(Tensor, rows[i].slots[a]) for a in range(3) for i in flat.keys]):
+            return False
+        gram = flat.rows.gram.view(-1, 9)
+        x = gram if flat.wide is None else flat.wide.copy_(gram)  # float64
+        for values, index, taken, factor, raw in (
+            (x, flat.gram, flat.taken[0], flat.factors[0], flat.raw[0]),
+            (flat.rows.sums, flat.sums, flat.taken[1], flat.factors[1], flat.raw[1]),
+        ):
+            raw.zero_()
+            if len(index.src):
+                torch.index_select(values, 0, index.src, out=taken)
+                raw.index_add_(0, index.dst, taken.mul_(factor))
+        # transposed: a (9, units) product is ~2x faster than (units, 9) on the CPU
+        quadratic_t, linear_t = self._coefs_t(first, x.device)
+        torch.mm(quadratic_t, flat.raw[0].T, out=flat.terms_t)
+        flat.terms_t.addmm_(linear_t, flat.raw[1].T)
+        return True
+
+    def _coefs_t(self, row: Row, device: Any) -> tuple[Tensor, Tensor]:
+        """``(9, 9)`` and ``(9, 3)``: the terms and angle statistics of a unit from its 9 Gram
+        entries (quadratic charges) or its 3 sums (linear charges) of the slots (p, v, g),
+        transposed (:meth:`_coef`'s maps)."""
+        present = (0, 1, 2)
+        quadratic = self._coef(row, False, present, device)
+        linear = self._coef(row, True, present, device)
+        key = (id(quadratic), id(linear))
+        hit = self._coefs_t_cache.get(key)
+        if hit is None or hit[0] is not quadratic or hit[1] is not linear:
+            if len(self._coefs_t_cache) > 256:  # a scheduler changes lr every step
+                self._coefs_t_cache.clear()
+            pair = (quadratic.T.contiguous(), linear.T.contiguous())
+            hit = self._coefs_t_cache[key] = (quadratic, linear, pair)
+        return hit[2]
 
     def _step_values(
         self, layout: _Layout, rows: dict[int, Row], inv_scale: Tensor | None
