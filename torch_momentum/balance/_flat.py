@@ -159,7 +159,7 @@ class FlatRows:
             for k, d, idx in items:
                 self._first[(k, d, linear)], self._count[(k, d)] = rows, idx.shape[0]
                 rows += idx.shape[0]
-            index = torch.cat([idx.reshape(-1) for _, _, idx in items]).to(device)
+            index = torch.cat([idx.reshape(-1) for _, _, idx in items]).to(device, torch.int32)
             spans.append((first, rows - first, index, length, linear))
         return spans
 
