@@ -71,6 +71,7 @@ class FlatRows:
 
     Example:
         >>> import torch
+        >>> from torch_momentum.balance._flat import FlatRows
         >>> a, b = torch.ones(2, 3), torch.arange(4.0)
         >>> flat = FlatRows([(2, 3), (4,)], [(0, 1, False), (1, 0, True)], torch.float32, "cpu")
         >>> flat([a, b, 2 * a, b, a, b])
