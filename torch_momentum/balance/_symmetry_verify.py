@@ -175,8 +175,13 @@ class Evaluator:
         }
 
 
-def perturbed(point: Mapping[str, Tensor], scale: float, seed: int) -> dict[str, Tensor]:
-    """``x + scale * rms(x) * N(0, 1)`` per tensor (a zero tensor: the rms of all parameters).
+def perturbed(
+    point: Mapping[str, Tensor], scale: float, seed: int, fixed: Mapping[str, int] | None = None
+) -> dict[str, Tensor]:
+    """``x + scale * rms(x) * N(0, 1)`` per tensor (a zero tensor: the rms of all parameters),
+    except the rows ``fixed`` names (``{tensor: row}``: an embedding's ``padding_idx`` row,
+    whose gradient autograd masks, so that where it is not zero the loss depends on entries
+    whose gradient reads zero).
 
     Example:
         >>> import torch
@@ -184,6 +189,9 @@ def perturbed(point: Mapping[str, Tensor], scale: float, seed: int) -> dict[str,
         >>> moved = perturbed({"b": torch.zeros(3, dtype=torch.float64)}, 0.1, seed=0)
         >>> bool(moved["b"].abs().min() > 0)  # a zero bias is moved too (by 0.1 * 1)
         True
+        >>> moved = perturbed({"e": torch.zeros(3, 2)}, 0.1, seed=0, fixed={"e": 0})
+        >>> moved["e"][0].tolist()  # the padding row stays
+        [0.0, 0.0]
     """
     gen = torch.Generator().manual_seed(seed)
     total = sum(float(t.double().pow(2).sum()) for t in point.values())
@@ -194,7 +202,20 @@ def perturbed(point: Mapping[str, Tensor], scale: float, seed: int) -> dict[str,
         rms = float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)
         out[n] = t + scale * (rms or overall) * noise
+        if fixed and n in fixed:
+            out[n][fixed[n]] = t[fixed[n]]
     return out
+
+
+def padding_rows(model: nn.Module) -> dict[str, int]:
+    """``{weight name: padding_idx}`` of the model's embeddings that have one (their padding row
+    gets no gradient: autograd masks it)."""
+    rows = {}
+    for name, module in model.named_modules():
+        index = getattr(module, "padding_idx", None)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and index is not None:
+            rows[f"{name}.weight" if name else "weight"] = int(index)
+    return rows
 
 
 class _Layout:

@@ -60,6 +60,7 @@ from torch_momentum.balance._symmetry_verify import (
     CallFailedError,
     Evaluator,
     Verifier,
+    padding_rows,
     perturbed,
 )
 
@@ -460,7 +461,7 @@ def _verify(
 ) -> tuple[Verifier, list[Proposal]]:
     """Propose candidates from the first forward pass, then fold in every gradient."""
     x, first, calls = _first(evaluator, model, batches[0], settings)
-    moved = perturbed(x, settings.perturbation, settings.seed)
+    moved = perturbed(x, settings.perturbation, settings.seed, padding_rows(model))
     prefix = display_prefix(list(evaluator.trainable))
     proposals, slices = propose(model, calls, settings.kinds, prefix)
     del calls  # the recorded tensors
@@ -497,8 +498,9 @@ def find_symmetries(
     parent module such as query/key, every Linear as a classifier...). A candidate is reported
     only if, for every unit :math:`u` and on **every** batch, at the current parameters
     :math:`x` **and** at a perturbed point :math:`x' = x + \mathrm{perturbation} \cdot
-    \mathrm{rms}(x) \cdot N(0, 1)` (per tensor; a symmetry that holds only at a special point,
-    e.g. zero biases, is not one):
+    \mathrm{rms}(x) \cdot N(0, 1)` (per tensor, an embedding's ``padding_idx`` row kept, its
+    gradient being masked by autograd; a symmetry that holds only at a special point, e.g.
+    zero biases, is not one):
 
     .. math::
         |\langle \nabla \ell, \xi_u \rangle| \le \mathrm{rtol}\,\|\nabla \ell_{A_u}\|\,\|\xi_u\|,
