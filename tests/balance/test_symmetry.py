@@ -347,6 +347,47 @@ def test_a_symmetry_broken_only_along_the_common_direction_is_rejected() -> None
     assert {s.kind for s in found} >= {"rescale", "translation"}  # the true ones stay
 
 
+class _ConvLayer(nn.Module):
+    """conv -> BatchNorm -> ReLU in one module (transformers' vision models' layout), the input
+    padded by ``F.pad`` in its forward where asked (MobileNetV2's ``tf_padding``)."""
+
+    def __init__(self, cin: int, pad: bool) -> None:
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, 8, 3, bias=False)
+        self.normalization = nn.BatchNorm2d(8)
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (1, 1, 1, 1)) if self.pad else x
+        return torch.relu(self.normalization(self.convolution(x)))
+
+
+class _MeanHead(nn.Module):
+    """Two conv layers (the second padding its input functionally), then ``.mean((2, 3))`` in
+    the parent and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = _ConvLayer(3, pad=False)
+        self.second = _ConvLayer(8, pad=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.second(self.first(x)).mean((2, 3)))
+
+
+def test_links_through_functional_padding_and_means() -> None:
+    """A channel stays a channel through ``F.pad`` and a mean over positions, scaled alike: the
+    rescale of each BatchNorm against the next layer is proposed and found. Before: the link
+    was lost at the pad (``first.normalization/second.convolution`` not proposed) and at the
+    mean (``second.normalization/fc`` not proposed)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))) for _ in range(2)]
+    found = find_symmetries(_MeanHead(), ce, batches)
+    rescales = {name for kind, name, _ in described(found) if kind == "rescale"}
+    assert rescales == {"first.normalization/second.convolution", "second.normalization/fc"}
+
+
 class _PaddedTokens(nn.Module):
     """Token embeddings with a padding row, plus position embeddings, into a LayerNorm: the
     stream (both tables) is scale-invariant."""

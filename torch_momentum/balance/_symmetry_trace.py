@@ -8,8 +8,8 @@ input to the module that produced it:
   (ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, Flatten, whose ``block`` is the number of
   positions a Flatten puts after each channel);
 * where identity fails (functional code in between), by walking the autograd graph back through
-  shape and elementwise-homogeneous operations (slice, view, transpose, ReLU, dropout...), with
-  the block left to infer (``0``).
+  shape and elementwise-homogeneous operations (slice, view, transpose, ReLU, dropout...), means,
+  sums, pooling and padding over positions, with the block left to infer (``0``).
 
 It also finds the *writers* of a residual stream: the module outputs summed (through additions
 and shape operations only) into the input of a LayerNorm/RMSNorm that no single module produced.
@@ -71,6 +71,25 @@ _SHAPE_OPS = frozenset(
         "NativeDropoutBackward0",
         "ReluBackward0",
         "LeakyReluBackward0",
+        # reductions over positions and padding: a channel stays a channel, scaled alike
+        "MeanBackward0",
+        "MeanBackward1",
+        "SumBackward0",
+        "SumBackward1",
+        "ConstantPadNdBackward0",
+        "ReflectionPad1DBackward0",
+        "ReflectionPad2DBackward0",
+        "ReflectionPad3DBackward0",
+        "ReplicationPad1DBackward0",
+        "ReplicationPad2DBackward0",
+        "ReplicationPad3DBackward0",
+        "AvgPool1DBackward0",
+        "AvgPool2DBackward0",
+        "AvgPool3DBackward0",
+        "AdaptiveAvgPool2DBackward0",
+        "AdaptiveAvgPool3DBackward0",
+        "MaxPool2DWithIndicesBackward0",
+        "MaxPool3DWithIndicesBackward0",
     }
 )
 _SUMS = frozenset({"AddBackward0", "SubBackward0"})
