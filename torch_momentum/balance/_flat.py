@@ -34,8 +34,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["FLAT_CAP", "FlatRows"]
-
 #: The most entries (all three slots together) that :class:`FlatRows` copies into its buffer: a
 #: larger model's reductions are bound by memory traffic, not by dispatch, and take the stacked
 #: path, which reduces a block at a time in cache.
