@@ -167,3 +167,29 @@ def test_flat_ledger_equals_the_stacked_ledger(
     assert flat_angles.keys() == stacked_angles.keys()
     for key, angles in flat_angles.items():
         torch.testing.assert_close(angles, stacked_angles[key], rtol=1e-10, atol=1e-14)
+
+
+def test_many_identical_blocks_keep_the_stacked_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """24 identical Linear-ReLU blocks: the stacked path's 6 groups of equally shaped tensors
+    hold 12 tensors on average (more than ``FLAT_GROUP_SIZE``), where one stack per group costs
+    less than one copy per tensor: no step takes the one-buffer path, and the ledger closes."""
+    torch.manual_seed(0)
+    blocks = [m for _ in range(24) for m in (nn.Linear(8, 8), nn.ReLU())]
+    net = nn.Sequential(*blocks, nn.Linear(8, 3)).double()
+    batch = (torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    symmetries = list(find_symmetries(net, ce, [batch]))
+    assert sum(s.kind == "rescale" for s in symmetries) == 24  # across each ReLU
+    calls: list[bool] = []
+    call = FlatRows.__call__
+
+    def counted(self: FlatRows, slots: Any) -> bool:
+        calls.append(call(self, slots))
+        return calls[-1]
+
+    monkeypatch.setattr(FlatRows, "__call__", counted)
+    opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
+    ledger = train_with_ledger(net, ce, batch, opt, symmetries, steps=3)
+    assert calls == []
+    for name, row in ledger.read_charges().items():
+        # float64 round-off of the charge's scale
+        assert bool((row["closure"].abs() <= 1e-12 * row["scale"]).all()), name
