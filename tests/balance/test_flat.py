@@ -91,6 +91,19 @@ def test_flat_rows_refuse_changed_slots_and_empty_tensors() -> None:
         FlatRows([(2, 0), (3,)], [(1, 0, False)], torch.float64, "cpu")
 
 
+def _flat_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What every call of ``FlatRows`` returns from now on (True: it reduced the step)."""
+    calls: list[bool] = []
+    call = FlatRows.__call__
+
+    def counted(self: FlatRows, slots: Any) -> bool:
+        calls.append(call(self, slots))
+        return calls[-1]
+
+    monkeypatch.setattr(FlatRows, "__call__", counted)
+    return calls
+
+
 def _resnet() -> tuple[nn.Module, Any, Callable[..., Tensor]]:
     return ResNetCNN(), images(1)[0], ce
 
@@ -135,14 +148,7 @@ def test_flat_ledger_equals_the_stacked_ledger(
         else batch
     )
     symmetries = list(find_symmetries(model, loss, [batch]))
-    calls: list[bool] = []
-    call = FlatRows.__call__
-
-    def counted(self: FlatRows, slots: Any) -> bool:
-        calls.append(call(self, slots))
-        return calls[-1]
-
-    monkeypatch.setattr(FlatRows, "__call__", counted)
+    calls = _flat_calls(monkeypatch)
     reads = []
     for cap in (_charges.FLAT_CAP, 0):
         monkeypatch.setattr(_charges, "FLAT_CAP", cap)
@@ -179,14 +185,7 @@ def test_many_identical_blocks_keep_the_stacked_path(monkeypatch: pytest.MonkeyP
     batch = (torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))
     symmetries = list(find_symmetries(net, ce, [batch]))
     assert sum(s.kind == "rescale" for s in symmetries) == 24  # across each ReLU
-    calls: list[bool] = []
-    call = FlatRows.__call__
-
-    def counted(self: FlatRows, slots: Any) -> bool:
-        calls.append(call(self, slots))
-        return calls[-1]
-
-    monkeypatch.setattr(FlatRows, "__call__", counted)
+    calls = _flat_calls(monkeypatch)
     opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
     ledger = train_with_ledger(net, ce, batch, opt, symmetries, steps=3)
     assert calls == []
