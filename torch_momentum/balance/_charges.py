@@ -14,6 +14,7 @@ Private module: the names here are shared by the ledger's modules, not user API.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
@@ -30,6 +31,7 @@ from torch_momentum.balance._parts import (
     UnitGroup,
     UnitIndex,
     index_units,
+    part_units,
     row_reducer,
 )
 from torch_momentum.balance.rules import GRAM_ENTRIES, LEDGER_TERMS, SLOTS
@@ -186,7 +188,6 @@ class ChargeBook:
         self.sizes = [c.units for c in self.charges]
         self._flat = torch.zeros(sum(self.sizes), n_terms, dtype=torch.float64, device=device)
         self.sums = list(self._flat.split(self.sizes))
-        self._bases = [sum(self.sizes[:k]) for k in range(len(self.sizes))]  # first unit of each
         self.offset = [torch.zeros_like(t) for t in self.sums]
         self._scale = [k for k, c in enumerate(self.charges) if c.kind == "scale"]
         # per step, |x|^2, <x, d>, |d|^2 of each scale charge (and a dump row for the others),
@@ -329,7 +330,8 @@ class ChargeBook:
             return None
         k_of = {i: k for k, i in enumerate(keys)}
         entries: list[tuple[SymmetryPart, int, int, bool, int]] = []
-        for charge, parts, base in zip(self.charges, self._local, self._bases, strict=True):
+        bases = itertools.accumulate(self.sizes, initial=0)  # each charge's first unit
+        for charge, parts, base in zip(self.charges, self._local, bases, strict=False):
             for part in parts:
                 k = k_of.get(self._position[part.param])
                 if k is not None:
@@ -367,12 +369,10 @@ class ChargeBook:
             True: ([], [], []),
         }
         for part, k, d, linear, base in entries:
-            if part.dim is None:  # every row of the tensor, into one unit
+            j, unit = part_units(part, base)
+            if part.dim is None:  # every row of the tensor, into its one unit
                 j = torch.arange(flat.count(k, d))
-                unit = torch.full_like(j, base + part.unit_offset)
-            else:
-                j = torch.arange(part.start, part.start + part.length)
-                unit = base + part.unit_offset + (j - part.start) // part.block
+                unit = unit.expand(len(j))
             src, dst, factor = index[linear]
             src.append((flat.first_sum(k, d) if linear else flat.first(k, d)) + j)
             dst.append(unit)

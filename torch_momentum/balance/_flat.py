@@ -109,7 +109,7 @@ class FlatRows:
         self._offset = offset
         self._first: dict[tuple[int, int, bool], int] = {}
         self._count: dict[tuple[int, int], int] = {}
-        spans = [(*span, False) for span in self._runs([k for k in order if k in rows0])]
+        spans = [(*span, False) for span in self._leading_spans([k for k in order if k in rows0])]
         later = {(k, d) for k, d, linear in uses if d > 0 and not linear}
         spans += self._gathered(later, False, sum(n for _, n, _, _, _ in spans), device)
         summed = {(k, d) for k, d, linear in uses if linear}
@@ -124,7 +124,7 @@ class FlatRows:
         )
         self._ops = [self._op(*span) for span in spans]
 
-    def _runs(self, order: list[int]) -> list[tuple[int, int, int | Tensor, int]]:
+    def _leading_spans(self, order: list[int]) -> list[tuple[int, int, int | Tensor, int]]:
         """``(first row, rows, first column of P, length)`` per run of ``order`` whose rows along
         dim 0 have one length (consecutive in ``P``)."""
         spans: list[tuple[int, int, int | Tensor, int]] = []
@@ -147,10 +147,9 @@ class FlatRows:
         ``(tensor, dim)`` ``pairs``, their rows numbered from ``rows``."""
         by_length: dict[int, list[tuple[int, int, Tensor]]] = {}
         for k, d in sorted(pairs):
-            shape = self.shapes[k]
-            n = shape[d] if shape else 1
-            idx = torch.arange(math.prod(shape)).view(shape).movedim(d, 0) if shape else None
-            idx = torch.zeros(1, 1, dtype=torch.long) if idx is None else idx.reshape(n, -1)
+            shape = self.shapes[k] or torch.Size([1])  # a 0-dim tensor: one row of one entry
+            n = shape[d]
+            idx = torch.arange(math.prod(shape)).view(shape).movedim(d, 0).reshape(n, -1)
             by_length.setdefault(idx.shape[1], []).append((k, d, idx + self._offset[k]))
         spans: list[tuple[int, int, int | Tensor, int, bool]] = []
         for length, items in by_length.items():

@@ -163,6 +163,16 @@ def row_split(shape: Sequence[int], dim: int | None) -> tuple[int, int]:
     return n, next(s for s in range(-(-rest // ROW_CAP), rest + 1) if rest % s == 0)
 
 
+def part_units(part: Any, first: int) -> tuple[Tensor, Tensor]:
+    """The part's indices along its ``dim`` (a whole-tensor part: index 0) and the unit each
+    falls in, the part's charge numbering its units from ``first``."""
+    if part.dim is None:
+        j = torch.zeros(1, dtype=torch.long)
+    else:
+        j = torch.arange(part.start, part.start + part.length)
+    return j, first + part.unit_offset + (j - part.start) // part.block
+
+
 def index_units(
     charges: Sequence[tuple[int, bool, Sequence[Any]]],
     key: Callable[[Any], Any],
@@ -207,11 +217,7 @@ def index_units(
     src, dst, fac = [], [], []
     for gkey, member, part, first in entries:
         group = groups[gkey]
-        if part.dim is None:
-            j = torch.zeros(1, dtype=torch.long)
-        else:
-            j = torch.arange(part.start, part.start + part.length)
-        unit = first + part.unit_offset + (j - part.start) // part.block
+        j, unit = part_units(part, first)
         rows = (j[:, None] * group.s + torch.arange(group.s)).reshape(-1)
         src.append(offsets[gkey] + rows * len(group.members) + member)
         dst.append(unit.repeat_interleave(group.s))
