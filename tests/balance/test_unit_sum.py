@@ -1,13 +1,22 @@
 """Rows summed into units (``_unit_sum.UnitSum``): the CSR product (the CPU's path) and the
 gather + ``index_add_`` (other devices' path), both run here, against a plain loop, with
-repeated (unit, row) pairs, rows no unit reads, units no row reaches and an empty index."""
+repeated (unit, row) pairs, rows no unit reads, units no row reaches and an empty index; and
+the ledger on the reference networks with the other devices' path, against the CPU's."""
 
 from __future__ import annotations
 
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from tests.balance.test_flat import _gpt2, _optimizers, _resnet
+from tests.helpers.ledger import train_with_ledger
+from torch_momentum.balance import _charges, find_symmetries
 from torch_momentum.balance._unit_sum import UnitSum
 
 
@@ -72,3 +81,38 @@ def test_unit_sum_falls_back_to_index_add_where_the_build_has_no_sparse_product(
 def test_unit_sum_rejects_an_index_of_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match=r"`src`, `dst` and `factor`.*\(3,\), \(2,\)"):
         UnitSum(torch.zeros(3), torch.zeros(2), torch.zeros(3, dtype=torch.float64), 1, 1)
+
+
+@pytest.mark.parametrize("case", [_resnet, _gpt2], ids=["resnet", "gpt2"])
+@pytest.mark.parametrize("name", ["polyak", "two-groups"])
+def test_the_ledger_by_index_add_equals_the_ledger_by_the_sparse_product(
+    case: Callable[[], tuple[nn.Module, Any, Callable[..., Tensor]]],
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path a GPU takes (gather, factors, ``index_add_``), forced on the CPU, books the same
+    per-unit terms and angles as the CSR product, through the one-buffer path (heavy ball) and
+    the stacked one (two param groups), in float64."""
+    torch.manual_seed(0)
+    model, batch, loss = case()
+    model = model.double()
+    if isinstance(batch, tuple):
+        batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    symmetries = list(find_symmetries(model, loss, [batch]))
+    reads = []
+    for sparse in (True, False):
+        monkeypatch.setattr(_charges, "UnitSum", functools.partial(UnitSum, sparse=sparse))
+        copied = copy.deepcopy(model)
+        ledger = train_with_ledger(copied, loss, batch, _optimizers(copied)[name], symmetries, 3)
+        reads.append((ledger.read_charges(), ledger.read_angles()))
+    (csr, csr_angles), (index, index_angles) = reads
+    assert csr.keys() == index.keys() and len(csr) == len(symmetries)
+    for key, row in csr.items():
+        for field in ("D", "D0", "sums", "closure"):
+            # float64, the same products summed in another order: ~1e-16 of the charge's scale
+            # per operation
+            torch.testing.assert_close(
+                row[field], index[key][field], rtol=1e-12, atol=1e-12 * float(row["scale"].max())
+            )
+    for key, angles in csr_angles.items():
+        torch.testing.assert_close(angles, index_angles[key], rtol=1e-10, atol=1e-14)
