@@ -142,7 +142,10 @@ def test_symmetry_charges_under_fsdp2_match_single_process(distributed: dict[str
     whole bias as one unit: partial sums on each rank) of an FSDP2-sharded model: every rank
     accumulates its shards, one all_reduce sums them."""
     got, expected = distributed["charges"]["sharded"], distributed["charges"]["single"]
+    gathers = got.pop("gathers")
     assert set(got) == set(expected) == {"0 (per row)", "0/2", "2 (softmax)"}
+    # a read gathers each tracked parameter once for the charges and their magnitudes together
+    assert gathers == {"calls": 4, "tracked": 4}
     for name, entry in expected.items():
         scale = max(float(torch.tensor(entry["D0"]).abs().max()), 1.0)
         for key in ("D", "D0", "sums", "closure"):

@@ -27,6 +27,7 @@ import json
 import sys
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,8 +139,9 @@ def _symmetries() -> list[SimpleNamespace]:
     ]
 
 
-def _charges(sharded: bool) -> dict[str, dict[str, list]]:
-    """The charges' ledger after STEPS heavy-ball steps, FSDP2-sharded or not."""
+def _charges(sharded: bool) -> dict[str, Any]:
+    """The charges' ledger after STEPS heavy-ball steps, FSDP2-sharded or not, and (sharded)
+    how many parameters a second read gathers (``full_tensor`` calls) of how many tracked."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
     g = torch.Generator().manual_seed(4)
@@ -160,10 +162,26 @@ def _charges(sharded: bool) -> dict[str, dict[str, list]]:
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-    return {
+    found: dict[str, Any] = {
         name: {k: v.tolist() for k, v in row.items() if k != "kind"}
         for name, row in ledger.read_charges().items()
     }
+    if sharded:
+        from torch.distributed.tensor import DTensor
+
+        gathered, full_tensor = [], DTensor.full_tensor
+
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            gathered.append(tuple(self.shape))
+            return full_tensor(self, *args, **kwargs)
+
+        DTensor.full_tensor = counted  # type: ignore[method-assign]
+        try:
+            ledger.read_charges()  # the origin is recorded: one read
+        finally:
+            DTensor.full_tensor = full_tensor  # type: ignore[method-assign]
+        found["gathers"] = {"calls": len(gathered), "tracked": len(ledger._tracked)}
+    return found
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ Private module: the names here are shared by the ledger's modules, not user API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -525,22 +526,22 @@ class ChargeBook:
         return [off + t for off, t in zip(self.offset, sums, strict=True)]
 
     def values(
-        self,
-        iterate: Callable[[int], Tensor],
-        first: int = 0,
-        stop: int | None = None,
-        magnitude: bool = False,
-    ) -> list[Tensor]:
-        """Charges ``first..stop`` now, from the full iterate of every tensor (a gather when
-        sharded); with ``magnitude`` their magnitudes instead (see :class:`PartSums`)."""
-        sums = self._values.get((first, stop, magnitude))
-        if sums is None:
-            sums = self._values[(first, stop, magnitude)] = PartSums(
-                [(c.units, c.linear, c.parts) for c in self.charges[first:stop]],
-                lambda part: self._position[part.param],
-                magnitude,
-            )
-        return [v.to(self.device) for v in sums(iterate)]
+        self, iterate: Callable[[int], Tensor], first: int = 0, stop: int | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Charges ``first..stop`` now and their magnitudes (see :class:`PartSums`), from the
+        full iterate of every tensor, gathered once when sharded (a collective per tensor)."""
+        full = functools.cache(lambda i: _dtensor.full(iterate(i)))
+        found = []
+        for magnitude in (False, True):
+            sums = self._values.get((first, stop, magnitude))
+            if sums is None:
+                sums = self._values[(first, stop, magnitude)] = PartSums(
+                    [(c.units, c.linear, c.parts) for c in self.charges[first:stop]],
+                    lambda part: self._position[part.param],
+                    magnitude,
+                )
+            found.append([v.to(self.device) for v in sums(full)])
+        return found[0], found[1]
 
     def angle_stats(self, sharded: bool) -> Tensor:
         r"""The unread steps' :math:`\|x\|^2, \langle x, d\rangle, \|d\|^2` per scale charge,

@@ -559,8 +559,8 @@ class BalanceLedger:
         qk[i] = (xf @ vf).to(torch.float64) * self._weights[i] * coef
         return True
 
-    def _charge_values(self, first: int, stop: int | None, mag: bool = False) -> list[Tensor]:
-        return self._book.values(lambda i: self._iterate(i, local=False), first, stop, mag)
+    def _charge_values(self, first: int, stop: int | None) -> tuple[list[Tensor], list[Tensor]]:
+        return self._book.values(lambda i: self._iterate(i, local=False), first, stop)
 
     def start(self) -> None:
         """Record :math:`D(0)` (per pair, per unit, per charge) at the current iterate and zero
@@ -570,10 +570,9 @@ class BalanceLedger:
         self._book.zero()
         self.steps = 0
         self.D0 = self._pair_values(False)[0].clone()
-        values = self._charge_values(0, None)
+        values, self._mag0 = self._charge_values(0, None)  # and the magnitudes at the origin
         self.unit_D0 = values[: len(self.units)] if self.units else None
         self._charge0 = values[len(self.units) :]
-        self._mag0 = self._charge_values(0, None, True)  # the magnitudes at the origin
 
     def read(self) -> dict[str, Any]:
         r"""The ledger of the layer pairs now (at step t, before it is taken).
@@ -592,7 +591,7 @@ class BalanceLedger:
         return dict(pairs=list(self.pairs), D=d, D0=self.D0, sums=sums, closure=closure, Q=q)
 
     def _read_charges(self, first: int, stop: int, origin: list[Tensor]) -> list[dict[str, Any]]:
-        values, mag = self._charge_values(first, stop), self._charge_values(first, stop, True)
+        values, mag = self._charge_values(first, stop)
         sums, out = self._book.reduced(self._sharded)[first:stop], []
         mag0 = self._mag0[first:stop] if self._mag0 is not None else [d.abs() for d in origin]
         for d, d0, s, m, m0 in zip(values, origin, sums, mag, mag0, strict=True):
