@@ -30,7 +30,6 @@ from torch_momentum.balance._parts import (
     PartSums,
     SymmetryPart,
     UnitGroup,
-    UnitIndex,
     index_units,
     part_units,
     row_reducer,
@@ -126,14 +125,14 @@ class _Flat(NamedTuple):
 class _Layout(NamedTuple):
     """The cached layout of a step's charge rows (see :meth:`ChargeBook.accumulate`)."""
 
-    units: UnitIndex
+    groups: list[UnitGroup]  # the tensors reduced together (``index_units``)
     present: list[tuple[int, ...]]  # per group: the slots its members have
     dtype: list[torch.dtype]  # per group: the dtype of its slots (stacked as they are)
     acc: list[torch.dtype]  # per group: the accumulation dtype
     convert: list[bool]  # per group: converted to the accumulation dtype before stacking
     complex: list[bool]  # per group: complex tensors, read as real
     reducers: list[Callable[[list[Tensor]], Tensor]]  # per group: its rows' reductions
-    unit_sum: UnitSum  # the groups' rows into the units (``units``' index)
+    unit_sum: UnitSum  # the groups' rows into the units
     terms: Tensor  # (units, 9): per unit, the step's terms and angle statistics
     flat: _Flat | None  # the same reductions from one buffer, where the layout allows
 
@@ -227,14 +226,13 @@ class ChargeBook:
         """Add one step's terms (``rows``: the step's rows by tracked tensor)."""
         key = (tuple(rows), tuple([row.mask for row in rows.values()]))
         cached = self._layouts.get(key)
-        found = None if cached is None else self._values_of(cached, rows, inv_scale)
-        if found is None:  # a new layout (or the dtypes or shapes changed under it)
+        terms = None if cached is None else self._values_of(cached, rows, inv_scale)
+        if terms is None:  # a new layout (or the dtypes or shapes changed under it)
             if len(self._layouts) > 16:
                 self._layouts.clear()
             cached = self._layouts[key] = self._layout(rows)
-            found = self._values_of(cached, rows, inv_scale)
-            assert found is not None
-        terms = found  # (units, 9)
+            terms = self._values_of(cached, rows, inv_scale)
+            assert terms is not None  # (units, 9)
         if found_inf is not None:  # a step the optimiser skipped: nothing happened
             terms = torch.where(found_inf.to(terms.device) > 0, 0.0, terms)
         n_terms = len(LEDGER_TERMS)
@@ -281,12 +279,10 @@ class ChargeBook:
             dtype.append(real)
             convert.append(real != acc[-1] or any(d != dtypes[0] for d in dtypes))
         device, units = self.device, sum(self.sizes)
-        index = index._replace(
-            src=index.src.to(device), dst=index.dst.to(device), factor=index.factor.to(device)
-        )
         values = sum(group.rows * len(group.members) for group in index.groups)
+        src, dst, factor = (t.to(device) for t in (index.src, index.dst, index.factor))
         return _Layout(
-            index,
+            index.groups,
             present,
             dtype,
             acc,
@@ -296,7 +292,7 @@ class ChargeBook:
                 row_reducer(group, len(present[g]), "sum" if group.linear else "gram")
                 for g, group in enumerate(index.groups)
             ],
-            UnitSum(index.src, index.dst, index.factor, units, values),
+            UnitSum(src, dst, factor, units, values),
             torch.zeros(units, _VALUES, dtype=torch.float64, device=device),
             self._flat_layout(rows, index.groups),
         )
@@ -345,12 +341,12 @@ class ChargeBook:
         if not entries:
             return None
         flat = FlatRows(shapes, [(k, d, lin) for _, k, d, lin, _ in entries], dtype, device)
-        gram, sums = self._flat_index(flat, entries, device)
+        units = sum(self.sizes)
+        sum_gram, sum_sums = self._flat_sums(flat, entries, units, device)
 
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=torch.float64, device=device)
 
-        units = sum(self.sizes)
         raw = (zeros(units, 9), zeros(units, 3))
         terms_t = zeros(_VALUES, units)
         return _Flat(
@@ -358,19 +354,24 @@ class ChargeBook:
             keys,
             flat.gram.view(-1, 9),
             None if dtype == torch.float64 else zeros(len(flat.gram), 9),
-            UnitSum(gram.src, gram.dst, gram.factor, units, len(flat.gram)),
-            UnitSum(sums.src, sums.dst, sums.factor, units, len(flat.sums)),
+            sum_gram,
+            sum_sums,
             raw,
             (raw[0].T, raw[1].T),
             terms_t,
             terms_t.T,
         )
 
-    def _flat_index(
-        self, flat: FlatRows, entries: list[tuple[SymmetryPart, int, int, bool, int]], device: Any
-    ) -> tuple[UnitIndex, UnitIndex]:
-        """Which rows of ``flat`` (Gram rows, then sums rows) each unit sums, and with which
-        factor, from ``entries`` ``(part, tensor, dim, linear, first unit of its charge)``."""
+    def _flat_sums(
+        self,
+        flat: FlatRows,
+        entries: list[tuple[SymmetryPart, int, int, bool, int]],
+        units: int,
+        device: Any,
+    ) -> tuple[UnitSum, UnitSum]:
+        """The sums of ``flat``'s Gram rows, and of its sums rows, into the ``units``, each row
+        times its part's factor, from ``entries`` ``(part, tensor, dim, linear, first unit of
+        its charge)``."""
         index: dict[bool, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {
             False: ([], [], []),
             True: ([], [], []),
@@ -391,8 +392,11 @@ class ChargeBook:
             return found.to(device, dtype)
 
         gram, sums = (
-            UnitIndex([], cat(src), cat(dst), cat(factor, torch.float64))
-            for src, dst, factor in (index[False], index[True])
+            UnitSum(cat(src), cat(dst), cat(factor, torch.float64), units, rows)
+            for (src, dst, factor), rows in (
+                (index[False], len(flat.gram)),
+                (index[True], len(flat.sums)),
+            )
         )
         return gram, sums
 
@@ -455,7 +459,7 @@ class ChargeBook:
         run_key: tuple[Any, ...] | None = None
         run_coef: Tensor | None = None
         plain = inv_scale is None
-        for g, group in enumerate(layout.units.groups):
+        for g, group in enumerate(layout.groups):
             present = layout.present[g]
             members = [rows[i] for i in group.members]
             if layout.complex[g] or layout.convert[g] or not plain:

@@ -81,14 +81,13 @@ class UnitSum:
         # step (25-40 % faster than int64 here)
         coo = torch.sparse_coo_tensor(
             torch.stack([dst.long(), src.long()]), factor, (units, rows), check_invariants=True
-        ).coalesce()
-        unit, row = coo.indices()
-        crow = torch.zeros(units + 1, dtype=torch.long, device=factor.device)
-        crow[1:] = torch.bincount(unit, minlength=units).cumsum(0)
+        )
         with warnings.catch_warnings():  # torch: "Sparse CSR tensor support is in beta"
             warnings.simplefilter("ignore", UserWarning)
+            csr = coo.coalesce().to_sparse_csr()
+            crow, col = csr.crow_indices().int(), csr.col_indices().int()
             matrix = torch.sparse_csr_tensor(
-                crow.int(), row.int(), coo.values(), (units, rows), check_invariants=True
+                crow, col, csr.values(), (units, rows), check_invariants=True
             )
             out = factor.new_zeros(units, 1)
             torch.addmm(out, matrix, factor.new_zeros(rows, 1), beta=0, out=out)
