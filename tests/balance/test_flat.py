@@ -129,6 +129,50 @@ def _optimizers(model: nn.Module) -> dict[str, torch.optim.Optimizer]:
     }
 
 
+def float64_case(
+    case: Callable[[], tuple[nn.Module, Any, Callable[..., Tensor]]],
+) -> tuple[nn.Module, Any, Callable[..., Tensor], list[Any]]:
+    """The case's model and batch in float64, its loss and its symmetries."""
+    torch.manual_seed(0)
+    model, batch, loss = case()
+    model = model.double()
+    if isinstance(batch, tuple):
+        batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    return model, batch, loss, list(find_symmetries(model, loss, [batch]))
+
+
+def ledger_reads(
+    model: nn.Module, batch: Any, loss: Callable[..., Tensor], name: str, symmetries: list[Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The charges and angles of 4 steps of optimiser ``name`` on a copy of ``model``."""
+    copied = copy.deepcopy(model)
+    opt = _optimizers(copied)[name]
+    ledger = train_with_ledger(copied, loss, batch, opt, symmetries, steps=4)
+    return ledger.read_charges(), ledger.read_angles()
+
+
+def assert_same_ledger(
+    a: tuple[dict[str, Any], dict[str, Tensor]],
+    b: tuple[dict[str, Any], dict[str, Tensor]],
+    symmetries: list[Any],
+) -> None:
+    """Two float64 ledgers of the same training book the same per-unit terms, charges and
+    angles up to round-off."""
+    (charges, angles), (other, other_angles) = a, b
+    assert charges.keys() == other.keys() and len(charges) == len(symmetries)
+    for key, row in charges.items():
+        scale = row["scale"]
+        for field in ("D", "D0", "sums", "closure"):
+            # float64; only the order of the sums differs: ~1e-16 of the charge's scale per
+            # operation
+            torch.testing.assert_close(
+                row[field], other[key][field], rtol=1e-12, atol=1e-12 * float(scale.max())
+            )
+    assert angles.keys() == other_angles.keys()
+    for key, found in angles.items():
+        torch.testing.assert_close(found, other_angles[key], rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("case", [_resnet, _gpt2, _vit], ids=["resnet", "gpt2", "vit"])
 @pytest.mark.parametrize("name", ["polyak", "adamw", "two-groups"])
 def test_flat_ledger_equals_the_stacked_ledger(
@@ -139,40 +183,17 @@ def test_flat_ledger_equals_the_stacked_ledger(
     """The same training twice in float64, every symmetry booked: the ledger whose steps take
     the one-buffer reductions and the ledger restricted to the stacked ones (``FLAT_CAP`` 0)
     give the same per-unit terms, charges and angles up to round-off."""
-    torch.manual_seed(0)
-    model, batch, loss = case()
-    model = model.double()
-    batch = (
-        tuple(t.double() if t.is_floating_point() else t for t in batch)
-        if isinstance(batch, tuple)
-        else batch
-    )
-    symmetries = list(find_symmetries(model, loss, [batch]))
+    model, batch, loss, symmetries = float64_case(case)
     calls = _flat_calls(monkeypatch)
     reads = []
     for cap in (_charges.FLAT_CAP, 0):
         monkeypatch.setattr(_charges, "FLAT_CAP", cap)
-        copied = copy.deepcopy(model)
-        opt = _optimizers(copied)[name]
-        ledger = train_with_ledger(copied, loss, batch, opt, symmetries, steps=4)
-        reads.append((ledger.read_charges(), ledger.read_angles()))
+        reads.append(ledger_reads(model, batch, loss, name, symmetries))
         # every step in one buffer (heavy ball's first step too: the velocity exists after it,
         # read with the first step's map), except where two rule maps share a step; none with
         # FLAT_CAP 0
         assert calls == ([] if name == "two-groups" else [True] * 4)
-    (flat, flat_angles), (stacked, stacked_angles) = reads
-    assert flat.keys() == stacked.keys() and len(flat) == len(symmetries)
-    for key, row in flat.items():
-        scale = row["scale"]
-        for field in ("D", "D0", "sums", "closure"):
-            # float64; only the order of the sums differs: ~1e-16 of the charge's scale per
-            # operation
-            torch.testing.assert_close(
-                row[field], stacked[key][field], rtol=1e-12, atol=1e-12 * float(scale.max())
-            )
-    assert flat_angles.keys() == stacked_angles.keys()
-    for key, angles in flat_angles.items():
-        torch.testing.assert_close(angles, stacked_angles[key], rtol=1e-10, atol=1e-14)
+    assert_same_ledger(reads[0], reads[1], symmetries)
 
 
 def test_many_identical_blocks_keep_the_stacked_path(monkeypatch: pytest.MonkeyPatch) -> None:

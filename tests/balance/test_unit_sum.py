@@ -5,7 +5,6 @@ the ledger on the reference networks with the other devices' path, against the C
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -14,9 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.balance.test_flat import _gpt2, _optimizers, _resnet
-from tests.helpers.ledger import train_with_ledger
-from torch_momentum.balance import _charges, find_symmetries
+from tests.balance.test_flat import _gpt2, _resnet, assert_same_ledger, float64_case, ledger_reads
+from torch_momentum.balance import _charges
 from torch_momentum.balance._unit_sum import UnitSum
 
 
@@ -93,26 +91,9 @@ def test_the_ledger_by_index_add_equals_the_ledger_by_the_sparse_product(
     """The path a GPU takes (gather, factors, ``index_add_``), forced on the CPU, books the same
     per-unit terms and angles as the CSR product, through the one-buffer path (heavy ball) and
     the stacked one (two param groups), in float64."""
-    torch.manual_seed(0)
-    model, batch, loss = case()
-    model = model.double()
-    if isinstance(batch, tuple):
-        batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
-    symmetries = list(find_symmetries(model, loss, [batch]))
+    model, batch, loss, symmetries = float64_case(case)
     reads = []
     for sparse in (True, False):
         monkeypatch.setattr(_charges, "UnitSum", functools.partial(UnitSum, sparse=sparse))
-        copied = copy.deepcopy(model)
-        ledger = train_with_ledger(copied, loss, batch, _optimizers(copied)[name], symmetries, 3)
-        reads.append((ledger.read_charges(), ledger.read_angles()))
-    (csr, csr_angles), (index, index_angles) = reads
-    assert csr.keys() == index.keys() and len(csr) == len(symmetries)
-    for key, row in csr.items():
-        for field in ("D", "D0", "sums", "closure"):
-            # float64, the same products summed in another order: ~1e-16 of the charge's scale
-            # per operation
-            torch.testing.assert_close(
-                row[field], index[key][field], rtol=1e-12, atol=1e-12 * float(row["scale"].max())
-            )
-    for key, angles in csr_angles.items():
-        torch.testing.assert_close(angles, index_angles[key], rtol=1e-10, atol=1e-14)
+        reads.append(ledger_reads(model, batch, loss, name, symmetries))
+    assert_same_ledger(reads[0], reads[1], symmetries)
