@@ -16,6 +16,8 @@ symmetry discovery of :mod:`torch_momentum.balance.symmetry`, the balance monito
   q/k/v/o projections and a ReLU MLP.
 * :func:`gpt2_tiny`: GPT-2 from a tiny ``transformers.GPT2Config`` (packed ``c_attn``, GELU, tied
   embeddings); needs the ``transformers`` package.
+* :func:`llama_tiny`: Llama from a tiny ``transformers.LlamaConfig`` (RMSNorm, rotary position
+  embeddings, grouped-query attention, SwiGLU MLP); needs ``transformers``.
 * :class:`TinyViT`: a Vision Transformer (patch embedding, class token, learned positions, pre-LN
   blocks with a GELU MLP) for 8x8 images.
 * :class:`LSTMLanguageModel`: embedding, LSTM, linear head.
@@ -46,6 +48,7 @@ __all__ = [
     "TinyViT",
     "TransformerBlock",
     "gpt2_tiny",
+    "llama_tiny",
 ]
 
 
@@ -456,6 +459,17 @@ class LSTMLanguageModel(nn.Module):
         return self.head(out)
 
 
+def _transformers(caller: str) -> Any:
+    """The ``transformers`` package, or an ImportError naming ``caller``."""
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - the test environment has it
+        raise ImportError(
+            f"{caller} needs the `transformers` package (pip install transformers)"
+        ) from exc
+    return transformers
+
+
 def gpt2_tiny(
     vocab_size: int = 64,
     n_positions: int = 32,
@@ -485,12 +499,7 @@ def gpt2_tiny(
         >>> model.lm_head.weight is model.transformer.wte.weight
         True
     """
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - the test environment has it
-        raise ImportError(
-            "gpt2_tiny needs the `transformers` package (pip install transformers)"
-        ) from exc
+    transformers = _transformers("gpt2_tiny")
     settings: dict[str, Any] = {
         "vocab_size": vocab_size,
         "n_positions": n_positions,
@@ -506,3 +515,54 @@ def gpt2_tiny(
         **config,
     }
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
+
+
+def llama_tiny(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    **config: Any,
+) -> nn.Module:
+    """Llama (``transformers.LlamaForCausalLM``) from a tiny ``LlamaConfig``.
+
+    The real Llama code, the layout of most open language models since: RMSNorm before each
+    block, rotary position embeddings on the queries and keys (pairs of dimensions ``j`` and
+    ``j + d/2`` of each head rotated together), grouped-query attention (by default 4 query heads
+    share 2 key/value heads of dimension 8), a SwiGLU MLP (``down(silu(gate(x)) * up(x))``,
+    intermediate size ``2 * hidden_size``), no biases and an untied output head. Attention is
+    the eager implementation, so that two forward passes agree; any ``LlamaConfig`` field can be
+    overridden through ``config``. ``model(ids).logits`` has shape ``(batch, time,
+    vocab_size)``.
+
+    Raises:
+        ImportError: ``transformers`` is not installed.
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.demos import llama_tiny
+        >>> model = llama_tiny()
+        >>> model(torch.randint(0, 64, (2, 5))).logits.shape
+        torch.Size([2, 5, 64])
+        >>> attention = model.model.layers[0].self_attn
+        >>> attention.q_proj.weight.shape, attention.k_proj.weight.shape, attention.head_dim
+        (torch.Size([32, 32]), torch.Size([16, 32]), 8)
+    """
+    transformers = _transformers("llama_tiny")
+    settings: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        "bos_token_id": vocab_size - 1,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": None,
+        "attn_implementation": "eager",
+        **config,
+    }
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))

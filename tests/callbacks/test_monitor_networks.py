@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.helpers.trainer import fit
 from torch_momentum import PolyakSGD
 from torch_momentum.callbacks import LayerBalanceMonitor
-from torch_momentum.demos import LSTMLanguageModel, PreLNTransformer, ResNetCNN, TinyViT, gpt2_tiny
+from torch_momentum.demos import (
+    LSTMLanguageModel,
+    PreLNTransformer,
+    ResNetCNN,
+    TinyViT,
+    gpt2_tiny,
+    llama_tiny,
+)
 
 pytestmark = pytest.mark.slow  # several Trainer fits with figures: ~25 s in all
 
@@ -123,6 +130,15 @@ CASES: dict[
         lambda: _tokens(64),
         {"rescale", "translation"},
         r"does not apply.*mlp\.c_proj: no positively homogeneous path",
+    ),
+    # RMSNorm, rotary q/k pairs of each key head, value heads shared by two query heads
+    "llama": (
+        llama_tiny,
+        True,
+        5e-4,
+        lambda: _tokens(64),
+        {"scale", "rescale", "translation"},
+        None,
     ),
     "lstm": (
         LSTMLanguageModel,

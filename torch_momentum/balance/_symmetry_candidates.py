@@ -18,7 +18,8 @@ Sources of candidates:
   gain and bias of a norm layer, the columns of an Embedding) against the input units of all the
   modules that consume it, and every producer/producer and producer/consumer pair of equal unit
   count among the leaf children of one parent module (query/key, value/output, packed thirds of
-  ``c_attn`` or ``in_proj``): **rescale** candidates;
+  ``c_attn`` or ``in_proj``), and per head of an attention module that declares its head
+  dimension (grouped-query attention, rotary pairs): **rescale** candidates;
 * every Linear/Conv1D/Conv (its input columns and its bias), Embedding (its rows) and recurrent
   layer (``bias_ih`` against ``bias_hh``): **translation** candidates;
 * every parameter, and every third of a packed q/k/v parameter: zero-gradient slices.
@@ -26,10 +27,19 @@ Sources of candidates:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import nn
 
+from torch_momentum.balance._symmetry_heads import head_rescales
+from torch_momentum.balance._symmetry_proposal import (
+    PartsKey,
+    PartSpec,
+    Proposal,
+    ZeroSlice,
+    overlaps,
+    parts_key,
+)
 from torch_momentum.balance._symmetry_trace import Call, DataFlow
 from torch_momentum.balance.groups import uncompiled
 
@@ -45,37 +55,6 @@ _PER_CHANNEL_NORM = (
 )
 _LAYER_NORM = (nn.LayerNorm, nn.RMSNorm)
 _WRAPPERS = ("model.", "module.", "_orig_mod.")
-
-
-class PartSpec(NamedTuple):
-    """The fields of :class:`torch_momentum.balance.symmetry.SymmetryPart` (see there)."""
-
-    param: str
-    dim: int | None
-    start: int
-    length: int
-    block: int = 1
-    sign: float = 1.0
-    unit_offset: int = 0
-
-
-class Proposal(NamedTuple):
-    """A candidate symmetry: kind, readable name, parts and number of units."""
-
-    kind: str
-    name: str
-    parts: tuple[PartSpec, ...]
-    units: int
-
-
-class ZeroSlice(NamedTuple):
-    """A parameter (``dim is None``) or a slice of one along ``dim`` that may get no gradient."""
-
-    param: str
-    dim: int | None
-    start: int
-    length: int
-    name: str
 
 
 class _Units(NamedTuple):
@@ -288,23 +267,11 @@ def _signed(units: _Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
     )
 
 
-def _overlap(parts: tuple[PartSpec, ...]) -> bool:
-    seen: dict[str, list[PartSpec]] = {}
-    for p in parts:
-        for q in seen.get(p.param, []):
-            if p.dim is None or q.dim is None or p.dim != q.dim:
-                return True
-            if p.start < q.start + q.length and q.start < p.start + p.length:
-                return True
-        seen.setdefault(p.param, []).append(p)
-    return False
-
-
 def _rescale(name: str, a: _Units, b: _Units, block: int = 1) -> Proposal | None:
     if not a.parts or not b.parts or a.n * block != b.n or a.n == 0:
         return None
     parts = _signed(a, 1.0) + _signed(b, -1.0, block)
-    return None if _overlap(parts) else Proposal("rescale", name, parts, a.n)
+    return None if overlaps(parts) else Proposal("rescale", name, parts, a.n)
 
 
 def _thirds(units: _Units) -> list[tuple[str, _Units]]:
@@ -404,7 +371,7 @@ def _stream_scales(ctx: _Context) -> list[Proposal]:
             parts += tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
         else:
             label = f"stream into {ctx.short(call.name)} ({len(writers)} layers)"
-            if parts and not _overlap(parts):
+            if parts and not overlaps(parts):
                 found.append(Proposal("scale", label, parts, 1))
     return found
 
@@ -448,7 +415,7 @@ def _flow_rescales(ctx: _Context) -> list[Proposal]:
         else:
             parent, rel = _relative([ctx.short(producer)] + [ctx.short(c) for c, _ in cs])
             name = _join(parent, f"{rel[0]}/{'+'.join(rel[1:])}")
-            if not _overlap(parts):
+            if not overlaps(parts):
                 found.append(Proposal("rescale", name, parts, a.n))
     return found
 
@@ -490,7 +457,9 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
     data goes through functional code (attention's q, k, v and the input of its output
     projection; a packed projection split in three). The linked ones are paired by
     :func:`_flow_rescales`. Each unordered pair gives one candidate: output against the
-    other's input where that fits (value/output), else output against output (query/key).
+    other's input where that fits (value/output), else output against output (query/key). An
+    attention module that declares its head dimension adds the grouped-query and rotary pairs
+    (:func:`~torch_momentum.balance._symmetry_heads.head_rescales`).
     """
     found: list[Proposal] = []
     thirds: list[ZeroSlice] = []
@@ -517,6 +486,9 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             proposal = _rescale(_join(short, f"{la}/{lb}"), a, b)
             if proposal is not None:
                 found.append(proposal)
+        heads = [(label, units.n, units.parts) for _, label, units in outs]
+        reads = [(leaf.rpartition(".")[2], units.n, units.parts) for leaf, units in ins.items()]
+        found += head_rescales(short, ctx.modules[parent], heads, reads)
     return found, thirds
 
 
@@ -637,10 +609,10 @@ def _rnn_biases(ctx: _Context, short: str, module: nn.RNNBase) -> list[Proposal]
 
 
 def _dedup(proposals: list[Proposal]) -> list[Proposal]:
-    seen: set[tuple[str, frozenset[tuple[Any, ...]]]] = set()
+    seen: set[tuple[str, PartsKey]] = set()
     unique = []
     for p in proposals:
-        key = (p.kind, frozenset((q.param, q.dim, q.start, q.length, q.block) for q in p.parts))
+        key = (p.kind, parts_key(p.parts))
         if key not in seen:
             seen.add(key)
             unique.append(p)

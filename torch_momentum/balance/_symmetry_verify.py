@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_momentum.balance._symmetry_candidates import Proposal, ZeroSlice, norm_modules
+from torch_momentum.balance._symmetry_candidates import norm_modules
+from torch_momentum.balance._symmetry_proposal import Proposal, ZeroSlice
 
 QUADRATIC = ("scale", "rescale")
 # The norm layers' eps during verification: far below any variance met in float64 (so the scale

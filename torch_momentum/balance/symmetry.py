@@ -46,14 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from torch_momentum.balance._parts import SymmetryPart, part_values, signed_sum
-from torch_momentum.balance._symmetry_candidates import (
-    PartSpec,
-    Proposal,
-    ZeroSlice,
-    display_prefix,
-    propose,
-)
+from torch_momentum.balance._symmetry_candidates import display_prefix, propose
 from torch_momentum.balance._symmetry_moves import confirm
+from torch_momentum.balance._symmetry_proposal import PartSpec, Proposal, ZeroSlice, parts_key
 from torch_momentum.balance._symmetry_trace import CallRecorder
 from torch_momentum.balance._symmetry_verify import (
     QUADRATIC,
@@ -300,9 +295,12 @@ def _result(
     found: list[Symmetry] = [_zero_symmetry(s, r, prefix) for s, r in zero]
     rejected: list[Symmetry] = []
     tiny, real = verifier.tiny.tolist(), verifier.real.tolist()
+    held = {parts_key(p.parts) for p, r in zip(proposals, tiny, strict=True) if r <= rtol}
     for proposal, residual, eps in zip(proposals, tiny, real, strict=True):
         if proposal.kind not in kinds or _only_zero(proposal, [s for s, _ in zero]):
             continue
+        if residual <= rtol and proposal.unless in held:
+            continue  # a coarser form of a verified candidate: the finer one is reported
         symmetry = _symmetry(proposal, residual, eps if eps > rtol else None, prefix)
         (found if residual <= rtol else rejected).append(symmetry)
     rank = {prefix + n: i for i, n in enumerate(order)}
