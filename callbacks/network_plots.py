@@ -237,6 +237,25 @@ def _angles(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
     ax.set_title("(d) gradient norm (no scale-invariant group)", fontsize=10)
 
 
+#: the most characters of a panel title at fontsize 9 across a 5-inch panel
+_TITLE_CHARS = 64
+
+
+def _fit(name: str, width: int = _TITLE_CHARS) -> str:
+    """``name`` cut in the middle to ``width`` characters (its start says where, its end which
+    symmetry), so that a panel title stays within its panel.
+
+    Example:
+        >>> from torch_momentum.callbacks.network_plots import _fit
+        >>> _fit("layers.0 input_layernorm/self_attn.q_proj+self_attn.k_proj", 30)
+        'layers.0 input…elf_attn.k_proj'
+    """
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (width - 1 - head) :]}"
+
+
 def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None) -> Figure:
     r"""The ledger of the ``top_k`` symmetries whose charges moved most, and a summary panel.
 
@@ -297,7 +316,7 @@ def plot_network_ledger(source: Any, *, top_k: int = 5, title: str | None = None
         terms = {t: (steps, [d["ledger"][name][t] for d in rows]) for t in LEDGER_TERMS}
         change = (steps, [d["ledger"][name]["change"] for d in rows])
         draw_ledger_terms(ax, terms, change, change_label=_CHANGE)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(_fit(name), fontsize=9)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     for ax in axes[:n_panels]:

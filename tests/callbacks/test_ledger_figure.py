@@ -144,3 +144,34 @@ def test_the_network_ledger_draws_its_panels_as_the_pair_ledger() -> None:
     # the charge's change is drawn as the pair's D(t) - D(0): dashed black, on top
     change = charge_ax.lines[len(expected)]
     assert to_hex(change.get_color()) == "#000000" and change.get_linestyle() == "--"
+
+
+def test_long_symmetry_names_stay_inside_the_network_ledger_figure() -> None:
+    """A Llama block's norm/q+k+v rescale is named with 77 characters: as a panel title at the
+    right edge of the grid it ran past the figure. Titles are cut in the middle to fit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from torch_momentum.callbacks import plot_network_ledger
+
+    name = "model.layers.{} input_layernorm/self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"
+    terms = {t: 0.0 for t in LEDGER_TERMS}
+    details = [
+        {
+            "step": step,
+            "groups": {},
+            "charges": {},
+            "kinds": {},
+            "ledger": {name.format(i): {**terms, "change": step * (i + 1.0)} for i in range(5)},
+        }
+        for step in range(3)
+    ]
+    summary = [{"step": step, **{f"ledger/{t}": 0.0 for t in LEDGER_TERMS}} for step in range(3)]
+    fig = plot_network_ledger((summary, details), top_k=5)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    titles = [ax.title for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert len(titles) == 6
+    for title in titles:
+        box = title.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (title.get_text(), box)
+    assert any("…" in t.get_text() for t in titles)
