@@ -31,46 +31,66 @@ from torch_momentum.balance.symmetry import find_symmetries
 from torch_momentum.demos import gpt2_tiny, llama_tiny
 
 
-def _rotate(x: Tensor, rope: str, positions: Tensor) -> Tensor:
-    """Rotary position embedding of ``x`` ``(batch, heads, time, d)``: pairs (j, j + d/2)
-    ("half") or (2j, 2j + 1) ("interleaved") turned by ``position * 100 ** (-2j / d)``."""
-    d = x.shape[-1]
-    freq = 100.0 ** (-torch.arange(0, d, 2, dtype=x.dtype) / d)
-    angle = positions.to(x.dtype)[:, None] * freq  # (time, d/2)
+def _rotate(x: Tensor, rope: str, rotary: int) -> Tensor:
+    """Rotary position embedding of the first ``rotary`` dimensions of each head of ``x``
+    ``(batch, heads, time, d)``: pairs (j, j + r/2) ("half") or (2j, 2j + 1) ("interleaved")
+    turned by ``position * 100 ** (-2j / r)``; the other dimensions pass."""
+    x, rest = x[..., :rotary], x[..., rotary:]
+    freq = 100.0 ** (-torch.arange(0, rotary, 2, dtype=x.dtype) / rotary)
+    angle = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] * freq  # (time, r/2)
     cos, sin = angle.cos(), angle.sin()
     if rope == "half":
-        a, b = x[..., : d // 2], x[..., d // 2 :]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
-    a, b = x[..., 0::2], x[..., 1::2]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+        a, b = x[..., : rotary // 2], x[..., rotary // 2 :]
+        turned = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    else:
+        a, b = x[..., 0::2], x[..., 1::2]
+        turned = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    return torch.cat([turned, rest], -1)
 
 
 class HeadsLM(nn.Module):
-    """Embedding -> causal self-attention (H query heads, K key/value heads, optional rotary
-    embedding) -> linear head: the attention written out, as model code does."""
+    """Embedding -> causal self-attention (H query heads, K key/value heads, an optional rotary
+    embedding of ``rotary`` dimensions of each head, q/k/v separate or ``packed`` head by head
+    as GPT-NeoX does) -> linear head: the attention written out, as model code does."""
 
-    def __init__(self, heads: int, kv_heads: int, rope: str | None, width: int = 16) -> None:
+    def __init__(
+        self,
+        heads: int,
+        kv_heads: int,
+        rope: str | None,
+        rotary: int | None = None,
+        packed: bool = False,
+        width: int = 16,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(32, width)
         self.attn = nn.Module()
-        self.attn.head_dim = width // heads  # the attribute the candidates read
-        d = self.attn.head_dim
-        self.attn.q = nn.Linear(width, heads * d)
-        self.attn.k = nn.Linear(width, kv_heads * d)
-        self.attn.v = nn.Linear(width, kv_heads * d)
+        d = self.attn.head_dim = width // heads  # the attributes the candidates read
+        if rotary is not None:
+            self.attn.rotary_ndims = rotary
+        if packed:  # [q_h | k_h | v_h] for every head h
+            self.attn.qkv = nn.Linear(width, 3 * heads * d)
+        else:
+            self.attn.q = nn.Linear(width, heads * d)
+            self.attn.k = nn.Linear(width, kv_heads * d)
+            self.attn.v = nn.Linear(width, kv_heads * d)
         self.attn.o = nn.Linear(heads * d, width)
         self.head = nn.Linear(width, 32)
         self.shape = (heads, kv_heads, d)
-        self.rope = rope
+        self.rope, self.rotary, self.packed = rope, rotary or d, packed
 
     def forward(self, ids: Tensor) -> Tensor:
         (b, t), (heads, kv_heads, d) = ids.shape, self.shape
         x = self.embed(ids)
-        q = self.attn.q(x).view(b, t, heads, d).transpose(1, 2)
-        k = self.attn.k(x).view(b, t, kv_heads, d).transpose(1, 2)
-        v = self.attn.v(x).view(b, t, kv_heads, d).transpose(1, 2)
+        if self.packed:
+            qkv = self.attn.qkv(x).view(b, t, heads, 3 * d).transpose(1, 2)
+            q, k, v = qkv.chunk(3, -1)
+        else:
+            q = self.attn.q(x).view(b, t, heads, d).transpose(1, 2)
+            k = self.attn.k(x).view(b, t, kv_heads, d).transpose(1, 2)
+            v = self.attn.v(x).view(b, t, kv_heads, d).transpose(1, 2)
         if self.rope is not None:
-            q, k = _rotate(q, self.rope, torch.arange(t)), _rotate(k, self.rope, torch.arange(t))
+            q, k = _rotate(q, self.rope, self.rotary), _rotate(k, self.rope, self.rotary)
         k = k.repeat_interleave(heads // kv_heads, 1)  # query head i reads key head i // G
         v = v.repeat_interleave(heads // kv_heads, 1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
@@ -87,24 +107,30 @@ def _heads(found: list[tuple[str, str, int]]) -> list[tuple[str, int]]:
 # d = 16 / heads. Without rotation the per-key-head rescale holds and the rotary ones, true but
 # coarser, are not reported; with it only the matching pairing holds.
 CASES = [
-    (4, 2, None, [("attn q/k (per key head)", 8), ("attn v/o (per value head)", 8)], set()),
+    (
+        4,
+        2,
+        None,
+        [("attn q/k (per key dimension)", 8), ("attn v/o (per value dimension)", 8)],
+        set(),
+    ),
     (
         4,
         2,
         "half",
-        [("attn q/k (rotary pairs)", 4), ("attn v/o (per value head)", 8)],
-        {"attn q/k (per key head)", "attn q/k (interleaved rotary pairs)"},
+        [("attn q/k (rotary pairs)", 4), ("attn v/o (per value dimension)", 8)],
+        {"attn q/k (per key dimension)", "attn q/k (interleaved rotary pairs)"},
     ),
     (
         4,
         2,
         "interleaved",
-        [("attn q/k (interleaved rotary pairs)", 4), ("attn v/o (per value head)", 8)],
-        {"attn q/k (per key head)", "attn q/k (rotary pairs)"},
+        [("attn q/k (interleaved rotary pairs)", 4), ("attn v/o (per value dimension)", 8)],
+        {"attn q/k (per key dimension)", "attn q/k (rotary pairs)"},
     ),
-    (4, 1, "half", [("attn q/k (rotary pairs)", 2), ("attn v/o (per value head)", 4)], set()),
+    (4, 1, "half", [("attn q/k (rotary pairs)", 2), ("attn v/o (per value dimension)", 4)], set()),
     # equal head counts: the per-dimension q/k pair is a sibling candidate, rejected under
-    # rotation; v/o per dimension is the sibling one (no "per value head" form)
+    # rotation; v/o per dimension is the sibling one (no "per value dimension" form)
     (4, 4, "half", [("attn q/k (rotary pairs)", 8)], {"attn q/k"}),
 ]
 
@@ -120,6 +146,30 @@ def test_head_symmetries_follow_the_attention(
     assert not any("rotary" in name for _, name, _ in found if rope is None)
     if kv_heads == heads:
         assert ("rescale", "attn v/o", 16) in found  # the sibling pair
+
+
+def test_partial_rotation_pairs_the_rotated_dimensions_only() -> None:
+    # 2 heads of 8 dimensions, the first 4 rotated (Phi, GPT-NeoX's rotary_pct): per head 2
+    # pairs and 4 single dimensions; the per-dimension and all-pairs forms are rejected
+    for rope in ("half", "interleaved"):
+        torch.manual_seed(0)
+        found, rejected = found_and_rejected(HeadsLM(2, 2, rope, rotary=4), lm, tokens(32))
+        label = "rotary pairs" if rope == "half" else "interleaved rotary pairs"
+        assert _heads(found) == [(f"attn q/k ({label})", 12)]
+        assert "attn q/k" in rejected
+
+
+def test_a_projection_packed_head_by_head() -> None:
+    # GPT-NeoX's query_key_value: [q_h | k_h | v_h] per head. Read in thirds ([q | k | v], the
+    # sibling candidates) nothing holds; read head by head, the rotary q/k pairs and the v/o
+    # rescale per value dimension do
+    torch.manual_seed(0)
+    found, rejected = found_and_rejected(HeadsLM(4, 4, "half", packed=True), lm, tokens(32))
+    assert _heads(found) == [
+        ("attn q/k (rotary pairs, per-head packing)", 8),
+        ("attn v/o (per value dimension, per-head packing)", 16),
+    ]
+    assert {"attn q/k", "attn v/o", "attn q/k (per key dimension, per-head packing)"} <= rejected
 
 
 def test_a_module_without_a_head_dimension_gets_no_head_candidates() -> None:
@@ -148,7 +198,7 @@ LLAMA_BLOCK = [
         32,
     ),
     ("rescale", "model.layers.{i}.self_attn q_proj/k_proj (rotary pairs)", 8),
-    ("rescale", "model.layers.{i}.self_attn v_proj/o_proj (per value head)", 16),
+    ("rescale", "model.layers.{i}.self_attn v_proj/o_proj (per value dimension)", 16),
     ("rescale", "model.layers.{i} post_attention_layernorm/mlp.gate_proj+mlp.up_proj", 32),
     ("rescale", "model.layers.{i}.mlp up_proj/down_proj", 64),
 ]
@@ -170,7 +220,7 @@ def test_llama_tiny() -> None:
         ("translation", "lm_head (columns)", 32),
     ]
     assert {
-        "model.layers.0.self_attn q_proj/k_proj (per key head)",
+        "model.layers.0.self_attn q_proj/k_proj (per key dimension)",
         "model.layers.0.self_attn q_proj/k_proj (interleaved rotary pairs)",
     } <= rejected
 
@@ -249,5 +299,12 @@ def test_gpt2_reports_the_per_dimension_pair_not_the_rotary_ones() -> None:
     assert not any("rotary" in n for n in names)
     rejected = {s.name for s in found.rejected}
     assert "transformer.h.0.attn q/v (rotary pairs)" in rejected  # proposed, and false
-    assert not any(n.startswith("transformer.h.0.attn q/k (") for n in rejected)
+    # the thirds' rotary pairs are true (dropped as coarser); read head by head (GPT-NeoX's
+    # packing), q/k is false
+    thirds = {n for n in rejected if n.startswith("transformer.h.0.attn q/k (")}
+    assert thirds == {
+        "transformer.h.0.attn q/k (per key dimension, per-head packing)",
+        "transformer.h.0.attn q/k (rotary pairs, per-head packing)",
+        "transformer.h.0.attn q/k (interleaved rotary pairs, per-head packing)",
+    }
     assert max(s.residual for s in found) <= ROUND_OFF

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from torch_momentum.balance._symmetry_heads import head_rescales
+from torch_momentum.balance._symmetry_heads import Side, head_rescales
 from torch_momentum.balance._symmetry_proposal import (
     PartsKey,
     PartSpec,
@@ -486,8 +486,14 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             proposal = _rescale(_join(short, f"{la}/{lb}"), a, b)
             if proposal is not None:
                 found.append(proposal)
-        heads = [(label, units.n, units.parts) for _, label, units in outs]
-        reads = [(leaf.rpartition(".")[2], units.n, units.parts) for leaf, units in ins.items()]
+        # a leaf listed with its thirds is a packed q/k/v projection
+        own = [lb == leaf.rpartition(".")[2] for leaf, lb, _ in outs]
+        whole = {leaf for (leaf, _, _), mine in zip(outs, own, strict=True) if not mine}
+        heads = [
+            Side(lb, u.n, u.parts, packed=mine and leaf in whole)
+            for (leaf, lb, u), mine in zip(outs, own, strict=True)
+        ]
+        reads = [Side(leaf.rpartition(".")[2], u.n, u.parts) for leaf, u in ins.items()]
         found += head_rescales(short, ctx.modules[parent], heads, reads)
     return found, thirds
 

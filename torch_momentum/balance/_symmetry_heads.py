@@ -17,14 +17,22 @@ attention: :math:`G = H / K` query heads share one key/value head),
   unchanged;
 * with rotary position embeddings each head's dimensions are rotated in pairs, so only a scale
   common to both dimensions of a pair commutes with the rotation: one unit per pair, the pairs
-  being :math:`(j, j + d/2)` ("rotate half", the convention of ``transformers``' Llama, Mistral,
-  Qwen, GPT-NeoX) or :math:`(2j, 2j + 1)` (interleaved, as in GPT-J and the original RoPE).
+  being :math:`(j, j + r/2)` ("rotate half", the convention of ``transformers``' Llama, Mistral,
+  Qwen, Phi, GPT-NeoX) or :math:`(2j, 2j + 1)` (interleaved, as in GPT-J and the original
+  RoPE) for :math:`j < r/2`, where :math:`r \le d` dimensions of each head are rotated (the
+  module's ``rotary_ndims`` or ``rotary_dim``; all by default); each dimension past :math:`r` is
+  a unit of its own.
+
+A packed projection is read two ways: in thirds (``[q | k | v]``, GPT-2's ``c_attn``; the
+thirds come with the sibling candidates) and head by head (``[q_h | k_h | v_h]`` for every head
+:math:`h`, GPT-NeoX's ``query_key_value``), whose candidates are named "per-head packing".
 
 Equal head counts (:math:`G = 1`) without rotation are the per-dimension q/k and v/o pairs the
-sibling candidates already propose. A rotary candidate is a coarser version of the per-dimension
-one (it ties two of its units), so it carries the per-dimension candidate's key in ``unless``
-and is reported only where that one fails: on GPT-2 the per-dimension pair holds and the rotary
-ones are not reported; on Llama only the rotary one holds.
+sibling candidates already propose (except for a projection packed by head). A rotary candidate
+is a coarser version of the per-dimension one (it ties two of its units), so it carries the
+per-dimension candidate's key in ``unless`` and is reported only where that one fails: on GPT-2
+the per-dimension pair holds and the rotary ones are not reported; on Llama only the rotary one
+holds.
 
 The head dimension is read from the attention module (``head_dim``, ``attention_head_size`` or
 ``head_size``, the names ``transformers`` uses); a module without one gets no head candidates.
@@ -33,6 +41,7 @@ The head dimension is read from the attention module (``head_dim``, ``attention_
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import nn
 
@@ -46,6 +55,16 @@ from torch_momentum.balance._symmetry_proposal import (
 
 #: the attributes that hold an attention module's head dimension
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+#: the attributes that hold how many dimensions of a head its rotary embedding turns
+ROTARY_ATTRS = ("rotary_ndims", "rotary_dim")
+
+
+def _positive_int(module: nn.Module, attrs: tuple[str, ...]) -> int | None:
+    for attr in attrs:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def head_dim(module: nn.Module) -> int | None:
@@ -59,77 +78,135 @@ def head_dim(module: nn.Module) -> int | None:
         >>> head_dim(module), head_dim(torch.nn.Linear(2, 2))
         (8, None)
     """
-    for attr in HEAD_DIM_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    return _positive_int(module, HEAD_DIM_ATTRS)
 
 
-Side = tuple[str, int, tuple[PartSpec, ...]]  # (label, rows or columns, parts along them)
+class Side(NamedTuple):
+    """One side of a head-wise candidate: ``rows`` rows (or columns) numbered along ``parts``,
+    each part covering rows ``[unit_offset, unit_offset + length)``. ``packed``: a projection
+    of q, k and v together; ``by_head``: q, k or v rows gathered head by head from one (no
+    sibling candidate covers them)."""
+
+    label: str
+    rows: int
+    parts: tuple[PartSpec, ...]
+    packed: bool = False  # a q/k/v projection packed in one (E features to 3E)
+    by_head: bool = False
+
+
+class _Heads(NamedTuple):
+    """The head layout: dimension ``d``, of which the first ``rotary`` are rotated in pairs."""
+
+    d: int
+    rotary: int
+
+
+def _unit_parts(
+    p: PartSpec, start: int, first: int, heads: _Heads, pairs: str | None
+) -> list[PartSpec]:
+    """Head ``d`` rows of part ``p`` from ``start``, as parts whose units start at ``first``:
+    a unit per row, or per rotary pair (``"half"``: rows ``j`` and ``j + r/2``;
+    ``"interleaved"``: ``2j`` and ``2j + 1``) and per row past the rotated ones."""
+    d, r = heads
+    if pairs is None:
+        return [p._replace(start=start, length=d, unit_offset=first)]
+    if pairs == "half":
+        rotated = [
+            p._replace(start=start + s * r // 2, length=r // 2, unit_offset=first) for s in (0, 1)
+        ]
+    else:
+        rotated = [p._replace(start=start, length=r, block=2, unit_offset=first)]
+    if r == d:
+        return rotated
+    return [*rotated, p._replace(start=start + r, length=d - r, unit_offset=first + r // 2)]
 
 
 def _headwise(
-    parts: tuple[PartSpec, ...], d: int, group: int, sign: float, pairs: str | None
+    side: Side, heads: _Heads, group: int, sign: float, pairs: str | None
 ) -> tuple[PartSpec, ...] | None:
-    """The parts of one side, unit by unit: head ``i`` of dimension ``d`` joins the units of head
-    ``i // group``; ``pairs`` None (a unit per dimension), ``"half"`` (dimensions ``j`` and
-    ``j + d/2``) or ``"interleaved"`` (``2j`` and ``2j + 1``). None where a part is not a slice
-    along one dimension made of whole heads."""
-    if any(p.dim is None or p.block != 1 or p.unit_offset or p.length % d for p in parts):
+    """``side``'s parts unit by unit: its head ``i`` joins the units of head ``i // group``.
+    None where a part is not a slice along one dimension made of whole heads."""
+    d = heads.d
+    if any(p.dim is None or p.block != 1 or p.unit_offset % d or p.length % d for p in side.parts):
         return None
     if pairs is None and group == 1:  # a unit per row: the parts as they are
-        return tuple(p._replace(sign=sign) for p in parts)
+        return tuple(p._replace(sign=sign) for p in side.parts)
+    per_head = d if pairs is None else d - heads.rotary // 2
     out: list[PartSpec] = []
-    half = d // 2
-    for p in parts:
-        for i in range(p.length // d):
-            start = p.start + i * d
-            if pairs is None:
-                out.append(p._replace(start=start, length=d, sign=sign, unit_offset=i // group * d))
-            elif pairs == "half":
-                offset = i // group * half
-                out += [
-                    p._replace(start=start + s * half, length=half, sign=sign, unit_offset=offset)
-                    for s in (0, 1)
-                ]
-            else:
-                out.append(
-                    p._replace(
-                        start=start, length=d, block=2, sign=sign, unit_offset=i // group * half
-                    )
-                )
+    for p in side.parts:
+        for k in range(p.length // d):
+            head = p.unit_offset // d + k
+            first = head // group * per_head
+            out += _unit_parts(p._replace(sign=sign), p.start + k * d, first, heads, pairs)
     return tuple(out)
 
 
 def _pair(
-    name: str, a: Side, b: Side, d: int, pairs: str | None, unless: PartsKey | None = None
+    name: str, a: Side, b: Side, heads: _Heads, pairs: str | None, unless: PartsKey | None = None
 ) -> Proposal | None:
     """Side ``a``, of ``group`` times as many heads as ``b``, against ``b`` (its signs
     negative), unit by unit; None where the sides share an entry or are not made of heads."""
-    left = _headwise(a[2], d, a[1] // b[1], 1.0, pairs)
-    right = _headwise(b[2], d, 1, -1.0, pairs)
+    left = _headwise(a, heads, a.rows // b.rows, 1.0, pairs)
+    right = _headwise(b, heads, 1, -1.0, pairs)
     if not left or not right or overlaps(left + right):
         return None
-    units = b[1] if pairs is None else b[1] // 2
-    return Proposal("rescale", name, left + right, units, unless)
+    per_head = heads.d if pairs is None else heads.d - heads.rotary // 2
+    return Proposal("rescale", name, left + right, b.rows // heads.d * per_head, unless)
 
 
-def _query_key(parent: str, a: Side, b: Side, d: int) -> list[Proposal]:
+def _suffix(a: Side, b: Side, kind: str) -> str:
+    return f"{kind}, per-head packing" if a.by_head or b.by_head else kind
+
+
+def _query_key(parent: str, a: Side, b: Side, heads: _Heads) -> list[Proposal]:
     """``a`` (the query side) against ``b`` (the key side): per key dimension where ``a`` has
-    more heads (an equal count is a sibling candidate already), and per rotary pair."""
-    base = f"{parent} {a[0]}/{b[0]}".strip()
-    fine = _pair(f"{base} (per key head)", a, b, d, None)
+    more heads or is packed by head (an equal count is a sibling candidate already), and per
+    rotary pair."""
+    base = f"{parent} {a.label}/{b.label}".strip()
+    fine = _pair(f"{base} ({_suffix(a, b, 'per key dimension')})", a, b, heads, None)
     if fine is None:
         return []
-    found = [fine] if a[1] > b[1] else []
-    if d % 2 == 0:
+    found = [fine] if a.rows > b.rows or a.by_head else []
+    if heads.rotary % 2 == 0:
         key = parts_key(fine.parts)
         for pairs, label in (("half", "rotary pairs"), ("interleaved", "interleaved rotary pairs")):
-            rotary = _pair(f"{base} ({label})", a, b, d, pairs, key)
+            rotary = _pair(f"{base} ({_suffix(a, b, label)})", a, b, heads, pairs, key)
             if rotary is not None:
                 found.append(rotary)
     return found
+
+
+def _by_head(side: Side, d: int) -> list[Side]:
+    """A packed ``[q_h | k_h | v_h]``-per-head projection's q, k and v rows, head by head."""
+    if not side.packed or side.rows % (3 * d) or any(p.dim is None for p in side.parts):
+        return []
+    n = side.rows // 3
+    return [
+        Side(
+            label,
+            n,
+            tuple(
+                p._replace(start=p.start + h * 3 * d + s * d, length=d, unit_offset=h * d)
+                for p in side.parts
+                for h in range(n // d)
+            ),
+            by_head=True,
+        )
+        for s, label in enumerate("qkv")
+    ]
+
+
+def _value_output(parent: str, a: Side, c: Side, heads: _Heads) -> Proposal | None:
+    """Value side ``a`` against the columns ``c`` of the output projection, per value
+    dimension, where ``c`` has more heads or ``a`` is packed by head."""
+    if not (c.rows > a.rows or (a.by_head and c.rows == a.rows)) or c.rows % a.rows:
+        return None
+    name = f"{parent} {a.label}/{c.label} ({_suffix(a, a, 'per value dimension')})".strip()
+    proposal = _pair(name, c, a, heads, None)
+    if proposal is None:
+        return None
+    # the value side is the A side: flip the signs
+    return proposal._replace(parts=tuple(p._replace(sign=-p.sign) for p in proposal.parts))
 
 
 def head_rescales(
@@ -137,41 +214,46 @@ def head_rescales(
 ) -> list[Proposal]:
     """Grouped-query and rotary rescale candidates among the unlinked leaf children of one
     attention module ``module`` named ``parent``: ``outs`` the producers (their output rows, a
-    packed q/k/v projection's thirds included), ``ins`` the consumers (their input columns),
-    each ``(label, count, parts)``. Query, key and value sides are the producers that are not
-    also consumers here; the output projection is a consumer.
+    packed q/k/v projection's thirds included), ``ins`` the consumers (their input columns).
+    Query, key and value sides are the producers that are not also consumers here; the output
+    projection is a consumer. A packed projection (three times the size of its input) is also
+    read head by head.
 
     Example:
         >>> import torch
-        >>> from torch_momentum.balance._symmetry_heads import head_rescales
+        >>> from torch_momentum.balance._symmetry_heads import Side, head_rescales
         >>> from torch_momentum.balance._symmetry_proposal import PartSpec
         >>> attn = torch.nn.Module()
         >>> attn.head_dim = 4
-        >>> q = ("q", 8, (PartSpec("q.weight", 0, 0, 8),))  # two query heads
-        >>> k = ("k", 4, (PartSpec("k.weight", 0, 0, 4),))  # one key head they share
-        >>> [(p.name, p.units) for p in head_rescales("attn", attn, [q, k], [])]
-        [('attn q/k (per key head)', 4), ('attn q/k (rotary pairs)', 2), \
-('attn q/k (interleaved rotary pairs)', 2)]
+        >>> q = Side("q", 8, (PartSpec("q.weight", 0, 0, 8),))  # two query heads
+        >>> k = Side("k", 4, (PartSpec("k.weight", 0, 0, 4),))  # one key head they share
+        >>> for p in head_rescales("attn", attn, [q, k], []):
+        ...     print(p.name, p.units)
+        attn q/k (per key dimension) 4
+        attn q/k (rotary pairs) 2
+        attn q/k (interleaved rotary pairs) 2
     """
     d = head_dim(module)
     if d is None:
         return []
-    found: list[Proposal] = []
+    r = _positive_int(module, ROTARY_ATTRS) or d
+    heads = _Heads(d, min(r, d))
     # the projections of q, k and v read a recorded module's output; one that reads the
     # attention's own functional output (the output projection) is no query, key or value
-    reading = {c[0] for c in ins}
-    outs = [a for a in outs if a[0] not in reading]
-    for i, a in enumerate(outs):
-        if a[1] % d:
+    reading = {c.label for c in ins}
+    sides = [a for a in outs if a.label not in reading]
+    sides += [side for a in sides for side in _by_head(a, d)]
+    found: list[Proposal] = []
+    for i, a in enumerate(sides):
+        if a.rows % d:
             continue
-        for j, b in enumerate(outs):  # equal sizes: each unordered pair once, in module order
-            if not b[1] % d and not a[1] % b[1] and (a[1] > b[1] or (a[1] == b[1] and i < j)):
-                found += _query_key(parent, a, b, d)
-        for c in ins:  # value heads against the output projection's columns
-            if c[1] > a[1] and not c[1] % a[1]:
-                name = f"{parent} {a[0]}/{c[0]} (per value head)".strip()
-                proposal = _pair(name, c, a, d, None)
-                if proposal is not None:  # the value side is the A side: flip the signs
-                    flipped = tuple(p._replace(sign=-p.sign) for p in proposal.parts)
-                    found.append(proposal._replace(parts=flipped))
+        for j, b in enumerate(sides):  # equal sizes: each unordered pair once, in module order
+            if a.by_head != b.by_head or b.rows % d or a.rows % b.rows:
+                continue
+            if a.rows > b.rows or (a.rows == b.rows and i < j):
+                found += _query_key(parent, a, b, heads)
+        for c in ins:
+            proposal = _value_output(parent, a, c, heads)
+            if proposal is not None:
+                found.append(proposal)
     return found
