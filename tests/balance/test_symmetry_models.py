@@ -582,3 +582,38 @@ def test_recurrent_bias_pairs(cell: type[nn.RNNBase], units: int) -> None:
     # by r), so the pair covers the first 2 * hidden entries
     found, _ = found_and_rejected(_RecurrentLM(cell), lm, tokens(32))
     assert ("translation", "rnn bias_ih_l0/bias_hh_l0", units) in found
+
+
+def test_bert_value_against_the_attention_output_in_a_sibling_module() -> None:
+    # BERT splits attention in two modules: attention.self (query, key, value) returns the
+    # context, attention.output.dense reads it. The value/output rescale spans the two: it is
+    # a "cousin" candidate (the consumer against the producers of its grandparent's other
+    # children); query and key against the output are proposed too, and false.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+
+    def mlm(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+
+    found, rejected = found_and_rejected(transformers.BertForMaskedLM(config), mlm, tokens(32))
+    rescales = [(n, u) for k, n, u in found if k == "rescale"]
+    assert rescales == [
+        ("bert.encoder.layer.0.attention.self query/key", 16),
+        ("bert.encoder.layer.0.attention self.value/output.dense", 16),
+        ("bert.encoder.layer.0.output.LayerNorm/cls.predictions.transform.dense", 16),
+    ]
+    assert {
+        "bert.encoder.layer.0.attention self.query/output.dense",
+        "bert.encoder.layer.0.attention self.key/output.dense",
+    } <= rejected

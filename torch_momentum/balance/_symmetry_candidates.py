@@ -18,8 +18,10 @@ Sources of candidates:
   gain and bias of a norm layer, the columns of an Embedding) against the input units of all the
   modules that consume it, and every producer/producer and producer/consumer pair of equal unit
   count among the leaf children of one parent module (query/key, value/output, packed thirds of
-  ``c_attn`` or ``in_proj``), and per head of an attention module that declares its head
-  dimension (grouped-query attention, rotary pairs): **rescale** candidates;
+  ``c_attn`` or ``in_proj``), the same across the leaves of two sibling modules (BERT's
+  ``attention.self.value`` and ``attention.output.dense``), and per head of an attention module
+  that declares its head dimension (grouped-query attention, rotary pairs): **rescale**
+  candidates;
 * every Linear/Conv1D/Conv (its input columns and its bias), Embedding (its rows) and recurrent
   layer (``bias_ih`` against ``bias_hh``): **translation** candidates;
 * every parameter, and every third of a packed q/k/v parameter: zero-gradient slices.
@@ -428,9 +430,11 @@ def _leaves_by_parent(ctx: _Context) -> dict[str, list[str]]:
     return parents
 
 
-def _sibling_sides(
-    ctx: _Context, leaves: list[str]
-) -> tuple[list[tuple[str, str, _Units]], dict[str, _Units], list[tuple[str, _Units]]]:
+#: a parent's unlinked producers (with packed thirds), unlinked consumers, and the thirds
+_Sides = tuple[list[tuple[str, str, _Units]], dict[str, _Units], list[tuple[str, _Units]]]
+
+
+def _sibling_sides(ctx: _Context, leaves: list[str]) -> _Sides:
     """Unlinked producers (and their packed thirds), unlinked consumers, and the thirds."""
     produced = {p for p, _, _ in ctx.links}
     consumed = {c for _, c, _ in ctx.links}
@@ -463,8 +467,9 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
     """
     found: list[Proposal] = []
     thirds: list[ZeroSlice] = []
+    sides: dict[str, _Sides] = {}
     for parent, leaves in _leaves_by_parent(ctx).items():
-        outs, ins, packed = _sibling_sides(ctx, leaves)
+        outs, ins, packed = sides[parent] = _sibling_sides(ctx, leaves)
         thirds += _zero_thirds(ctx, packed)
         short = ctx.short(parent)
         pairs: list[tuple[str, _Units, str, _Units]] = []
@@ -495,7 +500,28 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
         ]
         reads = [Side(leaf.rpartition(".")[2], u.n, u.parts) for leaf, u in ins.items()]
         found += head_rescales(short, ctx.modules[parent], heads, reads)
-    return found, thirds
+    return found + _cousins(ctx, sides), thirds
+
+
+def _cousins(ctx: _Context, sides: dict[str, _Sides]) -> list[Proposal]:
+    """Each unlinked consumer against the unlinked producers of equal size among the leaves of
+    the other children of its grandparent: BERT's value projection
+    (``attention.self.value``) feeds the output projection of a sibling module
+    (``attention.output.dense``) through functional code."""
+    found = []
+    for parent, (_, ins, _) in sides.items():
+        grand, _, mine = parent.rpartition(".")
+        for other, (outs, _, _) in sides.items():
+            if not parent or other == parent or other.rpartition(".")[0] != grand:
+                continue
+            theirs = other.rpartition(".")[2]
+            for consumer, b in ins.items():
+                for _, label, a in outs:
+                    name = f"{theirs}.{label}/{mine}.{consumer.rpartition('.')[2]}"
+                    proposal = _rescale(_join(ctx.short(grand), name), a, b)
+                    if proposal is not None:
+                        found.append(proposal)
+    return found
 
 
 def _zero_thirds(ctx: _Context, packed: list[tuple[str, _Units]]) -> list[ZeroSlice]:
