@@ -29,8 +29,6 @@ Sources of candidates:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from torch import nn
 
 from torch_momentum.balance._symmetry_heads import Side, head_rescales
@@ -43,25 +41,23 @@ from torch_momentum.balance._symmetry_proposal import (
     parts_key,
 )
 from torch_momentum.balance._symmetry_trace import Call, DataFlow
+from torch_momentum.balance._symmetry_units import (
+    LAYER_NORM,
+    PER_CHANNEL_NORM,
+    Names,
+    Units,
+    input_units,
+    is_conv1d_gpt,
+    known_owner,
+    norm_modules,
+    output_units,
+    own_param,
+    param_parts,
+    weight_norm,
+)
 from torch_momentum.balance.groups import uncompiled
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PER_CHANNEL_NORM = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-)
-_LAYER_NORM = (nn.LayerNorm, nn.RMSNorm)
 _WRAPPERS = ("model.", "module.", "_orig_mod.")
-
-
-class _Units(NamedTuple):
-    n: int
-    parts: tuple[PartSpec, ...]
 
 
 def display_prefix(names: list[str]) -> str:
@@ -84,170 +80,6 @@ def display_prefix(names: list[str]) -> str:
     return prefix
 
 
-def norm_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every normalisation module and the name of its epsilon attribute.
-
-    The torch norm layers (BatchNorm, SyncBatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm)
-    and any module whose class name ends in ``Norm`` with a float attribute ``eps`` or
-    ``variance_epsilon`` (the convention of ``transformers``' RMSNorm classes).
-
-    Example:
-        >>> import torch
-        >>> from torch_momentum.balance._symmetry_candidates import norm_modules
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-        >>> [(type(m).__name__, attr) for m, attr in norm_modules(model)]
-        [('LayerNorm', 'eps')]
-    """
-    known = (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm)
-    found = []
-    for module in model.modules():
-        if not (isinstance(module, known) or type(module).__name__.endswith("Norm")):
-            continue
-        for attr in ("eps", "variance_epsilon"):
-            value = getattr(module, attr, "missing")
-            if value is None or isinstance(value, float):
-                found.append((module, attr))
-                break
-    return found
-
-
-def _own(module: nn.Module, attr: str) -> nn.Parameter | None:
-    """``module``'s own parameter ``attr`` (not a submodule's), or None."""
-    return dict(module.named_parameters(recurse=False)).get(attr)
-
-
-class _Names:
-    """Canonical (first-registered) names of the trainable parameters, by module attribute."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.by_id = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-
-    def of(self, module: nn.Module, attr: str) -> str | None:
-        value = _own(module, attr)
-        return None if value is None else self.by_id.get(id(value))
-
-
-def _parts(names: _Names, module: nn.Module, spec: list[tuple[str, int | None]], n: int) -> _Units:
-    parts = []
-    for attr, dim in spec:
-        name = names.of(module, attr)
-        if name is not None:
-            parts.append(PartSpec(name, dim, 0, 0 if dim is None else n))
-    return _Units(n, tuple(parts))
-
-
-def _is_conv1d_gpt(module: nn.Module) -> bool:
-    weight = _own(module, "weight")
-    return (
-        type(module).__name__ == "Conv1D"
-        and weight is not None
-        and tuple(weight.shape) == (getattr(module, "nx", -1), getattr(module, "nf", -1))
-    )
-
-
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    weight = _own(module, "weight")
-    return () if weight is None else tuple(weight.shape)
-
-
-def _affine_norm(module: nn.Module) -> bool:
-    weight = _own(module, "weight")
-    is_norm = isinstance(module, (*_PER_CHANNEL_NORM, *_LAYER_NORM, nn.GroupNorm))
-    return (is_norm or type(module).__name__.endswith("Norm")) and (
-        weight is not None and weight.dim() == 1
-    )
-
-
-class _WeightNorm(NamedTuple):
-    """A weight written ``g * v / |v|`` by weight norm: the names of ``g`` and ``v`` (None:
-    frozen) and the dimension ``dim`` whose slices are normalised one by one (None: the whole
-    tensor)."""
-
-    g: str | None
-    v: str | None
-    dim: int | None
-    shape: tuple[int, ...]  # of the weight (and of v)
-
-
-def _weight_norm(names: _Names, module: nn.Module) -> _WeightNorm | None:
-    """``module.weight``'s weight norm: ``torch.nn.utils.parametrizations.weight_norm``
-    (``original0``, ``original1``) or the older ``torch.nn.utils.weight_norm`` (``weight_g``,
-    ``weight_v``, a forward pre-hook); None if it has none."""
-    chains = getattr(module, "parametrizations", None)
-    if chains is not None and "weight" in chains:
-        chain = chains["weight"]
-        norm = next((p for p in chain if type(p).__name__ == "_WeightNorm"), None)
-        owner, attrs = chain, ("original0", "original1")
-    else:
-        hooks = getattr(module, "_forward_pre_hooks", {}).values()
-        norm = next((h for h in hooks if type(h).__name__ == "WeightNorm"), None)
-        if norm is None or getattr(norm, "name", None) != "weight":
-            return None
-        owner, attrs = module, ("weight_g", "weight_v")
-    g, v = names.of(owner, attrs[0]), names.of(owner, attrs[1])
-    if norm is None:
-        return None
-    dim = getattr(norm, "dim", -1)
-    shape = tuple(getattr(owner, attrs[1]).shape)
-    return _WeightNorm(g, v, None if dim in (None, -1) else dim % len(shape), shape)
-
-
-def _weight_parts(names: _Names, module: nn.Module, dim: int, n: int, bias: bool) -> _Units:
-    """The units of ``module.weight`` along ``dim`` (and of its bias with ``bias``). Under
-    weight norm a slice along the normalised dimension scales with its gain ``g`` alone (its
-    direction ``v`` is scale-free); along another dimension no move of ``g`` and ``v``
-    scales it: no units."""
-    norm = _weight_norm(names, module)
-    if norm is None:
-        spec: list[tuple[str, int | None]] = [("weight", dim)]
-        return _parts(names, module, [*spec, ("bias", 0)] if bias else spec, n)
-    if norm.dim != dim or norm.g is None:  # a frozen gain: the slice cannot scale
-        return _Units(n, ())
-    parts = [PartSpec(norm.g, dim, 0, n)]
-    b = names.of(module, "bias") if bias else None
-    return _Units(n, tuple(parts + ([PartSpec(b, 0, 0, n)] if b is not None else [])))
-
-
-def _output_units(names: _Names, module: nn.Module) -> _Units | None:
-    """The units of a module's output: rows and bias of a Linear/Conv, gain and bias of a norm."""
-    if isinstance(module, nn.Linear):
-        return _weight_parts(names, module, 0, module.out_features, bias=True)
-    if isinstance(module, _CONV):
-        return _weight_parts(names, module, 0, module.out_channels, bias=True)
-    if _is_conv1d_gpt(module):
-        return _parts(names, module, [("weight", 1), ("bias", 0)], _weight_shape(module)[1])
-    if isinstance(module, nn.Embedding):
-        return _parts(names, module, [("weight", 1)], module.embedding_dim)
-    if isinstance(module, nn.MultiheadAttention):
-        out = module.out_proj
-        return _parts(names, out, [("weight", 0), ("bias", 0)], out.out_features)
-    if _affine_norm(module):
-        n = _weight_shape(module)[0]
-        return _parts(names, module, [("weight", 0), ("bias", 0)], n)
-    return None
-
-
-def _input_units(names: _Names, module: nn.Module) -> _Units | None:
-    """The units of a module's input: the columns its weights apply to them."""
-    if isinstance(module, nn.Linear):
-        return _weight_parts(names, module, 1, module.in_features, bias=False)
-    if isinstance(module, _CONV) and module.groups == 1:
-        return _weight_parts(names, module, 1, module.in_channels, bias=False)
-    if isinstance(module, _CONV) and module.groups == module.in_channels:
-        # depthwise: input channel c feeds only the rows c*m .. c*m + m - 1 (m = out / in)
-        rows = _weight_parts(names, module, 0, module.out_channels, bias=False)
-        m = module.out_channels // module.in_channels
-        return _Units(module.in_channels, tuple(p._replace(block=m) for p in rows.parts))
-    if _is_conv1d_gpt(module):
-        return _parts(names, module, [("weight", 0)], _weight_shape(module)[0])
-    if isinstance(module, nn.RNNBase):
-        spec: list[tuple[str, int | None]] = [("weight_ih_l0", 1), ("weight_ih_l0_reverse", 1)]
-        return _parts(names, module, spec, module.input_size)
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-        return _parts(names, module, [("in_proj_weight", 1)], module.embed_dim)
-    return None
-
-
 def _relative(names: list[str]) -> tuple[str, list[str]]:
     """The common parent module of ``names`` and the names relative to it."""
     split = [n.split(".") for n in names]
@@ -261,7 +93,7 @@ def _join(parent: str, rest: str) -> str:
     return f"{parent} {rest}" if parent else rest
 
 
-def _signed(units: _Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
+def _signed(units: Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
     """``units``' parts with ``sign``; a consumer's input units grouped ``block`` per unit."""
     return tuple(
         p._replace(sign=sign, block=p.block * block) if p.dim is not None else p._replace(sign=sign)
@@ -269,20 +101,20 @@ def _signed(units: _Units, sign: float, block: int = 1) -> tuple[PartSpec, ...]:
     )
 
 
-def _rescale(name: str, a: _Units, b: _Units, block: int = 1) -> Proposal | None:
+def _rescale(name: str, a: Units, b: Units, block: int = 1) -> Proposal | None:
     if not a.parts or not b.parts or a.n * block != b.n or a.n == 0:
         return None
     parts = _signed(a, 1.0) + _signed(b, -1.0, block)
     return None if overlaps(parts) else Proposal("rescale", name, parts, a.n)
 
 
-def _thirds(units: _Units) -> list[tuple[str, _Units]]:
+def _thirds(units: Units) -> list[tuple[str, Units]]:
     """The q, k, v thirds of a packed output (each part narrowed to one third)."""
     if units.n % 3 or any(p.dim is None for p in units.parts):
         return []
     n = units.n // 3
     return [
-        (label, _Units(n, tuple(p._replace(start=k * n, length=n) for p in units.parts)))
+        (label, Units(n, tuple(p._replace(start=k * n, length=n) for p in units.parts)))
         for k, label in enumerate("qkv")
     ]
 
@@ -291,7 +123,7 @@ class _Context:
     """The model's structure as the proposals need it."""
 
     def __init__(self, model: nn.Module, calls: list[Call], prefix: str) -> None:
-        self.names = _Names(model)
+        self.names = Names(model)
         self.modules = dict(model.named_modules())
         self.calls = calls
         self.flow = DataFlow(calls)
@@ -306,20 +138,20 @@ class _Context:
 
 
 def _last_dim_producer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, *_LAYER_NORM)) or _is_conv1d_gpt(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, *LAYER_NORM)) or is_conv1d_gpt(module)
 
 
-def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: _Units) -> Proposal | None:
+def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: Units) -> Proposal | None:
     """The scale candidate of ``producer``'s output units normalised by ``norm``."""
     module, name = ctx.modules[producer], ctx.short(producer)
-    if isinstance(norm, _PER_CHANNEL_NORM) and norm.num_features == units.n:
+    if isinstance(norm, PER_CHANNEL_NORM) and norm.num_features == units.n:
         return Proposal("scale", f"{name} (per channel)", units.parts, units.n)
     if isinstance(norm, nn.GroupNorm) and norm.num_channels == units.n:
         block = units.n // norm.num_groups
         parts = tuple(p._replace(block=block) for p in units.parts)
         return Proposal("scale", f"{name} (per group)", parts, norm.num_groups)
     shape = getattr(norm, "normalized_shape", None)
-    weight = _own(norm, "weight")
+    weight = own_param(norm, "weight")
     last_dim = (
         tuple(shape) == (units.n,)
         if shape is not None
@@ -338,7 +170,7 @@ def _scales(ctx: _Context) -> list[Proposal]:
     """Producers followed by a norm layer, residual streams into one, weight-norm directions."""
     found = []
     for producer, consumer, block in ctx.links:
-        units = _output_units(ctx.names, ctx.modules[producer])
+        units = output_units(ctx.names, ctx.modules[producer])
         norm = ctx.modules[consumer]
         if units is None or not units.parts or block > 1 or not norm_modules(norm):
             continue
@@ -358,7 +190,7 @@ def _stream_scales(ctx: _Context) -> list[Proposal]:
     found = []
     for call in ctx.calls:
         norm = call.module
-        if not call.inputs or isinstance(norm, (*_PER_CHANNEL_NORM, nn.GroupNorm)):
+        if not call.inputs or isinstance(norm, (*PER_CHANNEL_NORM, nn.GroupNorm)):
             continue
         if not norm_modules(norm) or ctx.flow.produced_directly(call.inputs[0]):
             continue
@@ -367,7 +199,7 @@ def _stream_scales(ctx: _Context) -> list[Proposal]:
             continue
         parts: tuple[PartSpec, ...] = ()
         for writer in writers:
-            units = _output_units(ctx.names, ctx.modules[writer])
+            units = output_units(ctx.names, ctx.modules[writer])
             if units is None or not _last_dim_producer(ctx.modules[writer]):
                 break
             parts += tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
@@ -383,7 +215,7 @@ def _weight_norms(ctx: _Context) -> list[Proposal]:
     along the normalised dimension."""
     found = []
     for name, module in ctx.modules.items():
-        norm = _weight_norm(ctx.names, module)
+        norm = weight_norm(ctx.names, module)
         if norm is None or norm.v is None:
             continue
         size = 0 if norm.dim is None else norm.shape[norm.dim]
@@ -403,12 +235,12 @@ def _flow_rescales(ctx: _Context) -> list[Proposal]:
         consumers.setdefault(producer, []).append((consumer, block))
     found = []
     for producer, cs in consumers.items():
-        a = _output_units(ctx.names, ctx.modules[producer])
+        a = output_units(ctx.names, ctx.modules[producer])
         if a is None or not a.parts:
             continue
         parts = _signed(a, 1.0)
         for consumer, block in cs:
-            u = _input_units(ctx.names, ctx.modules[consumer])
+            u = input_units(ctx.names, ctx.modules[consumer])
             if block == 0 and u is not None and u.n % a.n == 0:
                 block = u.n // a.n
             if u is None or not u.parts or u.n != a.n * block:
@@ -431,19 +263,19 @@ def _leaves_by_parent(ctx: _Context) -> dict[str, list[str]]:
 
 
 #: a parent's unlinked producers (with packed thirds), unlinked consumers, and the thirds
-_Sides = tuple[list[tuple[str, str, _Units]], dict[str, _Units], list[tuple[str, _Units]]]
+_Sides = tuple[list[tuple[str, str, Units]], dict[str, Units], list[tuple[str, Units]]]
 
 
 def _sibling_sides(ctx: _Context, leaves: list[str]) -> _Sides:
     """Unlinked producers (and their packed thirds), unlinked consumers, and the thirds."""
     produced = {p for p, _, _ in ctx.links}
     consumed = {c for _, c, _ in ctx.links}
-    outs: list[tuple[str, str, _Units]] = []
-    ins: dict[str, _Units] = {}
-    packed_all: list[tuple[str, _Units]] = []
+    outs: list[tuple[str, str, Units]] = []
+    ins: dict[str, Units] = {}
+    packed_all: list[tuple[str, Units]] = []
     for leaf in leaves:
         label, module = leaf.rpartition(".")[2], ctx.modules[leaf]
-        out, inp = _output_units(ctx.names, module), _input_units(ctx.names, module)
+        out, inp = output_units(ctx.names, module), input_units(ctx.names, module)
         if out is not None and out.parts and leaf not in produced:
             # a packed q/k/v projection maps E features to 3E
             packed = _thirds(out) if inp is not None and 3 * inp.n == out.n else []
@@ -472,7 +304,7 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
         outs, ins, packed = sides[parent] = _sibling_sides(ctx, leaves)
         thirds += _zero_thirds(ctx, packed)
         short = ctx.short(parent)
-        pairs: list[tuple[str, _Units, str, _Units]] = []
+        pairs: list[tuple[str, Units, str, Units]] = []
         for i, (leaf_a, la, a) in enumerate(outs):
             for leaf_b, lb, b in outs[i + 1 :]:
                 if leaf_b in ins and leaf_b != leaf_a and ins[leaf_b].n == a.n:
@@ -524,7 +356,7 @@ def _cousins(ctx: _Context, sides: dict[str, _Sides]) -> list[Proposal]:
     return found
 
 
-def _zero_thirds(ctx: _Context, packed: list[tuple[str, _Units]]) -> list[ZeroSlice]:
+def _zero_thirds(ctx: _Context, packed: list[tuple[str, Units]]) -> list[ZeroSlice]:
     return [
         ZeroSlice(p.param, p.dim, p.start, p.length, f"{ctx.short(p.param)}[{label}]")
         for label, units in packed
@@ -545,8 +377,8 @@ def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
         for label in ("k", "v"):  # the extra key and value (add_bias_kv) scale with them
             extra, u = ctx.names.of(m, f"bias_{label}"), qkv[label]
             if extra is not None:
-                qkv[label] = _Units(u.n, (*u.parts, PartSpec(extra, 2, 0, m.embed_dim)))
-        out = _input_units(ctx.names, m.out_proj)
+                qkv[label] = Units(u.n, (*u.parts, PartSpec(extra, 2, 0, m.embed_dim)))
+        out = input_units(ctx.names, m.out_proj)
         for label, a, b in (("q/k", qkv["q"], qkv["k"]), ("v/out_proj", qkv["v"], out)):
             proposal = None if b is None else _rescale(_join(ctx.short(name), label), a, b)
             if proposal is not None:
@@ -554,18 +386,18 @@ def _attention_modules(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
     return found, thirds
 
 
-def _attention_thirds(ctx: _Context, m: nn.MultiheadAttention) -> dict[str, _Units]:
+def _attention_thirds(ctx: _Context, m: nn.MultiheadAttention) -> dict[str, Units]:
     """The rows (and bias slices) of the q, k and v projections of ``m``."""
     if m.in_proj_weight is not None:
         packed: list[tuple[str, int | None]] = [("in_proj_weight", 0), ("in_proj_bias", 0)]
-        return dict(_thirds(_parts(ctx.names, m, packed, 3 * m.embed_dim)))
+        return dict(_thirds(param_parts(ctx.names, m, packed, 3 * m.embed_dim)))
     e, bias = m.embed_dim, ctx.names.of(m, "in_proj_bias")
     out = {}
     for k, label in enumerate(("q", "k", "v")):
         weight = ctx.names.of(m, f"{label}_proj_weight")
         parts = [PartSpec(weight, 0, 0, e)] if weight is not None else []
         parts += [PartSpec(bias, 0, k * e, e)] if bias is not None else []
-        out[label] = _Units(e, tuple(parts))
+        out[label] = Units(e, tuple(parts))
     return out
 
 
@@ -573,13 +405,13 @@ def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
     """Input columns (summed over outputs) and the bias of one layer; rows of an Embedding."""
     short = ctx.short(name)
     if isinstance(module, nn.Embedding):
-        rows = _parts(ctx.names, module, [("weight", 0)], module.num_embeddings)
+        rows = param_parts(ctx.names, module, [("weight", 0)], module.num_embeddings)
         return (
             [Proposal("translation", f"{short} (rows)", rows.parts, rows.n)] if rows.parts else []
         )
     if isinstance(module, nn.RNNBase):
         return _rnn_biases(ctx, short, module)
-    units = _input_units(ctx.names, module)
+    units = input_units(ctx.names, module)
     if units is None or isinstance(module, nn.MultiheadAttention):
         return []
     parts, n = units.parts, units.n if units.parts else 0
@@ -587,15 +419,9 @@ def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
     if bias is not None:
         parts += (PartSpec(bias, None, 0, 0, unit_offset=n),)
     what = "columns" if isinstance(module, nn.Linear) else "input channels"
-    what = "rows" if _is_conv1d_gpt(module) else what
+    what = "rows" if is_conv1d_gpt(module) else what
     label = f"{short} ({what}{' + bias' if bias is not None else ''})"
     return [Proposal("translation", label, parts, n + (bias is not None))] if parts else []
-
-
-def _known_owner(module: nn.Module) -> bool:
-    """Whether the candidates of the layer types above cover ``module``'s own parameters."""
-    known = (nn.Linear, *_CONV, nn.Embedding, nn.RNNBase, nn.MultiheadAttention, nn.GroupNorm)
-    return isinstance(module, known) or _is_conv1d_gpt(module) or _affine_norm(module)
 
 
 def _raw_translations(ctx: _Context) -> list[Proposal]:
@@ -606,7 +432,7 @@ def _raw_translations(ctx: _Context) -> list[Proposal]:
     for name, p in ctx.modules[""].named_parameters():
         owner, _, attr = name.rpartition(".")
         module = ctx.modules[owner]
-        if not p.requires_grad or _known_owner(module) or "parametrizations" in name.split("."):
+        if not p.requires_grad or known_owner(module) or "parametrizations" in name.split("."):
             continue
         if ctx.names.of(module, attr) != name or p.dim() == 0:
             continue  # shared: proposed under its first name

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_momentum.balance._symmetry_candidates import norm_modules
 from torch_momentum.balance._symmetry_proposal import Proposal, ZeroSlice
+from torch_momentum.balance._symmetry_units import norm_modules
 
 QUADRATIC = ("scale", "rescale")
 # The norm layers' eps during verification: far below any variance met in float64 (so the scale
