@@ -486,7 +486,9 @@ def test_raw_parameters_that_are_not_shift_free_are_rejected() -> None:
     found = find_symmetries(_Scaled(), ce, vectors())
     rejected = {s.name for s in found.rejected}
     assert {"gain", "offset (per row)"} <= rejected
-    assert not [s for s in found if s.params[0] in ("gain", "offset")]
+    assert not [s for s in found if s.params[0] in ("gain", "offset") and s.kind != "rescale"]
+    # a raw gain does rescale against the rows it multiplies (as ConvNeXt's LayerScale)
+    assert [(s.name, s.units) for s in found if s.params[0] == "gain"] == [("gain/fc", 16)]
 
 
 class _CrossAttention(nn.Module):
@@ -617,3 +619,44 @@ def test_bert_value_against_the_attention_output_in_a_sibling_module() -> None:
         "bert.encoder.layer.0.attention self.query/output.dense",
         "bert.encoder.layer.0.attention self.key/output.dense",
     } <= rejected
+
+
+def test_convnext_layer_scale_and_layer_norms_over_channels() -> None:
+    # transformers' ConvNeXt: the stem convolution feeds a channels-first LayerNorm and each
+    # depthwise convolution a LayerNorm over channels after a permute (functional code): each
+    # is scale-free as a whole layer. The block's output is layer_scale_parameter * pwconv2(x):
+    # each entry of the raw gain rescales against its row of pwconv2.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_channels=1,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_stages=2,
+        patch_size=2,
+        num_labels=10,
+        layer_scale_init_value=0.5,
+    )
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(model(inputs).logits, targets)
+
+    batches = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    model = transformers.ConvNextForImageClassification(config)
+    found, rejected = found_and_rejected(model, loss, batches)
+    s0, s1 = "convnext.encoder.stages.0", "convnext.encoder.stages.1"
+    assert found == [
+        ("scale", "convnext.embeddings.patch_embeddings (whole layer)", 1),
+        ("translation", "convnext.embeddings.patch_embeddings (input channels + bias)", 2),
+        ("rescale", f"{s0}.layers.0 layer_scale_parameter/pwconv2", 8),
+        ("scale", f"{s0}.layers.0.dwconv (whole layer)", 1),
+        ("rescale", f"{s0}.layers.0 layernorm/pwconv1", 8),
+        ("rescale", f"{s1}.downsampling_layer 0/1", 8),
+        ("rescale", f"{s1}.layers.0 layer_scale_parameter/pwconv2", 16),
+        ("scale", f"{s1}.layers.0.dwconv (whole layer)", 1),
+        ("rescale", f"{s1}.layers.0 layernorm/pwconv1", 16),
+        ("rescale", "convnext.layernorm/classifier", 16),
+        ("translation", "classifier (columns + bias)", 17),
+    ]
+    assert f"{s0}.layers.0 layer_scale_parameter/dwconv" in rejected

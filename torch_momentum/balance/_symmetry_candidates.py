@@ -12,16 +12,17 @@ Sources of candidates:
   consumes (tensor identity), looking through modules that commute with a positive per-channel
   scale (ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, Flatten);
 * a norm layer (BatchNorm/InstanceNorm per channel, GroupNorm per group, LayerNorm/RMSNorm the
-  whole layer) after a producer (Linear, Conv, Conv1D, Embedding): a **scale** candidate of the
-  producer;
+  whole layer, any other norm over some set of its outputs the whole layer too: ConvNeXt's
+  LayerNorm over a convolution's channels) after a producer (Linear, Conv, Conv1D, Embedding):
+  a **scale** candidate of the producer;
 * a producer (its output units: rows and bias of a Linear/Conv, columns and bias of a Conv1D, the
   gain and bias of a norm layer, the columns of an Embedding) against the input units of all the
   modules that consume it, and every producer/producer and producer/consumer pair of equal unit
   count among the leaf children of one parent module (query/key, value/output, packed thirds of
   ``c_attn`` or ``in_proj``), the same across the leaves of two sibling modules (BERT's
   ``attention.self.value`` and ``attention.output.dense``), and per head of an attention module
-  that declares its head dimension (grouped-query attention, rotary pairs): **rescale**
-  candidates;
+  that declares its head dimension (grouped-query attention, rotary pairs), and a raw vector
+  parameter against the rows of a leaf child (ConvNeXt's LayerScale): **rescale** candidates;
 * every Linear/Conv1D/Conv (its input columns and its bias), Embedding (its rows) and recurrent
   layer (``bias_ih`` against ``bias_hh``): **translation** candidates;
 * every parameter, and every third of a packed q/k/v parameter: zero-gradient slices.
@@ -157,12 +158,17 @@ def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: Units) -> 
         if shape is not None
         else (weight is not None and tuple(weight.shape) == (units.n,))
     )
-    if not (last_dim and _last_dim_producer(module)) or isinstance(norm, nn.GroupNorm):
+    if isinstance(norm, nn.GroupNorm):
         return None
+    whole = tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
+    if not (last_dim and _last_dim_producer(module)):
+        # normalised over some other set of its outputs (a convolution's channels by a
+        # LayerNorm after a permute, ConvNeXt's channels-first LayerNorm): scaling the whole
+        # layer scales every such set
+        return Proposal("scale", f"{name} (whole layer)", whole, 1)
     if isinstance(module, nn.Embedding):  # each token's vector is normalised on its own
         rows = PartSpec(units.parts[0].param, 0, 0, module.num_embeddings)
         return Proposal("scale", f"{name} (per row)", (rows,), module.num_embeddings)
-    whole = tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
     return Proposal("scale", f"{name} (whole layer)", whole, 1)
 
 
@@ -424,6 +430,27 @@ def _translation(ctx: _Context, name: str, module: nn.Module) -> list[Proposal]:
     return [Proposal("translation", label, parts, n + (bias is not None))] if parts else []
 
 
+def _raw_rescales(ctx: _Context) -> list[Proposal]:
+    """A vector parameter of another module (ConvNeXt's ``layer_scale_parameter``, multiplied
+    into a branch in functional code) against the output units of each leaf child of that
+    module with as many units: the scale of each entry against its row."""
+    found = []
+    for name, module in ctx.modules.items():
+        if known_owner(module):
+            continue
+        for attr, p in module.named_parameters(recurse=False):
+            full = ctx.names.of(module, attr)
+            if full is None or p.dim() != 1:
+                continue
+            gain = Units(p.shape[0], (PartSpec(full, 0, 0, p.shape[0]),))
+            for child, leaf in module.named_children():
+                units = output_units(ctx.names, leaf)
+                if f"{name}.{child}".lstrip(".") in ctx.called and units is not None:
+                    proposal = _rescale(_join(ctx.short(name), f"{attr}/{child}"), gain, units)
+                    found += [] if proposal is None else [proposal]
+    return found
+
+
 def _raw_translations(ctx: _Context) -> list[Proposal]:
     """Parameters of other modules (a ViT's ``cls_token`` and ``pos_embed``, added to the
     stream in functional code): each shifted along its last dimension, one unit per index of
@@ -504,7 +531,7 @@ def propose(
     if "scale" in kinds:
         proposals += _scales(ctx)
     if "rescale" in kinds:
-        proposals += _flow_rescales(ctx) + siblings + attention
+        proposals += _flow_rescales(ctx) + siblings + attention + _raw_rescales(ctx)
     if "translation" in kinds:
         for name, module in ctx.modules.items():
             proposals += _translation(ctx, name, module)
