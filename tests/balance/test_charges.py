@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -501,3 +502,46 @@ def test_scale_keeps_the_magnitude_at_the_origin() -> None:
     assert float(model.b.detach().abs().sum()) < 1e-6 * 24  # it decayed
     # 300 float64 steps of O(1) terms: round-off ~1e-15 of the origin's magnitude (24)
     assert float((row["closure"].abs() / row["scale"]).max()) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("shards", "part", "expected"),
+    [
+        # rows 2..5 of 8 held as 0..3 and 4..7: each rank gets its slice in local coordinates,
+        # from the unit its first row belongs to
+        ([(0, 4), (4, 4)], (2, 4, 1), [(2, 2, 0), (0, 2, 2)]),
+        ([(0, 4), (4, 4)], (0, 8, 2), [(0, 4, 0), (0, 4, 2)]),  # interleaved pairs
+        ([(0, 4), (4, 4)], (6, 2, 1), [None, (2, 2, 0)]),  # a slice on one rank only
+        ([(0, 4), (4, 4)], (2, 4, 4), ValueError),  # the shards split a unit
+        ([(0, 3), (3, 3), (6, 2)], (0, 8, 2), ValueError),
+    ],
+)
+def test_localize_cuts_a_slice_of_the_sharded_dimension(
+    monkeypatch: pytest.MonkeyPatch, shards: list[tuple[int, int]], part: Any, expected: Any
+) -> None:
+    """Head-wise symmetries are slices of a projection's rows, the dimension FSDP2 shards: each
+    rank books the units of its rows (before, any slice not covering the dimension raised)."""
+    from torch_momentum.balance import _charges, _dtensor
+
+    start, length, block = part
+    p = SimpleNamespace(shape=(8, 3), placements="Shard(dim=0)")
+    whole = SymmetryPart("w", 0, start, length, block, -1.0, 3)
+    monkeypatch.setattr(_dtensor, "sharded_along", lambda t, dim: dim == 0)
+
+    def on(shard: tuple[int, int]) -> SymmetryPart | None:
+        monkeypatch.setattr(_dtensor, "shard_range", lambda t, dim, n: shard)
+        return _charges.localize(whole, p, "w")
+
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=r"'w'.*whole units \(blocks of"):
+            for shard in shards:
+                on(shard)
+        return
+    for shard, want in zip(shards, expected, strict=True):
+        local = on(shard)
+        if want is None:
+            assert local is None
+            continue
+        assert local is not None
+        assert (local.start, local.length, local.unit_offset) == (want[0], want[1], 3 + want[2])
+        assert (local.block, local.sign, local.dim) == (block, -1.0, 0)

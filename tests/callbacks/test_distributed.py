@@ -138,12 +138,13 @@ def test_dtensor_norms_match_full_tensors(distributed: dict[str, Any]) -> None:
 
 def test_symmetry_charges_under_fsdp2_match_single_process(distributed: dict[str, Any]) -> None:
     """A per-row charge (each rank holds half of its units), a rescale charge (rows and bias of
-    a sharded layer against the columns of the next) and a translation charge (columns, and the
-    whole bias as one unit: partial sums on each rank) of an FSDP2-sharded model: every rank
-    accumulates its shards, one all_reduce sums them."""
+    a sharded layer against the columns of the next), the same rescale in pairs of rows j and
+    j + 4 (slices of the sharded dimension, as attention heads and rotary pairs are), and a
+    translation charge (columns, and the whole bias as one unit: partial sums on each rank) of
+    an FSDP2-sharded model: every rank accumulates its shards, one all_reduce sums them."""
     got, expected = distributed["charges"]["sharded"], distributed["charges"]["single"]
     gathers = got.pop("gathers")
-    assert set(got) == set(expected) == {"0 (per row)", "0/2", "2 (softmax)"}
+    assert set(got) == set(expected) == {"0 (per row)", "0/2", "0/2 (pairs)", "2 (softmax)"}
     # a read gathers each tracked parameter once for the charges and their magnitudes together
     assert gathers == {"calls": 4, "tracked": 4}
     for name, entry in expected.items():

@@ -127,6 +127,22 @@ def _symmetries() -> list[SimpleNamespace]:
                 SymmetryPart("2.weight", 1, 0, 8, 1, -1.0, 0),
             ),
         ),
+        # slices of the sharded dimension, as a rotary pair's halves (rows j and j + 4 one
+        # unit): each rank holds one of the two slices of every unit
+        SimpleNamespace(
+            name="0/2 (pairs)",
+            kind="rescale",
+            units=4,
+            parts=tuple(
+                SymmetryPart(param, dim, start, 4, 1, sign, 0)
+                for param, dim, sign in (
+                    ("0.weight", 0, 1.0),
+                    ("0.bias", 0, 1.0),
+                    ("2.weight", 1, -1.0),
+                )
+                for start in (0, 4)
+            ),
+        ),
         SimpleNamespace(
             name="2 (softmax)",
             kind="translation",

@@ -71,25 +71,38 @@ def localize(part: SymmetryPart, p: Any, name: str) -> SymmetryPart | None:
     """The part as this rank's shard of ``p`` sees it (``None``: it holds none of its units).
 
     A shard along another dimension than the part's sees all units (its sums are partial and
-    add up over ranks); a shard along the part's dimension holds a range of units, which must
-    be whole blocks of a part covering the whole dimension.
+    add up over ranks); a shard along the part's dimension holds the part's indices in its
+    range, in local coordinates: whole blocks of the part (its units), from the unit the first
+    of them belongs to. A head of attention, or a rotary pair's half, is such a slice.
 
     Raises:
-        ValueError: ``p`` sharded along the part's dimension otherwise.
+        ValueError: ``p`` sharded along the part's dimension through a unit (a block).
+
+    Example:
+        >>> import torch
+        >>> from torch_momentum.balance import SymmetryPart
+        >>> from torch_momentum.balance._charges import localize
+        >>> part = SymmetryPart("w", 0, 2, 4, 1, 1.0, 0)
+        >>> localize(part, torch.zeros(8, 3), "w") is part  # a plain tensor: all of it
+        True
     """
     if part.dim is None or not _dtensor.sharded_along(p, part.dim):
         return part
-    size = p.shape[part.dim]
-    first, count = _dtensor.shard_range(p, part.dim, size)
-    if part.start != 0 or part.length != size or first % part.block or count % part.block:
+    first, count = _dtensor.shard_range(p, part.dim, p.shape[part.dim])
+    lo, hi = max(part.start, first), min(part.start + part.length, first + count)
+    if hi <= lo:
+        return None
+    if (lo - part.start) % part.block or (hi - lo) % part.block:
         raise ValueError(
             f"per-unit ledger terms need {name!r} (shape {tuple(p.shape)}) unsharded along"
-            f" dim {part.dim}, or sharded in whole units; got placements {p.placements}"
+            f" dim {part.dim}, or sharded in whole units (blocks of {part.block}); got"
+            f" placements {p.placements}"
         )
-    if count == 0:
-        return None
     return dataclasses.replace(
-        part, length=count, unit_offset=part.unit_offset + first // part.block
+        part,
+        start=lo - first,
+        length=hi - lo,
+        unit_offset=part.unit_offset + (lo - part.start) // part.block,
     )
 
 
