@@ -50,8 +50,10 @@ def _rotate(x: Tensor, rope: str, rotary: int) -> Tensor:
 
 class HeadsLM(nn.Module):
     """Embedding -> causal self-attention (H query heads, K key/value heads, an optional rotary
-    embedding of ``rotary`` dimensions of each head, q/k/v separate or ``packed`` head by head
-    as GPT-NeoX does) -> linear head: the attention written out, as model code does."""
+    embedding of ``rotary`` dimensions of each head, q/k/v separate or ``packed`` in one
+    projection: ``"blocks"`` ``[q | k | v]`` as GPT-BigCode's multi-query attention, ``"groups"``
+    ``[q_{g,1} .. q_{g,G} | k_g | v_g]`` per key/value head as GPT-NeoX (G = 1) and Falcon)
+    -> linear head: the attention written out, as model code does."""
 
     def __init__(
         self,
@@ -59,7 +61,7 @@ class HeadsLM(nn.Module):
         kv_heads: int,
         rope: str | None,
         rotary: int | None = None,
-        packed: bool = False,
+        packed: str | None = None,
         width: int = 16,
     ) -> None:
         super().__init__()
@@ -68,8 +70,8 @@ class HeadsLM(nn.Module):
         d = self.attn.head_dim = width // heads  # the attributes the candidates read
         if rotary is not None:
             self.attn.rotary_ndims = rotary
-        if packed:  # [q_h | k_h | v_h] for every head h
-            self.attn.qkv = nn.Linear(width, 3 * heads * d)
+        if packed is not None:
+            self.attn.qkv = nn.Linear(width, (heads + 2 * kv_heads) * d)
         else:
             self.attn.q = nn.Linear(width, heads * d)
             self.attn.k = nn.Linear(width, kv_heads * d)
@@ -82,9 +84,16 @@ class HeadsLM(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         (b, t), (heads, kv_heads, d) = ids.shape, self.shape
         x = self.embed(ids)
-        if self.packed:
-            qkv = self.attn.qkv(x).view(b, t, heads, 3 * d).transpose(1, 2)
-            q, k, v = qkv.chunk(3, -1)
+        if self.packed == "blocks":
+            q, k, v = self.attn.qkv(x).split([heads * d, kv_heads * d, kv_heads * d], -1)
+            q = q.view(b, t, heads, d).transpose(1, 2)
+            k = k.view(b, t, kv_heads, d).transpose(1, 2)
+            v = v.view(b, t, kv_heads, d).transpose(1, 2)
+        elif self.packed == "groups":
+            g = heads // kv_heads
+            qkv = self.attn.qkv(x).view(b, t, kv_heads, g + 2, d)
+            q = qkv[:, :, :, :g].reshape(b, t, heads, d).transpose(1, 2)
+            k, v = qkv[:, :, :, g].transpose(1, 2), qkv[:, :, :, g + 1].transpose(1, 2)
         else:
             q = self.attn.q(x).view(b, t, heads, d).transpose(1, 2)
             k = self.attn.k(x).view(b, t, kv_heads, d).transpose(1, 2)
@@ -164,12 +173,39 @@ def test_a_projection_packed_head_by_head() -> None:
     # sibling candidates) nothing holds; read head by head, the rotary q/k pairs and the v/o
     # rescale per value dimension do
     torch.manual_seed(0)
-    found, rejected = found_and_rejected(HeadsLM(4, 4, "half", packed=True), lm, tokens(32))
+    found, rejected = found_and_rejected(HeadsLM(4, 4, "half", packed="groups"), lm, tokens(32))
     assert _heads(found) == [
         ("attn q/k (rotary pairs, per-head packing)", 8),
         ("attn v/o (per value dimension, per-head packing)", 16),
     ]
     assert {"attn q/k", "attn v/o", "attn q/k (per key dimension, per-head packing)"} <= rejected
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "packed", "expected"),
+    [
+        # GPT-BigCode's multi-query c_attn: [q (4 heads) | k | v], one key/value head of 4
+        (1, "blocks", [("attn q/k (rotary pairs)", 2), ("attn v/o (per value dimension)", 4)]),
+        (2, "blocks", [("attn q/k (rotary pairs)", 4), ("attn v/o (per value dimension)", 8)]),
+        # Falcon's grouped layout: [q_{g,1} q_{g,2} | k_g | v_g] per key/value head g
+        (
+            2,
+            "groups",
+            [
+                ("attn q/k (rotary pairs, per-head packing)", 4),
+                ("attn v/o (per value dimension, per-head packing)", 8),
+            ],
+        ),
+    ],
+)
+def test_a_projection_packing_fewer_key_value_heads(
+    kv_heads: int, packed: str, expected: list[tuple[str, int]]
+) -> None:
+    # (H + 2K) d outputs from H d inputs: H = 4 query heads and K key/value heads of d = 4
+    torch.manual_seed(0)
+    model = HeadsLM(4, kv_heads, "half", packed=packed)
+    found, _ = found_and_rejected(model, lm, tokens(32))
+    assert _heads(found) == expected
 
 
 def test_a_module_without_a_head_dimension_gets_no_head_candidates() -> None:

@@ -329,16 +329,19 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             proposal = _rescale(_join(short, f"{la}/{lb}"), a, b)
             if proposal is not None:
                 found.append(proposal)
-        # a leaf listed with its thirds is a packed q/k/v projection
-        own = [lb == leaf.rpartition(".")[2] for leaf, lb, _ in outs]
-        whole = {leaf for (leaf, _, _), mine in zip(outs, own, strict=True) if not mine}
-        heads = [
-            Side(lb, u.n, u.parts, packed=mine and leaf in whole)
-            for (leaf, lb, u), mine in zip(outs, own, strict=True)
-        ]
+        heads = [_head_side(ctx, leaf, label, units) for leaf, label, units in outs]
         reads = [Side(leaf.rpartition(".")[2], u.n, u.parts) for leaf, u in ins.items()]
         found += head_rescales(short, ctx.modules[parent], heads, reads)
     return found + _cousins(ctx, sides), thirds
+
+
+def _head_side(ctx: _Context, leaf: str, label: str, units: Units) -> Side:
+    """A producer's output rows as a side of the head-wise candidates; a leaf's own output
+    (not a third) with more units than inputs may pack q, k and v."""
+    inputs = input_units(ctx.names, ctx.modules[leaf])
+    n = 0 if inputs is None else inputs.n
+    own = label == leaf.rpartition(".")[2]
+    return Side(label, units.n, units.parts, packed=own and units.n > n > 0, inputs=n)
 
 
 def _cousins(ctx: _Context, sides: dict[str, _Sides]) -> list[Proposal]:

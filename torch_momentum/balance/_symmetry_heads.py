@@ -23,9 +23,11 @@ attention: :math:`G = H / K` query heads share one key/value head),
   module's ``rotary_ndims`` or ``rotary_dim``; all by default); each dimension past :math:`r` is
   a unit of its own.
 
-A packed projection is read two ways: in thirds (``[q | k | v]``, GPT-2's ``c_attn``; the
-thirds come with the sibling candidates) and head by head (``[q_h | k_h | v_h]`` for every head
-:math:`h`, GPT-NeoX's ``query_key_value``), whose candidates are named "per-head packing".
+A projection of H query and K key/value heads packed in one is read two ways: in blocks
+(``[q | k | v]``: GPT-2's ``c_attn``, whose thirds come with the sibling candidates where K =
+H, GPT-BigCode's multi-query ``c_attn``) and group by group (``[q_{g,1} .. q_{g,G} | k_g |
+v_g]`` for every key/value head g: GPT-NeoX's ``query_key_value`` with G = 1, Falcon's), whose
+candidates are named "per-head packing".
 
 Equal head counts (:math:`G = 1`) without rotation are the per-dimension q/k and v/o pairs the
 sibling candidates already propose (except for a projection packed by head). A rotary candidate
@@ -90,8 +92,9 @@ class Side(NamedTuple):
     label: str
     rows: int
     parts: tuple[PartSpec, ...]
-    packed: bool = False  # a q/k/v projection packed in one (E features to 3E)
+    packed: bool = False  # q, k and v projections packed in one (more outputs than inputs)
     by_head: bool = False
+    inputs: int = 0  # a packed projection's input features
 
 
 class _Heads(NamedTuple):
@@ -176,24 +179,44 @@ def _query_key(parent: str, a: Side, b: Side, heads: _Heads) -> list[Proposal]:
     return found
 
 
-def _by_head(side: Side, d: int) -> list[Side]:
-    """A packed ``[q_h | k_h | v_h]``-per-head projection's q, k and v rows, head by head."""
-    if not side.packed or side.rows % (3 * d) or any(p.dim is None for p in side.parts):
+def _narrowed(side: Side, pieces: list[tuple[int, int]], d: int, label: str, by_head: bool) -> Side:
+    """The rows ``[start, start + length)`` of each of ``pieces`` of a packed ``side``, one
+    after the other (units numbered along them), as a side of its own."""
+    parts, first = [], 0
+    for start, length in pieces:
+        parts += [
+            p._replace(start=p.start + start, length=length, unit_offset=first) for p in side.parts
+        ]
+        first += length
+    return Side(label, first, tuple(parts), by_head=by_head)
+
+
+def _unpacked(side: Side, d: int) -> list[Side]:
+    """The q, k and v rows of a projection packing them in one, of H query and K key/value
+    heads of dimension ``d`` (``H d`` its input features, ``(H + 2K) d`` its output), as
+    sides: in three blocks ``[q | k | v]`` where K < H (GPT-BigCode's multi-query ``c_attn``;
+    K = H is the thirds of the sibling candidates) and group by group, ``[q_{g,1} .. q_{g,G} |
+    k_g | v_g]`` for each key/value head g (GPT-NeoX's ``query_key_value`` with G = 1, Falcon's
+    with G = H / K), the latter marked ``by_head``."""
+    if not side.packed or side.inputs % d or side.rows % d:
         return []
-    n = side.rows // 3
-    return [
-        Side(
-            label,
-            n,
-            tuple(
-                p._replace(start=p.start + h * 3 * d + s * d, length=d, unit_offset=h * d)
-                for p in side.parts
-                for h in range(n // d)
-            ),
-            by_head=True,
-        )
-        for s, label in enumerate("qkv")
-    ]
+    if any(p.dim is None or p.unit_offset for p in side.parts):
+        return []
+    h = side.inputs // d
+    rest = side.rows // d - h
+    if rest <= 0 or rest % 2 or h % (rest // 2):
+        return []
+    k = rest // 2
+    g = h // k
+    found = []
+    if k < h:
+        blocks = (("q", 0, h), ("k", h, k), ("v", h + k, k))
+        found += [_narrowed(side, [(s * d, n * d)], d, lb, False) for lb, s, n in blocks]
+    step = (g + 2) * d
+    for label, offset, size in (("q", 0, g), ("k", g, 1), ("v", g + 1, 1)):
+        pieces = [(grp * step + offset * d, size * d) for grp in range(k)]
+        found.append(_narrowed(side, pieces, d, label, True))
+    return found
 
 
 def _value_output(parent: str, a: Side, c: Side, heads: _Heads) -> Proposal | None:
@@ -242,7 +265,7 @@ def head_rescales(
     # attention's own functional output (the output projection) is no query, key or value
     reading = {c.label for c in ins}
     sides = [a for a in outs if a.label not in reading]
-    sides += [side for a in sides for side in _by_head(a, d)]
+    sides += [side for a in sides for side in _unpacked(a, d)]
     found: list[Proposal] = []
     for i, a in enumerate(sides):
         if a.rows % d:
