@@ -660,3 +660,26 @@ def test_convnext_layer_scale_and_layer_norms_over_channels() -> None:
         ("translation", "classifier (columns + bias)", 17),
     ]
     assert f"{s0}.layers.0 layer_scale_parameter/dwconv" in rejected
+
+
+class _LayerScale(nn.Module):
+    """timm's LayerScale: a module of its own, ``x * gamma``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def test_a_layer_scale_module_rescales_against_the_rows_it_scales() -> None:
+    # fc2 -> ls (x * gamma): gamma_c times a, row c of fc2 and its bias divided by a. A leaf of
+    # no known type whose only parameter is a vector is a per-feature gain: its entries are the
+    # units of its input (before: only its translation was proposed, and rejected)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), _LayerScale(16))
+    model.append(nn.Linear(16, 10))
+    found, rejected = found_and_rejected(model, ce, vectors())
+    assert ("rescale", "2/3", 16) in found
+    assert "3.gamma" in rejected  # a shift of gamma is no symmetry

@@ -353,12 +353,15 @@ def _cousins(ctx: _Context, sides: dict[str, _Sides]) -> list[Proposal]:
     for parent, (_, ins, _) in sides.items():
         grand, _, mine = parent.rpartition(".")
         for other, (outs, _, _) in sides.items():
+            theirs = other.rpartition(".")[2]
             if not parent or other == parent or other.rpartition(".")[0] != grand:
                 continue
-            theirs = other.rpartition(".")[2]
+            if mine.isdigit() or theirs.isdigit():
+                continue  # entries of one ModuleList: blocks of a stack, not halves of one
             for consumer, b in ins.items():
                 for _, label, a in outs:
-                    name = f"{theirs}.{label}/{mine}.{consumer.rpartition('.')[2]}"
+                    source = f"{theirs}.{label}" if theirs else label  # a leaf of the root
+                    name = f"{source}/{mine}.{consumer.rpartition('.')[2]}"
                     proposal = _rescale(_join(ctx.short(grand), name), a, b)
                     if proposal is not None:
                         found.append(proposal)

@@ -20,8 +20,8 @@ attention: :math:`G = H / K` query heads share one key/value head),
   being :math:`(j, j + r/2)` ("rotate half", the convention of ``transformers``' Llama, Mistral,
   Qwen, Phi, GPT-NeoX) or :math:`(2j, 2j + 1)` (interleaved, as in GPT-J and the original
   RoPE) for :math:`j < r/2`, where :math:`r \le d` dimensions of each head are rotated (the
-  module's ``rotary_ndims`` or ``rotary_dim``; all by default); each dimension past :math:`r` is
-  a unit of its own.
+  module's ``rotary_ndims`` or ``rotary_dim``, or its config's ``partial_rotary_factor``; all by
+  default); each dimension past :math:`r` is a unit of its own.
 
 A projection of H query and K key/value heads packed in one is read two ways: in blocks
 (``[q | k | v]``: GPT-2's ``c_attn``, whose thirds come with the sibling candidates where K =
@@ -67,6 +67,26 @@ def _positive_int(module: nn.Module, attrs: tuple[str, ...]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def _rotated(module: nn.Module, d: int) -> int:
+    """How many of a head's ``d`` dimensions its rotary embedding turns: the module's
+    ``rotary_ndims`` or ``rotary_dim``, else its config's ``partial_rotary_factor`` or
+    ``rotary_pct`` (transformers keeps it there for Nemotron, GLM and others) times ``d``, else
+    all of them."""
+    r = _positive_int(module, ROTARY_ATTRS)
+    if r is not None:
+        return min(r, d)
+    config = getattr(module, "config", None)
+    rope = getattr(config, "rope_parameters", None)
+    for factor in (
+        getattr(config, "partial_rotary_factor", None),
+        getattr(config, "rotary_pct", None),
+        rope.get("partial_rotary_factor") if isinstance(rope, dict) else None,
+    ):
+        if isinstance(factor, float) and 0.0 < factor < 1.0:
+            return max(int(d * factor), 1)
+    return d
 
 
 def head_dim(module: nn.Module) -> int | None:
@@ -172,7 +192,9 @@ def _query_key(parent: str, a: Side, b: Side, heads: _Heads) -> list[Proposal]:
     found = [fine] if a.rows > b.rows or a.by_head else []
     if heads.rotary % 2 == 0:
         key = parts_key(fine.parts)
-        for pairs, label in (("half", "rotary pairs"), ("interleaved", "interleaved rotary pairs")):
+        pairings = [("half", "rotary pairs"), ("interleaved", "interleaved rotary pairs")]
+        # two rotated dimensions make one pair either way: the same candidate twice
+        for pairs, label in pairings[: 1 if heads.rotary == 2 else 2]:
             rotary = _pair(f"{base} ({_suffix(a, b, label)})", a, b, heads, pairs, key)
             if rotary is not None:
                 found.append(rotary)
@@ -259,7 +281,7 @@ def head_rescales(
     d = head_dim(module)
     if d is None:
         return []
-    r = _positive_int(module, ROTARY_ATTRS) or d
+    r = _rotated(module, d)
     heads = _Heads(d, min(r, d))
     # the projections of q, k and v read a recorded module's output; one that reads the
     # attention's own functional output (the output projection) is no query, key or value

@@ -201,7 +201,19 @@ def input_units(names: Names, module: nn.Module) -> Units | None:
         return param_parts(names, module, spec, module.input_size)
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return param_parts(names, module, [("in_proj_weight", 1)], module.embed_dim)
-    return None
+    return gain_units(names, module)
+
+
+def gain_units(names: Names, module: nn.Module) -> Units | None:
+    """A module of no known type whose only parameter is a vector and which has no submodules
+    (timm's ``LayerScale``: ``x * gamma``): a gain per feature, its entries the units of its
+    input."""
+    if known_owner(module) or next(module.children(), None) is not None:
+        return None
+    own = list(module.named_parameters(recurse=False))
+    if len(own) != 1 or own[0][1].dim() != 1:
+        return None
+    return param_parts(names, module, [(own[0][0], 0)], own[0][1].shape[0])
 
 
 def known_owner(module: nn.Module) -> bool:

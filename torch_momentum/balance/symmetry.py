@@ -48,7 +48,13 @@ from torch import Tensor, nn
 from torch_momentum.balance._parts import SymmetryPart, part_values, signed_sum
 from torch_momentum.balance._symmetry_candidates import display_prefix, propose
 from torch_momentum.balance._symmetry_moves import confirm
-from torch_momentum.balance._symmetry_proposal import PartSpec, Proposal, ZeroSlice, parts_key
+from torch_momentum.balance._symmetry_proposal import (
+    PartsKey,
+    PartSpec,
+    Proposal,
+    ZeroSlice,
+    parts_key,
+)
 from torch_momentum.balance._symmetry_trace import CallRecorder
 from torch_momentum.balance._symmetry_verify import (
     QUADRATIC,
@@ -295,12 +301,9 @@ def _result(
     found: list[Symmetry] = [_zero_symmetry(s, r, prefix) for s, r in zero]
     rejected: list[Symmetry] = []
     tiny, real = verifier.tiny.tolist(), verifier.real.tolist()
-    held = {parts_key(p.parts) for p, r in zip(proposals, tiny, strict=True) if r <= rtol}
     for proposal, residual, eps in zip(proposals, tiny, real, strict=True):
         if proposal.kind not in kinds or _only_zero(proposal, [s for s, _ in zero]):
             continue
-        if residual <= rtol and proposal.unless in held:
-            continue  # a coarser form of a verified candidate: the finer one is reported
         symmetry = _symmetry(proposal, residual, eps if eps > rtol else None, prefix)
         (found if residual <= rtol else rejected).append(symmetry)
     rank = {prefix + n: i for i, n in enumerate(order)}
@@ -609,7 +612,27 @@ def find_symmetries(
     with torch.random.fork_rng(devices=devices):
         verifier, proposals = _verify(evaluator, inner, batch_list, settings)
         found = _result(verifier, proposals, settings.kinds, list(evaluator.trainable), prefix)
-        return _moved_far(found, evaluator, batch_list[0], settings, prefix)
+        found = _moved_far(found, evaluator, batch_list[0], settings, prefix)
+        return _finest(found, proposals, prefix)
+
+
+def _finest(found: SymmetryList, proposals: list[Proposal], prefix: str) -> SymmetryList:
+    """``found`` without the symmetries that coarsen another found one (a rotary pair ties two
+    units of the per-dimension q/k rescale: :attr:`Proposal.unless`): the finer is reported,
+    the coarser neither found nor rejected. Applied after the finite moves, so that where they
+    reject the finer candidate the coarser one stays. ``prefix``: the wrapper prefix the
+    symmetries' parameter names carry and the proposals' do not."""
+
+    def key(s: Symmetry) -> PartsKey:
+        return parts_key(
+            PartSpec(p.param[len(prefix) :], p.dim, p.start, p.length, p.block, 1.0, p.unit_offset)
+            for p in s.parts
+        )
+
+    held = {key(s) for s in found}
+    coarser = {parts_key(p.parts) for p in proposals if p.unless is not None and p.unless in held}
+    kept = [s for s in found if key(s) not in coarser]
+    return found if len(kept) == len(found) else SymmetryList(kept, found.rejected)
 
 
 def _moved_far(
