@@ -65,6 +65,7 @@ class HeadsLM(nn.Module):
         packed: str | None = None,
         width: int = 16,
         rotary_in_config: bool = False,
+        positions: bool = False,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(32, width)
@@ -84,10 +85,15 @@ class HeadsLM(nn.Module):
         self.head = nn.Linear(width, 32)
         self.shape = (heads, kv_heads, d)
         self.rope, self.rotary, self.packed = rope, rotary or d, packed
+        # learned positions added in functional code: q, k and v then read a tensor no module
+        # produced, as OPT's first layer does
+        self.pos = nn.Parameter(0.1 * torch.randn(16, width)) if positions else None
 
     def forward(self, ids: Tensor) -> Tensor:
         (b, t), (heads, kv_heads, d) = ids.shape, self.shape
         x = self.embed(ids)
+        if self.pos is not None:
+            x = x + self.pos[:t]
         if self.packed == "blocks":
             q, k, v = self.attn.qkv(x).split([heads * d, kv_heads * d, kv_heads * d], -1)
             q = q.view(b, t, heads, d).transpose(1, 2)
@@ -170,6 +176,16 @@ def test_partial_rotation_pairs_the_rotated_dimensions_only() -> None:
         label = "rotary pairs" if rope == "half" else "interleaved rotary pairs"
         assert _heads(found) == [(f"attn q/k ({label})", 12)]
         assert "attn q/k" in rejected
+
+
+def test_projections_reading_a_functional_input_are_queries_keys_and_values() -> None:
+    # q, k, v and o all read tensors no recorded module produced (the stream is embedding +
+    # positions, summed in functional code): only o reads its siblings' outputs, so only o is
+    # the output projection. Before, q, k and v were taken for output projections too: q/k
+    # was paired as k's output against q's columns, and no head-wise candidate was proposed
+    torch.manual_seed(0)
+    found, _ = found_and_rejected(HeadsLM(4, 2, "half", positions=True), lm, tokens(32))
+    assert _heads(found) == [("attn q/k (rotary pairs)", 4), ("attn v/o (per value dimension)", 8)]
 
 
 def test_partial_rotation_declared_in_the_config() -> None:

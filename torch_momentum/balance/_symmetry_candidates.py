@@ -131,6 +131,9 @@ class _Context:
         self.links = self.flow.links
         self.prefix = prefix
         self.called = {c.name for c in calls}
+        self.first_call: dict[str, Call] = {}
+        for call in calls:
+            self.first_call.setdefault(call.name, call)
 
     def short(self, name: str) -> str:
         """A module or parameter name without the wrapper prefix and compiled submodules'
@@ -310,12 +313,13 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
         outs, ins, packed = sides[parent] = _sibling_sides(ctx, leaves)
         thirds += _zero_thirds(ctx, packed)
         short = ctx.short(parent)
+        reading = _reading_siblings(ctx, outs, ins)
         pairs: list[tuple[str, Units, str, Units]] = []
         for i, (leaf_a, la, a) in enumerate(outs):
             for leaf_b, lb, b in outs[i + 1 :]:
-                if leaf_b in ins and leaf_b != leaf_a and ins[leaf_b].n == a.n:
+                if leaf_b in reading and leaf_b != leaf_a and ins[leaf_b].n == a.n:
                     pairs.append((la, a, leaf_b.rpartition(".")[2], ins[leaf_b]))
-                elif leaf_a in ins and leaf_a != leaf_b and ins[leaf_a].n == b.n:
+                elif leaf_a in reading and leaf_a != leaf_b and ins[leaf_a].n == b.n:
                     pairs.append((lb, b, leaf_a.rpartition(".")[2], ins[leaf_a]))
                 else:
                     pairs.append((la, a, lb, b))
@@ -331,8 +335,26 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
                 found.append(proposal)
         heads = [_head_side(ctx, leaf, label, units) for leaf, label, units in outs]
         reads = [Side(leaf.rpartition(".")[2], u.n, u.parts) for leaf, u in ins.items()]
-        found += head_rescales(short, ctx.modules[parent], heads, reads)
+        projections = [side for side, leaf in zip(reads, ins, strict=True) if leaf in reading]
+        found += head_rescales(short, ctx.modules[parent], heads, projections)
     return found + _cousins(ctx, sides), thirds
+
+
+def _reading_siblings(
+    ctx: _Context, outs: list[tuple[str, str, Units]], ins: dict[str, Units]
+) -> set[str]:
+    """The unlinked consumers whose input was computed from a sibling producer's output (an
+    attention's output projection reads q, k and v through functional code; OPT's first q, k
+    and v projections read the embeddings' sum, not their siblings); all of them where the
+    autograd graph is too large to tell."""
+    siblings = {leaf for leaf, _, _ in outs}
+    found = set()
+    for leaf in ins:
+        call = ctx.first_call.get(leaf)
+        sources = None if call is None or not call.inputs else ctx.flow.sources(call.inputs[0])
+        if sources is None or sources & (siblings - {leaf}):
+            found.add(leaf)
+    return found
 
 
 def _head_side(ctx: _Context, leaf: str, label: str, units: Units) -> Side:

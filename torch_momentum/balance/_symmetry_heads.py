@@ -259,10 +259,10 @@ def head_rescales(
 ) -> list[Proposal]:
     """Grouped-query and rotary rescale candidates among the unlinked leaf children of one
     attention module ``module`` named ``parent``: ``outs`` the producers (their output rows, a
-    packed q/k/v projection's thirds included), ``ins`` the consumers (their input columns).
-    Query, key and value sides are the producers that are not also consumers here; the output
-    projection is a consumer. A packed projection (three times the size of its input) is also
-    read head by head.
+    packed q/k/v projection's thirds included), ``ins`` the consumers that read their siblings'
+    outputs through functional code (their input columns): the output projection. Query, key
+    and value sides are the producers that are not such a consumer. A packed projection (more
+    outputs than inputs) is also read in blocks and group by group.
 
     Example:
         >>> import torch

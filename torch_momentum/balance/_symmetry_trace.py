@@ -289,3 +289,33 @@ class DataFlow:
             else:
                 return None
         return sorted(found)
+
+    def sources(self, tensor: Tensor) -> set[str] | None:
+        """The recorded modules whose outputs ``tensor`` was computed from, through any
+        operations (the first recorded output on each path back); None where the graph is
+        larger than the walk allows (unknown).
+
+        Example:
+            >>> import torch
+            >>> from torch_momentum.balance._symmetry_trace import CallRecorder, DataFlow
+            >>> model = torch.nn.ModuleDict({k: torch.nn.Linear(2, 2) for k in "ab"})
+            >>> x = torch.randn(3, 2)
+            >>> with CallRecorder(model) as rec:
+            ...     y = model["b"](model["a"](x).softmax(-1) * 2)
+            >>> sorted(DataFlow(rec.calls).sources(rec.calls[1].inputs[0]))
+            ['a']
+        """
+        found: set[str] = set()
+        stack, seen = [tensor.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if len(seen) > _WALK_LIMIT:
+                return None
+            if node in self._owners:
+                found.add(self._owners[node][0])
+                continue
+            stack += [n for n, _ in node.next_functions]
+        return found
