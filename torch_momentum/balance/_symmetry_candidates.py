@@ -352,7 +352,7 @@ def _reading_siblings(
     for leaf in ins:
         call = ctx.first_call.get(leaf)
         sources = None if call is None or not call.inputs else ctx.flow.sources(call.inputs[0])
-        if sources is None or sources & (siblings - {leaf}):
+        if sources is None or set(sources) & (siblings - {leaf}):
             found.add(leaf)
     return found
 

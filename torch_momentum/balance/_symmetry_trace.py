@@ -19,7 +19,7 @@ Links are only hints: every candidate built from them is verified numerically.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,29 +268,17 @@ class DataFlow:
         with a constant and shape operations; every path must end at a recorded module output
         (or a constant).
         """
-        found: set[str] = set()
-        stack, seen = [tensor.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if len(seen) > _WALK_LIMIT:
-                return None
-            if node in self._owners:
-                found.add(self._owners[node][0])
-                continue
+
+        def through(node: Any) -> list[Any] | None:
             nexts = [n for n, _ in node.next_functions]
             name = node.name()
             if name in _SUMS or (name == "MulBackward0" and sum(n is not None for n in nexts) == 1):
-                stack += nexts
-            elif name in _SHAPE_OPS and nexts:
-                stack.append(nexts[0])
-            else:
-                return None
-        return sorted(found)
+                return nexts
+            return nexts[:1] if name in _SHAPE_OPS and nexts else None
 
-    def sources(self, tensor: Tensor) -> set[str] | None:
+        return self._walk(tensor, through)
+
+    def sources(self, tensor: Tensor) -> list[str] | None:
         """The recorded modules whose outputs ``tensor`` was computed from, through any
         operations (the first recorded output on each path back); None where the graph is
         larger than the walk allows (unknown).
@@ -302,9 +290,15 @@ class DataFlow:
             >>> x = torch.randn(3, 2)
             >>> with CallRecorder(model) as rec:
             ...     y = model["b"](model["a"](x).softmax(-1) * 2)
-            >>> sorted(DataFlow(rec.calls).sources(rec.calls[1].inputs[0]))
+            >>> DataFlow(rec.calls).sources(rec.calls[1].inputs[0])
             ['a']
         """
+        return self._walk(tensor, lambda node: [n for n, _ in node.next_functions])
+
+    def _walk(self, tensor: Tensor, through: Callable[[Any], list[Any] | None]) -> list[str] | None:
+        """The modules whose recorded outputs end the paths back from ``tensor`` through the
+        autograd nodes ``through`` follows (it gives the next nodes, or None to give up); None
+        where it gives up or the graph exceeds the walk limit."""
         found: set[str] = set()
         stack, seen = [tensor.grad_fn], set()
         while stack:
@@ -317,5 +311,8 @@ class DataFlow:
             if node in self._owners:
                 found.add(self._owners[node][0])
                 continue
-            stack += [n for n, _ in node.next_functions]
-        return found
+            nexts = through(node)
+            if nexts is None:
+                return None
+            stack += nexts
+        return sorted(found)
