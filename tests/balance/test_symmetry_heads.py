@@ -412,3 +412,40 @@ def test_gpt2_reports_the_per_dimension_pair_not_the_rotary_ones() -> None:
         "transformer.h.0.attn q/k (interleaved rotary pairs, per-head packing)",
     }
     assert max(s.residual for s in found) <= ROUND_OFF
+
+
+def test_qwen3_qk_norm_per_head() -> None:
+    # Qwen3 normalises each head of q and of k (RMSNorm over the head's 8 dimensions) before
+    # the rotation: every head of q_proj and of k_proj is scale-free on its own (the whole
+    # layer, coarser, is not reported), and the norms' gains, shared by the heads, rescale
+    # against each other per rotary pair
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3ForCausalLM"):
+        pytest.skip("transformers without Qwen3")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attn_implementation="eager",
+    )
+    model = transformers.Qwen3ForCausalLM(config)
+    found = find_symmetries(model, lm, tokens(64))
+    # RMSNorm normalises in float32 inside a float64 model: the head scales show ~1e-8
+    assert max(s.residual for s in found) <= 1e-7
+    attn = [(s.kind, s.name, s.units) for s in found if ".self_attn" in s.name]
+    assert attn == [
+        ("scale", "model.layers.0.self_attn.q_proj (per 8 outputs)", 4),
+        ("scale", "model.layers.0.self_attn.k_proj (per 8 outputs)", 2),
+        ("rescale", "model.layers.0.self_attn v_proj/o_proj (per value dimension)", 16),
+        ("rescale", "model.layers.0.self_attn q_norm/k_norm (rotary pairs)", 4),
+    ]
+    opt = PolyakSGD(model.double().parameters(), lr=0.02, momentum=0.9)
+    ledger = train_with_ledger(model, lm, tokens(64, 1)[0], opt, list(found), steps=4)
+    for name, row in ledger.read_charges().items():
+        # float64 round-off over 4 steps (the charges' own float64 arithmetic)
+        assert float(row["closure"].abs().max()) <= 1e-12 * float(row["scale"].max()), name

@@ -145,34 +145,39 @@ def _last_dim_producer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, *LAYER_NORM)) or is_conv1d_gpt(module)
 
 
-def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: Units) -> Proposal | None:
-    """The scale candidate of ``producer``'s output units normalised by ``norm``."""
+def _norm_scale(ctx: _Context, producer: str, norm: nn.Module, units: Units) -> list[Proposal]:
+    """The scale candidates of ``producer``'s output units normalised by ``norm``."""
     module, name = ctx.modules[producer], ctx.short(producer)
     if isinstance(norm, PER_CHANNEL_NORM) and norm.num_features == units.n:
-        return Proposal("scale", f"{name} (per channel)", units.parts, units.n)
+        return [Proposal("scale", f"{name} (per channel)", units.parts, units.n)]
     if isinstance(norm, nn.GroupNorm) and norm.num_channels == units.n:
         block = units.n // norm.num_groups
         parts = tuple(p._replace(block=block) for p in units.parts)
-        return Proposal("scale", f"{name} (per group)", parts, norm.num_groups)
+        return [Proposal("scale", f"{name} (per group)", parts, norm.num_groups)]
+    if isinstance(norm, nn.GroupNorm):
+        return []
     shape = getattr(norm, "normalized_shape", None)
     weight = own_param(norm, "weight")
-    last_dim = (
-        tuple(shape) == (units.n,)
-        if shape is not None
-        else (weight is not None and tuple(weight.shape) == (units.n,))
-    )
-    if isinstance(norm, nn.GroupNorm):
-        return None
-    whole = tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
-    if not (last_dim and _last_dim_producer(module)):
-        # normalised over some other set of its outputs (a convolution's channels by a
-        # LayerNorm after a permute, ConvNeXt's channels-first LayerNorm): scaling the whole
-        # layer scales every such set
-        return Proposal("scale", f"{name} (whole layer)", whole, 1)
-    if isinstance(module, nn.Embedding):  # each token's vector is normalised on its own
-        rows = PartSpec(units.parts[0].param, 0, 0, module.num_embeddings)
-        return Proposal("scale", f"{name} (per row)", (rows,), module.num_embeddings)
-    return Proposal("scale", f"{name} (whole layer)", whole, 1)
+    size = tuple(shape) if shape is not None else None if weight is None else tuple(weight.shape)
+    every = tuple(PartSpec(p.param, None, 0, 0) for p in units.parts)
+    whole = Proposal("scale", f"{name} (whole layer)", every, 1)
+    if size == (units.n,) and _last_dim_producer(module):
+        if isinstance(module, nn.Embedding):  # each token's vector is normalised on its own
+            rows = PartSpec(units.parts[0].param, 0, 0, module.num_embeddings)
+            return [Proposal("scale", f"{name} (per row)", (rows,), module.num_embeddings)]
+        return [whole]
+    # normalised over some other set of its outputs: each block of m consecutive outputs
+    # (Qwen3's q_norm over each head of q_proj), or a convolution's channels (a LayerNorm after
+    # a permute, ConvNeXt's channels-first LayerNorm); scaling the whole layer scales every
+    # such set, a block at a time is finer
+    m = size[0] if size is not None and len(size) == 1 else 0
+    if not (_last_dim_producer(module) and 0 < m < units.n and units.n % m == 0):
+        return [whole]
+    if any(p.dim is None or p.block != 1 for p in units.parts):
+        return [whole]
+    parts = tuple(p._replace(block=m) for p in units.parts)
+    fine = Proposal("scale", f"{name} (per {m} outputs)", parts, units.n // m)
+    return [fine, whole._replace(unless=parts_key(parts))]
 
 
 def _scales(ctx: _Context) -> list[Proposal]:
@@ -183,9 +188,7 @@ def _scales(ctx: _Context) -> list[Proposal]:
         norm = ctx.modules[consumer]
         if units is None or not units.parts or block > 1 or not norm_modules(norm):
             continue
-        proposal = _norm_scale(ctx, producer, norm, units)
-        if proposal is not None:
-            found.append(proposal)
+        found += _norm_scale(ctx, producer, norm, units)
     return found + _stream_scales(ctx) + _weight_norms(ctx)
 
 
