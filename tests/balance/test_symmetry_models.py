@@ -683,3 +683,15 @@ def test_a_layer_scale_module_rescales_against_the_rows_it_scales() -> None:
     found, rejected = found_and_rejected(model, ce, vectors())
     assert ("rescale", "2/3", 16) in found
     assert "3.gamma" in rejected  # a shift of gamma is no symmetry
+
+
+def test_prelu_is_looked_through_not_taken_for_a_gain() -> None:
+    # PReLU commutes with a positive scale (its slopes stay): the rescale of fc1's units
+    # against fc2's columns passes through it. Its one vector parameter is a slope, not a gain
+    # on its input: no candidate rescales it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.PReLU(16), nn.Linear(16, 16))  # 16 logits
+    found = find_symmetries(model, ce, vectors())
+    assert (found[0].kind, found[0].name, found[0].units) == ("rescale", "0/2", 16)
+    rescales = [s for s in (*found, *found.rejected) if s.kind == "rescale"]
+    assert not [s.name for s in rescales if "1.weight" in s.params]

@@ -208,7 +208,9 @@ def gain_units(names: Names, module: nn.Module) -> Units | None:
     """A module of no known type whose only parameter is a vector and which has no submodules
     (timm's ``LayerScale``: ``x * gamma``): a gain per feature, its entries the units of its
     input."""
-    if known_owner(module) or next(module.children(), None) is not None:
+    if known_owner(module) or isinstance(module, nn.PReLU):  # PReLU's weight is a slope
+        return None
+    if next(module.children(), None) is not None:
         return None
     own = list(module.named_parameters(recurse=False))
     if len(own) != 1 or own[0][1].dim() != 1:
