@@ -337,8 +337,11 @@ def _siblings(ctx: _Context) -> tuple[list[Proposal], list[ZeroSlice]]:
             if proposal is not None:
                 found.append(proposal)
         heads = [_head_side(ctx, leaf, label, units) for leaf, label, units in outs]
-        reads = [Side(leaf.rpartition(".")[2], u.n, u.parts) for leaf, u in ins.items()]
-        projections = [side for side, leaf in zip(reads, ins, strict=True) if leaf in reading]
+        projections = [
+            Side(leaf.rpartition(".")[2], u.n, u.parts)
+            for leaf, u in ins.items()
+            if leaf in reading
+        ]
         found += head_rescales(short, ctx.modules[parent], heads, projections)
     return found + _cousins(ctx, sides), thirds
 
@@ -470,10 +473,9 @@ def _raw_rescales(ctx: _Context) -> list[Proposal]:
         if known_owner(module):
             continue
         for attr, p in module.named_parameters(recurse=False):
-            full = ctx.names.of(module, attr)
-            if full is None or p.dim() != 1:
+            gain = param_parts(ctx.names, module, [(attr, 0)], len(p)) if p.dim() == 1 else None
+            if gain is None or not gain.parts:  # not a vector, or frozen
                 continue
-            gain = Units(p.shape[0], (PartSpec(full, 0, 0, p.shape[0]),))
             for child, leaf in module.named_children():
                 units = output_units(ctx.names, leaf)
                 if f"{name}.{child}".lstrip(".") in ctx.called and units is not None:

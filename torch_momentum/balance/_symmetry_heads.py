@@ -123,6 +123,11 @@ class _Heads(NamedTuple):
     d: int
     rotary: int
 
+    def units(self, pairs: str | None) -> int:
+        """Units per head: one per dimension, or (``pairs``) one per rotary pair and one per
+        dimension past the rotated ones."""
+        return self.d if pairs is None else self.d - self.rotary // 2
+
 
 def _unit_parts(
     p: PartSpec, start: int, first: int, heads: _Heads, pairs: str | None
@@ -154,7 +159,7 @@ def _headwise(
         return None
     if pairs is None and group == 1:  # a unit per row: the parts as they are
         return tuple(p._replace(sign=sign) for p in side.parts)
-    per_head = d if pairs is None else d - heads.rotary // 2
+    per_head = heads.units(pairs)
     out: list[PartSpec] = []
     for p in side.parts:
         for k in range(p.length // d):
@@ -173,8 +178,7 @@ def _pair(
     right = _headwise(b, heads, 1, -1.0, pairs)
     if not left or not right or overlaps(left + right):
         return None
-    per_head = heads.d if pairs is None else heads.d - heads.rotary // 2
-    return Proposal("rescale", name, left + right, b.rows // heads.d * per_head, unless)
+    return Proposal("rescale", name, left + right, b.rows // heads.d * heads.units(pairs), unless)
 
 
 def _suffix(a: Side, b: Side, kind: str) -> str:
@@ -201,7 +205,7 @@ def _query_key(parent: str, a: Side, b: Side, heads: _Heads) -> list[Proposal]:
     return found
 
 
-def _narrowed(side: Side, pieces: list[tuple[int, int]], d: int, label: str, by_head: bool) -> Side:
+def _narrowed(side: Side, pieces: list[tuple[int, int]], label: str, by_head: bool) -> Side:
     """The rows ``[start, start + length)`` of each of ``pieces`` of a packed ``side``, one
     after the other (units numbered along them), as a side of its own."""
     parts, first = [], 0
@@ -233,11 +237,11 @@ def _unpacked(side: Side, d: int) -> list[Side]:
     found = []
     if k < h:
         blocks = (("q", 0, h), ("k", h, k), ("v", h + k, k))
-        found += [_narrowed(side, [(s * d, n * d)], d, lb, False) for lb, s, n in blocks]
+        found += [_narrowed(side, [(s * d, n * d)], lb, False) for lb, s, n in blocks]
     step = (g + 2) * d
     for label, offset, size in (("q", 0, g), ("k", g, 1), ("v", g + 1, 1)):
         pieces = [(grp * step + offset * d, size * d) for grp in range(k)]
-        found.append(_narrowed(side, pieces, d, label, True))
+        found.append(_narrowed(side, pieces, label, True))
     return found
 
 
@@ -246,7 +250,7 @@ def _value_output(parent: str, a: Side, c: Side, heads: _Heads) -> Proposal | No
     dimension, where ``c`` has more heads or ``a`` is packed by head."""
     if not (c.rows > a.rows or (a.by_head and c.rows == a.rows)) or c.rows % a.rows:
         return None
-    name = f"{parent} {a.label}/{c.label} ({_suffix(a, a, 'per value dimension')})".strip()
+    name = f"{parent} {a.label}/{c.label} ({_suffix(a, c, 'per value dimension')})".strip()
     proposal = _pair(name, c, a, heads, None)
     if proposal is None:
         return None
@@ -281,8 +285,7 @@ def head_rescales(
     d = head_dim(module)
     if d is None:
         return []
-    r = _rotated(module, d)
-    heads = _Heads(d, min(r, d))
+    heads = _Heads(d, _rotated(module, d))
     # the projections of q, k and v read a recorded module's output; one that reads the
     # attention's own functional output (the output projection) is no query, key or value
     reading = {c.label for c in ins}
