@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -459,15 +459,26 @@ class LSTMLanguageModel(nn.Module):
         return self.head(out)
 
 
-def _transformers(caller: str) -> Any:
-    """The ``transformers`` package, or an ImportError naming ``caller``."""
+def _tiny_model(model: str, vocab_size: int, settings: dict[str, Any]) -> nn.Module:
+    """``transformers.{model}ForCausalLM`` (``GPT2LMHeadModel`` for GPT-2) from its config with
+    ``settings``, a vocabulary of ``vocab_size`` whose last token is BOS and EOS, and eager
+    attention (not SDPA, whose backend and rounding vary); ImportError without
+    ``transformers``."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - the test environment has it
         raise ImportError(
-            f"{caller} needs the `transformers` package (pip install transformers)"
+            f"{model.lower()}_tiny needs the `transformers` package (pip install transformers)"
         ) from exc
-    return transformers
+    common = {
+        "vocab_size": vocab_size,
+        "bos_token_id": vocab_size - 1,
+        "eos_token_id": vocab_size - 1,
+        "attn_implementation": "eager",
+    }
+    head = "GPT2LMHeadModel" if model == "GPT2" else f"{model}ForCausalLM"
+    config = getattr(transformers, f"{model}Config")(**{**common, **settings})
+    return cast(nn.Module, getattr(transformers, head)(config))
 
 
 def gpt2_tiny(
@@ -499,9 +510,7 @@ def gpt2_tiny(
         >>> model.lm_head.weight is model.transformer.wte.weight
         True
     """
-    transformers = _transformers("gpt2_tiny")
     settings: dict[str, Any] = {
-        "vocab_size": vocab_size,
         "n_positions": n_positions,
         "n_embd": n_embd,
         "n_layer": n_layer,
@@ -509,12 +518,9 @@ def gpt2_tiny(
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "bos_token_id": vocab_size - 1,
-        "eos_token_id": vocab_size - 1,
-        "attn_implementation": "eager",  # not SDPA, whose backend (and rounding) varies
         **config,
     }
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
+    return _tiny_model("GPT2", vocab_size, settings)
 
 
 def llama_tiny(
@@ -549,9 +555,7 @@ def llama_tiny(
         >>> attention.q_proj.weight.shape, attention.k_proj.weight.shape, attention.head_dim
         (torch.Size([32, 32]), torch.Size([16, 32]), 8)
     """
-    transformers = _transformers("llama_tiny")
     settings: dict[str, Any] = {
-        "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_hidden_layers,
@@ -559,10 +563,7 @@ def llama_tiny(
         "num_key_value_heads": num_key_value_heads,
         "max_position_embeddings": 64,
         "tie_word_embeddings": False,
-        "bos_token_id": vocab_size - 1,
-        "eos_token_id": vocab_size - 1,
         "pad_token_id": None,
-        "attn_implementation": "eager",
         **config,
     }
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
+    return _tiny_model("Llama", vocab_size, settings)
