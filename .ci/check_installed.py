@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 
@@ -50,6 +51,16 @@ def main() -> None:
         fail(f"modules missing from the wheel: {missing}")
     if not (Path(torch_momentum.__file__).parent / "py.typed").is_file():
         fail("torch_momentum/py.typed is missing from the wheel")
+    # the ledger's C kernel: its source ships, and where a compiler is, it builds and loads
+    # (from the installed source, into a fresh cache)
+    from torch_momentum.balance import _native
+
+    if not _native.SOURCE.is_file() or site not in _native.SOURCE.resolve().parents:
+        fail(f"the C kernel's source {_native.SOURCE} is missing from the wheel")
+    cc = _native.compiler()
+    if cc is not None:
+        with tempfile.TemporaryDirectory() as cache:
+            _native.load(_native.build(cc, Path(cache)))
 
     version = importlib.metadata.version("torch-momentum")
     if version != torch_momentum.__version__:

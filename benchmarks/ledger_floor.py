@@ -1,20 +1,22 @@
-"""The ledger's cost per optimiser step, by both of its paths, against the floor of the stacked one.
+"""The ledger's cost per optimiser step, by each of its paths, against the floor of the stacked one.
 
 The ledger of every symmetry reduces, each step, the weight, velocity and gradient of every unit
-to their per-unit Gram matrices, in one of two ways. Stacked: tensors of one layout (shape, and
-the dimension that holds the units) are stacked and reduced by one batched matrix product, then
-mapped to the ledger's terms and summed into the units. One buffer (``_flat.FlatRows``, where it
-applies): one multi-tensor copy of every tensor into a persistent buffer, one strided batched
-product per row length, the Gram entries summed into the units and mapped once per unit. This
-script measures both on the reference models of the symmetry discovery, in float32, one thread:
+to their per-unit Gram matrices, in one of three ways. The C kernel (``_native.NativeRows``, the
+default on the CPU where a C compiler builds it): one call reads every tensor's slots once where
+they lie. One buffer (``_flat.FlatRows``): one multi-tensor copy of every tensor into a
+persistent buffer, one strided batched product per row length. In both, the Gram entries are
+summed into the units and mapped to the terms once per unit. Stacked: tensors of one layout
+(shape, and the dimension that holds the units) are stacked and reduced by one batched matrix
+product, then mapped to the ledger's terms and summed into the units. This script measures the
+three on the reference models of the symmetry discovery, in float32, one thread:
 
 * ``step``: ``zero_grad`` + forward + backward + ``PolyakSGD.step`` (lr 1e-3, momentum 0.9),
   without the ledger: the reference;
 * ``ledger``: ``opt.step()`` with a ``BalanceLedger`` of every symmetry ``find_symmetries``
   reports attached, minus ``opt.step()`` without it (both on the same gradients): the path the
-  ledger chooses (one buffer for the ResNet-style CNN and GPT-2; stacked for the 12-block ViT,
-  whose groups hold 19 tensors on average);
-* ``ledger, stacked``: the same on a copy of the model whose ledger keeps the stacked path;
+  ledger chooses (the C kernel where it is built);
+* ``ledger, one buffer`` and ``ledger, stacked``: the same on copies of the model whose ledgers
+  were planned with the C kernel off, and with the one buffer off too (the stacked path);
 * ``floor``: only the stacks and batched products of the stacked path, written from the
   symmetries' public parts: per layout group, one ``torch.stack`` of the members' (weight,
   velocity, gradient) and one ``torch.bmm`` (an elementwise product for one entry per row, a sum
@@ -25,22 +27,23 @@ script measures both on the reference models of the symmetry discovery, in float
 Rounds interleave all candidates in a shuffled order (``_timing.interleave``, CPU clock); the
 table shows each as a share of the step time of the same round, median and range over rounds.
 
-Measured on the 2-core development machine (shared, and slow at the time: the steps took twice
-as long as in quieter hours), ``--rounds 7``, median [min, max] over rounds:
+Measured on the 2-core development machine (shared), ``--rounds 5``, median [min, max] over
+rounds:
 
-=========  ========  =====================  =====================  =====================
-model      step ms   ledger                 ledger, stacked        floor
-=========  ========  =====================  =====================  =====================
-resnet     17.79     4.6 % [4.4, 5.5]       8.7 % [8.0, 9.5]       4.2 % [3.6, 4.8]
-gpt2       26.71     5.3 % [4.6, 7.8]       8.0 % [5.4, 8.8]       4.0 % [2.6, 4.8]
-vit        60.04     7.3 % [7.0, 9.9]       7.8 % [5.5, 9.1]       4.1 % [3.7, 5.0]
-=========  ========  =====================  =====================  =====================
+=========  ========  ==================  ==================  ==================  ==================
+model      step ms   ledger (C kernel)   one buffer          stacked             floor
+=========  ========  ==================  ==================  ==================  ==================
+resnet     8.67      2.9 % [2.5, 3.2]    4.1 % [3.9, 4.4]    8.3 % [7.9, 9.1]    3.2 % [3.1, 3.4]
+gpt2       13.37     3.1 % [2.7, 3.6]    5.8 % [5.7, 6.6]    7.4 % [7.0, 7.8]    4.1 % [4.1, 4.6]
+vit        45.11     2.4 % [2.1, 4.3]    5.5 % [5.0, 11.9]   5.4 % [5.0, 7.7]    4.2 % [4.0, 5.8]
+=========  ========  ==================  ==================  ==================  ==================
 
-(the ViT's two columns run the same path). Earlier, ``--rounds 5 --compile`` on the stacked path
-alone: ResNet 7.6 % [6.9, 8.0] with a floor of 3.2 % and a compiled floor of 3.8 %; GPT-2 7.1 %
-with 4.0 % and 5.6 %: compiled, the floor is slower than eager (its guards check every tensor
-argument on each call, more than the kernels it saves). The whole ledger by one buffer now
-costs about what the stacked path's reductions alone cost.
+(the ViT's one-buffer ledger runs the stacked path: its groups hold 19 tensors on average, more
+than ``FLAT_GROUP_SIZE``.) The whole ledger by the C kernel costs less than the stacked path's
+reductions alone. Earlier, ``--rounds 5 --compile`` on the stacked path alone: ResNet 7.6 %
+[6.9, 8.0] with a floor of 3.2 % and a compiled floor of 3.8 %; GPT-2 7.1 % with 4.0 % and
+5.6 %: compiled, the floor is slower than eager (its guards check every tensor argument on each
+call, more than the kernels it saves).
 
 Usage: python benchmarks/ledger_floor.py [--rounds 5] [--models resnet,gpt2,vit] [--compile]
 [--quick] (``--quick``: 2 rounds of the ResNet, a smoke test).
@@ -148,31 +151,35 @@ def candidates(name: str, compile_floor: bool) -> dict[str, Callable[[], object]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notices about the loss type
         symmetries = list(find_symmetries(model, loss_fn, [batch]))
-    stacked_model = copy.deepcopy(model)
-    opt = PolyakSGD(model.parameters(), lr=1e-3, momentum=0.9)
-    ledger = BalanceLedger(None, opt, module=model, symmetries=symmetries)
+    paths = {
+        # the C kernel where it is built (else the one buffer), the one buffer, the stacked path
+        "with ledger": (model, _charges.NATIVE, _charges.FLAT_CAP),
+        "one buffer": (copy.deepcopy(model), False, _charges.FLAT_CAP),
+        "stacked": (copy.deepcopy(model), False, 0),
+    }
+    ledgers: dict[str, tuple[BalanceLedger, torch.optim.Optimizer]] = {}
+    for key, (net, native, cap) in paths.items():
+        optimizer = PolyakSGD(net.parameters(), lr=1e-3, momentum=0.9)
+        led = BalanceLedger(None, optimizer, module=net, symmetries=symmetries)
+        led.attach()
+        # the layout is planned at the first step, under the path's settings; the velocities
+        # exist after it
+        saved = _charges.NATIVE, _charges.FLAT_CAP
+        _charges.NATIVE, _charges.FLAT_CAP = native, cap
+        try:
+            for _ in range(2):
+                optimizer.zero_grad()
+                loss_fn(net, batch).backward()
+                optimizer.step()
+        finally:
+            _charges.NATIVE, _charges.FLAT_CAP = saved
+        ledgers[key] = (led, optimizer)
+    opt = ledgers["with ledger"][1]
 
     def train_step() -> None:
         opt.zero_grad()
         loss_fn(model, batch).backward()
         opt.step()
-
-    ledger.attach()
-    train_step()  # the velocities exist
-    train_step()
-    # the same on a copy whose ledger keeps the stacked path: its layout is planned (at the
-    # first step) with the one-buffer path off
-    stacked_opt = PolyakSGD(stacked_model.parameters(), lr=1e-3, momentum=0.9)
-    stacked = BalanceLedger(None, stacked_opt, module=stacked_model, symmetries=symmetries)
-    stacked.attach()
-    cap, _charges.FLAT_CAP = _charges.FLAT_CAP, 0
-    try:
-        for _ in range(2):
-            stacked_opt.zero_grad()
-            loss_fn(stacked_model, batch).backward()
-            stacked_opt.step()
-    finally:
-        _charges.FLAT_CAP = cap
 
     def step_of(
         led: BalanceLedger, optimizer: torch.optim.Optimizer, on: bool
@@ -183,14 +190,11 @@ def candidates(name: str, compile_floor: bool) -> dict[str, Callable[[], object]
 
         return run
 
-    found: dict[str, Callable[[], object]] = {
-        "step": train_step,
-        "with ledger": step_of(ledger, opt, True),
-        "without ledger": step_of(ledger, opt, False),
-        "stacked": step_of(stacked, stacked_opt, True),
-        "without stacked": step_of(stacked, stacked_opt, False),
-        "floor": floor_step(layout_groups(model, symmetries), opt),
-    }
+    found: dict[str, Callable[[], object]] = {"step": train_step}
+    for key, (led, optimizer) in ledgers.items():
+        found[key] = step_of(led, optimizer, True)
+        found[f"without {key}"] = step_of(led, optimizer, False)
+    found["floor"] = floor_step(layout_groups(model, symmetries), opt)
     if compile_floor:
         compiled = floor_step(layout_groups(model, symmetries), opt, compile_it=True)
         with torch.no_grad():
@@ -219,18 +223,22 @@ def main() -> None:
     rounds = 2 if args.quick else args.rounds
     print(f"torch {torch.__version__}, 1 thread, {rounds} rounds, share of the step time")
     print(
-        f"{'model':8s} {'step ms':>8s}  {'ledger':22s} {'ledger, stacked':22s} {'floor':22s}"
-        " floor, compiled"
+        f"{'model':8s} {'step ms':>8s}  {'ledger':22s} {'ledger, one buffer':22s}"
+        f" {'ledger, stacked':22s} {'floor':22s} floor, compiled"
     )
     for name in models:
         jobs = candidates(name, args.compile)
         times = interleave(jobs, rounds=rounds, inner=20, clock="cpu")
         step_ms = 1e3 * quantile(times["step"], 0.5)
-        ledger = share(times, "with ledger", "without ledger")
+        ledger = share(times, "with ledger", "without with ledger")
+        buffer = share(times, "one buffer", "without one buffer")
         stacked = share(times, "stacked", "without stacked")
         compiled = share(times, "floor, compiled") if "floor, compiled" in times else "-"
         floor = share(times, "floor")
-        print(f"{name:8s} {step_ms:8.2f}  {ledger:22s} {stacked:22s} {floor:22s} {compiled}")
+        print(
+            f"{name:8s} {step_ms:8.2f}  {ledger:22s} {buffer:22s} {stacked:22s} {floor:22s}"
+            f" {compiled}"
+        )
     print(f"target of the ledger: {100 * TARGET:.0f} % of the step")
 
 

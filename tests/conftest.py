@@ -14,6 +14,12 @@ from collections.abc import Iterator
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The ledger's C kernel is built into the repository's build/ (git-ignored, `make clean` removes
+# it), not into the user's cache; subprocesses (DDP, examples) inherit it.
+os.environ.setdefault(
+    "TORCH_MOMENTUM_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "kernel"),
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

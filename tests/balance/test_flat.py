@@ -1,8 +1,9 @@
 """The ledger's reductions from one buffer (``_flat.FlatRows``): per-row Gram matrices and sums
 against a plain loop on every kind of row (whole tensors of one entry, rows along dim 0 that
 share a length across tensors, a matrix's columns, a convolution's input channels, a later
-dimension of a 3-D tensor, a channels_last slot); and the ledger with them against the ledger
-with the stacked per-group reductions, on the reference networks."""
+dimension of a 3-D tensor, a channels_last slot); and the ledger with them, and with the C
+kernel (``_native.NativeRows``), against the ledger with the stacked per-group reductions, on
+the reference networks."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from torch import Tensor, nn
 from tests.balance.test_symmetry_models import ce, images, lm, tokens
 from tests.helpers.ledger import train_with_ledger
 from torch_momentum import PolyakSGD
-from torch_momentum.balance import _charges, find_symmetries
-from torch_momentum.balance._flat import FlatRows
+from torch_momentum.balance import _charges, _native, find_symmetries
+from torch_momentum.balance._flat import FLAT_CAP, FlatRows
+from torch_momentum.balance._native import NativeRows
 from torch_momentum.demos import ResNetCNN, TinyViT, gpt2_tiny
 
-SHAPES = [(), (5,), (4, 3), (2, 3), (6, 2, 3, 3), (3, 4, 5), (7,)]
+SHAPES = [(), (5,), (4, 3), (2, 3), (6, 2, 3, 3), (3, 4, 5), (7,), (7, 3)]
 # (tensor, dim, linear): Gram rows along dim 0 of every tensor but one read only as sums; later
 # dims of the matrix, the convolution and the 3-D tensor; sums of some rows also read as Gram
 # rows, and of a 0-dim tensor
@@ -34,6 +36,7 @@ USES = [(k, 0, False) for k in range(len(SHAPES)) if k != 1] + [
     (4, 1, False),
     (5, 2, True),
     (5, 1, False),
+    (7, 1, False),  # the columns of a matrix of 7 rows (the C kernel takes 4 rows at a time)
 ]
 
 
@@ -91,17 +94,33 @@ def test_flat_rows_refuse_changed_slots_and_empty_tensors() -> None:
         FlatRows([(2, 0), (3,)], [(1, 0, False)], torch.float64, "cpu")
 
 
-def _flat_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What every call of ``FlatRows`` returns from now on (True: it reduced the step)."""
+def calls_of(cls: type[FlatRows] | type[NativeRows], monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What every call of ``cls`` (a step's reductions) returns from now on (True: it reduced
+    the step)."""
     calls: list[bool] = []
-    call = FlatRows.__call__
+    call = cls.__call__
 
-    def counted(self: FlatRows, slots: Any) -> bool:
+    def counted(self: Any, slots: Any) -> bool:
         calls.append(call(self, slots))
         return calls[-1]
 
-    monkeypatch.setattr(FlatRows, "__call__", counted)
+    monkeypatch.setattr(cls, "__call__", counted)
     return calls
+
+
+#: the ledger's paths on the CPU: (``_charges.NATIVE``, ``_charges.FLAT_CAP``)
+PATHS = {"native": (True, FLAT_CAP), "flat": (False, FLAT_CAP), "stacked": (False, 0)}
+
+
+def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the ledgers built from now on take ``path`` where their steps allow it (skipped for
+    ``"native"`` where the C kernel cannot be built: ``test_native`` fails then if a compiler
+    is at hand)."""
+    if path == "native" and _native.library() is None:
+        pytest.skip("no C compiler: the ledger's C kernel is not built")
+    native, cap = PATHS[path]
+    monkeypatch.setattr(_charges, "NATIVE", native)
+    monkeypatch.setattr(_charges, "FLAT_CAP", cap)
 
 
 def _resnet() -> tuple[nn.Module, Any, Callable[..., Tensor]]:
@@ -175,23 +194,25 @@ def assert_same_ledger(
 
 @pytest.mark.parametrize("case", [_resnet, _gpt2, _vit], ids=["resnet", "gpt2", "vit"])
 @pytest.mark.parametrize("name", ["polyak", "adamw", "two-groups"])
-def test_flat_ledger_equals_the_stacked_ledger(
+@pytest.mark.parametrize("path", ["native", "flat"])
+def test_one_pass_ledger_equals_the_stacked_ledger(
     case: Callable[[], tuple[nn.Module, Any, Callable[..., Tensor]]],
     name: str,
+    path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same training twice in float64, every symmetry booked: the ledger whose steps take
-    the one-buffer reductions and the ledger restricted to the stacked ones (``FLAT_CAP`` 0)
-    give the same per-unit terms, charges and angles up to round-off."""
+    the C kernel (``native``) or the one-buffer reductions (``flat``), and the ledger restricted
+    to the stacked ones, give the same per-unit terms, charges and angles up to round-off."""
     model, batch, loss, symmetries = float64_case(case)
-    calls = _flat_calls(monkeypatch)
+    calls = calls_of(NativeRows if path == "native" else FlatRows, monkeypatch)
     reads = []
-    for cap in (_charges.FLAT_CAP, 0):
-        monkeypatch.setattr(_charges, "FLAT_CAP", cap)
+    for taken in (path, "stacked"):
+        use_path(taken, monkeypatch)
         reads.append(ledger_reads(model, batch, loss, name, symmetries))
-        # every step in one buffer (heavy ball's first step too: the velocity exists after it,
-        # read with the first step's map), except where two rule maps share a step; none with
-        # FLAT_CAP 0
+        # every step in one pass (heavy ball's first step too: the velocity exists after it,
+        # read with the first step's map), except where two rule maps share a step; none on the
+        # stacked path
         assert calls == ([] if name == "two-groups" else [True] * 4)
     assert_same_ledger(reads[0], reads[1], symmetries)
 
@@ -199,14 +220,16 @@ def test_flat_ledger_equals_the_stacked_ledger(
 def test_many_identical_blocks_keep_the_stacked_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """24 identical Linear-ReLU blocks: the stacked path's 6 groups of equally shaped tensors
     hold 12 tensors on average (more than ``FLAT_GROUP_SIZE``), where one stack per group costs
-    less than one copy per tensor: no step takes the one-buffer path, and the ledger closes."""
+    less than one copy per tensor: without the C kernel no step takes the one-buffer path, and
+    the ledger closes."""
+    use_path("flat", monkeypatch)
     torch.manual_seed(0)
     blocks = [m for _ in range(24) for m in (nn.Linear(8, 8), nn.ReLU())]
     net = nn.Sequential(*blocks, nn.Linear(8, 3)).double()
     batch = (torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,)))
     symmetries = list(find_symmetries(net, ce, [batch]))
     assert sum(s.kind == "rescale" for s in symmetries) == 24  # across each ReLU
-    calls = _flat_calls(monkeypatch)
+    calls = calls_of(FlatRows, monkeypatch)
     opt = PolyakSGD(net.parameters(), lr=0.05, momentum=0.9)
     ledger = train_with_ledger(net, ce, batch, opt, symmetries, steps=3)
     assert calls == []

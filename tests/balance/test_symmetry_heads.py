@@ -23,11 +23,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.balance.test_flat import assert_same_ledger, float64_case, ledger_reads
+from tests.balance.test_flat import assert_same_ledger, float64_case, ledger_reads, use_path
 from tests.balance.test_symmetry_models import ROUND_OFF, found_and_rejected, lm, tokens
 from tests.helpers.ledger import train_with_ledger
 from torch_momentum import PolyakSGD
-from torch_momentum.balance import LEDGER_TERMS, _charges
+from torch_momentum.balance import LEDGER_TERMS, _native
 from torch_momentum.balance.symmetry import find_symmetries
 from torch_momentum.demos import gpt2_tiny, llama_tiny
 
@@ -386,11 +386,13 @@ def test_llama_ledgers_close_and_their_symmetry_terms_are_round_off() -> None:
 def test_llama_flat_ledger_equals_the_stacked_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
     # head-wise parts: several slices of one tensor in one unit, units spread over a tensor
     model, batch, loss, symmetries = float64_case(_llama)
-    reads = []
-    for cap in (_charges.FLAT_CAP, 0):
-        monkeypatch.setattr(_charges, "FLAT_CAP", cap)
-        reads.append(ledger_reads(copy.deepcopy(model), batch, loss, "polyak", symmetries))
-    assert_same_ledger(reads[0], reads[1], symmetries)
+    reads = {}
+    for path in ("stacked", "flat", "native"):
+        if path != "native" or _native.library() is not None:  # (a machine with no compiler)
+            use_path(path, monkeypatch)
+            reads[path] = ledger_reads(copy.deepcopy(model), batch, loss, "polyak", symmetries)
+    for read in reads.values():
+        assert_same_ledger(read, reads["stacked"], symmetries)
 
 
 def test_gpt2_reports_the_per_dimension_pair_not_the_rotary_ones() -> None:

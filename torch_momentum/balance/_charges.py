@@ -23,9 +23,10 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from torch_momentum.balance import _dtensor
+from torch_momentum.balance import _dtensor, _native
 from torch_momentum.balance._flat import FLAT_CAP, FlatRows
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
+from torch_momentum.balance._native import NativeRows
 from torch_momentum.balance._parts import (
     PartSums,
     SymmetryPart,
@@ -114,6 +115,12 @@ def localize(part: SymmetryPart, p: Any, name: str) -> SymmetryPart | None:
 #: 0.89-0.94x on GPT-2 tiny (5.7) and 0.93-1.09x on the 12-block TinyViT (19).
 FLAT_GROUP_SIZE = 8
 
+#: Whether a CPU ledger's steps take the C kernel (:class:`~torch_momentum.balance._native.
+#: NativeRows`: one pass over the slots where they lie, no copy, whatever the model's size or
+#: the groups' sizes) where it is available; the other paths stay for accelerators, other
+#: dtypes and machines without a C compiler (tests switch it off to compare the paths).
+NATIVE = True
+
 
 class _Flat(NamedTuple):
     """The layout's reductions by :class:`~torch_momentum.balance._flat.FlatRows`, for steps
@@ -123,7 +130,7 @@ class _Flat(NamedTuple):
     charge), then mapped to the terms and angle statistics once per unit. Every buffer
     persists, and so do the views a step reads."""
 
-    rows: FlatRows
+    rows: FlatRows | NativeRows
     keys: list[int]  # the tracked tensors, in the plan's order
     gram_rows: Tensor  # (Gram rows, 9): a view of ``rows.gram``
     wide: Tensor | None  # float32 Gram rows: their float64 copy
@@ -321,12 +328,12 @@ class ChargeBook:
         return scale_pos[charge_of_unit].to(self.device)
 
     def _flat_layout(self, rows: dict[int, Row], groups: list[UnitGroup]) -> _Flat | None:
-        """The reductions of ``rows`` from one buffer (:class:`FlatRows`), where every row has
-        the slots (p, v, g), dense, of one float dtype on one device, the model is small enough
-        (:data:`FLAT_CAP`) and the stacked path's ``groups`` hold at most
-        :data:`FLAT_GROUP_SIZE` tensors on average; None otherwise."""
-        if sum(len(g.members) for g in groups) > FLAT_GROUP_SIZE * len(groups):
-            return None
+        """The reductions of ``rows`` in one pass (:class:`~torch_momentum.balance._native.
+        NativeRows`, on the CPU where the C kernel is available and the slots contiguous) or from
+        one buffer (:class:`FlatRows`, where the model is small enough (:data:`FLAT_CAP`) and
+        the stacked path's ``groups`` hold at most :data:`FLAT_GROUP_SIZE` tensors on average),
+        where every row has the slots (p, v, g), dense, of one float dtype on one device; None
+        otherwise."""
         keys = list(rows)
         slots = [rows[i].slots[:3] for i in keys]
         t0 = cast(Tensor, slots[0][0])
@@ -340,7 +347,15 @@ class ChargeBook:
             for t in cast(tuple[Tensor, ...], triple):
                 if t.dtype is not dtype or t.device != device or t.is_sparse or t.shape != shape:
                     return None
-        if not all(math.prod(s) for s in shapes) or 3 * sum(map(math.prod, shapes)) > FLAT_CAP:
+        if not all(math.prod(s) for s in shapes):
+            return None
+        native = NATIVE and _native.supports(
+            (cast(Tensor, t) for triple in slots for t in triple), dtype
+        )
+        if not native and (
+            sum(len(g.members) for g in groups) > FLAT_GROUP_SIZE * len(groups)
+            or 3 * sum(map(math.prod, shapes)) > FLAT_CAP
+        ):
             return None
         k_of = {i: k for k, i in enumerate(keys)}
         entries: list[tuple[SymmetryPart, int, int, bool, int]] = []
@@ -353,7 +368,10 @@ class ChargeBook:
                     entries.append((part, k, dim, charge.linear, base))
         if not entries:
             return None
-        flat = FlatRows(shapes, [(k, d, lin) for _, k, d, lin, _ in entries], dtype, device)
+        uses = [(k, d, lin) for _, k, d, lin, _ in entries]
+        flat: FlatRows | NativeRows = (
+            NativeRows(shapes, uses, dtype) if native else FlatRows(shapes, uses, dtype, device)
+        )
         units = sum(self.sizes)
         sum_gram, sum_sums = self._flat_sums(flat, entries, units, device)
 
@@ -366,7 +384,7 @@ class ChargeBook:
             flat,
             keys,
             flat.gram.view(-1, 9),
-            None if dtype == torch.float64 else zeros(len(flat.gram), 9),
+            None if flat.gram.dtype == torch.float64 else zeros(len(flat.gram), 9),
             sum_gram,
             sum_sums,
             raw,
@@ -377,7 +395,7 @@ class ChargeBook:
 
     def _flat_sums(
         self,
-        flat: FlatRows,
+        flat: FlatRows | NativeRows,
         entries: list[tuple[SymmetryPart, int, int, bool, int]],
         units: int,
         device: Any,

@@ -51,7 +51,37 @@ class _Op(NamedTuple):
     out: Tensor  # (rows, 3, 3) Gram matrices or (rows, 3) sums: a view of the output
 
 
-class FlatRows:
+class RowIndex:
+    """Where each tensor's rows lie in a step's outputs (:class:`FlatRows`, and the C kernel's
+    ``_native.NativeRows``): the rows of tensor ``k`` along ``dim`` are :meth:`count`
+    consecutive rows of the Gram matrices from :meth:`first`, or of the sums from
+    :meth:`first_sum`."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[int, int, bool], int] = {}
+        self._count: dict[tuple[int, int], int] = {}
+
+    def place(self, k: int, dim: int, linear: bool, first: int, count: int) -> None:
+        """Record that tensor ``k``'s ``count`` rows along ``dim`` start at row ``first`` of the
+        sums (``linear``) or of the Gram matrices."""
+        self._first[(k, dim, linear)] = first
+        self._count[(k, dim)] = count
+
+    def first(self, k: int, dim: int) -> int:
+        """The first of tensor ``k``'s Gram rows along ``dim`` (a use not marked linear)."""
+        return self._first[(k, dim, False)]
+
+    def first_sum(self, k: int, dim: int) -> int:
+        """The first of tensor ``k``'s rows along ``dim`` in :attr:`sums` (a use marked
+        linear)."""
+        return self._first[(k, dim, True)]
+
+    def count(self, k: int, dim: int) -> int:
+        """How many rows tensor ``k`` has along ``dim``."""
+        return self._count[(k, dim)]
+
+
+class FlatRows(RowIndex):
     """The per-row Gram matrices and sums of the slots of many tensors, computed together.
 
     Args:
@@ -107,8 +137,7 @@ class FlatRows:
             for k in range(len(numel))
         ]
         self._offset = offset
-        self._first: dict[tuple[int, int, bool], int] = {}
-        self._count: dict[tuple[int, int], int] = {}
+        super().__init__()
         spans = [(*span, False) for span in self._leading_spans([k for k in order if k in rows0])]
         later = {(k, d) for k, d, linear in uses if d > 0 and not linear}
         spans += self._gathered(later, False, sum(n for _, n, _, _, _ in spans), device)
@@ -131,10 +160,8 @@ class FlatRows:
         rows = 0
         for length, run in _runs(order, [math.prod(s[1:]) for s in self.shapes]):
             for k in run:
-                self._first[(k, 0, False)] = (
-                    rows + (self._offset[k] - self._offset[run[0]]) // length
-                )
-                self._count[(k, 0)] = self.shapes[k][0] if self.shapes[k] else 1
+                first = rows + (self._offset[k] - self._offset[run[0]]) // length
+                self.place(k, 0, False, first, self.shapes[k][0] if self.shapes[k] else 1)
             count = sum(math.prod(self.shapes[k]) for k in run) // length
             spans.append((rows, count, self._offset[run[0]], length))
             rows += count
@@ -155,7 +182,7 @@ class FlatRows:
         for length, items in by_length.items():
             first = rows
             for k, d, idx in items:
-                self._first[(k, d, linear)], self._count[(k, d)] = rows, idx.shape[0]
+                self.place(k, d, linear, rows, idx.shape[0])
                 rows += idx.shape[0]
             index = torch.cat([idx.reshape(-1) for _, _, idx in items]).to(device, torch.int32)
             spans.append((first, rows - first, index, length, linear))
@@ -173,19 +200,6 @@ class FlatRows:
         rows = block.view(3, count, length).transpose(0, 1)
         out = (self.sums if linear else self.gram)[first : first + count]
         return _Op(columns, gathered, rows, rows.transpose(1, 2), length == 1, out)
-
-    def first(self, k: int, dim: int) -> int:
-        """The first of tensor ``k``'s Gram rows along ``dim`` (a use not marked linear)."""
-        return self._first[(k, dim, False)]
-
-    def first_sum(self, k: int, dim: int) -> int:
-        """The first of tensor ``k``'s rows along ``dim`` in :attr:`sums` (a use marked
-        linear)."""
-        return self._first[(k, dim, True)]
-
-    def count(self, k: int, dim: int) -> int:
-        """How many rows tensor ``k`` has along ``dim``."""
-        return self._count[(k, dim)]
 
     def __call__(self, slots: Sequence[Tensor]) -> bool:
         """Reduce the step's slots: ``x`` of every tensor in order, then ``v``, then ``g``.
