@@ -66,7 +66,7 @@ _FUNCTIONS = {torch.float32: "tm_rows_f32", torch.float64: "tm_rows_f64"}
 _ARGTYPES = [
     ctypes.c_void_p,  # slots: 3K pointers, every x, then every v, then every g
     ctypes.c_int64,  # K
-    ctypes.c_void_p,  # uses: (U, 6) int64
+    ctypes.c_void_p,  # uses: (U, 7) int64
     ctypes.c_int64,  # U
     ctypes.c_void_p,  # gram: (rows, 9) float64
     ctypes.c_void_p,  # sums: (rows, 3) float64
@@ -250,19 +250,33 @@ class NativeRows(RowIndex):
             raise ValueError(f"`shapes`: every tensor must be non-empty, got {shapes}")
         super().__init__()
         self.dtype = dtype
-        rows = {False: 0, True: 0}
-        table = []
-        for k, dim, linear in dict.fromkeys(uses):
+        uses = list(dict.fromkeys(uses))
+        for k, dim, _ in uses:
             if not 0 <= k < len(self.shapes):
                 raise ValueError(f"`uses`: tensor {k} is not one of the {len(shapes)} tensors")
-            shape = self.shapes[k] or torch.Size([1])  # a 0-dim tensor: one row of one entry
-            if not 0 <= dim < len(shape):
-                raise ValueError(f"`uses`: dim {dim} of tensor {k} of shape {tuple(shape)}")
+            ndim = max(1, len(self.shapes[k]))  # a 0-dim tensor: one row of one entry
+            if not 0 <= dim < ndim:
+                raise ValueError(f"`uses`: dim {dim} of tensor {k} of shape {tuple(shapes[k])}")
+        # a tensor's Gram rows along dim 1 and along dim 0: one pass over it gives both
+        both = {k for k, dim, linear in uses if dim == 1 and not linear} & {
+            k for k, dim, linear in uses if dim == 0 and not linear
+        }
+        rows = {False: 0, True: 0}
+        table = []
+        for k, dim, linear in uses:
+            if dim == 0 and not linear and k in both:
+                continue  # read with dim 1
+            shape = self.shapes[k] or torch.Size([1])
             pre, n = math.prod(shape[:dim]), shape[dim]
+            lead = -1
+            if dim == 1 and not linear and k in both:
+                lead = rows[False]
+                self.place(k, 0, False, lead, pre)
+                rows[False] += pre
             self.place(k, dim, linear, rows[linear], n)
-            table.append((k, pre, n, numel[k] // (pre * n), int(linear), rows[linear]))
+            table.append((k, pre, n, numel[k] // (pre * n), int(linear), rows[linear], lead))
             rows[linear] += n
-        self._uses = torch.tensor(table, dtype=torch.int64).reshape(-1, 6)
+        self._uses = torch.tensor(table, dtype=torch.int64).reshape(-1, 7)
         #: ``(rows, 3, 3)``: the Gram matrix of every row read as one (float64)
         self.gram = torch.zeros(rows[False], 3, 3, dtype=torch.float64)
         #: ``(rows, 3)``: the slots' sums of every row read as such (float64)

@@ -10,9 +10,11 @@
 
    pre = 1 reads the rows along the leading dimension (a unit's entries are contiguous); pre > 1
    a later dimension (a matrix's columns, a convolution's input channels). Products and sums are
-   accumulated in double whatever the slots' dtype. A use is six int64: the tensor's index k
-   (its slots are slots[k], slots[K + k], slots[2K + k]), pre, n, post, linear, and the first
-   row of its output in gram or sums.
+   accumulated in double whatever the slots' dtype. A use is seven int64: the tensor's index k
+   (its slots are slots[k], slots[K + k], slots[2K + k]), pre, n, post, linear, the first row of
+   its output in gram or sums, and lead: for a Gram use along dim 1 (pre = the leading
+   dimension), the first row in gram of the rows along dim 0 too, computed in the same pass over
+   the tensor (-1: none).
 
    Compiled once per machine with the system's C compiler (C99). The float and double versions
    are two instances of the code below, made by this file including itself twice (a quoted
@@ -65,15 +67,19 @@ static inline void TM_NAME(gram_of)(const TM_T *x, const TM_T *v, const TM_T *g,
   e[0] = xx, e[1] = xv, e[2] = xg, e[3] = vv, e[4] = vg, e[5] = gg;
 }
 
+/* The symmetric 3x3 matrix of the six entries e, written row-major to r (9 doubles). */
+static inline void TM_NAME(store)(const double e[6], double *r) {
+  r[0] = e[0], r[1] = e[1], r[2] = e[2], r[3] = e[1], r[4] = e[3], r[5] = e[4];
+  r[6] = e[2], r[7] = e[4], r[8] = e[5];
+}
+
 /* G_j of every row j < n, rows contiguous (pre = 1), written to out (n x 9). */
 static void TM_NAME(gram_rows)(const TM_T *x, const TM_T *v, const TM_T *g, int64_t n,
                                int64_t post, double *out) {
   for (int64_t j = 0; j < n; ++j) {
     double e[6];
     TM_NAME(gram_of)(x + j * post, v + j * post, g + j * post, post, e);
-    double *r = out + 9 * j;
-    r[0] = e[0], r[1] = e[1], r[2] = e[2], r[3] = e[1], r[4] = e[3], r[5] = e[4];
-    r[6] = e[2], r[7] = e[4], r[8] = e[5];
+    TM_NAME(store)(e, out + 9 * j);
   }
 }
 
@@ -102,30 +108,38 @@ static void TM_NAME(columns4)(const TM_T *restrict x, const TM_T *restrict v,
 
 /* G_j of every row j < n along a later dimension (pre > 1), written to out (n x 9): the six
    distinct entries of all rows are accumulated side by side (acc, 6 x n), so that the pass
-   runs through memory in order. Returns 1 where the accumulators cannot be allocated. */
+   runs through memory in order. With lead (not NULL), the Gram matrices of the rows along the
+   leading dimension a < pre too, written to lead (pre x 9), from the same pass. Returns 1 where
+   the accumulators cannot be allocated. */
 static int TM_NAME(gram_later)(const TM_T *x, const TM_T *v, const TM_T *g, int64_t pre,
-                               int64_t n, int64_t post, double *out) {
+                               int64_t n, int64_t post, double *out, double *lead) {
   double *acc = calloc((size_t)(6 * n), sizeof(double));
   if (acc == NULL) return 1;
   double *axx = acc, *axv = acc + n, *axg = acc + 2 * n, *avv = acc + 3 * n, *avg = acc + 4 * n,
          *agg = acc + 5 * n;
   int64_t a = 0;
   if (post == 1) { /* a matrix's columns: four of its rows a time, into the accumulators */
-    for (; a + 4 <= pre; a += 4) TM_NAME(columns4)(x + a * n, v + a * n, g + a * n, n, acc);
+    for (; a + 4 <= pre; a += 4) {
+      TM_NAME(columns4)(x + a * n, v + a * n, g + a * n, n, acc);
+      /* its rows while they are in cache */
+      if (lead) TM_NAME(gram_rows)(x + a * n, v + a * n, g + a * n, 4, n, lead + 9 * a);
+    }
   }
   for (; a < pre; ++a) {
     const TM_T *xa = x + a * n * post, *va = v + a * n * post, *ga = g + a * n * post;
+    double r[6] = {0, 0, 0, 0, 0, 0};
     for (int64_t j = 0; j < n; ++j) {
       double e[6];
       TM_NAME(gram_of)(xa + j * post, va + j * post, ga + j * post, post, e);
       axx[j] += e[0], axv[j] += e[1], axg[j] += e[2], avv[j] += e[3], avg[j] += e[4];
       agg[j] += e[5];
+      for (int i = 0; i < 6; ++i) r[i] += e[i];
     }
+    if (lead) TM_NAME(store)(r, lead + 9 * a);
   }
   for (int64_t j = 0; j < n; ++j) {
-    double *r = out + 9 * j;
-    r[0] = axx[j], r[1] = axv[j], r[2] = axg[j], r[3] = axv[j], r[4] = avv[j];
-    r[5] = avg[j], r[6] = axg[j], r[7] = avg[j], r[8] = agg[j];
+    const double e[6] = {axx[j], axv[j], axg[j], avv[j], avg[j], agg[j]};
+    TM_NAME(store)(e, out + 9 * j);
   }
   free(acc);
   return 0;
@@ -150,14 +164,15 @@ static void TM_NAME(sums)(const TM_T *x, const TM_T *v, const TM_T *g, int64_t p
 int TM_NAME(tm_rows)(const TM_T *const *slots, int64_t K, const int64_t *uses, int64_t U,
                      double *gram, double *sums) {
   for (int64_t u = 0; u < U; ++u) {
-    const int64_t *s = uses + 6 * u;
+    const int64_t *s = uses + 7 * u;
     const int64_t k = s[0], pre = s[1], n = s[2], post = s[3], linear = s[4], first = s[5];
     const TM_T *x = slots[k], *v = slots[K + k], *g = slots[2 * K + k];
     if (linear) {
       TM_NAME(sums)(x, v, g, pre, n, post, sums + 3 * first);
     } else if (pre == 1) {
       TM_NAME(gram_rows)(x, v, g, n, post, gram + 9 * first);
-    } else if (TM_NAME(gram_later)(x, v, g, pre, n, post, gram + 9 * first)) {
+    } else if (TM_NAME(gram_later)(x, v, g, pre, n, post, gram + 9 * first,
+                                   s[6] < 0 ? NULL : gram + 9 * s[6])) {
       return 1;
     }
   }
