@@ -23,7 +23,15 @@ from tests.helpers.ledger import train_with_ledger
 from torch_momentum import PolyakSGD
 from torch_momentum.balance import _native, find_symmetries
 from torch_momentum.balance._flat import FLAT_CAP, FlatRows
-from torch_momentum.balance._native import NativeRows, build, compiler, library, load
+from torch_momentum.balance._native import (
+    NativeRows,
+    NativeUnitSum,
+    build,
+    compiler,
+    library,
+    load,
+)
+from torch_momentum.balance._unit_sum import UnitSum
 from torch_momentum.demos import ResNetCNN
 
 
@@ -248,3 +256,45 @@ def test_a_float32_ledger_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> N
             row["sums"], reads["stacked"][name]["sums"], rtol=0, atol=1e-7 * scale
         )
         assert float(row["closure"].abs().max()) <= 1e-6 * scale, name
+
+
+def test_native_unit_sum_equals_the_unit_sum() -> None:
+    """The kernel's sums of rows into units (duplicate entries, units no row reaches, a width of
+    9 and of 3) against ``UnitSum``'s sparse product; out-of-range indices and wrongly shaped
+    buffers are refused before any pointer reaches C."""
+    if library() is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    torch.manual_seed(0)
+    rows, units, entries = 40, 25, 90
+    src, dst = torch.randint(0, rows, (entries,)), torch.randint(0, units - 3, (entries,))
+    src[:5], dst[:5] = 7, 4  # the same (unit, row) pair five times
+    factor = torch.randn(entries, dtype=torch.float64)
+    native, reference = (
+        NativeUnitSum(src, dst, factor, units, rows),
+        UnitSum(src, dst, factor, units, rows),
+    )
+    for width in (9, 3):
+        values = torch.randn(rows, width, dtype=torch.float64)
+        out = torch.full((units, width), float("nan"), dtype=torch.float64)  # overwritten
+        got = native(values, out)
+        assert got is out and bool((out[-3:] == 0).all())
+        want = reference(values, torch.empty(units, width, dtype=torch.float64))
+        # float64 sums of at most ~10 products in another order
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="`dst`: indices must lie in"):
+        NativeUnitSum(src, dst + units, factor, units, rows)
+    with pytest.raises(ValueError, match="`src`: indices must lie in"):
+        NativeUnitSum(src - 8, dst, factor, units, rows)
+    with pytest.raises(ValueError, match="one length"):
+        NativeUnitSum(src, dst[:-1], factor, units, rows)
+    values = torch.randn(rows, 9, dtype=torch.float64)
+    for bad in (values.float(), values[:-1], values.T.contiguous().T):
+        with pytest.raises(ValueError, match="`values` must be"):
+            native(bad, torch.empty(units, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`out` must be"):
+        native(values, torch.empty(units, 3, dtype=torch.float64))
+    # no entries (a ledger without linear charges has no sums rows): zeros, nothing read
+    none = torch.zeros(0, dtype=torch.long)
+    empty = NativeUnitSum(none, none, none.double(), units, 0)
+    out = torch.ones(units, 3, dtype=torch.float64)
+    assert bool((empty(torch.zeros(0, 3, dtype=torch.float64), out) == 0).all())

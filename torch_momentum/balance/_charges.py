@@ -26,7 +26,7 @@ from torch import Tensor
 from torch_momentum.balance import _dtensor, _native
 from torch_momentum.balance._flat import FLAT_CAP, FlatRows
 from torch_momentum.balance._gram import GRAD_SLOT, Row, acc_dtype
-from torch_momentum.balance._native import NativeRows
+from torch_momentum.balance._native import NativeRows, NativeUnitSum
 from torch_momentum.balance._parts import (
     PartSums,
     SymmetryPart,
@@ -134,8 +134,8 @@ class _Flat(NamedTuple):
     keys: list[int]  # the tracked tensors, in the plan's order
     gram_rows: Tensor  # (Gram rows, 9): a view of ``rows.gram``
     wide: Tensor | None  # float32 Gram rows: their float64 copy
-    sum_gram: UnitSum  # Gram rows into units, times each part's factor
-    sum_sums: UnitSum  # sums rows into units
+    sum_gram: UnitSum | NativeUnitSum  # Gram rows into units, times each part's factor
+    sum_sums: UnitSum | NativeUnitSum  # sums rows into units
     raw: tuple[Tensor, Tensor]  # per unit, the summed Gram entries (9) and sums (3)
     raw_t: tuple[Tensor, Tensor]  # their transposes (views)
     terms_t: Tensor  # (9, units): the terms and angle statistics of every unit
@@ -399,7 +399,7 @@ class ChargeBook:
         entries: list[tuple[SymmetryPart, int, int, bool, int]],
         units: int,
         device: Any,
-    ) -> tuple[UnitSum, UnitSum]:
+    ) -> tuple[UnitSum | NativeUnitSum, UnitSum | NativeUnitSum]:
         """The sums of ``flat``'s Gram rows, and of its sums rows, into the ``units``, each row
         times its part's factor, from ``entries`` ``(part, tensor, dim, linear, first unit of
         its charge)``."""
@@ -422,8 +422,9 @@ class ChargeBook:
             found = torch.cat(tensors) if tensors else torch.zeros(0)
             return found.to(device, dtype)
 
+        summer = NativeUnitSum if isinstance(flat, NativeRows) else UnitSum
         gram, sums = (
-            UnitSum(cat(src), cat(dst), cat(factor, torch.float64), units, rows)
+            summer(cat(src), cat(dst), cat(factor, torch.float64), units, rows)
             for (src, dst, factor), rows in (
                 (index[False], len(flat.gram)),
                 (index[True], len(flat.sums)),

@@ -161,6 +161,17 @@ def load(path: Path) -> ctypes.CDLL:
     for name in _FUNCTIONS.values():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    lib.tm_unit_sum.argtypes = [
+        ctypes.c_void_p,  # src: (entries,) int64
+        ctypes.c_void_p,  # dst: (entries,) int64
+        ctypes.c_void_p,  # factor: (entries,) float64
+        ctypes.c_int64,  # entries
+        ctypes.c_void_p,  # values: (rows, width) float64
+        ctypes.c_int64,  # width
+        ctypes.c_void_p,  # out: (units, width) float64
+        ctypes.c_int64,  # units
+    ]
+    lib.tm_unit_sum.restype = None
     return lib
 
 
@@ -317,3 +328,62 @@ class NativeRows(RowIndex):
         if self._fn(self._pointers, *self._args):
             raise MemoryError("the ledger's C kernel could not allocate its row accumulators")
         return True
+
+
+class NativeUnitSum:
+    r"""``out = A @ values`` by the C kernel: row ``src[i]`` of ``values``, times ``factor[i]``,
+    summed into row ``dst[i]`` of ``out``, for every entry ``i`` (the interface of
+    :class:`~torch_momentum.balance._unit_sum.UnitSum`, for float64 CPU tensors). One loop over
+    the entries, with no dispatch: the ledger's sums of the kernel's rows into the units.
+
+    Args:
+        src: ``(entries,)`` integer rows of ``values``, each below ``rows``.
+        dst: ``(entries,)`` integer rows of ``out`` (the units), each below ``units``.
+        factor: ``(entries,)`` float64 factors.
+        units: rows of ``out``.
+        rows: rows of ``values``.
+
+    Raises:
+        ValueError: an index out of range, or arguments of different lengths.
+        RuntimeError: the kernel is not available.
+    """
+
+    def __init__(self, src: Tensor, dst: Tensor, factor: Tensor, units: int, rows: int) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the ledger's C kernel is not available")
+        if not (src.shape == dst.shape == factor.shape and src.dim() == 1):
+            raise ValueError(
+                "`src`, `dst` and `factor` must be one-dimensional of one length, got shapes"
+                f" {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(factor.shape)}"
+            )
+        for name, index, bound in (("src", src, rows), ("dst", dst, units)):
+            if len(index) and not (0 <= int(index.min()) and int(index.max()) < bound):
+                raise ValueError(f"`{name}`: indices must lie in [0, {bound}), got {index}")
+        self.units, self.rows, self.entries = units, rows, len(src)
+        self._src = src.to("cpu", torch.int64).contiguous()
+        self._dst = dst.to("cpu", torch.int64).contiguous()
+        self._factor = factor.to("cpu", torch.float64).contiguous()
+        self._fn = lib.tm_unit_sum
+        self._args = (self._src.data_ptr(), self._dst.data_ptr(), self._factor.data_ptr())
+
+    def __call__(self, values: Tensor, out: Tensor) -> Tensor:
+        """Write ``A @ values`` into ``out`` (``(units, width)``) and return it; ``values`` is
+        ``(rows, width)``; both float64, contiguous, on the CPU."""
+        if self.entries == 0:  # no rows into no units (the buffers may have no memory)
+            return out.zero_()
+        width = values.shape[-1]
+        for name, t, shape in (
+            ("values", values, (self.rows, width)),
+            ("out", out, (self.units, width)),
+        ):
+            if not (readable(t, torch.float64) and t.shape == shape):
+                raise ValueError(
+                    f"`{name}` must be a contiguous float64 CPU tensor of shape {shape}, got"
+                    f" {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+        src, dst, factor = self._args
+        self._fn(
+            src, dst, factor, self.entries, values.data_ptr(), width, out.data_ptr(), self.units
+        )
+        return out

@@ -1,4 +1,5 @@
-/* The ledger's per-row reductions in one pass (torch_momentum.balance._native).
+/* The ledger's per-row reductions in one pass (torch_momentum.balance._native), and their sums
+   into the units (tm_unit_sum, at the end of the first part of this file).
 
    For every "use" of a tensor, its three slots x (weight), v (velocity) and g (gradient), viewed
    as contiguous arrays of shape (pre, n, post), are reduced over each row j = the entries
@@ -50,6 +51,19 @@
 #include "_rows.c"
 #undef TM_T
 #undef TM_SUFFIX
+
+/* Rows of values summed into units: out (units x width) = sum over the entries i of
+   factor[i] * values[src[i]], added into row dst[i] (out is zeroed first). The indices are
+   checked when the entries are made. */
+void tm_unit_sum(const int64_t *src, const int64_t *dst, const double *factor, int64_t entries,
+                 const double *values, int64_t width, double *out, int64_t units) {
+  memset(out, 0, sizeof(double) * (size_t)(units * width));
+  for (int64_t i = 0; i < entries; ++i) {
+    const double f = factor[i], *r = values + src[i] * width;
+    double *o = out + dst[i] * width;
+    for (int64_t c = 0; c < width; ++c) o[c] += f * r[c];
+  }
+}
 
 #else /* one dtype's instance: TM_T the slots' type, TM_SUFFIX its names' suffix */
 
