@@ -31,12 +31,13 @@ import logging
 import math
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -123,12 +124,14 @@ def build(cc: Sequence[str], directory: Path) -> Path:
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rows-", suffix=".so")
-    os.close(fd)
+    # a name of this build's own, created by the linker (with the mode the umask gives, readable
+    # by whoever shares the cache), then moved into place at once: a concurrent build's rename
+    # is as good as this one
+    tmp = directory / f".rows-{os.getpid()}-{secrets.token_hex(8)}.so"
     try:
         try:
             done = subprocess.run(
-                [*cc, *FLAGS, "-o", tmp, str(SOURCE)],
+                [*cc, *FLAGS, "-o", str(tmp), str(SOURCE)],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -143,15 +146,9 @@ def build(cc: Sequence[str], directory: Path) -> Path:
                 f"`{shlex.join(cc)}` failed on {SOURCE.name} (exit {done.returncode}): "
                 f"{(done.stderr or done.stdout).strip()[-2000:]}"
             )
-        # readable by whoever shares the cache (mkstemp made it private), then moved into place
-        # at once: a concurrent build's rename is as good as this one
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -197,27 +194,35 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
-def readable(t: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the kernel can read ``t`` as a plain array of ``dtype``: a dense, contiguous CPU
-    tensor of that dtype, with memory behind it (a ZeroTensor or fake tensor has none) and no
-    pending negation (a neg-bit view's memory holds ``-t``)."""
-    return (
-        t.dtype is dtype
-        and t.is_cpu
-        and t.layout is torch.strided
-        and t.is_contiguous()
-        and not t.is_neg()
-        and t.data_ptr() != 0
-    )
+def pointers(
+    tensors: Iterable[Tensor], shapes: Iterable[torch.Size], dtype: torch.dtype
+) -> list[int] | None:
+    """The data pointers of ``tensors`` where the kernel can read each as a plain array of
+    ``dtype`` and its shape in ``shapes``: a dense, contiguous CPU tensor, with memory behind it
+    (a ZeroTensor or fake tensor has none) and no pending negation (a neg-bit view's memory
+    holds ``-t``); None where one cannot be read so."""
+    found = []
+    for t, shape in zip(tensors, shapes, strict=True):
+        if not (
+            t.dtype is dtype
+            and t.shape == shape
+            and t.is_cpu
+            and t.layout is torch.strided
+            and t.is_contiguous()
+            and not t.is_neg()
+        ):
+            return None
+        found.append(t.data_ptr())
+    return found if all(found) else None
 
 
 def supports(slots: Iterable[Tensor], dtype: torch.dtype) -> bool:
-    """Whether the kernel can read ``slots`` (:func:`readable`), the kernel available for
+    """Whether the kernel can read ``slots`` (:func:`pointers`), the kernel available for
     ``dtype`` (float32 or float64). Accelerator tensors never build it."""
     slots = list(slots)
     if dtype not in _FUNCTIONS or not all(t.is_cpu for t in slots) or library() is None:
         return False
-    return all(readable(t, dtype) for t in slots)
+    return pointers(slots, [t.shape for t in slots], dtype) is not None
 
 
 class NativeRows(RowIndex):
@@ -306,25 +311,14 @@ class NativeRows(RowIndex):
     def __call__(self, slots: Sequence[Tensor]) -> bool:
         """Reduce the step's slots: ``x`` of every tensor in order, then ``v``, then ``g``.
 
-        Returns False, computing nothing, where a slot is no longer a contiguous CPU tensor of
-        the planned dtype and shape (the caller plans again): the kernel reads the memory the
-        plan describes, so every slot is checked, every step.
+        Returns False, computing nothing, where the kernel can no longer read a slot as planned
+        (:func:`pointers`; the caller plans again): it reads the memory the plan describes, so
+        every slot is checked, every step.
         """
-        dtype = self.dtype
-        for t, shape in zip(slots, self._slot_shapes, strict=True):
-            # (sparse slots were made dense by the ledger: is_contiguous does not raise)
-            if not (
-                t.dtype is dtype
-                and t.shape == shape
-                and t.is_cpu
-                and t.is_contiguous()
-                and not t.is_neg()
-            ):
-                return False
-        pointers: list[ctypes.c_void_p | int | None] = [t.data_ptr() for t in slots]
-        if not all(pointers):  # no memory behind a slot (a ZeroTensor)
+        found = pointers(slots, self._slot_shapes, self.dtype)
+        if found is None:
             return False
-        self._pointers[:] = pointers
+        self._pointers[:] = cast(list[ctypes.c_void_p | int | None], found)
         if self._fn(self._pointers, *self._args):
             raise MemoryError("the ledger's C kernel could not allocate its row accumulators")
         return True
@@ -373,17 +367,18 @@ class NativeUnitSum:
         if self.entries == 0:  # no rows into no units (the buffers may have no memory)
             return out.zero_()
         width = values.shape[-1]
+        found: list[int] = []
         for name, t, shape in (
             ("values", values, (self.rows, width)),
             ("out", out, (self.units, width)),
         ):
-            if not (readable(t, torch.float64) and t.shape == shape):
+            pointer = pointers([t], [torch.Size(shape)], torch.float64)
+            if pointer is None:
                 raise ValueError(
                     f"`{name}` must be a contiguous float64 CPU tensor of shape {shape}, got"
                     f" {t.dtype} {tuple(t.shape)} on {t.device}"
                 )
+            found += pointer
         src, dst, factor = self._args
-        self._fn(
-            src, dst, factor, self.entries, values.data_ptr(), width, out.data_ptr(), self.units
-        )
+        self._fn(src, dst, factor, self.entries, found[0], width, found[1], self.units)
         return out
