@@ -127,10 +127,8 @@ static void TM_NAME(columns4)(const TM_T *restrict x, const TM_T *restrict v,
    the accumulators cannot be allocated. */
 static int TM_NAME(gram_later)(const TM_T *x, const TM_T *v, const TM_T *g, int64_t pre,
                                int64_t n, int64_t post, double *out, double *lead) {
-  double *acc = calloc((size_t)(6 * n), sizeof(double));
+  double *acc = calloc((size_t)(6 * n), sizeof(double)); /* entry i of column j: acc[i n + j] */
   if (acc == NULL) return 1;
-  double *axx = acc, *axv = acc + n, *axg = acc + 2 * n, *avv = acc + 3 * n, *avg = acc + 4 * n,
-         *agg = acc + 5 * n;
   int64_t a = 0;
   if (post == 1) { /* a matrix's columns: four of its rows a time, into the accumulators */
     for (; a + 4 <= pre; a += 4) {
@@ -145,14 +143,13 @@ static int TM_NAME(gram_later)(const TM_T *x, const TM_T *v, const TM_T *g, int6
     for (int64_t j = 0; j < n; ++j) {
       double e[6];
       TM_NAME(gram_of)(xa + j * post, va + j * post, ga + j * post, post, e);
-      axx[j] += e[0], axv[j] += e[1], axg[j] += e[2], avv[j] += e[3], avg[j] += e[4];
-      agg[j] += e[5];
-      for (int i = 0; i < 6; ++i) r[i] += e[i];
+      for (int i = 0; i < 6; ++i) acc[i * n + j] += e[i], r[i] += e[i];
     }
     if (lead) TM_NAME(store)(r, lead + 9 * a);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const double e[6] = {axx[j], axv[j], axg[j], avv[j], avg[j], agg[j]};
+    const double e[6] = {acc[j], acc[n + j], acc[2 * n + j], acc[3 * n + j], acc[4 * n + j],
+                         acc[5 * n + j]};
     TM_NAME(store)(e, out + 9 * j);
   }
   free(acc);
@@ -173,7 +170,7 @@ static void TM_NAME(sums)(const TM_T *x, const TM_T *v, const TM_T *g, int64_t p
   }
 }
 
-/* Every use's rows: slots (3K pointers), uses (U x 6 int64), gram (rows x 9) and sums (rows x 3)
+/* Every use's rows: slots (3K pointers), uses (U x 7 int64), gram (rows x 9) and sums (rows x 3)
    written. Returns 0, or 1 where memory ran out (the outputs are then incomplete). */
 int TM_NAME(tm_rows)(const TM_T *const *slots, int64_t K, const int64_t *uses, int64_t U,
                      double *gram, double *sums) {
